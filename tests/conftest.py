@@ -1,0 +1,109 @@
+"""Fixtures shared by every test: worker trees that are always torn down, and a check
+that no test leaves a process of its own stopped or alive."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from tests import proc
+from treeguard._workers import SLOTS, WorkerTree
+
+settings.register_profile(
+    "ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+IN_CI = bool(os.environ.get("CI"))
+IS_ROOT = os.geteuid() == 0
+
+
+def require_root(what: str) -> None:
+    """Skip (on other people's machines) a test that needs root; never skip in CI."""
+    if not IS_ROOT:
+        if IN_CI:
+            pytest.fail(f"{what} needs root, and CI runs as root")
+        pytest.skip(f"{what} needs root")
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            found += kids
+            stack += kids
+    return found
+
+
+def _stopped_machine_wide() -> set[int]:
+    out = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            if chr(data[data.rindex(b")") + 2]) in "Tt":
+                out.add(int(name))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_behind() -> Iterator[None]:
+    """Fail a test that leaves a process of its own stopped or alive, and clean up after it."""
+    before_stopped = _stopped_machine_wide()
+    before = set(_descendants(os.getpid()))
+    yield
+    left_stopped = _stopped_machine_wide() - before_stopped
+    left_alive = [
+        p
+        for p in _descendants(os.getpid())
+        if p not in before and proc.task_states(p) and set(proc.task_states(p).values()) != {"Z"}
+    ]
+    for pid in left_alive:  # clean up by PID before failing
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left_stopped, f"the test left processes stopped: {sorted(left_stopped)}"
+    assert not left_alive, f"the test left processes alive: {left_alive}"
+
+
+@pytest.fixture
+def make_tree() -> Iterator[Callable[..., WorkerTree]]:
+    """Start worker trees (see treeguard._workers); all are torn down after the test."""
+    trees: list[WorkerTree] = []
+
+    def make(spec: dict[str, Any], **kwargs: Any) -> WorkerTree:
+        tree = WorkerTree(spec, **kwargs)
+        trees.append(tree)
+        return tree.start()
+
+    try:
+        yield make
+    finally:
+        for tree in reversed(trees):
+            tree.close()
+
+
+def slot(process_index: int, thread: int = 0) -> int:
+    """Index into WorkerTree.counters() of one thread of one process."""
+    return process_index * SLOTS + thread

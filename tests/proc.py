@@ -1,0 +1,96 @@
+"""Independent checks of process state for the tests.
+
+Deliberately NOT built on treeguard's own parser: task states are read with psutil and a
+minimal reader of ``/proc/PID/task/TID/stat``, so a bug in treeguard.procfs cannot hide
+a process that is not stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+
+import psutil
+
+
+def task_states(pid: int) -> dict[int, str]:
+    """``{tid: state}`` for every thread of ``pid`` (empty if the process is gone)."""
+    states: dict[int, str] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return states
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                data = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        states[int(tid)] = chr(data[data.rindex(b")") + 2])
+    return states
+
+
+def states_of(pids: Iterable[int]) -> dict[tuple[int, int], str]:
+    return {(pid, tid): s for pid in pids for tid, s in task_states(pid).items()}
+
+
+def not_stopped(pids: Iterable[int]) -> dict[tuple[int, int], str]:
+    """Tasks of ``pids`` that are not stopped (ignoring zombie threads)."""
+    return {k: s for k, s in states_of(pids).items() if s not in "TtZX"}
+
+
+def stopped(pids: Iterable[int]) -> dict[tuple[int, int], str]:
+    """Tasks of ``pids`` that are stopped."""
+    return {k: s for k, s in states_of(pids).items() if s in "Tt"}
+
+
+def assert_all_stopped(pids: Iterable[int]) -> None:
+    pids = list(pids)
+    assert pids, "no processes to check"
+    late = not_stopped(pids)
+    assert not late, f"tasks not stopped: {late}"
+    for pid in pids:  # psutil agrees, process by process
+        assert psutil.Process(pid).status() == psutil.STATUS_STOPPED, pid
+
+
+def assert_none_stopped(pids: Iterable[int]) -> None:
+    left = stopped(pids)
+    assert not left, f"tasks still stopped: {left}"
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+    """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+def counters_still(read: Callable[[], list[int]], period: float, ticks: int = 8) -> bool:
+    """Whether the counters stay where they are for ``ticks`` tick periods (a frozen tree),
+    checking at every period so that one tick would show."""
+    first = read()
+    for _ in range(ticks):
+        time.sleep(period)
+        if read() != first:
+            return False
+    return True
+
+
+def counters_moving(
+    read: Callable[[], list[int]], indexes: Iterable[int], timeout: float = 10.0
+) -> None:
+    """Wait until every counter in ``indexes`` has moved (a running tree)."""
+    first = read()
+    todo = set(indexes)
+
+    def moved() -> bool:
+        now = read()
+        todo.difference_update([i for i in list(todo) if now[i] != first[i]])
+        return not todo
+
+    wait_until(moved, timeout, "every counter to move")

@@ -1,0 +1,84 @@
+"""The small interface between the guard and a way of freezing."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .._drive import Steps
+from .._report import FreezeReport, Skip
+from .._tree import ChildrenSource
+from ..procfs import ProcFS
+
+__all__ = ["Backend", "Journal", "Plan"]
+
+
+@dataclass(slots=True)
+class Plan:
+    """Which processes a freeze covers, decided once by the guard, obeyed by every backend.
+
+    The walk starts at ``starts``. A pid in ``passthrough`` is walked through but never
+    stopped (the caller, its ancestors, the namespace's PID 1); a pid in ``blocked`` is
+    neither stopped nor walked into, with its reason (excluded monitors, the supervisor's
+    own helpers).
+    """
+
+    starts: tuple[int, ...]
+    passthrough: frozenset[int]
+    blocked: dict[int, Skip]
+    timeout: float
+    max_passes: int
+    partial_ok: bool
+    scope: str
+    fs: ProcFS
+    source: ChildrenSource
+    journal: Journal | None = None
+    report: FreezeReport = field(default_factory=FreezeReport)
+
+
+class Journal(Protocol):
+    """Told of every process before it is stopped, so that another process (the watchdog)
+    can thaw the tree if this one dies."""
+
+    def stopping(self, pid: int, starttime: int) -> None: ...
+
+    def released(self) -> None: ...
+
+
+class Backend(ABC):
+    """One way of freezing: stops the plan's processes, and thaws exactly them.
+
+    :meth:`freeze` either returns with every process stopped and verified, or raises with
+    everything it stopped thawed. :meth:`thaw` is idempotent and may be resumed after an
+    interruption. Both are step generators (see :mod:`treeguard._drive`).
+    """
+
+    name = "?"
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.report = plan.report
+        self.report.backend = self.name
+        self.report.scope = plan.scope
+
+    @abstractmethod
+    def freeze(self) -> Steps[None]: ...
+
+    @abstractmethod
+    def thaw(self) -> Steps[None]: ...
+
+    @property
+    @abstractmethod
+    def pids(self) -> tuple[int, ...]:
+        """The processes this freeze stopped, parent-first."""
+
+    @property
+    @abstractmethod
+    def identities(self) -> tuple[tuple[int, int], ...]:
+        """``(pid, starttime)`` of each process this freeze stopped, parent-first."""
+
+    @property
+    def already_stopped(self) -> tuple[tuple[int, int], ...]:
+        """``(pid, starttime)`` of processes found stopped by someone else (never resumed)."""
+        return ()

@@ -1,0 +1,84 @@
+"""One algorithm, two ways to wait.
+
+Freezing is a sequence of non-blocking steps (read /proc, send a signal, write a cgroup
+file) separated by waits. The algorithms are generators that ``yield`` a :class:`Wait`
+whenever they would block; a driver performs the wait. :func:`run_sync` sleeps or polls;
+:func:`run_async` awaits through anyio, so the event loop keeps running. Nothing else
+differs between the sync and async faces.
+
+Whatever stops a driver early (an exception, a cancellation) closes the generator, which
+raises ``GeneratorExit`` at its pending ``yield``: the algorithms thaw on that path.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import TypeVar
+
+__all__ = ["Steps", "Wait", "run_async", "run_sync"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """A request to wait ``seconds`` (0: only let others run), or less if ``fd`` turns readable."""
+
+    seconds: float = 0.0
+    fd: int | None = None
+
+
+Steps = Generator[Wait, None, T]
+
+#: The zero wait: yield the CPU (sync) or reach a checkpoint (async).
+YIELD = Wait()
+
+
+def run_sync(steps: Steps[T]) -> T:
+    """Run ``steps`` to completion in this thread, sleeping where it asks to wait."""
+    try:
+        wait = next(steps)
+        while True:
+            if wait.fd is not None:
+                poller = select.poll()
+                poller.register(wait.fd, select.POLLIN)
+                poller.poll(max(0.0, wait.seconds) * 1000.0)
+            elif wait.seconds > 0:
+                time.sleep(wait.seconds)
+            else:
+                os.sched_yield()
+            wait = steps.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    finally:
+        steps.close()
+
+
+async def run_async(steps: Steps[T]) -> T:
+    """Run ``steps`` on the current anyio event loop (asyncio or trio), awaiting every wait.
+
+    A cancellation delivered while waiting closes ``steps`` (which undoes its work) and
+    then propagates.
+    """
+    import anyio
+    import anyio.lowlevel
+
+    try:
+        wait = next(steps)
+        while True:
+            if wait.fd is not None:
+                with anyio.move_on_after(max(0.0, wait.seconds)):
+                    await anyio.wait_readable(wait.fd)
+            elif wait.seconds > 0:
+                await anyio.sleep(wait.seconds)
+            else:
+                await anyio.lowlevel.checkpoint()
+            wait = steps.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    finally:
+        steps.close()

@@ -1,0 +1,48 @@
+"""What a freeze did: the report every backend fills in."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = ["FreezeReport", "Skip"]
+
+
+class Skip(str, enum.Enum):
+    """Why a process of the tree was not stopped by the guard."""
+
+    ZOMBIE = "zombie"  #: it cannot run anyway
+    ALREADY_STOPPED = "already stopped"  #: stopped by someone else; the thaw leaves it stopped
+    EXITED = "exited"  #: it exited (or its PID was reused) during the freeze
+    EXCLUDED = "excluded"  #: named in ``exclude`` (a monitor), with its subtree
+    SUPERVISOR = "supervisor"  #: the calling process, its ancestors, or its helpers
+    PERMISSION = "permission"  #: EPERM, skipped because ``partial_ok=True``
+    KERNEL_THREAD = "kernel thread"  #: has no user space to stop
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(slots=True)
+class FreezeReport:
+    """Counts, reasons and timings of one freeze (and its thaw).
+
+    ``passes`` counts rounds of stopping: after each round the children of every stopped
+    process are read again, once it has stopped; a round that finds newcomers begets another.
+    An idle tree takes one pass. Times are wall-clock seconds.
+    """
+
+    backend: str = "signal"
+    scope: str = "tree"
+    passes: int = 0
+    stopped: int = 0
+    tasks: int = 0
+    skipped: dict[int, Skip] = field(default_factory=dict)
+    blocked_in_vfork: list[int] = field(default_factory=list)
+    verified_by: str = "/proc task states"
+    enumerate_seconds: float = 0.0
+    signal_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    freeze_seconds: float = 0.0
+    thaw_seconds: float = 0.0
+    lease_expired: bool = False

@@ -1,0 +1,198 @@
+"""Reading and parsing /proc. Pure: nothing here signals or changes any process.
+
+Every reader returns ``None`` when the process (or thread) is gone, because a process can
+exit between any two reads; callers treat that as "exited", never as an error. Files are
+read with one ``os.open``/``os.read``/``os.close`` each: for a tree of a thousand processes
+the syscall count per process, not the parsing, decides the cost.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import ProcfsParseError
+
+__all__ = ["PF_KTHREAD", "ProcFS", "STOPPED_STATES", "Stat", "parse_stat"]
+
+#: ``/proc/PID/stat`` states in which a task cannot run: stopped, traced-stopped.
+STOPPED_STATES = frozenset("Tt")
+#: States of a task that is gone or going: zombie, dead (``X``, ``x`` on old kernels).
+DEAD_STATES = frozenset("ZXx")
+#: ``flags`` bit of a kernel thread (include/linux/sched.h).
+PF_KTHREAD = 0x00200000
+
+_O_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+# Errors that mean "this process or thread is gone" when reading its /proc files.
+_GONE = (FileNotFoundError, ProcessLookupError)
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """The fields of ``/proc/PID/stat`` (or ``/proc/PID/task/TID/stat``) treeguard uses.
+
+    ``comm`` is the raw bytes between the parentheses; :attr:`name` is its decoded form.
+    ``starttime`` (clock ticks after boot) together with ``pid`` names a process for good:
+    a recycled PID gets a later starttime.
+    """
+
+    pid: int
+    comm: bytes
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+    flags: int
+    num_threads: int
+    starttime: int
+
+    @property
+    def name(self) -> str:
+        """``comm`` decoded as UTF-8; undecodable bytes appear as ``\\xNN``."""
+        return self.comm.decode("utf-8", "backslashreplace")
+
+    @property
+    def is_kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
+
+
+def _number(field: bytes, what: str, data: bytes, signed: bool = False) -> int:
+    # bytes.isdigit() is ASCII-only; int() alone would accept "+1", " 1" and "1_0".
+    digits = field[1:] if signed and field[:1] == b"-" else field
+    if not digits.isdigit():
+        raise ProcfsParseError(f"{what} is not an integer", data)
+    return int(field)
+
+
+def parse_stat(data: bytes | str) -> Stat:
+    """Parse one ``/proc/PID/stat`` line.
+
+    The command name may hold any byte but NUL, ``)`` and newlines included, so it is
+    delimited by the first ``" ("`` after the PID and the LAST ``)`` of the line (proc(5)).
+
+    :param data: the file's content, as bytes or as text (text is encoded back with
+        ``surrogateescape``, so bytes decoded that way round-trip).
+    :raises ProcfsParseError: if the data is not a well-formed stat line.
+    """
+    if isinstance(data, str):
+        try:
+            raw = data.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as err:
+            raise ProcfsParseError("text that is not encodable", data) from err
+    elif isinstance(data, bytes | bytearray | memoryview):
+        raw = bytes(data)
+    else:
+        raise ProcfsParseError(f"expected bytes or str, got {type(data).__name__}", None)
+    space = raw.find(b" ")
+    close = raw.rfind(b")")
+    if space <= 0 or raw[space + 1 : space + 2] != b"(" or close < space + 2:
+        raise ProcfsParseError("no 'PID (comm)' prefix", raw)
+    rest = raw[close + 1 :]
+    if rest.endswith(b"\n"):
+        rest = rest[:-1]
+    if rest[:1] != b" ":
+        raise ProcfsParseError("no space after the command name", raw)
+    # After ')' come: state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
+    # cmajflt utime stime cutime cstime priority nice num_threads itrealvalue starttime ...
+    fields = rest[1:].split(b" ", 20)
+    if len(fields) < 20:
+        raise ProcfsParseError(f"only {len(fields)} fields after the command name", raw)
+    state = fields[0]
+    if len(state) != 1 or not state.isalpha():
+        raise ProcfsParseError("the state is not one letter", raw)
+    return Stat(
+        pid=_number(raw[:space], "pid", raw),
+        comm=raw[space + 2 : close],
+        state=state.decode("ascii"),
+        # A task being reaped shows -1 for its process group and session.
+        ppid=_number(fields[1], "ppid", raw, signed=True),
+        pgrp=_number(fields[2], "pgrp", raw, signed=True),
+        session=_number(fields[3], "session", raw, signed=True),
+        flags=_number(fields[6], "flags", raw),
+        num_threads=_number(fields[17], "num_threads", raw),
+        starttime=_number(fields[19], "starttime", raw),
+    )
+
+
+def parse_children(data: bytes) -> list[int]:
+    """Parse a ``children`` file: PIDs separated by spaces (with a trailing space)."""
+    try:
+        return [int(p) for p in data.split()]
+    except ValueError as err:
+        raise ProcfsParseError("children file holds a non-number", data) from err
+
+
+class ProcFS:
+    """A /proc mount to read from. ``root`` lets tests point it at a synthetic tree."""
+
+    __slots__ = ("root",)
+
+    def __init__(self, root: str = "/proc") -> None:
+        self.root = root
+
+    def read(self, path: str, size: int = 4096) -> bytes | None:
+        """Read a whole file below :attr:`root`; ``None`` if it (or its process) is gone."""
+        try:
+            fd = os.open(f"{self.root}/{path}", _O_FLAGS)
+        except _GONE:
+            return None
+        try:
+            data = os.read(fd, size)
+            if len(data) == size:  # seq_file hands out what fits: read on until EOF
+                chunks = [data]
+                while chunk := os.read(fd, 65536):
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+            return data
+        except _GONE:
+            return None
+        finally:
+            os.close(fd)
+
+    def stat(self, pid: int, tid: int | None = None) -> Stat | None:
+        """The stat of a process, or of one of its threads; ``None`` if gone."""
+        data = self.read(f"{pid}/stat" if tid is None else f"{pid}/task/{tid}/stat")
+        return None if data is None else parse_stat(data)
+
+    def tids(self, pid: int) -> list[int] | None:
+        """The thread ids of a process; ``None`` if it is gone."""
+        try:
+            return [int(t) for t in os.listdir(f"{self.root}/{pid}/task")]
+        except _GONE:
+            return None
+
+    def children(self, pid: int, tid: int) -> list[int] | None:
+        """Children forked by one thread (``/proc/PID/task/TID/children``); ``None`` if gone.
+
+        Only the thread that forked a child lists it, so a process's children are the union
+        over its threads. The file exists only with CONFIG_PROC_CHILDREN.
+        """
+        data = self.read(f"{pid}/task/{tid}/children", 65536)
+        return None if data is None else parse_children(data)
+
+    def has_children_files(self) -> bool:
+        """Whether this kernel provides ``children`` files (CONFIG_PROC_CHILDREN)."""
+        return os.path.exists(f"{self.root}/self/task/{os.getpid()}/children") or (
+            os.path.exists(f"{self.root}/1/task/1/children")
+        )
+
+    def pids(self) -> list[int]:
+        """Every process visible in this /proc (a snapshot: it changes as you read)."""
+        return [int(name) for name in os.listdir(self.root) if name.isdigit()]
+
+    def wchan(self, pid: int, tid: int) -> str | None:
+        """The kernel function a task sleeps in (``0`` when not permitted to see it)."""
+        data = self.read(f"{pid}/task/{tid}/wchan")
+        return None if data is None else data.decode("ascii", "replace").strip()
+
+    def status(self, pid: int, tid: int | None = None) -> dict[str, str] | None:
+        """``/proc/PID/status`` (or a thread's) as a mapping of field to raw value."""
+        data = self.read(f"{pid}/status" if tid is None else f"{pid}/task/{tid}/status")
+        if data is None:
+            return None
+        fields: dict[str, str] = {}
+        for line in data.decode("utf-8", "backslashreplace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key] = value.strip()
+        return fields

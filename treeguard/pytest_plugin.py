@@ -1,0 +1,1 @@
+"""The treeguard pytest plugin (issue 5)."""
