@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, final
 
-from ._backends import Backend, Journal, Plan, create
+from ._backends import BACKENDS, Backend, Journal, Plan, create
 from ._drive import Steps, run_sync
 from ._report import FreezeReport, Skip
 from ._snapshot import TreeSnapshot
@@ -125,8 +125,8 @@ class ProcessesGuard:
             if not (max_frozen > 0 and math.isfinite(max_frozen)):
                 raise InvalidArgumentError("max_frozen", f"must be positive, not {max_frozen!r}")
             watchdog = True  # the lease is kept by the watchdog
-        if not isinstance(backend, str):
-            raise InvalidArgumentError("backend", f"must be a backend name, not {backend!r}")
+        if backend not in BACKENDS:
+            raise InvalidArgumentError("backend", f"must be one of {BACKENDS}, not {backend!r}")
         self._root = root
         self._include_root = include_root
         self._exclude = excluded

@@ -82,3 +82,8 @@ class Backend(ABC):
     def already_stopped(self) -> tuple[tuple[int, int], ...]:
         """``(pid, starttime)`` of processes found stopped by someone else (never resumed)."""
         return ()
+
+    @abstractmethod
+    def describe(self) -> dict[str, object]:
+        """What another process needs to thaw this freeze (JSON-able); see
+        :func:`treeguard._backends.thaw_described`."""

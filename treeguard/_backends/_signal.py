@@ -27,12 +27,14 @@ import time
 
 from .._drive import YIELD, Steps, Wait
 from .._report import Skip
-from .._tree import walk
+from collections.abc import Iterable
+
+from .._tree import ChildrenFiles, walk
 from ..errors import FreezeError, FreezePermissionError, StopTimeoutError, TreeUnstableError
-from ..procfs import DEAD_STATES, STOPPED_STATES, Stat
+from ..procfs import DEAD_STATES, STOPPED_STATES, ProcFS, Stat
 from ._base import Backend, Plan
 
-__all__ = ["SignalBackend"]
+__all__ = ["SignalBackend", "thaw_identities"]
 
 #: Where a task waits while its vfork child has not exec'd or exited (kernel/fork.c).
 _VFORK_WCHAN = frozenset({"kernel_clone", "_do_fork", "do_fork"})
@@ -89,6 +91,12 @@ class SignalBackend(Backend):
     @property
     def already_stopped(self) -> tuple[tuple[int, int], ...]:
         return tuple((e.pid, e.starttime) for e in self._foreign)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "stopped": [[e.pid, e.starttime] for e in self._entries],
+            "already_stopped": [[e.pid, e.starttime] for e in self._foreign],
+        }
 
     # -- freezing -------------------------------------------------------------------------
 
@@ -353,3 +361,34 @@ class SignalBackend(Backend):
 _ROOT = Stat(
     pid=0, comm=b"", state="S", ppid=0, pgrp=0, session=0, flags=0, num_threads=1, starttime=0
 )
+
+
+def thaw_identities(identities: Iterable[tuple[int, int]], fs: ProcFS | None = None) -> int:
+    """SIGCONT each ``(pid, starttime)``, last first, skipping any whose PID now names another
+    process or nothing. For a thaw from another process (a token, the watchdog).
+
+    :returns: how many processes were signalled.
+    """
+    fs = fs or ProcFS()
+    plan = Plan(
+        starts=(),
+        passthrough=frozenset(),
+        blocked={},
+        timeout=1.0,
+        max_passes=1,
+        partial_ok=True,
+        scope="tree",
+        fs=fs,
+        source=ChildrenFiles(fs),
+    )
+    backend = SignalBackend(plan)
+    for pid, starttime in identities:
+        entry = _Entry(pid, -1, _ROOT, ours=True)
+        entry.starttime = starttime
+        backend._entries.append(entry)
+    signalled = 0
+    entries = backend._entries
+    while entries:
+        if backend._resignal(entries.pop(), signal.SIGCONT):
+            signalled += 1
+    return signalled
