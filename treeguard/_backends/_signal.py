@@ -24,11 +24,10 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Iterable
 
 from .._drive import YIELD, Steps, Wait
 from .._report import Skip
-from collections.abc import Iterable
-
 from .._tree import ChildrenFiles, walk
 from ..errors import FreezeError, FreezePermissionError, StopTimeoutError, TreeUnstableError
 from ..procfs import DEAD_STATES, STOPPED_STATES, ProcFS, Stat
