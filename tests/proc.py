@@ -94,3 +94,20 @@ def counters_moving(
         return not todo
 
     wait_until(moved, timeout, "every counter to move")
+
+
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def ppid(pid: int) -> int:
+    return int(read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[1])
+
+
+def children(pid: int) -> list[int]:
+    """Children of ``pid`` forked by its main thread ([] if it is gone)."""
+    try:
+        return [int(c) for c in read_text(f"/proc/{pid}/task/{pid}/children").split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []

@@ -214,6 +214,14 @@ class ProcessesGuard:
             yield from self._backend.thaw()
         self.release()
 
+    def _detach(self) -> None:
+        """Stop owning the freeze without thawing it (a token now owns it): no thaw on
+        release, garbage collection or exit."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        if self._backend is not None:
+            self._backend.detach()
+
     # -- the public face ----------------------------------------------------------------
 
     def freeze(self) -> ProcessesGuard:
@@ -266,7 +274,8 @@ class ProcessesGuard:
         return () if self._backend is None else self._backend.already_stopped
 
     def __enter__(self) -> ProcessesGuard:
-        return self.freeze()
+        """Freeze, unless already frozen (``with freeze_child_processes(m) as guard:``)."""
+        return self if self.frozen else self.freeze()
 
     def __exit__(
         self,

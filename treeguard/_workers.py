@@ -246,6 +246,7 @@ class WorkerTree:
     def close(self) -> None:
         """Kill every process of the tree, leaves first, and wait until all are gone."""
         holders = {n["i"] for n in _nodes(self.spec) if n.get("zombies")}
+        parent = {c["i"]: n["i"] for n in _nodes(self.spec) for c in n.get("children", ())}
         for index in range(len(self.pids) - 1, 0, -1):
             pid = self.pids[index]
             if index in holders:
@@ -253,7 +254,9 @@ class WorkerTree:
                 _signal(pid, self._starttimes[pid], signal.SIGTERM, signal.SIGCONT)
             else:
                 _signal(pid, self._starttimes[pid], signal.SIGKILL)
-            _wait_dead(pid, self._starttimes[pid])
+            # Wait until it is reaped before its parent dies, or it would become a zombie of
+            # PID 1. Only a holder of zombies leaves it a zombie (and reaps it on SIGTERM).
+            _wait_dead(pid, self._starttimes[pid], zombie_ok=parent[index] in holders)
         if self.proc is not None:
             if self.proc.poll() is None:
                 if 0 in holders:
@@ -294,16 +297,15 @@ def _signal(pid: int, starttime: int, *signals: int) -> None:
         os.close(fd)
 
 
-def _wait_dead(pid: int, starttime: int, timeout: float = 10.0) -> None:
-    """Wait until ``pid`` is gone or a zombie (which only a holder of zombies leaves,
-    and reaps when it is told to exit)."""
+def _wait_dead(pid: int, starttime: int, *, zombie_ok: bool, timeout: float = 10.0) -> None:
+    """Wait until ``pid`` is gone (or, with ``zombie_ok``, a zombie)."""
     from .procfs import ProcFS
 
     fs = ProcFS()
     deadline = time.monotonic() + timeout
     while True:
         stat = fs.stat(pid)
-        if stat is None or stat.starttime != starttime or stat.state == "Z":
+        if stat is None or stat.starttime != starttime or (zombie_ok and stat.state == "Z"):
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"worker {pid} did not exit within {timeout} s")

@@ -1,0 +1,427 @@
+"""ProcessesGuard on real trees, checked through /proc (tests.proc reads it independently)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+
+import pytest
+
+import treeguard
+from tests import proc
+from tests.conftest import require_root, slot
+from treeguard import ProcessesGuard, Skip
+from treeguard._workers import SLOTS, WorkerTree, chain, demo_spec, wide
+
+MakeTree = Callable[..., WorkerTree]
+
+
+def frozen_and_still(tree: WorkerTree, pids: list[int] | None = None) -> None:
+    """Every task of ``pids`` (default: the tree) is stopped and none of their counters move."""
+    pids = pids or tree.pids
+    proc.assert_all_stopped(pids)
+    first = [tree.pids.index(p) * SLOTS for p in pids]
+
+    def counters() -> list[int]:
+        now = tree.counters()
+        return [c for i in first for c in now[i : i + SLOTS]]
+
+    assert proc.counters_still(counters, tree.period), "a counter moved while frozen"
+
+
+def running_again(tree: WorkerTree, pids: list[int] | None = None) -> None:
+    proc.assert_none_stopped(pids or tree.pids)
+    indexes = [slot(tree.pids.index(p)) for p in (pids or tree.pids)]
+    proc.counters_moving(tree.counters, indexes)
+
+
+def test_wide_tree_with_threads(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(40, threads=2))
+    with ProcessesGuard() as guard:
+        frozen_and_still(tree)
+        assert sorted(guard.pids) == sorted(tree.pids)
+        assert guard.frozen
+        report = guard.report
+        assert report.stopped == 40 and report.tasks == 40 * 3 and report.passes == 1
+        assert report.freeze_seconds > 0 and not report.skipped
+    assert not guard.frozen
+    running_again(tree)
+
+
+def test_stops_parents_before_children(make_tree: MakeTree) -> None:
+    tree = make_tree(demo_spec())
+    with ProcessesGuard() as guard:
+        order = {pid: i for i, pid in enumerate(guard.pids)}
+        for pid in tree.pids[1:]:
+            assert order[proc.ppid(pid)] < order[pid]
+
+
+def test_deep_chain(make_tree: MakeTree) -> None:
+    tree = make_tree(chain(60))
+    with ProcessesGuard(root=tree.root, include_root=True) as guard:
+        frozen_and_still(tree)
+        assert guard.pids == tuple(tree.pids)  # parent-first is the chain's own order
+    running_again(tree)
+
+
+def test_child_forked_by_a_secondary_thread(make_tree: MakeTree) -> None:
+    tree = make_tree({"threads": 1, "fork_from_thread": True, "children": [{}, {"threads": 1}]})
+    assert proc.children(tree.root) == [], "the main thread must not be the one that forked"
+    with ProcessesGuard() as guard:
+        frozen_and_still(tree)
+        assert set(tree.pids) <= set(guard.pids)
+    running_again(tree)
+
+
+def test_zombie_child_is_skipped(make_tree: MakeTree) -> None:
+    tree = make_tree({"zombies": 1, "children": [{}]})
+    (zombie,) = tree.zombies
+    proc.wait_until(lambda: set(proc.task_states(zombie).values()) == {"Z"})
+    with ProcessesGuard() as guard:
+        frozen_and_still(tree)
+        assert guard.report.skipped == {zombie: Skip.ZOMBIE}
+        assert zombie not in guard.pids
+    running_again(tree)
+
+
+def test_process_stopped_before_stays_stopped(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(4))
+    stopped_by_someone = tree.pids[2]
+    os.kill(stopped_by_someone, signal.SIGSTOP)
+    try:
+        proc.wait_until(lambda: proc.stopped([stopped_by_someone]))
+        with ProcessesGuard() as guard:
+            frozen_and_still(tree)
+            assert guard.report.skipped == {stopped_by_someone: Skip.ALREADY_STOPPED}
+            assert [p for p, _ in guard.already_stopped] == [stopped_by_someone]
+        others = [p for p in tree.pids if p != stopped_by_someone]
+        running_again(tree, others)
+        proc.assert_all_stopped([stopped_by_someone])
+    finally:
+        os.kill(stopped_by_someone, signal.SIGCONT)
+
+
+def test_monitor_and_its_subtree_are_left_running(make_tree: MakeTree) -> None:
+    tree = make_tree(demo_spec())
+    monitor = tree.pids[1]  # demo_spec: process 1 has children 2 and 3
+    subtree = tree.pids[1:4]
+    with treeguard.freeze_child_processes(monitor) as guard:
+        rest = [p for p in tree.pids if p not in subtree]
+        frozen_and_still(tree, rest)
+        proc.assert_none_stopped(subtree)
+        assert not set(subtree) & set(guard.pids)
+        assert guard.report.skipped == {monitor: Skip.EXCLUDED}
+    running_again(tree)
+
+
+class _Journal:
+    """Told of each process before it is stopped; acts on the n-th one (fault injection)."""
+
+    def __init__(self, at: int, act: Callable[[int], None]) -> None:
+        self.at, self.act, self.seen = at, act, 0
+
+    def stopping(self, pid: int, starttime: int) -> None:
+        self.seen += 1
+        if self.seen == self.at:
+            self.act(pid)
+
+    def released(self) -> None:
+        pass
+
+
+def test_process_exiting_during_the_freeze(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(6))
+    victims = tree.pids[3], tree.pids[1]
+
+    def kill(pid: int) -> None:
+        # Kill one process just before it is stopped, and one that is already stopped.
+        for v in victims:
+            os.kill(v, signal.SIGKILL)
+
+    guard = ProcessesGuard()
+    guard._journal = _Journal(at=4, act=kill)
+    with guard:
+        alive = [p for p in tree.pids if p not in victims]
+        proc.wait_until(lambda: not any(proc.task_states(v) for v in victims))
+        proc.assert_all_stopped(alive)
+        assert {guard.report.skipped.get(v) for v in victims} <= {Skip.EXITED, None}
+    proc.assert_none_stopped(alive)
+
+
+def test_freeze_failing_half_way_leaves_nothing_stopped(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(8))
+
+    def fail(pid: int) -> None:
+        # the first four really were stopped (their SIGSTOP may still be landing)
+        proc.wait_until(lambda: not proc.not_stopped(tree.pids[:4]), what="4 stopped")
+        proc.assert_all_stopped(tree.pids[:4])
+        raise RuntimeError("injected")
+
+    guard = ProcessesGuard(root=tree.root, include_root=True)
+    guard._journal = _Journal(at=5, act=fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        guard.freeze()
+    assert not guard.frozen
+    running_again(tree)
+
+
+def test_garbage_collected_guard_thaws(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(5))
+    guard = ProcessesGuard().freeze()
+    frozen_and_still(tree)
+    del guard
+    gc.collect()
+    running_again(tree)
+
+
+def test_release_is_idempotent_and_guard_refreezes(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(3, threads=1))
+    guard = ProcessesGuard()
+    for _ in range(3):
+        guard.freeze()
+        frozen_and_still(tree)
+        with pytest.raises(treeguard.FreezeError, match="frozen already"):
+            guard.freeze()
+        guard.release()
+        guard.release()
+        running_again(tree)
+
+
+def test_fallback_enumeration_without_children_files(
+    make_tree: MakeTree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = make_tree({"threads": 1, "fork_from_thread": True, "children": [{"children": [{}]}]})
+    monkeypatch.setattr("treeguard.procfs.ProcFS.has_children_files", lambda self: False)
+    with ProcessesGuard() as guard:
+        frozen_and_still(tree)
+        assert sorted(guard.pids) == sorted(tree.pids)
+    running_again(tree)
+
+
+FORKER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
+    signal_fd = int(sys.argv[1])
+    os.write(signal_fd, b"ready\\n")
+    kids = []
+    for i in range(400):  # keeps forking, bounded: each child lives until killed
+        pid = os.fork()
+        if pid == 0:
+            while True:
+                time.sleep(3600)
+        kids.append(pid)
+        time.sleep(0.002)
+    while True:
+        time.sleep(3600)
+    """
+)
+
+
+def test_process_that_keeps_forking() -> None:
+    rfd, wfd = os.pipe()
+    forker = subprocess.Popen([sys.executable, "-c", FORKER, str(wfd)], pass_fds=(wfd,))
+    os.close(wfd)
+    try:
+        assert os.read(rfd, 6) == b"ready\n"
+        proc.wait_until(lambda: len(proc.children(forker.pid)) >= 5)
+        with ProcessesGuard() as guard:
+            family = [forker.pid, *proc.children(forker.pid)]
+            proc.assert_all_stopped(family)
+            assert set(family) == set(guard.pids)
+            before = len(family)
+            assert proc.counters_still(lambda: [len(proc.children(forker.pid))], 0.005)
+        proc.assert_none_stopped(family)
+        proc.wait_until(lambda: len(proc.children(forker.pid)) > before)  # forking again
+    finally:
+        os.close(rfd)
+        # Children first (their parent reaps them), so that none is orphaned.
+        forker.send_signal(signal.SIGSTOP)
+        proc.wait_until(lambda: proc.stopped([forker.pid]))
+        for kid in proc.children(forker.pid):
+            os.kill(kid, signal.SIGKILL)
+        proc.wait_until(lambda: not proc.children(forker.pid))
+        forker.kill()
+        forker.wait()
+
+
+EPERM = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import treeguard
+    from tests import proc
+    partial_ok = sys.argv[1] == "1"
+    rfd, wfd = os.pipe()
+    kids = []
+    for uid in (65533, 65534):  # one child of another user, one of ours
+        pid = os.fork()
+        if pid == 0:
+            os.close(wfd)
+            os.setresuid(uid, uid, uid)
+            os.read(rfd, 1)  # runs until the supervisor closes the pipe
+            os._exit(0)
+        kids.append(pid)
+    os.close(rfd)
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+    proc.wait_until(lambda: all(proc.task_states(k) for k in kids))
+    out = {"kids": kids}
+    try:
+        with treeguard.ProcessesGuard(partial_ok=partial_ok) as guard:
+            out["stopped_while_frozen"] = sorted(p for p, _ in proc.stopped(kids))
+            out["skipped"] = {str(k): str(v) for k, v in guard.report.skipped.items()}
+    except treeguard.FreezePermissionError as err:
+        out["error"] = list(err.pids)
+        out["is_permission_error"] = isinstance(err, PermissionError)
+    out["stopped_after"] = sorted(p for p, _ in proc.stopped(kids))
+    os.close(wfd)
+    for k in kids:
+        os.waitpid(k, 0)
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.parametrize("partial_ok", [False, True])
+def test_permission_denied(partial_ok: bool) -> None:
+    require_root("running the target as another user")
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        [sys.executable, "-c", EPERM, "1" if partial_ok else "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=here,
+        env={**os.environ, "PYTHONPATH": here},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    other, ours = out["kids"]
+    assert out["stopped_after"] == []
+    if partial_ok:
+        assert out["stopped_while_frozen"] == [ours]
+        assert out["skipped"] == {str(other): "permission"}
+    else:
+        assert out["error"] == [other] and out["is_permission_error"]
+        assert "stopped_while_frozen" not in out
+
+
+VFORK_C = r"""
+#include <signal.h>
+#include <stdio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(void) {
+    pid_t child = vfork();
+    if (child == 0) {
+        for (;;) pause();   /* the parent waits in D until we exec or exit */
+    }
+    waitpid(child, NULL, 0);
+    for (;;) pause();
+}
+"""
+
+
+def test_parent_blocked_in_vfork_counts_as_stopped(tmp_path: os.PathLike[str]) -> None:
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI has a C compiler")
+        pytest.skip("needs a C compiler")
+    src, exe = f"{tmp_path}/vfork.c", f"{tmp_path}/vfork"
+    with open(src, "w") as f:
+        f.write(VFORK_C)
+    subprocess.run([cc, "-O1", "-o", exe, src], check=True)
+    parent = subprocess.Popen([exe])
+    child = 0
+    try:
+        proc.wait_until(lambda: proc.children(parent.pid))
+        (child,) = proc.children(parent.pid)
+        proc.wait_until(lambda: proc.task_states(parent.pid) == {parent.pid: "D"})
+        with ProcessesGuard() as guard:
+            proc.assert_all_stopped([child])
+            assert guard.report.blocked_in_vfork == [parent.pid]
+            assert set(guard.pids) == {parent.pid, child}
+        proc.assert_none_stopped([parent.pid, child])
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)  # the parent reaps it
+            proc.wait_until(lambda: not proc.task_states(child))
+        parent.kill()
+        parent.wait()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"root": 0}, "root"),
+        ({"root": -5}, "root"),
+        ({"root": 2**40}, "root"),
+        ({"root": "12"}, "root"),
+        ({"root": True}, "root"),
+        ({"root": 1.5}, "root"),
+        ({"exclude": [0]}, "exclude"),
+        ({"exclude": "12"}, "exclude"),
+        ({"exclude": 12}, "exclude"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": -1}, "timeout"),
+        ({"timeout": float("nan")}, "timeout"),
+        ({"timeout": "1"}, "timeout"),
+        ({"max_passes": 0}, "max_passes"),
+        ({"max_passes": 1.0}, "max_passes"),
+        ({"partial_ok": 1}, "partial_ok"),
+        ({"include_root": True}, "include_root"),
+        ({"root": 1, "include_root": True}, "include_root"),
+        ({"backend": "magic"}, "backend"),
+        ({"scope": "world"}, "scope"),
+        ({"max_frozen": 0}, "max_frozen"),
+    ],
+)
+def test_bad_input_is_one_clear_error(
+    make_tree: MakeTree, kwargs: dict[str, object], message: str
+) -> None:
+    tree = make_tree(wide(2))
+    with pytest.raises(treeguard.InvalidArgumentError, match=message) as info:
+        ProcessesGuard(**kwargs).freeze()  # type: ignore[arg-type]
+    assert isinstance(info.value, treeguard.FreezeError)
+    assert isinstance(info.value, ValueError)
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_root_that_does_not_exist() -> None:
+    with pytest.raises(treeguard.NoSuchProcessError) as info:
+        ProcessesGuard(root=4194304).freeze()
+    assert isinstance(info.value, ProcessLookupError) and info.value.pid == 4194304
+    with pytest.raises(treeguard.InvalidArgumentError):
+        treeguard.freeze_child_processes(-1)
+
+
+def test_include_root_of_a_foreign_tree(make_tree: MakeTree) -> None:
+    tree = make_tree(demo_spec())
+    sub = tree.pids[4]  # demo_spec: process 4 -> 5 -> 6
+    with ProcessesGuard(root=sub, include_root=True) as guard:
+        assert guard.pids == (sub, tree.pids[5], tree.pids[6])
+        proc.assert_all_stopped(guard.pids)
+        proc.assert_none_stopped([p for p in tree.pids if p not in guard.pids])
+
+
+def test_errors_pickle_with_their_data() -> None:
+    import pickle
+
+    for err in (
+        treeguard.StopTimeoutError(1.0, [(1, 2, "D")]),
+        treeguard.TreeUnstableError(3, [7, 8]),
+        treeguard.FreezePermissionError([5]),
+        treeguard.NoSuchProcessError(9),
+    ):
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err) and again.args == err.args and str(again) == str(err)

@@ -1,0 +1,130 @@
+"""The /proc/PID/stat parser: exact round trips, and nothing but ProcfsParseError on junk."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from tests.unit.strategies import StatLine, stat_lines
+from treeguard import FreezeError, ProcfsParseError
+from treeguard.procfs import ProcFS, parse_children, parse_stat
+
+
+@given(stat_lines())
+def test_parse_returns_exactly_what_was_generated(line: StatLine) -> None:
+    stat = parse_stat(line.raw)
+    assert (stat.pid, stat.comm, stat.state) == (line.pid, line.comm, line.state)
+    assert (stat.ppid, stat.pgrp, stat.session) == (line.ppid, line.pgrp, line.session)
+    assert (stat.flags, stat.num_threads, stat.starttime) == (
+        line.flags,
+        line.num_threads,
+        line.starttime,
+    )
+    assert stat.name == line.comm.decode("utf-8", "backslashreplace")
+
+
+@given(stat_lines())
+def test_text_decoded_with_surrogateescape_parses_the_same(line: StatLine) -> None:
+    assert parse_stat(line.raw.decode("utf-8", "surrogateescape")) == parse_stat(line.raw)
+
+
+@given(st.binary(max_size=400))
+@example(b"")
+@example(b"12 (x) R")
+@example(b"12 x) R 1 1 1 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 5")
+@example(b"(x) R 1 1 1 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 5")
+def test_random_bytes_parse_or_raise_the_documented_error(data: bytes) -> None:
+    try:
+        parse_stat(data)
+    except ProcfsParseError as err:
+        assert isinstance(err, FreezeError)
+        assert isinstance(err, ValueError)
+
+
+@given(stat_lines(), st.data())
+def test_truncated_and_corrupted_lines_parse_or_raise(line: StatLine, data: st.DataObject) -> None:
+    cut = data.draw(st.integers(min_value=0, max_value=len(line.raw)))
+    try:
+        parse_stat(line.raw[:cut])
+    except ProcfsParseError:
+        pass
+    at = data.draw(st.integers(min_value=0, max_value=max(0, len(line.raw) - 1)))
+    junk = data.draw(st.binary(min_size=1, max_size=3))
+    try:
+        parse_stat(line.raw[:at] + junk + line.raw[at + 1 :])
+    except ProcfsParseError:
+        pass
+
+
+# Lines captured on this kind of machine (kernel 6.18).
+REAL = [
+    (
+        b"9116 (a) (b c)\n\xff) S 9075 9073 1068 0 -1 4194368 263 0 0 0 0 0 0 0 20 0 1 0 76931 "
+        b"17289216 2687 18446744073709551615 94609032339456 94609032339797 140735073947904 0 0 "
+        b"0 0 16781312 2 1 0 0 17 1 0 0 0 0 0 94609032351152 94609032351768 94609370759168 "
+        b"140735073949954 140735073949997 140735073949997 140735073951695 0\n",
+        (9116, b"a) (b c)\n\xff", "S", 9075, 9073, 1068, 4194368, 1, 76931),
+    ),
+    (
+        b"2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 22 0 0 "
+        b"18446744073709551615 0 0 0 0 0 0 0 2147483647 0 1 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n",
+        (2, b"kthreadd", "S", 0, 0, 0, 2129984, 1, 22),
+    ),
+    (
+        # A task being reaped: process group and session read -1.
+        b"2482 (tg-worker-38) X 0 -1 -1 0 -1 4195404 367 0 0 0 3 6 0 0 20 0 0 0 53396 0 0 ",
+        (2482, b"tg-worker-38", "X", 0, -1, -1, 4195404, 0, 53396),
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), REAL)
+def test_real_lines(raw: bytes, expected: tuple[object, ...]) -> None:
+    s = parse_stat(raw)
+    got = (s.pid, s.comm, s.state, s.ppid, s.pgrp, s.session, s.flags, s.num_threads)
+    assert (*got, s.starttime) == expected
+
+
+def test_kernel_thread_flag() -> None:
+    assert parse_stat(REAL[1][0]).is_kernel_thread
+    assert not parse_stat(REAL[0][0]).is_kernel_thread
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"+1 (x) R 1 1 1 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 5",
+        b"1 (x) R 1 1 1 0 0 0 0 0 0 0 0 0 0 0 0 0 1_0 0 5",
+        b"1 (x) R 1 1 1 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0",
+        b"1 (x) 7 1 1 1 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 5",
+        b"1 (x)R 1 1 1 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 5",
+    ],
+)
+def test_malformed_lines_are_rejected(bad: bytes) -> None:
+    with pytest.raises(ProcfsParseError):
+        parse_stat(bad)
+
+
+def test_wrong_type_is_rejected() -> None:
+    with pytest.raises(ProcfsParseError):
+        parse_stat(12)  # type: ignore[arg-type]
+
+
+def test_children_file() -> None:
+    assert parse_children(b"12 13 400 ") == [12, 13, 400]
+    assert parse_children(b"") == []
+    with pytest.raises(ProcfsParseError):
+        parse_children(b"12 x ")
+
+
+def test_reads_this_process() -> None:
+    import os
+
+    fs = ProcFS()
+    me = fs.stat(os.getpid())
+    assert me is not None and me.pid == os.getpid() and me.state == "R"
+    assert os.getpid() in (fs.tids(os.getpid()) or [])
+    assert fs.stat(4194304) is None  # no such PID: None, not an error
+    status = fs.status(os.getpid())
+    assert status is not None and status["Pid"] == str(os.getpid())
