@@ -66,13 +66,22 @@ def _stopped_machine_wide() -> set[int]:
     return out
 
 
+def _stopped_here() -> set[int]:
+    """Stopped processes this test run may have made: machine-wide in CI, where this is the
+    only test session (so an orphan of a test is caught too); our descendants elsewhere,
+    where other sessions may legitimately hold trees stopped."""
+    if IN_CI:
+        return _stopped_machine_wide()
+    return {pid for pid in _descendants(os.getpid()) if proc.stopped([pid])}
+
+
 @pytest.fixture(autouse=True)
 def _nothing_left_behind() -> Iterator[None]:
     """Fail a test that leaves a process of its own stopped or alive, and clean up after it."""
-    before_stopped = _stopped_machine_wide()
+    before_stopped = _stopped_here()
     before = set(_descendants(os.getpid()))
     yield
-    left_stopped = _stopped_machine_wide() - before_stopped
+    left_stopped = _stopped_here() - before_stopped
     left_alive = [
         p
         for p in _descendants(os.getpid())

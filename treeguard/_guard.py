@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import weakref
@@ -15,10 +16,10 @@ from ._report import FreezeReport, Skip
 from ._snapshot import TreeSnapshot
 from ._tree import ancestors, children_source
 from ._watchdog import Watchdog, set_subreaper
-from .errors import FreezeError, InvalidArgumentError, NoSuchProcessError
+from .errors import FreezeError, InvalidArgumentError, NoSuchProcessError, WatchdogError
 from .procfs import ProcFS
 
-__all__ = ["ProcessesGuard", "freeze_child_processes"]
+__all__ = ["ProcessesGuard", "freeze_child_processes", "new_guard"]
 
 #: Linux's PID_MAX_LIMIT: no PID is larger on any configuration.
 PID_MAX_LIMIT = 4 * 1024 * 1024
@@ -43,6 +44,16 @@ def check_options(*, timeout: object, max_passes: object, partial_ok: object) ->
         raise InvalidArgumentError("max_passes", f"must be an int >= 1, not {max_passes!r}")
     if not isinstance(partial_ok, bool):
         raise InvalidArgumentError("partial_ok", f"must be True or False, not {partial_ok!r}")
+
+
+def new_guard(options: dict[str, Any]) -> ProcessesGuard:
+    """A :class:`ProcessesGuard` from a face's options, an unknown name being an
+    :class:`InvalidArgumentError` (not a bare ``TypeError``)."""
+    for name in options:
+        if name not in _OPTIONS:
+            known = ", ".join(sorted(_OPTIONS))
+            raise InvalidArgumentError(name, f"is not an option (the options are: {known})")
+    return ProcessesGuard(**options)
 
 
 def _thaw_now(backend: Backend) -> None:
@@ -203,6 +214,13 @@ class ProcessesGuard:
         self._finalizer = weakref.finalize(self, _thaw_now, backend)
         try:
             yield from backend.freeze()
+            if self._watchdog is not None and self._watchdog.lease_expired():
+                # The lease ran out while freezing: the helper thawed part of the tree, so
+                # this freeze proves nothing. Thaw the rest (below) and say so.
+                raise WatchdogError(
+                    f"the lease (max_frozen={self._max_frozen}) ran out before the freeze "
+                    "completed; everything was thawed: raise max_frozen"
+                )
         except BaseException:
             self._finalizer()  # the backend thawed already; this only disarms
             raise
@@ -304,3 +322,6 @@ def freeze_child_processes(
     """
     exclude = () if monitor_pid is None else (check_pid("monitor_pid", monitor_pid),)
     return ProcessesGuard(exclude=exclude, timeout=timeout, max_passes=max_passes).freeze()
+
+
+_OPTIONS = frozenset(inspect.signature(ProcessesGuard).parameters)

@@ -1,19 +1,608 @@
-"""Snapshots of a process tree with signal state (issue 5)."""
+"""Snapshots of a process tree with its signal state: what a freeze would find, or found.
+
+A :class:`TreeSnapshot` lists the processes below a root in depth-first pre-order (the order
+the kernel's own checkpoint code records a tree in), one :class:`ProcessRecord` each, with
+every thread and the signal masks of ``/proc/PID/status`` and ``/proc/PID/task/TID/status``
+decoded to names (proc(5): ``SigPnd``, ``ShdPnd``, ``SigBlk``, ``SigIgn``, ``SigCgt`` are
+hexadecimal masks in which bit N-1 stands for signal N).
+
+Consistency: a snapshot of a tree frozen by a guard (:meth:`ProcessesGuard.snapshot`) is
+consistent when every process the guard stopped is still there and stopped. A snapshot of
+a running tree is enumerated twice, as the kernel's checkpoint code counts twice; when the
+two passes disagree the snapshot is marked inconsistent and :attr:`TreeSnapshot.difference`
+says which processes appeared or vanished in between.
+
+JSON schema (``TreeSnapshot.to_json()``, ``"schema": 1``; fields are only ever added)::
+
+    {
+      "schema": 1,
+      "root": int | null,            # the PID the walk started at (null: from a guard)
+      "include_root": bool,
+      "taken_at": float,             # seconds since the epoch
+      "consistent": bool,
+      "consistency": str,            # "frozen", "two passes agree", "changed", "not frozen"
+      "difference": {"appeared": [[pid, starttime], ...], "vanished": [[pid, starttime], ...]},
+      "processes": [                 # depth-first pre-order, parents first
+        {
+          "pid": int, "tgid": int, "ppid": int, "depth": int,   # depth 0: a top record
+          "name": str, "state": str, "starttime": int,          # starttime: clock ticks
+          "uid": int,                                          # effective UID
+          "tracer_pid": int,                                   # 0: not traced
+          "freezable": bool, "reason": str | null,             # why not, see REASONS
+          "signals": {"pending": [str], "shared_pending": [str], "blocked": [str],
+                      "ignored": [str], "caught": [str]},
+          "threads": [{"tid": int, "state": str, "pending": [str], "blocked": [str]}]
+        }
+      ],
+      "warnings": [{"pid": int, "kind": str, "detail": str}]  # kind: see WARNING_KINDS
+    }
+
+Signal names are those of :mod:`signal` (``SIGUSR1``), real-time signals ``SIGRTMIN+k``, and
+numbers without a name (32 and 33, which glibc reserves) ``SIG32``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, final
+
+from ._tree import ancestors, children_source, walk
+from .errors import InvalidArgumentError, NoSuchProcessError
+from .procfs import DEAD_STATES, STOPPED_STATES, ProcFS, Stat
+
+if TYPE_CHECKING:
+    from ._guard import ProcessesGuard
+
+__all__ = [
+    "REASONS",
+    "SCHEMA",
+    "WARNING_KINDS",
+    "ProcessRecord",
+    "SignalState",
+    "ThreadRecord",
+    "TreeSnapshot",
+    "decode_sigmask",
+    "signal_name",
+    "snapshot",
+    "snapshot_of_guard",
+]
+
+#: Version of the JSON layout of :meth:`TreeSnapshot.to_json`.
+SCHEMA = 1
+
+#: Why a process cannot be frozen (``ProcessRecord.reason``).
+REASONS = (
+    "zombie",  # it cannot run, so there is nothing to stop
+    "kernel thread",  # no user space to stop
+    "no permission",  # the caller may not signal it (kill(2) EPERM)
+    "other PID namespace",  # not in the caller's PID namespace (CRIU's and the kernel's check)
+    "caller",  # the calling process or one of its ancestors (a freezer never stops these)
+)
+
+#: Kinds of :attr:`TreeSnapshot.warnings`: what a user should know before using the
+#: signal backend on this tree.
+WARNING_KINDS = (
+    "catches SIGCONT",  # its handler runs on the thaw: it notices the freeze
+    "catches SIGCHLD",  # it is told (CLD_STOPPED/CLD_CONTINUED) when a child stops
+    "traced",  # a tracer (TracerPid != 0) or ptrace-stop (t): SIGSTOP goes to the tracer
+    "uninterruptible",  # a task in D stops only when it leaves the kernel
+)
+
+_RT_MIN = int(signal.SIGRTMIN)
+_RT_MAX = int(signal.SIGRTMAX)
 
 
+def signal_name(number: int) -> str:
+    """The name of signal ``number``: ``SIGUSR1``, ``SIGRTMIN+3``, or ``SIG32``."""
+    if _RT_MIN <= number <= _RT_MAX:
+        return "SIGRTMIN" if number == _RT_MIN else f"SIGRTMIN+{number - _RT_MIN}"
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"
+
+
+def decode_sigmask(mask: str | int) -> tuple[str, ...]:
+    """The signals set in a ``/proc/PID/status`` mask (hexadecimal text or an int).
+
+    Bit N-1 stands for signal N (proc(5)).
+
+    :raises InvalidArgumentError: if ``mask`` is not a hexadecimal number.
+    """
+    if isinstance(mask, str):
+        try:
+            value = int(mask, 16)
+        except ValueError:
+            raise InvalidArgumentError("mask", f"not a hexadecimal mask: {mask!r}") from None
+    else:
+        value = mask
+    if value < 0:
+        raise InvalidArgumentError("mask", f"a mask is not negative: {value}")
+    names: list[str] = []
+    number = 1
+    while value:
+        if value & 1:
+            names.append(signal_name(number))
+        value >>= 1
+        number += 1
+    return tuple(names)
+
+
+@dataclass(frozen=True, slots=True)
+class SignalState:
+    """A process's signal masks, decoded; ``pending`` is its main thread's own."""
+
+    pending: tuple[str, ...] = ()
+    shared_pending: tuple[str, ...] = ()
+    blocked: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+    caught: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadRecord:
+    """One thread: its state and its own pending and blocked signals."""
+
+    tid: int
+    state: str
+    pending: tuple[str, ...] = ()
+    blocked: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRecord:
+    """One process of a snapshot. ``reason`` says why it cannot be frozen (see
+    :data:`REASONS`), ``None`` when it can."""
+
+    pid: int
+    tgid: int
+    ppid: int
+    depth: int
+    name: str
+    state: str
+    starttime: int
+    uid: int
+    tracer_pid: int
+    reason: str | None
+    signals: SignalState
+    threads: tuple[ThreadRecord, ...]
+
+    @property
+    def freezable(self) -> bool:
+        """Whether a freezer may stop this process."""
+        return self.reason is None
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """``(pid, starttime)``: names this process for good."""
+        return (self.pid, self.starttime)
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """``(kind, detail)`` of each warning about this process (see :data:`WARNING_KINDS`)."""
+        found: list[tuple[str, str]] = []
+        if self.reason in ("zombie", "kernel thread"):
+            return found
+        for sig in ("SIGCONT", "SIGCHLD"):
+            if sig in self.signals.caught:
+                found.append((f"catches {sig}", f"has a {sig} handler"))
+        traced = [t.tid for t in self.threads if t.state == "t"]
+        if self.tracer_pid or traced:
+            by = f"by PID {self.tracer_pid}" if self.tracer_pid else "in ptrace-stop"
+            found.append(("traced", f"is traced {by}"))
+        stuck = [t.tid for t in self.threads if t.state == "D"]
+        if stuck:
+            found.append(("uninterruptible", f"task(s) {_ids(stuck)} in D"))
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        """This record in the JSON layout of :mod:`treeguard._snapshot` (schema 1)."""
+        data = asdict(self)
+        data["freezable"] = self.freezable
+        data["signals"] = {k: list(v) for k, v in data["signals"].items()}
+        data["threads"] = [
+            {**t, "pending": list(t["pending"]), "blocked": list(t["blocked"])}
+            for t in data["threads"]
+        ]
+        return data
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def _ids(values: Iterable[int]) -> str:
+    return ",".join(map(str, values))
+
+
+@final
+@dataclass(frozen=True)
 class TreeSnapshot:
-    """The tree below a root, one record per process, depth-first pre-order."""
+    """The processes below a root, depth-first pre-order, with threads and signal state.
+
+    Iterate over it for the :class:`ProcessRecord` of each process; :meth:`render` draws
+    it as a tree; :meth:`to_json` writes the documented schema (see :mod:`treeguard._snapshot`).
+    """
+
+    root: int | None
+    include_root: bool
+    records: tuple[ProcessRecord, ...]
+    consistent: bool
+    consistency: str
+    appeared: tuple[tuple[int, int], ...] = ()
+    vanished: tuple[tuple[int, int], ...] = ()
+    taken_at: float = field(default_factory=time.time)
+
+    def __iter__(self) -> Iterator[ProcessRecord]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, pid: int) -> ProcessRecord:
+        """The record of ``pid``.
+
+        :raises KeyError: if ``pid`` is not in this snapshot.
+        """
+        for record in self.records:
+            if record.pid == pid:
+                return record
+        raise KeyError(pid)
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """Every process of the snapshot, in pre-order."""
+        return tuple(r.pid for r in self.records)
+
+    @property
+    def difference(self) -> dict[str, list[list[int]]]:
+        """What changed between the two passes: ``appeared`` and ``vanished`` (pid,
+        starttime) pairs (empty when consistent)."""
+        return {
+            "appeared": [list(i) for i in self.appeared],
+            "vanished": [list(i) for i in self.vanished],
+        }
+
+    @property
+    def warnings(self) -> list[dict[str, Any]]:
+        """``{"pid", "kind", "detail"}`` of every warning, in pre-order."""
+        return [
+            {"pid": r.pid, "kind": kind, "detail": detail}
+            for r in self.records
+            for kind, detail in r.warnings()
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The snapshot in the JSON layout of schema 1 (plain dicts and lists)."""
+        return {
+            "schema": SCHEMA,
+            "root": self.root,
+            "include_root": self.include_root,
+            "taken_at": self.taken_at,
+            "consistent": self.consistent,
+            "consistency": self.consistency,
+            "difference": self.difference,
+            "processes": [r.to_dict() for r in self.records],
+            "warnings": self.warnings,
+        }
+
+    def to_json(self, *, indent: int | None = None) -> str:
+        """The snapshot as JSON (schema 1, documented in :mod:`treeguard._snapshot`)."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def render(self) -> str:
+        """A pstree-like drawing: one line per process with its state and thread count,
+        then one line per warning and the consistency."""
+        lines: list[str] = []
+        last_at_depth: list[bool] = []
+        records = self.records
+        for i, rec in enumerate(records):
+            # Is this the last sibling? Look ahead for the next record at depth <= its own.
+            last = True
+            for nxt in records[i + 1 :]:
+                if nxt.depth <= rec.depth:
+                    last = nxt.depth < rec.depth
+                    break
+            del last_at_depth[rec.depth :]
+            prefix = "".join("   " if done else "│  " for done in last_at_depth[1:])
+            if rec.depth > 0:
+                prefix += "└─ " if last else "├─ "
+            last_at_depth.append(last)
+            n = len(rec.threads)
+            line = f"{prefix}{rec.name} [{rec.pid}] {rec.state}, {_count(n, 'thread')}"
+            states = sorted({t.state for t in rec.threads} - {rec.state})
+            if states:
+                line += f" (also {''.join(states)})"
+            if rec.reason:
+                line += f"  not freezable: {rec.reason}"
+            lines.append(line)
+        for w in self.warnings:
+            lines.append(f"warning: PID {w['pid']} {w['detail']} ({w['kind']})")
+        tasks = sum(len(r.threads) for r in records)
+        summary = f"{_count(len(records), 'process', 'processes')}, {_count(tasks, 'task')}; "
+        if self.consistent:
+            summary += f"consistent ({self.consistency})"
+        else:
+            summary += f"INCONSISTENT ({self.consistency})"
+            if self.appeared:
+                summary += f"; appeared: {_ids(p for p, _ in self.appeared)}"
+            if self.vanished:
+                summary += f"; vanished: {_ids(p for p, _ in self.vanished)}"
+        lines.append(summary)
+        return "\n".join(lines)
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+class _Reader:
+    """Reads records through the core's ProcFS; knows the caller's namespace and ancestry."""
+
+    def __init__(self, fs: ProcFS) -> None:
+        self.fs = fs
+        self.me = os.getpid()
+        self.callers = {self.me, *ancestors(fs)}
+        self.my_ns = _ns(fs, "self")
+
+    def record(self, pid: int, stat: Stat, depth: int) -> ProcessRecord | None:
+        """The record of ``pid`` (whose stat was just read); ``None`` if it vanished."""
+        fs = self.fs
+        status = fs.status(pid)
+        if status is None:
+            return None
+        threads: list[ThreadRecord] = []
+        for tid in sorted(fs.tids(pid) or ()):
+            tstat = stat if tid == pid else fs.stat(pid, tid)
+            tstatus = status if tid == pid else fs.status(pid, tid)
+            if tstat is None or tstatus is None:
+                continue  # the thread exited meanwhile
+            threads.append(
+                ThreadRecord(
+                    tid=tid,
+                    state=tstat.state,
+                    pending=_mask(tstatus, "SigPnd"),
+                    blocked=_mask(tstatus, "SigBlk"),
+                )
+            )
+        if not threads:  # a zombie leader has no readable task of its own
+            threads.append(ThreadRecord(tid=pid, state=stat.state))
+        return ProcessRecord(
+            pid=pid,
+            tgid=_field(status, "Tgid", pid),
+            ppid=stat.ppid,
+            depth=depth,
+            name=stat.name,
+            state=stat.state,
+            starttime=stat.starttime,
+            uid=_uid(status),
+            tracer_pid=_field(status, "TracerPid", 0),
+            reason=self.reason(pid, stat),
+            signals=SignalState(
+                pending=_mask(status, "SigPnd"),
+                shared_pending=_mask(status, "ShdPnd"),
+                blocked=_mask(status, "SigBlk"),
+                ignored=_mask(status, "SigIgn"),
+                caught=_mask(status, "SigCgt"),
+            ),
+            threads=tuple(threads),
+        )
+
+    def reason(self, pid: int, stat: Stat) -> str | None:
+        """Why ``pid`` cannot be frozen, checked as the kernel's checkpoint code does:
+        not dead, a user task, accessible to the caller, in the caller's namespace."""
+        if stat.is_kernel_thread:
+            return "kernel thread"
+        if stat.state in DEAD_STATES and stat.num_threads <= 1:
+            return "zombie"
+        if pid in self.callers:
+            return "caller"
+        # Signal 0 checks permission and delivers nothing (kill(2)); through a pidfd it
+        # cannot reach a recycled PID either.
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return "zombie"
+        except PermissionError:
+            return "no permission"
+        try:
+            signal.pidfd_send_signal(fd, 0)
+        except PermissionError:
+            return "no permission"
+        except ProcessLookupError:
+            return "zombie"
+        finally:
+            os.close(fd)
+        ns = _ns(self.fs, str(pid))
+        if ns is None:
+            # Reading the link needs ptrace read access (proc(5), namespaces(7)).
+            return "no permission"
+        if self.my_ns is not None and ns != self.my_ns:
+            return "other PID namespace"
+        return None
+
+
+def _ns(fs: ProcFS, who: str) -> str | None:
+    try:
+        return os.readlink(f"{fs.root}/{who}/ns/pid")
+    except OSError:
+        return None
+
+
+def _mask(status: dict[str, str], key: str) -> tuple[str, ...]:
+    value = status.get(key)
+    if value is None:
+        return ()
+    try:
+        return decode_sigmask(value)
+    except InvalidArgumentError:
+        return ()
+
+
+def _field(status: dict[str, str], key: str, default: int) -> int:
+    try:
+        return int(status[key].split()[0])
+    except (KeyError, IndexError, ValueError):
+        return default
+
+
+def _uid(status: dict[str, str]) -> int:
+    # "Uid:" holds the real, effective, saved and filesystem UIDs (proc(5)).
+    try:
+        return int(status["Uid"].split()[1])
+    except (KeyError, IndexError, ValueError):
+        return -1
+
+
+def _pass(
+    fs: ProcFS, root: int, include_root: bool, excluded: frozenset[int], reader: _Reader | None
+) -> tuple[list[ProcessRecord], dict[tuple[int, int], int]]:
+    """One depth-first walk from ``root``; records (if ``reader``) and identities with ppid."""
+    source = children_source(fs)
+    source.refresh()
+    records: list[ProcessRecord] = []
+    seen: dict[tuple[int, int], int] = {}
+    depth_of: dict[int, int] = {}
+
+    def visit(pid: int) -> Stat | None:
+        if pid in excluded or pid in depth_of:
+            return None
+        stat = fs.stat(pid)
+        if stat is None:
+            return None
+        depth = depth_of.get(stat.ppid, -1) + 1 if pid != root else 0
+        depth_of[pid] = depth
+        if pid == root and not include_root:
+            depth_of[pid] = -1  # its children become the top records
+            return stat
+        seen[(pid, stat.starttime)] = stat.ppid
+        if reader is not None:
+            record = reader.record(pid, stat, depth)
+            if record is None:
+                return None
+            records.append(record)
+        return stat
+
+    for _ in walk((root,), visit, source):
+        pass
+    return records, seen
 
 
 def snapshot(
-    root: int | None = None, *, include_root: bool = True, exclude: Any = ()
+    root: int | None = None, *, include_root: bool = True, exclude: Iterable[int] = ()
 ) -> TreeSnapshot:
-    raise NotImplementedError
+    """Take a snapshot of the tree below ``root``.
+
+    The tree is walked twice; when the two passes disagree (a process appeared or vanished
+    in between) the snapshot is marked inconsistent with the difference. Nothing is
+    signalled (a permission check with signal 0 delivers nothing).
+
+    :param root: where the tree starts (default: the calling process).
+    :param include_root: record ``root`` itself, not only what is below it.
+    :param exclude: PIDs left out, each with its whole subtree.
+    :raises InvalidArgumentError: if a PID is not a positive int.
+    :raises NoSuchProcessError: if ``root`` does not exist.
+    """
+    from ._guard import check_pid
+
+    if root is not None:
+        check_pid("root", root)
+    if isinstance(exclude, str | bytes) or not isinstance(exclude, Iterable):
+        raise InvalidArgumentError("exclude", "must be an iterable of PIDs")
+    excluded = frozenset(check_pid("exclude", pid) for pid in exclude)
+    if not isinstance(include_root, bool):
+        raise InvalidArgumentError("include_root", "must be True or False")
+    fs = ProcFS()
+    start = os.getpid() if root is None else root
+    if fs.stat(start) is None:
+        raise NoSuchProcessError(start)
+    taken_at = time.time()
+    records, first = _pass(fs, start, include_root, excluded, _Reader(fs))
+    _, second = _pass(fs, start, include_root, excluded, None)
+    appeared = tuple(sorted(set(second) - set(first)))
+    vanished = tuple(sorted(set(first) - set(second)))
+    moved = tuple(sorted(k for k in set(first) & set(second) if first[k] != second[k]))
+    consistent = not (appeared or vanished or moved)
+    return TreeSnapshot(
+        root=root,
+        include_root=include_root,
+        records=tuple(records),
+        consistent=consistent,
+        consistency="two passes agree" if consistent else "changed",
+        appeared=appeared + moved,
+        vanished=vanished + moved,
+        taken_at=taken_at,
+    )
 
 
-def snapshot_of_guard(guard: Any) -> TreeSnapshot:
-    raise NotImplementedError
+def snapshot_of_guard(guard: ProcessesGuard) -> TreeSnapshot:
+    """The snapshot of what ``guard`` froze (and found stopped already), parents first.
+
+    Consistent when the guard is frozen and every one of its processes is still the same
+    process and stopped: nothing could have changed between the reads.
+    """
+    fs = ProcFS()
+    reader = _Reader(fs)
+    wanted = dict(guard.identities)
+    wanted.update(guard.already_stopped)
+    order = {pid: i for i, pid in enumerate(guard.pids)}
+    for pid, _ in guard.already_stopped:
+        order.setdefault(pid, len(order))
+    stats: dict[int, Stat] = {}
+    vanished: list[tuple[int, int]] = []
+    for pid, starttime in wanted.items():
+        stat = fs.stat(pid)
+        if stat is None or stat.starttime != starttime:
+            vanished.append((pid, starttime))
+        else:
+            stats[pid] = stat
+    # Order as a tree: a record's parent is the nearest ancestor that is in the set.
+    kids: dict[int, list[int]] = {}
+    tops: list[int] = []
+    for pid in sorted(stats, key=order.__getitem__):
+        parent = stats[pid].ppid
+        (kids.setdefault(parent, []) if parent in stats else tops).append(pid)
+    records: list[ProcessRecord] = []
+    stack = [(pid, 0) for pid in reversed(tops)]
+    while stack:
+        pid, depth = stack.pop()
+        record = reader.record(pid, stats[pid], depth)
+        if record is None:
+            vanished.append((pid, stats[pid].starttime))
+            continue
+        records.append(record)
+        stack += [(kid, depth + 1) for kid in reversed(kids.get(pid, ()))]
+    # A parent waiting for its stopped vfork child stays in D but cannot run (the guard
+    # classified it): it does not make the snapshot inconsistent.
+    in_vfork = set(guard.report.blocked_in_vfork)
+    # Only the signal backend leaves tasks in T; a cgroup-frozen task shows S (cgroup-v2.rst),
+    # and the cgroup backend verified the freeze through the cgroup's own state.
+    by_signal = guard.report.backend == "signal"
+    running = [
+        r
+        for r in records
+        if by_signal
+        and any(
+            t.state not in STOPPED_STATES
+            and t.state not in DEAD_STATES
+            and not (t.state == "D" and r.pid in in_vfork)
+            for t in r.threads
+        )
+    ]
+    if not guard.frozen:
+        consistency, consistent = "not frozen", False
+    elif vanished or running:
+        consistency, consistent = "changed", False
+    else:
+        consistency, consistent = "frozen", True
+    return TreeSnapshot(
+        root=None,
+        include_root=True,
+        records=tuple(records),
+        consistent=consistent,
+        consistency=consistency,
+        vanished=tuple(sorted(vanished)),
+    )

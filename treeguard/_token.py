@@ -1,17 +1,301 @@
-"""Freeze in one place, thaw in another: ``freeze() -> Token``, ``thaw(token)`` (issue 3)."""
+"""Freeze in one place, thaw in another: ``freeze() -> Token``, ``thaw(token)``.
+
+A :class:`Token` is what a backend's :meth:`~treeguard._backends.Backend.describe` says
+another process needs to thaw the freeze, plus the backend's name. For the signal backend
+that is ``(pid, starttime)`` of every process stopped, in stop order (parent-first), and of
+every process found stopped by someone else (never resumed). The thaw goes through the
+core's :func:`~treeguard._backends.thaw_described`, which signals a PID only while it still
+names the process that was frozen (same starttime), so a token that outlived its processes
+is harmless.
+
+The JSON form carries a format name, a version and a SHA-256 digest of its content. The
+digest catches a token that was edited or damaged; it is not a signature (anyone can
+recompute it), so the starttime check at thaw time is what actually protects other processes.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any, final
+
+from . import _backends
+from ._guard import PID_MAX_LIMIT, new_guard
+from .errors import InvalidArgumentError, TokenError
+
+__all__ = ["Token", "freeze", "thaw"]
+
+FORMAT = "treeguard-token"
+VERSION = 1
+_KEYS = frozenset({"format", "version", "backend", "payload", "digest"})
+_SIGNAL_KEYS = frozenset({"stopped", "already_stopped"})
+#: starttime is an unsigned long long of clock ticks (proc(5)).
+_STARTTIME_MAX = 2**64 - 1
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _identities(payload: dict[str, Any], key: str) -> list[tuple[int, int]]:
+    records = payload[key]
+    if not isinstance(records, list):
+        raise TokenError(f"payload[{key!r}] must be a list, not {type(records).__name__}")
+    out: list[tuple[int, int]] = []
+    for i, record in enumerate(records):
+        where = f"payload[{key!r}][{i}]"
+        if not isinstance(record, list | tuple) or len(record) != 2:
+            raise TokenError(f"{where} must be a [pid, starttime] pair, not {record!r}")
+        pid, starttime = record
+        if not _is_int(pid) or not 0 < pid <= PID_MAX_LIMIT:
+            raise TokenError(f"{where}: pid must be an int in 1..{PID_MAX_LIMIT}, not {pid!r}")
+        if not _is_int(starttime) or not 0 <= starttime <= _STARTTIME_MAX:
+            raise TokenError(f"{where}: starttime must be an int >= 0, not {starttime!r}")
+        out.append((pid, starttime))
+    return out
+
+
+def validate_signal_payload(payload: dict[str, Any]) -> None:
+    """Check what :meth:`SignalBackend.describe` produces, to the last field.
+
+    :raises TokenError: if a key is missing or extra, a record is not a ``[pid, starttime]``
+        pair of ints in range, or a PID appears twice.
+    """
+    keys = set(payload)
+    if keys != _SIGNAL_KEYS:
+        raise TokenError(_key_problem("payload", keys, _SIGNAL_KEYS))
+    seen: set[int] = set()
+    for key in ("stopped", "already_stopped"):
+        for pid, _ in _identities(payload, key):
+            if pid in seen:
+                raise TokenError(f"PID {pid} appears twice in the payload")
+            seen.add(pid)
+
+
+def _validator(backend: str) -> Callable[[dict[str, Any]], None]:
+    if backend == "signal":
+        return validate_signal_payload
+    # Other backends check their own payload: ``validate_described(name, payload)`` in
+    # treeguard._backends, raising TokenError, next to their branch of thaw_described.
+    other = getattr(_backends, "validate_described", None)
+    if backend not in _backends.BACKENDS or other is None:
+        raise TokenError(f"unknown backend {backend!r} (this treeguard knows {_backends.BACKENDS})")
+
+    def check(payload: dict[str, Any]) -> None:
+        try:
+            other(backend, payload)
+        except TokenError:
+            raise
+        except (ValueError, TypeError, KeyError) as err:
+            raise TokenError(f"{backend} payload: {err}") from err
+
+    return check
+
+
+def _key_problem(what: str, keys: set[str], expected: frozenset[str]) -> str:
+    missing = sorted(expected - keys)
+    extra = sorted(keys - expected)
+    parts = [f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else ""]
+    return f"{what}: " + ", ".join(p for p in parts if p)
+
+
+def _canonical(backend: str, payload: dict[str, Any]) -> str:
+    body = {"format": FORMAT, "version": VERSION, "backend": backend, "payload": payload}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise TokenError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise TokenError(f"{name} is not a valid number in a token")
+
+
+@final
 class Token:
-    """What a freeze stopped: pid, starttime and stop order of each process."""
+    """What a freeze stopped, enough for any process of this machine to thaw it.
+
+    Made by :func:`freeze`; serialised by :meth:`to_json`, read back by :meth:`from_json`,
+    consumed by :func:`thaw`. Immutable, compared by content.
+
+    :param backend: the name of the backend that froze (``"signal"``).
+    :param payload: what that backend's ``describe()`` returned (JSON-able).
+    :raises TokenError: if the payload is not exactly what ``backend`` describes.
+    """
+
+    __slots__ = ("_backend", "_text")
+
+    def __init__(self, backend: str, payload: dict[str, Any]) -> None:
+        if not isinstance(backend, str):
+            raise TokenError(f"backend must be a string, not {type(backend).__name__}")
+        if not isinstance(payload, dict):
+            raise TokenError(f"payload must be an object, not {type(payload).__name__}")
+        try:
+            # A deep, JSON-shaped copy: tuples become lists, nothing shared with the caller.
+            copy = json.loads(json.dumps(payload, allow_nan=False))
+        except (TypeError, ValueError) as err:
+            raise TokenError(f"payload is not JSON data: {err}") from err
+        _validator(backend)(copy)
+        self._backend = backend
+        self._text = _canonical(backend, copy)
+
+    # -- what it holds --------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """The backend that froze."""
+        return self._backend
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """A copy of the backend's description of the freeze."""
+        payload: dict[str, Any] = json.loads(self._text)["payload"]
+        return payload
+
+    @property
+    def identities(self) -> tuple[tuple[int, int], ...]:
+        """``(pid, starttime)`` of each process stopped, in stop order (signal backend)."""
+        return self._pairs("stopped")
+
+    @property
+    def already_stopped(self) -> tuple[tuple[int, int], ...]:
+        """``(pid, starttime)`` of processes found stopped by someone else (never resumed)."""
+        return self._pairs("already_stopped")
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """The processes stopped, in stop order (parent-first)."""
+        return tuple(pid for pid, _ in self.identities)
+
+    def _pairs(self, key: str) -> tuple[tuple[int, int], ...]:
+        payload = self.payload
+        # Signal-shaped payloads (also an ``auto`` freeze that used signals) list processes.
+        records = payload.get(key, []) if set(payload) == _SIGNAL_KEYS else []
+        return tuple((int(p), int(s)) for p, s in records)
+
+    # -- JSON -----------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        """The token as one line of JSON (format, version, backend, payload, digest)."""
+        body = json.loads(self._text)
+        body["digest"] = hashlib.sha256(self._text.encode()).hexdigest()
+        return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Token:
+        """Read a token written by :meth:`to_json`, checking every field.
+
+        :param text: the JSON text (str, or UTF-8 bytes).
+        :raises TokenError: if the text is not a well-formed, unmodified token of a version
+            and backend this treeguard knows. Nothing is signalled.
+        """
+        if isinstance(text, bytes | bytearray):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TokenError("not UTF-8 text") from err
+        if not isinstance(text, str):
+            raise TokenError(f"expected JSON text, not {type(text).__name__}")
+        try:
+            body = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        except TokenError:
+            raise
+        except (ValueError, RecursionError) as err:
+            raise TokenError(f"not JSON: {err}") from err
+        if not isinstance(body, dict):
+            raise TokenError(f"a token is a JSON object, not {type(body).__name__}")
+        keys = set(body)
+        if keys != _KEYS:
+            raise TokenError(_key_problem("token", keys, _KEYS))
+        if body["format"] != FORMAT:
+            raise TokenError(f"format must be {FORMAT!r}, not {body['format']!r}")
+        version = body["version"]
+        if not _is_int(version) or version != VERSION:
+            raise TokenError(
+                f"version {version!r} is not supported (this treeguard reads {VERSION})"
+            )
+        digest = body["digest"]
+        if not isinstance(digest, str):
+            raise TokenError("digest must be a string")
+        token = cls(body["backend"], body["payload"])
+        expected = hashlib.sha256(token._text.encode()).hexdigest()
+        if digest != expected:
+            raise TokenError("digest mismatch: the token was modified or damaged")
+        return token
+
+    # -- identity -------------------------------------------------------------------------
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Token) and other._text == self._text
+
+    def __hash__(self) -> int:
+        return hash(self._text)
+
+    def __repr__(self) -> str:
+        if set(self.payload) == _SIGNAL_KEYS:
+            shown = f"{len(self.identities)} stopped, {len(self.already_stopped)} already stopped"
+        else:
+            shown = "payload=" + json.dumps(self.payload, sort_keys=True)[:60]
+        return f"<Token backend={self._backend} {shown}>"
 
 
 def freeze(root: int | None = None, **options: Any) -> Token:
-    raise NotImplementedError
+    """Freeze a tree and hand it over as a :class:`Token`: nothing here thaws it any more.
+
+    ::
+
+        token = treeguard.freeze(server.pid, include_root=True)
+        Path("frozen.json").write_text(token.to_json())
+        ...  # later, in this or any other process:
+        treeguard.thaw(treeguard.Token.from_json(Path("frozen.json").read_text()))
+
+    :param root: whose descendants to freeze (default: the calling process).
+    :param options: the options of :class:`ProcessesGuard` except ``watchdog`` and
+        ``max_frozen`` (the watchdog thaws when this process exits, a token outlives it).
+    :returns: the token; the tree stays frozen until :func:`thaw` is called with it.
+    :raises InvalidArgumentError: if an argument is of the wrong type or out of range.
+    :raises FreezeError: as :meth:`ProcessesGuard.freeze` (nothing is left stopped).
+    """
+    for name in ("watchdog", "max_frozen"):
+        if options.get(name) not in (None, False):
+            raise InvalidArgumentError(
+                name, "a token outlives this process, the watchdog would thaw at its exit"
+            )
+    guard = new_guard({"root": root, **options})
+    guard.freeze()
+    try:
+        backend = guard._backend
+        assert backend is not None
+        token = Token(backend.name, backend.describe())
+    except BaseException:
+        guard.release()
+        raise
+    guard._detach()
+    return token
 
 
-def thaw(token: Token) -> None:
-    raise NotImplementedError
+def thaw(token: Token) -> int:
+    """Thaw what ``token`` froze, from any process of the machine.
+
+    Processes are resumed last-stopped first. One whose PID now names another process
+    (different starttime), or that is gone, is skipped; one that was already stopped before
+    the freeze stays stopped. Thawing twice is harmless.
+
+    :param token: from :func:`freeze` or :meth:`Token.from_json`.
+    :returns: how many processes were resumed.
+    :raises InvalidArgumentError: if ``token`` is not a :class:`Token`.
+    """
+    if not isinstance(token, Token):
+        raise InvalidArgumentError(
+            "token", f"must be a Token (see Token.from_json), not {type(token).__name__}"
+        )
+    payload = token.payload
+    _validator(token.backend)(payload)  # a Token is checked when made; this costs little
+    return _backends.thaw_described(token.backend, payload)

@@ -47,8 +47,13 @@ class ChildrenFiles(ChildrenSource):
             return _scan(fs).get(0, [])
         if stat.num_threads <= 1:
             return fs.children(pid, pid) or []
+        return self.of_threads(pid, fs.tids(pid) or ())
+
+    def of_threads(self, pid: int, tids: Iterable[int]) -> list[int]:
+        """The children forked by the threads ``tids`` of ``pid`` (listed already)."""
+        fs = self.fs
         found: list[int] = []
-        for tid in fs.tids(pid) or ():
+        for tid in tids:
             found += fs.children(pid, tid) or ()
         return found
 

@@ -1,8 +1,181 @@
-"""The watchdog: a helper process that thaws the tree if the supervisor dies (issue 6)."""
+"""The watchdog: a helper process that thaws the tree if the supervisor dies, or when a lease
+runs out, and the child-subreaper switch.
+
+How it works
+------------
+
+:meth:`Watchdog.start` starts one helper per guard (a fresh interpreter, ``python -I -S``,
+that loads only what it needs, not the package's ``__init__``: about 25 ms). The guard
+reuses it for every freeze and excludes it from the freeze.
+
+The supervisor tells the helper what it stops through a *journal* in shared memory (a
+``memfd`` mapped by both): a header (state, generation, lease deadline, record count,
+``expired`` flag) and one ``(pid, starttime)`` record per process, written BEFORE the process
+is sent SIGSTOP. Appending a record is two plain memory writes, no system call, so the
+journal adds well under a microsecond per process to a freeze.
+
+The helper sleeps in ``poll(2)`` on a pidfd of the supervisor (readable once it has exited,
+see pidfd_open(2)) and on a command pipe (``arm``, ``quit``):
+
+- the supervisor died while the journal says *frozen*: the helper thaws every record with
+  :func:`treeguard._backends.thaw_identities` (which signals through pidfds and skips any PID
+  whose starttime changed), then exits;
+- the lease deadline passed while *frozen*: it thaws the same way, sets ``expired`` and goes
+  on watching; the guard reports ``lease_expired`` on release, and a freeze still in progress
+  when the lease runs out fails with :class:`~treeguard.errors.WatchdogError` (thawed);
+- the supervisor released: the journal is cleared and the helper goes back to sleep;
+- ``close()`` sends ``quit`` and reaps the helper.
+
+Arming and releasing take an ``flock(2)`` on the journal that the helper also holds while it
+thaws for an expired lease, so a late lease thaw never reaches a later freeze.
+
+The helper runs in its own session (terminal signals and the supervisor's process group
+signals do not reach it) and ignores SIGINT, SIGHUP and SIGPIPE; SIGTERM makes it thaw (if
+frozen) and exit. It inherits no descriptor of the supervisor but its journal and pipes.
+
+When the supervisor dies, the helper is re-parented to the nearest child subreaper or to
+PID 1, which reaps it after it exits (a PID 1 that never reaps, as in some containers,
+keeps one zombie per dead supervisor). In normal operation :meth:`Watchdog.close` reaps it.
+"""
 
 from __future__ import annotations
 
-from ._backends import Journal
+import fcntl
+import mmap
+import os
+import select
+import signal
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from .errors import WatchdogError
+
+if TYPE_CHECKING:
+    import subprocess
+
+# The helper imports this module without the package's __init__, then the core's thaw:
+# nothing else (subprocess and ctypes are imported where they are used, by the supervisor).
+
+__all__ = ["Watchdog", "set_subreaper"]
+
+# -- the journal's layout (native byte order; both sides run on the same machine) --------------
+
+_MAGIC = 0x54475744  # "TGWD"
+#: magic, state, expired, pad, generation, count, deadline (CLOCK_MONOTONIC seconds, 0: none)
+_HEADER = struct.Struct("=IIIIQQd")
+_COUNT = struct.Struct("=Q")
+_COUNT_OFFSET = 24
+_EXPIRED_OFFSET = 8
+_RECORD = struct.Struct("=qQ")  # pid, starttime
+_RECORDS_OFFSET = 64
+#: Records the journal holds: far more processes than any tree (PID_MAX_LIMIT is 4 Mi, but
+#: pid_max defaults to 32 Ki or 4 Mi and one freeze records each process once or twice). The
+#: memfd is sparse: only the pages that records touch take memory.
+CAPACITY = 1 << 20
+_SIZE = _RECORDS_OFFSET + CAPACITY * _RECORD.size
+
+IDLE, FROZEN = 0, 1
+
+#: How long :meth:`Watchdog.start` waits for the helper to report ready.
+START_TIMEOUT = 10.0
+
+
+class _Journal:
+    """The supervisor's side of the journal: what the signal backend calls."""
+
+    __slots__ = ("_count", "_mem", "_owner")
+
+    def __init__(self, mem: mmap.mmap) -> None:
+        self._mem = mem
+        self._count = 0
+        self._owner = os.getpid()
+
+    def stopping(self, pid: int, starttime: int) -> None:
+        """Record ``(pid, starttime)``; called before the process is sent SIGSTOP.
+
+        :raises WatchdogError: if the lease ran out (the freeze then thaws and fails), or
+            if the journal is full.
+        """
+        mem, n = self._mem, self._count
+        if n >= CAPACITY:
+            raise WatchdogError(f"journal full ({CAPACITY} processes); nothing was left stopped")
+        _RECORD.pack_into(mem, _RECORDS_OFFSET + n * _RECORD.size, pid, starttime)
+        self._count = n + 1
+        # The record is complete before the count says so: the helper reads only counted ones.
+        _COUNT.pack_into(mem, _COUNT_OFFSET, n + 1)
+        if mem[_EXPIRED_OFFSET]:
+            raise WatchdogError(
+                "the lease (max_frozen) ran out before the freeze completed; everything "
+                "was thawed: raise max_frozen"
+            )
+
+    def released(self) -> None:
+        """The supervisor thawed the tree: the helper must not thaw it again."""
+        if os.getpid() != self._owner:
+            return  # a forked child of the supervisor: the journal is not its to clear
+        self._count = 0
+        _set_state(self._mem, IDLE)
+
+
+def _set_state(mem: mmap.mmap, state: int) -> None:
+    """Set the state and clear the records, keeping the rest of the header."""
+    magic, _, expired, pad, gen, _, deadline = _HEADER.unpack_from(mem, 0)
+    _HEADER.pack_into(mem, 0, magic, state, expired, pad, gen, 0, deadline)
+
+
+def _lock(fd: int, give_up: float = 5.0) -> bool:
+    """Take the journal lock; False if it stayed busy for ``give_up`` seconds."""
+    deadline = time.monotonic() + give_up
+    delay = 0.0001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+
+
+def _unlock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+class _LockedJournal(_Journal):
+    """The journal as the guard uses it: :meth:`released` takes the lock, so that once it
+    returns the helper can no longer thaw for this freeze and ``expired`` is final."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, mem: mmap.mmap, fd: int) -> None:
+        super().__init__(mem)
+        self._fd = fd
+
+    def released(self) -> None:
+        if os.getpid() != self._owner:
+            return
+        locked = _lock(self._fd)
+        try:
+            super().released()
+        finally:
+            if locked:
+                _unlock(self._fd)
+
+
+_BOOTSTRAP = (
+    "import sys, types\n"
+    "pkg = types.ModuleType('treeguard')\n"
+    "pkg.__path__ = [sys.argv[1]]\n"
+    "sys.modules['treeguard'] = pkg\n"
+    "from treeguard._watchdog import _helper_main\n"
+    "_helper_main(sys.argv[2:])\n"
+    "import os\n"
+    "os._exit(0)  # nothing to flush or finalize: exit at once\n"
+)
 
 
 class Watchdog:
@@ -10,28 +183,282 @@ class Watchdog:
 
     It learns each process before it is stopped (through :attr:`journal`), thaws them all if
     the supervisor dies before releasing, or when the lease set by :meth:`arm` runs out.
+
+    ::
+
+        dog = Watchdog.start()          # about 25 ms, once
+        dog.arm(max_frozen=5.0)         # before each freeze
+        ...                             # freeze with plan.journal = dog.journal
+        dog.close()                     # quit and reap the helper
     """
 
     pid: int
-    journal: Journal
+    journal: _LockedJournal
+
+    def __init__(self, proc: subprocess.Popen[bytes], memfd: int, mem: mmap.mmap, cmd: int) -> None:
+        self._proc = proc
+        self._memfd = memfd
+        self._mem = mem
+        self._cmd = cmd
+        self._owner = os.getpid()
+        self._closed = False
+        self.pid = proc.pid
+        self.journal = _LockedJournal(mem, memfd)
 
     @classmethod
     def start(cls) -> Watchdog:
-        raise NotImplementedError
+        """Start the helper and wait until it watches this process.
+
+        :raises WatchdogError: if the helper could not be started or did not report ready
+            within :data:`START_TIMEOUT` seconds.
+        """
+        import subprocess
+
+        memfd = os.memfd_create("treeguard-watchdog")  # close-on-exec: for the helper only
+        fds: list[int] = []
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            os.ftruncate(memfd, _SIZE)
+            mem = mmap.mmap(memfd, _SIZE)
+            _HEADER.pack_into(mem, 0, _MAGIC, IDLE, 0, 0, 0, 0, 0.0)
+            cmd_r, cmd_w = os.pipe()
+            ready_r, ready_w = os.pipe()
+            fds += (cmd_r, cmd_w, ready_r, ready_w)
+            package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            argv = [str(memfd), str(cmd_r), str(ready_w), str(os.getpid())]
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _BOOTSTRAP,
+                    os.path.join(package_dir, "treeguard"),
+                    *argv,
+                ],
+                pass_fds=(memfd, cmd_r, ready_w),  # and nothing else (close_fds)
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,  # no terminal or process-group signal reaches it
+            )
+            os.close(cmd_r)
+            os.close(ready_w)
+            fds.remove(cmd_r)
+            fds.remove(ready_w)
+            poller = select.poll()
+            poller.register(ready_r, select.POLLIN)
+            if not poller.poll(START_TIMEOUT * 1000) or os.read(ready_r, 1) != b"r":
+                raise WatchdogError(
+                    f"the helper did not start (exit status {proc.poll()}); see its stderr"
+                )
+            os.close(ready_r)
+            fds.remove(ready_r)
+        except BaseException as err:
+            for fd in fds:
+                os.close(fd)
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+            os.close(memfd)
+            if isinstance(err, OSError):
+                raise WatchdogError(f"cannot start the helper: {err}") from err
+            raise
+        return cls(proc, memfd, mem, cmd_w)
 
     def arm(self, max_frozen: float | None) -> None:
-        """Called before a freeze starts: forget the previous freeze, start the lease."""
-        raise NotImplementedError
+        """Called before a freeze starts: forget the previous freeze, start the lease.
+
+        :param max_frozen: seconds from now after which the helper thaws the tree, or None.
+        :raises WatchdogError: if the helper is no longer running (nothing is frozen yet).
+        """
+        if self._closed or self._proc.poll() is not None:
+            raise WatchdogError(
+                f"the helper (PID {self.pid}) is gone (status {self._proc.returncode}): "
+                "freezing without it would not be safe"
+            )
+        deadline = 0.0 if max_frozen is None else time.monotonic() + max_frozen
+        locked = _lock(self._memfd)
+        try:
+            gen = _HEADER.unpack_from(self._mem, 0)[4] + 1
+            self.journal._count = 0
+            _HEADER.pack_into(self._mem, 0, _MAGIC, FROZEN, 0, 0, gen, 0, deadline)
+        finally:
+            if locked:
+                _unlock(self._memfd)
+        try:
+            os.write(self._cmd, b"a")  # wake it up: a new deadline
+        except OSError as err:
+            self.journal.released()
+            raise WatchdogError(f"the helper (PID {self.pid}) does not listen: {err}") from err
 
     def lease_expired(self) -> bool:
         """Whether the watchdog thawed the tree because the lease ran out."""
-        raise NotImplementedError
+        return bool(self._mem[_EXPIRED_OFFSET])
 
     def close(self) -> None:
-        """Stop the helper (idempotent)."""
-        raise NotImplementedError
+        """Stop the helper and reap it (idempotent). If the journal still says frozen, the
+        helper thaws what it recorded before it exits."""
+        if self._closed or os.getpid() != self._owner:
+            return
+        import subprocess
+
+        self._closed = True
+        try:
+            os.write(self._cmd, b"q")
+        except OSError:
+            pass  # it is gone already; the wait below reaps it
+        os.close(self._cmd)
+        try:
+            self._proc.wait(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._mem.close()
+        os.close(self._memfd)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "running"
+        return f"<Watchdog helper PID {self.pid} {state}>"
 
 
-def set_subreaper() -> None:
-    """Make the calling process a child subreaper (PR_SET_CHILD_SUBREAPER)."""
-    raise NotImplementedError
+# -- the helper's side ---------------------------------------------------------------------------
+
+
+class _Helper:
+    def __init__(self, mem: mmap.mmap, lock_fd: int) -> None:
+        self.mem = mem
+        self.lock_fd = lock_fd
+        self.thaw_identities: Callable[[Iterable[tuple[int, int]]], int] | None = None
+
+    def load(self) -> None:
+        from ._backends._signal import thaw_identities
+
+        self.thaw_identities = thaw_identities
+
+    def header(self) -> tuple[int, int, int, int, int, int, float]:
+        return _HEADER.unpack_from(self.mem, 0)
+
+    def records(self) -> list[tuple[int, int]]:
+        count = min(_COUNT.unpack_from(self.mem, _COUNT_OFFSET)[0], CAPACITY)
+        return [
+            _RECORD.unpack_from(self.mem, _RECORDS_OFFSET + i * _RECORD.size) for i in range(count)
+        ]
+
+    def thaw(self) -> None:
+        # thaw_identities signals last first (children first), each through a pidfd opened
+        # before its starttime is checked: a PID that now names another process is skipped.
+        if self.thaw_identities is None:
+            self.load()
+        assert self.thaw_identities is not None
+        self.thaw_identities(self.records())
+
+    def thaw_if_frozen(self) -> None:
+        if self.header()[1] == FROZEN:
+            self.thaw()
+
+    def expire(self) -> None:
+        """The lease ran out: thaw under the lock, unless the supervisor released meanwhile."""
+        if not _lock(self.lock_fd):
+            return  # the supervisor holds it (arming or releasing): nothing to thaw then
+        try:
+            magic, state, expired, pad, gen, count, deadline = self.header()
+            if state != FROZEN or expired or not deadline or time.monotonic() < deadline:
+                return
+            self.mem[_EXPIRED_OFFSET] = 1  # first, so that the freeze stops stopping
+            self.thaw()
+        finally:
+            _unlock(self.lock_fd)
+
+
+def _helper_main(argv: Sequence[str]) -> None:
+    """The helper process: ``memfd cmd_fd ready_fd supervisor_pid``."""
+    memfd, cmd_fd, ready_fd, supervisor = (int(a) for a in argv)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGTERM, lambda *_: None)  # handled through the wakeup fd
+    mem = mmap.mmap(memfd, 0)
+    # A second open file description of the memfd: flock(2) locks belong to one, so the
+    # supervisor's and ours exclude each other.
+    lock_fd = os.open(f"/proc/self/fd/{memfd}", os.O_RDWR | os.O_CLOEXEC)
+    helper = _Helper(mem, lock_fd)
+    try:
+        pidfd = os.pidfd_open(supervisor)
+    except ProcessLookupError:
+        pidfd = -1
+    # The pidfd names our parent only if it is still our parent now: a supervisor that died
+    # before this line has re-parented us, and its PID may name a stranger.
+    if pidfd < 0 or os.getppid() != supervisor:
+        helper.thaw_if_frozen()
+        return
+    # Ready only once it can thaw at once: the core's import (about 10 ms) is paid here,
+    # not after the supervisor died.
+    helper.load()
+    os.write(ready_fd, b"r")
+    os.close(ready_fd)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.register(cmd_fd, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        _, state, expired, _, _, _, deadline = helper.header()
+        timeout: float | None = None
+        if state == FROZEN and deadline and not expired:
+            timeout = max(0.0, deadline - time.monotonic()) * 1000.0
+        events = dict(poller.poll(timeout))
+        if pidfd in events:
+            helper.thaw_if_frozen()  # the supervisor died; it cannot hold the lock any more
+            return
+        if cmd_fd in events:
+            try:
+                data = os.read(cmd_fd, 4096)
+            except OSError:
+                data = b""
+            if not data or b"q" in data:
+                helper.thaw_if_frozen()
+                return
+        if wake_r in events:
+            os.read(wake_r, 4096)
+            helper.thaw_if_frozen()
+            return
+        if not events and timeout is not None:
+            helper.expire()
+
+
+# -- subreaper -----------------------------------------------------------------------------------
+
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
+
+
+def set_subreaper(enable: bool = True) -> None:
+    """Make the calling process a child subreaper (PR_SET_CHILD_SUBREAPER, see prctl(2)).
+
+    A descendant orphaned by its parent's exit (a double-forking daemon) is then re-parented
+    to this process instead of PID 1, so it stays in the tree and is frozen with it. The
+    consequences: this process must reap such orphans (``os.waitpid``), or they remain
+    zombies once they exit; ``os.wait()`` may return PIDs it never started; the flag is not
+    inherited by children and survives ``execve``.
+
+    :param enable: ``False`` clears the flag.
+    :raises WatchdogError: if the kernel refuses (Linux before 3.4).
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(enable), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise WatchdogError(f"PR_SET_CHILD_SUBREAPER failed: {os.strerror(err)}")
+
+
+def is_subreaper() -> bool:
+    """Whether the calling process is a child subreaper (PR_GET_CHILD_SUBREAPER)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    flag = ctypes.c_int(0)
+    if libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) != 0:
+        raise WatchdogError(f"PR_GET_CHILD_SUBREAPER failed: {os.strerror(ctypes.get_errno())}")
+    return bool(flag.value)

@@ -28,7 +28,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .procfs import ProcFS
@@ -82,8 +82,9 @@ def run(node):
     libc.prctl(15, f"tg-worker-{node['i']}".encode())  # PR_SET_NAME
     zombies = node.get("zombies", 0)
     signal.signal(signal.SIGTERM, reap_and_exit)
-    if not zombies:
-        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
+    # Ignoring SIGCHLD makes the kernel reap our children; a holder of zombies must not
+    # (and must not inherit its parent's choice either).
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL if zombies else signal.SIG_IGN)
     lines = []
     for _ in range(zombies):
         pid = os.fork()
@@ -164,7 +165,13 @@ class WorkerTree:
     """
 
     def __init__(
-        self, spec: Spec, *, mode: str = "tick", period: float = 0.005, start_timeout: float = 60.0
+        self,
+        spec: Spec,
+        *,
+        mode: str = "tick",
+        period: float = 0.005,
+        start_timeout: float = 60.0,
+        spawn: Callable[..., subprocess.Popen[bytes]] | None = None,
     ) -> None:
         if mode not in ("tick", "idle"):
             raise ValueError(f"mode must be 'tick' or 'idle', not {mode!r}")
@@ -173,6 +180,8 @@ class WorkerTree:
         self.mode = mode
         self.period = period
         self.start_timeout = start_timeout
+        # How the root is started (e.g. treeguard.cgroup.Cgroup.spawn: the tree is born in it).
+        self._spawn = spawn or subprocess.Popen
         self.pids: list[int] = []
         self.zombies: list[int] = []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -191,7 +200,7 @@ class WorkerTree:
         self._memfd = fd
         rfd, wfd = os.pipe()
         try:
-            self.proc = subprocess.Popen(
+            self.proc = self._spawn(
                 [
                     sys.executable,
                     "-c",

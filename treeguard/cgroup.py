@@ -1,1 +1,665 @@
-"""cgroup v2 and v1 freezer support: a cgroup of one's own, and discovery (issue 4)."""
+"""cgroup v2 and v1 freezer support: discovery, and a cgroup of one's own.
+
+::
+
+    from treeguard import ProcessesGuard
+    from treeguard.cgroup import Cgroup
+
+    with Cgroup.create() as cg:               # a fresh cgroup, removed on exit
+        worker = cg.spawn(["my-server"])      # born inside: its children are too
+        with ProcessesGuard(backend="cgroup"):
+            ...                               # the kernel holds every task frozen
+        cg.kill()                             # or let the block end: spawned ones die
+
+Hierarchies are found in ``/proc/self/mountinfo`` (never assumed at ``/sys/fs/cgroup``),
+the caller's own cgroups in ``/proc/self/cgroup``; pure v2, pure v1 and hybrid machines
+work alike.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, final
+
+from ._drive import run_sync
+from ._report import FreezeReport
+from .errors import (
+    CgroupError,
+    CgroupUnavailableError,
+    InvalidArgumentError,
+    NoSuchProcessError,
+)
+from .procfs import ProcFS, Stat
+
+__all__ = [
+    "Cgroup",
+    "Discovery",
+    "Hierarchy",
+    "discover",
+    "parse_mountinfo",
+    "parse_proc_cgroup",
+]
+
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
+PREFIX = "treeguard-"
+
+
+# -- discovery ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hierarchy:
+    """A mounted cgroup hierarchy: v2, or the v1 one with the freezer controller.
+
+    ``root`` is the cgroup the mount shows at ``mountpoint`` (``/`` unless it is a bind
+    mount or was mounted inside a cgroup namespace).
+    """
+
+    version: int
+    mountpoint: str
+    root: str = "/"
+    read_only: bool = False
+
+    def directory(self, cgroup: str) -> str | None:
+        """The directory of ``cgroup`` (a path as in ``/proc/PID/cgroup``), or ``None`` if
+        this mount does not show it."""
+        root = self.root.rstrip("/")
+        if cgroup != root and not cgroup.startswith(root + "/"):
+            return None
+        rel = cgroup[len(root) :].strip("/")
+        return os.path.join(self.mountpoint, rel) if rel else self.mountpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """What this machine offers: the v2 hierarchy, the v1 freezer, the caller's cgroups."""
+
+    v2: Hierarchy | None
+    freezer: Hierarchy | None
+    own: dict[str, str] = field(default_factory=dict)
+
+    def own_directory(self, version: int) -> str | None:
+        """The directory of the caller's own cgroup in the v2 or v1 freezer hierarchy."""
+        hierarchy = self.v2 if version == 2 else self.freezer
+        cgroup = self.own.get("" if version == 2 else "freezer")
+        if hierarchy is None or cgroup is None:
+            return None
+        return hierarchy.directory(cgroup)
+
+
+def _unescape(field_: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \\ooo (fs/proc_namespace.c).
+    if "\\" not in field_:
+        return field_
+    out, i = [], 0
+    while i < len(field_):
+        if field_[i] == "\\" and field_[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field_[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field_[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[Hierarchy]:
+    """The cgroup v2 and v1-freezer mounts listed in ``/proc/PID/mountinfo`` text (proc(5)):
+    ``id parent major:minor root mountpoint options [optional...] - fstype source super``.
+    """
+    found: list[Hierarchy] = []
+    for line in text.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, after = head.split(), tail.split()
+        if not sep or len(fields) < 6 or len(after) < 1:
+            continue
+        fstype = after[0]
+        supers = after[2].split(",") if len(after) > 2 else []
+        if fstype == "cgroup2":
+            version = 2
+        elif fstype == "cgroup" and "freezer" in supers:
+            version = 1
+        else:
+            continue
+        found.append(
+            Hierarchy(
+                version=version,
+                mountpoint=_unescape(fields[4]),
+                root=_unescape(fields[3]),
+                read_only="ro" in fields[5].split(","),
+            )
+        )
+    return found
+
+
+def parse_proc_cgroup(text: str) -> dict[str, str]:
+    """``/proc/PID/cgroup`` as ``{controller: path}``; the v2 entry's key is ``""``.
+
+    Lines are ``hierarchy-ID:controller-list:path`` (cgroups(7)); a v1 hierarchy with
+    several controllers gives each of them the same path.
+    """
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        number, controllers, path = parts
+        if number == "0" and controllers == "":
+            out[""] = path
+        else:
+            for name in controllers.split(","):
+                if name:
+                    out[name] = path
+    return out
+
+
+def _pick(mounts: list[Hierarchy], version: int) -> Hierarchy | None:
+    candidates = [m for m in mounts if m.version == version]
+    # Prefer a mount of the whole hierarchy, then a writable one.
+    candidates.sort(key=lambda m: (m.root != "/", m.read_only))
+    return candidates[0] if candidates else None
+
+
+def discover(fs: ProcFS | None = None) -> Discovery:
+    """Find the cgroup hierarchies and the caller's cgroups.
+
+    :param fs: where /proc is (tests point it at a synthetic tree).
+    """
+    fs = fs or ProcFS()
+    mountinfo = fs.read("self/mountinfo", 65536)
+    own = fs.read("self/cgroup")
+    mounts = parse_mountinfo(mountinfo.decode("utf-8", "surrogateescape")) if mountinfo else []
+    return Discovery(
+        v2=_pick(mounts, 2),
+        freezer=_pick(mounts, 1),
+        own=parse_proc_cgroup(own.decode("utf-8", "surrogateescape")) if own else {},
+    )
+
+
+# -- a cgroup of one's own ---------------------------------------------------------------
+
+
+def _version_of(path: str) -> int | None:
+    if os.path.isfile(os.path.join(path, "cgroup.freeze")):
+        return 2
+    if os.path.isfile(os.path.join(path, "freezer.state")):
+        return 1
+    return None
+
+
+def _writable_parent(hierarchy: Hierarchy, candidates: list[str | None]) -> str:
+    if hierarchy.read_only:
+        raise CgroupUnavailableError(
+            hierarchy.mountpoint,
+            "the cgroup hierarchy is mounted read-only here (a container without cgroup "
+            "delegation?): remount it read-write or run where cgroups are delegated",
+        )
+    for path in candidates:
+        if path is not None and os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK):
+            return path
+    raise CgroupUnavailableError(
+        next((p for p in candidates if p), hierarchy.mountpoint),
+        "no cgroup this process may create a child in: run as root, or in a delegated "
+        "subtree (for example: systemd-run --user --scope -p Delegate=yes ...)",
+    )
+
+
+@final
+class Cgroup:
+    """A cgroup (v2, or v1 freezer) to run a tree in and freeze as a whole.
+
+    Make one with :meth:`create`; ``Cgroup(path)`` wraps an existing directory.
+
+    :param path: the cgroup's directory.
+    :param version: 2 or 1; found from the directory's files when omitted.
+    :raises CgroupUnavailableError: if ``path`` is not a freezable cgroup directory.
+    """
+
+    def __init__(self, path: str, *, version: int | None = None) -> None:
+        if not isinstance(path, str) or not path:
+            raise InvalidArgumentError("path", f"must be a directory path, not {path!r}")
+        found = _version_of(path)
+        if version not in (None, 1, 2):
+            raise InvalidArgumentError("version", f"must be 1 or 2, not {version!r}")
+        if found is None or (version is not None and version != found):
+            want = "v2 or v1 freezer" if version is None else f"v{version}"
+            raise CgroupUnavailableError(path, f"not a non-root {want} cgroup directory")
+        self.path = os.path.abspath(path)
+        self.version = found
+        self.kill_on_exit = False
+        self._made = False
+        self._spawned: list[subprocess.Popen[Any]] = []
+        self._freezer: Any = None
+
+    # -- making one -------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        version: int | None = None,
+        parent: str | None = None,
+        name: str | None = None,
+        kill_on_exit: bool = False,
+        procfs: ProcFS | None = None,
+    ) -> Cgroup:
+        """Make a fresh child cgroup named ``treeguard-<pid>-<random>``.
+
+        :param version: 2 or 1 (v1 freezer); default: v2 when mounted, else v1.
+        :param parent: the cgroup directory to create it in; default: the caller's own
+            cgroup if writable, else the hierarchy's root.
+        :param name: the new directory's name (must start with ``treeguard-`` for
+            ``backend="auto"`` to pick it).
+        :param kill_on_exit: on leaving the ``with`` block, kill every process in it, not
+            only those :meth:`spawn` started.
+        :param procfs: where /proc is (for tests).
+        :raises InvalidArgumentError: if an argument is malformed.
+        :raises CgroupUnavailableError: if no such hierarchy is mounted, it is read-only,
+            or this process may not create a cgroup in it (the message says what is missing).
+        """
+        if version not in (None, 1, 2):
+            raise InvalidArgumentError("version", f"must be 1, 2 or None, not {version!r}")
+        if name is None:
+            name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            raise InvalidArgumentError("name", f"must be a plain directory name, not {name!r}")
+        if not isinstance(kill_on_exit, bool):
+            raise InvalidArgumentError("kill_on_exit", "must be True or False")
+        found = discover(procfs)
+        if version is None:
+            version = 2 if found.v2 is not None else 1
+        hierarchy = found.v2 if version == 2 else found.freezer
+        if hierarchy is None:
+            what = "cgroup v2" if version == 2 else "the cgroup v1 freezer controller"
+            raise CgroupUnavailableError(
+                "/proc/self/mountinfo",
+                f"{what} is not mounted: mount it (mount -t "
+                + ("cgroup2 none DIR" if version == 2 else "cgroup -o freezer none DIR")
+                + ")"
+                + (" or pass version=1" if version == 2 and found.freezer else "")
+                + (" or pass version=2" if version == 1 and found.v2 else ""),
+            )
+        if parent is not None:
+            if not isinstance(parent, str):
+                raise InvalidArgumentError("parent", f"must be a path, not {parent!r}")
+            parent = os.path.abspath(parent)
+            mount = hierarchy.mountpoint.rstrip("/")
+            if parent != mount and not parent.startswith(mount + "/"):
+                raise CgroupUnavailableError(
+                    parent, f"not in the cgroup v{version} hierarchy mounted at {mount}"
+                )
+            candidates: list[str | None] = [parent]
+        else:
+            candidates = [found.own_directory(version), hierarchy.mountpoint]
+        chosen = _writable_parent(hierarchy, candidates)
+        path = os.path.join(chosen, name)
+        try:
+            os.mkdir(path, 0o755)
+        except OSError as err:
+            raise CgroupUnavailableError(path, f"cannot create the cgroup: {err.strerror}") from err
+        if _version_of(path) != version:
+            os.rmdir(path)
+            raise CgroupUnavailableError(
+                path,
+                "the new cgroup has no "
+                + (
+                    "cgroup.freeze (the v2 freezer needs Linux 5.2+)"
+                    if version == 2
+                    else "freezer.state (the freezer controller is not in this hierarchy)"
+                ),
+            )
+        cg = cls(path, version=version)
+        cg._made = True
+        cg.kill_on_exit = kill_on_exit
+        return cg
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    # -- putting processes in ---------------------------------------------------------
+
+    def spawn(self, args: Sequence[str] | str, **popen_kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a program inside this cgroup, as :class:`subprocess.Popen` would.
+
+        The child moves itself into the cgroup between fork and exec (it writes ``0`` to
+        ``cgroup.procs``, which means "the writer", cgroup-v2.rst), so it runs not a single
+        instruction of the program outside, and every process it forks is born inside.
+        A ``preexec_fn`` of the caller runs after that.
+
+        :raises CgroupError: if the child could not enter the cgroup (nothing runs then).
+        """
+        procs = os.path.join(self.path, "cgroup.procs")
+        theirs: Callable[[], object] | None = popen_kwargs.pop("preexec_fn", None)
+
+        def enter() -> None:
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+            if theirs is not None:
+                theirs()
+
+        try:
+            proc: subprocess.Popen[Any] = subprocess.Popen(args, preexec_fn=enter, **popen_kwargs)
+        except subprocess.SubprocessError as err:
+            raise CgroupError(self.path, f"the child could not enter the cgroup: {err}") from err
+        self._spawned.append(proc)
+        return proc
+
+    def adopt(self, pids: Iterable[int], *, max_passes: int = 10) -> list[int]:
+        """Move processes, each with its whole tree of descendants, into this cgroup.
+
+        A process forked while the tree moves may be born outside; the tree is walked
+        again until a walk finds nothing of it outside.
+
+        :returns: the PIDs moved.
+        :raises InvalidArgumentError: if a PID is malformed, or is the caller or one of
+            its ancestors (whose tree holds the caller).
+        :raises NoSuchProcessError: if a PID does not exist.
+        :raises CgroupError: if the tree kept forking outside for ``max_passes`` walks, or
+            a process could not be moved.
+        """
+        from ._guard import check_pid
+        from ._tree import ancestors, children_source, walk
+
+        if isinstance(pids, int) or not isinstance(pids, Iterable):
+            raise InvalidArgumentError("pids", "must be an iterable of PIDs")
+        starts = [check_pid("pids", p) for p in pids]
+        fs = ProcFS()
+        me = os.getpid()
+        forbidden = {me, *ancestors(fs)}
+        for pid in starts:
+            if pid in forbidden:
+                raise InvalidArgumentError(
+                    "pids", f"PID {pid} is the caller or its ancestor: its tree holds the caller"
+                )
+            if fs.stat(pid) is None:
+                raise NoSuchProcessError(pid)
+        procs = os.path.join(self.path, "cgroup.procs")
+        source = children_source(fs)
+        moved: list[int] = []
+        inside: set[int] = set()
+        outside: list[int] = []
+
+        def visit(pid: int) -> Stat | None:
+            stat = fs.stat(pid)
+            if stat is None or pid == me:
+                return None
+            if pid not in inside:
+                outside.append(pid)
+                try:
+                    _write(procs, str(pid))
+                    moved.append(pid)
+                except ProcessLookupError:
+                    return None
+            return stat
+
+        for _ in range(max_passes):
+            inside = set(self.pids())
+            outside.clear()
+            source.refresh()
+            for _ in walk(starts, visit, source):
+                pass
+            if not outside:
+                return moved
+        raise CgroupError(self.path, f"the tree kept forking outside for {max_passes} walks")
+
+    # -- looking --------------------------------------------------------------------------
+
+    def pids(self) -> list[int]:
+        """Every process in this cgroup and the cgroups below it."""
+        from ._backends._cgroup import procs_below
+
+        return procs_below(self.path)
+
+    @property
+    def populated(self) -> bool:
+        """Whether any process is in this cgroup (or below it)."""
+        if self.version == 2:
+            from ._backends._cgroup import parse_keyed, read_file
+
+            text = read_file(os.path.join(self.path, "cgroup.events"))
+            return text is not None and parse_keyed(text).get("populated") == "1"
+        return bool(self.pids())
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the kernel reports this cgroup frozen."""
+        from ._backends._cgroup import freezer_for
+
+        try:
+            return freezer_for(self.version, self.path).is_frozen()
+        except CgroupError:
+            return False
+
+    # -- freezing it directly ---------------------------------------------------------
+
+    def freeze(self, *, timeout: float = 1.0) -> FreezeReport:
+        """Freeze this cgroup as it is (no tree enumeration): the fastest way.
+
+        :raises CgroupError: if the caller is inside it (it would freeze itself).
+        :raises StopTimeoutError: if the kernel does not report it frozen in time; it is
+            thawed then.
+        """
+        from ._backends import Plan
+        from ._backends._cgroup import CgroupV1Backend, CgroupV2Backend
+        from ._guard import check_options
+        from ._tree import ChildrenFiles
+
+        check_options(timeout=timeout, max_passes=1, partial_ok=False)
+        mine = discover().own_directory(self.version)
+        if mine is not None and (mine == self.path or mine.startswith(self.path + "/")):
+            raise CgroupError(self.path, "the calling process is in it and would freeze itself")
+        fs = ProcFS()
+        plan = Plan(
+            starts=(),
+            passthrough=frozenset(),
+            blocked={},
+            timeout=float(timeout),
+            max_passes=1,
+            partial_ok=False,
+            scope="cgroup",
+            fs=fs,
+            source=ChildrenFiles(fs),
+        )
+        kind = CgroupV2Backend if self.version == 2 else CgroupV1Backend
+        backend = kind(plan, self.path)
+        run_sync(backend.freeze())
+        self._freezer = backend
+        return backend.report
+
+    def thaw(self) -> None:
+        """Undo :meth:`freeze` (a cgroup frozen before it stays frozen). Idempotent."""
+        backend, self._freezer = self._freezer, None
+        if backend is not None:
+            run_sync(backend.thaw())
+
+    # -- cleaning up ------------------------------------------------------------------
+
+    def kill(self, *, timeout: float = 5.0) -> None:
+        """Thaw, SIGKILL every process in the cgroup, and wait until it is empty.
+
+        The caller becomes a child subreaper meanwhile, so that the children of killed
+        processes are reaped by it (PID 1 may not reap); zombies that become its children
+        are reaped, those started by :meth:`spawn` through their Popen.
+
+        :raises CgroupError: if processes remain after ``timeout`` seconds.
+        """
+        self._kill(None, timeout)
+
+    def _kill(self, only: set[int] | None, timeout: float) -> None:
+        self._thaw_all()
+        libc = ctypes.CDLL(None, use_errno=True)
+        before = ctypes.c_int(0)
+        libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(before))
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        fs = ProcFS()
+        killed: dict[int, int] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = [p for p in self.pids() if only is None or p in only]
+                if not left:
+                    break
+                for pid in left:
+                    self._kill_one(pid, fs, killed)
+                self._reap(killed, fs)
+                if time.monotonic() > deadline:
+                    raise CgroupError(self.path, f"processes survived SIGKILL: {left[:20]}")
+                time.sleep(0.0005)
+            while not self._reap(killed, fs):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.0005)
+        finally:
+            libc.prctl(_PR_SET_CHILD_SUBREAPER, before.value)
+
+    def _kill_one(self, pid: int, fs: ProcFS, killed: dict[int, int]) -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            stat = fs.stat(pid)
+            # The pidfd was opened first: if the PID is still listed in this cgroup now,
+            # the pidfd names that very process.
+            if stat is None or pid not in set(self.pids()):
+                return
+            killed[pid] = stat.starttime
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _reap(self, killed: dict[int, int], fs: ProcFS) -> bool:
+        """Reap our zombie children among ``killed``; True once every one of them is gone."""
+        me = os.getpid()
+        spawned = {p.pid: p for p in self._spawned}
+        done = True
+        for pid, starttime in list(killed.items()):
+            popen = spawned.get(pid)
+            if popen is not None:
+                if popen.poll() is None:
+                    done = False
+                else:
+                    del killed[pid]
+                continue
+            stat = fs.stat(pid)
+            if stat is None or stat.starttime != starttime:
+                del killed[pid]
+                continue
+            if stat.state == "Z" and stat.ppid == me:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            done = False
+        return done
+
+    def _thaw_all(self) -> None:
+        self.thaw()
+        from ._backends._cgroup import freezer_for
+
+        freezer = freezer_for(self.version, self.path)
+        if freezer.is_frozen() or self.version == 1:
+            # Killing needs runnable tasks: a v1-frozen task does not act on SIGKILL.
+            freezer.froze = True
+            run_sync(freezer.thaw())
+
+    def remove(self, *, timeout: float = 5.0) -> None:
+        """Thaw, wait until the cgroup (with any child cgroups) is empty, and remove it.
+
+        Idempotent: a cgroup already gone is fine.
+
+        :raises CgroupError: if processes are still in it after ``timeout`` seconds (kill
+            them first: :meth:`kill`).
+        """
+        if not os.path.isdir(self.path):
+            return
+        self._thaw_all()
+        deadline = time.monotonic() + timeout
+        while self.pids():
+            if time.monotonic() > deadline:
+                raise CgroupError(
+                    self.path,
+                    f"still holds processes {self.pids()[:20]}: kill() them or let them exit",
+                )
+            time.sleep(0.001)
+        for top, subdirs, _ in sorted(os.walk(self.path), key=lambda w: -len(w[0])):
+            for d in subdirs:
+                _rmdir(os.path.join(top, d), deadline)
+        _rmdir(self.path, deadline)
+        for proc in self._spawned:
+            proc.poll()
+
+    def __enter__(self) -> Cgroup:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Thaw; kill what :meth:`spawn` started (everything if ``kill_on_exit``); remove."""
+        if not os.path.isdir(self.path):
+            return
+        if self.kill_on_exit:
+            self._kill(None, 5.0)
+        elif self._spawned:
+            self._kill(self._descendants_of_spawned(), 5.0)
+        self.remove()
+
+    def _descendants_of_spawned(self) -> set[int]:
+        from ._tree import children_source, walk
+
+        fs = ProcFS()
+        source = children_source(fs)
+        starts = [p.pid for p in self._spawned if p.poll() is None]
+        return set(walk(starts, fs.stat, source))
+
+    def __repr__(self) -> str:
+        return f"<Cgroup v{self.version} {self.path}>"
+
+
+def _write(path: str, value: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except ProcessLookupError:
+        raise
+    except OSError as err:
+        if err.errno == errno.ESRCH:
+            raise ProcessLookupError(value) from err
+        raise CgroupError(
+            os.path.dirname(path), f"cannot write {value} to {os.path.basename(path)}: {err}"
+        ) from err
+
+
+def _rmdir(path: str, deadline: float) -> None:
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            # EBUSY: the last task has exited but is not released yet.
+            if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise CgroupError(path, f"cannot remove the cgroup: {err.strerror}") from err
+            time.sleep(0.001)

@@ -9,11 +9,13 @@ the syscall count per process, not the parsing, decides the cost.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .errors import ProcfsParseError
 
-__all__ = ["PF_KTHREAD", "ProcFS", "STOPPED_STATES", "Stat", "parse_stat"]
+__all__ = ["PF_KTHREAD", "ProcFS", "STOPPED_STATES", "Stat", "parse_stat", "parse_stat_brief"]
 
 #: ``/proc/PID/stat`` states in which a task cannot run: stopped, traced-stopped.
 STOPPED_STATES = frozenset("Tt")
@@ -23,6 +25,10 @@ DEAD_STATES = frozenset("ZXx")
 PF_KTHREAD = 0x00200000
 
 _O_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+# seq_file's first buffer is one page (fs/seq_file.c); a record that does not fit is held
+# back for the next read, so a short read means EOF only when it ends well before a page.
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_RECORD_SLACK = 64
 # Errors that mean "this process or thread is gone" when reading its /proc files.
 _GONE = (FileNotFoundError, ProcessLookupError)
 
@@ -56,6 +62,17 @@ class Stat:
         return bool(self.flags & PF_KTHREAD)
 
 
+# What follows ')' in a stat line: state ppid pgrp session tty_nr tpgid flags, ten
+# counters (minflt .. cstime, priority, nice), num_threads itrealvalue starttime, the rest.
+# Only the fields parse_stat checks are constrained (ASCII digits, '-' where signed); the
+# others, as there, are any bytes but a space: it accepts a subset of what the checks
+# accept, and reads the same values from it.
+_STAT_TAIL = re.compile(
+    rb" ([A-Za-z]) (-?[0-9]+) (-?[0-9]+) (-?[0-9]+) [^ ]* [^ ]* ([0-9]+)"
+    rb"(?: [^ ]*){10} ([0-9]+) [^ ]* ([0-9]+)(?: |\n?\Z)"
+)
+
+
 def _number(field: bytes, what: str, data: bytes, signed: bool = False) -> int:
     # bytes.isdigit() is ASCII-only; int() alone would accept "+1", " 1" and "1_0".
     digits = field[1:] if signed and field[:1] == b"-" else field
@@ -74,6 +91,26 @@ def parse_stat(data: bytes | str) -> Stat:
         ``surrogateescape``, so bytes decoded that way round-trip).
     :raises ProcfsParseError: if the data is not a well-formed stat line.
     """
+    if type(data) is bytes:
+        # The fast path (the freezer parses a stat per process, twice): one regular
+        # expression that accepts only lines the checks below accept, with equal fields.
+        space = data.find(b" ")
+        close = data.rfind(b")")
+        if 0 < space < close - 1 and data[space + 1] == 0x28 and data[:space].isdigit():
+            m = _STAT_TAIL.match(data, close + 1)
+            if m is not None:
+                state, ppid, pgrp, session, flags, threads, start = m.groups()
+                return Stat(
+                    int(data[:space]),
+                    data[space + 2 : close],
+                    state.decode("ascii"),
+                    int(ppid),
+                    int(pgrp),
+                    int(session),
+                    int(flags),
+                    int(threads),
+                    int(start),
+                )
     if isinstance(data, str):
         try:
             raw = data.encode("utf-8", "surrogateescape")
@@ -114,6 +151,23 @@ def parse_stat(data: bytes | str) -> Stat:
     )
 
 
+def parse_stat_brief(data: bytes) -> tuple[str, int, int]:
+    """``(state, num_threads, starttime)`` of a stat line: what the freezer's verification
+    needs, without building a :class:`Stat`.
+
+    :raises ProcfsParseError: if the data is not a well-formed stat line.
+    """
+    space = data.find(b" ")
+    close = data.rfind(b")")
+    m = None
+    if 0 < space < close - 1 and data[space + 1] == 0x28 and data[:space].isdigit():
+        m = _STAT_TAIL.match(data, close + 1)
+    if m is None:
+        st = parse_stat(data)  # the authority on what is wrong with the line
+        return st.state, st.num_threads, st.starttime
+    return m[1].decode("ascii"), int(m[6]), int(m[7])
+
+
 def parse_children(data: bytes) -> list[int]:
     """Parse a ``children`` file: PIDs separated by spaces (with a trailing space)."""
     try:
@@ -138,7 +192,10 @@ class ProcFS:
             return None
         try:
             data = os.read(fd, size)
-            if len(data) == size:  # seq_file hands out what fits: read on until EOF
+            # seq_file hands out only whole records that fit its buffer (one page at first):
+            # a long children file comes in page-sized pieces, so a read that came close to
+            # a page (or to ``size``) may not be the end: read on until EOF.
+            if len(data) >= min(size, _PAGE) - _RECORD_SLACK:
                 chunks = [data]
                 while chunk := os.read(fd, 65536):
                     chunks.append(chunk)
@@ -153,6 +210,43 @@ class ProcFS:
         """The stat of a process, or of one of its threads; ``None`` if gone."""
         data = self.read(f"{pid}/stat" if tid is None else f"{pid}/task/{tid}/stat")
         return None if data is None else parse_stat(data)
+
+    def open_stat(self, pid: int, keep: bool) -> tuple[int, Stat] | None:
+        """Read a process's stat; with ``keep``, also return the open descriptor (else -1).
+
+        A /proc file holds the process it was opened for, not its PID number: once that
+        process is reaped, reading it again fails (``None`` from :meth:`reread_brief`)
+        even if the PID was reused. Re-reading costs one ``pread`` instead of three calls.
+        """
+        try:
+            fd = os.open(f"{self.root}/{pid}/stat", _O_FLAGS)
+        except _GONE:
+            return None
+        try:
+            data = os.read(fd, 4096)
+        except _GONE:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if not keep:
+            os.close(fd)
+            fd = -1
+        try:
+            return fd, parse_stat(data)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+
+    @staticmethod
+    def reread(fd: int) -> bytes | None:
+        """Read again a stat descriptor kept by :meth:`open_stat`; ``None`` if gone."""
+        try:
+            return os.pread(fd, 4096, 0)
+        except _GONE:
+            return None
 
     def tids(self, pid: int) -> list[int] | None:
         """The thread ids of a process; ``None`` if it is gone."""
@@ -169,6 +263,32 @@ class ProcFS:
         """
         data = self.read(f"{pid}/task/{tid}/children", 65536)
         return None if data is None else parse_children(data)
+
+    def children_of_tasks(self, tids: Iterable[int]) -> Iterator[tuple[int, list[int]]]:
+        """``(tid, children)`` for each task of ``tids`` that has children, from the task's
+        own ``/proc/TID/task/TID/children`` (any TID names its process's directory too);
+        gone tasks are left out. :meth:`children` for thousands of tasks: one open, read
+        and close each, and nothing built for the many that have no children.
+        """
+        root = self.root
+        for tid in tids:
+            try:
+                fd = os.open(f"{root}/{tid}/task/{tid}/children", _O_FLAGS)
+            except _GONE:
+                continue
+            try:
+                data = os.read(fd, _PAGE)
+                if len(data) >= _PAGE - _RECORD_SLACK:  # more pages follow (see read)
+                    chunks = [data]
+                    while chunk := os.read(fd, 65536):
+                        chunks.append(chunk)
+                    data = b"".join(chunks)
+            except _GONE:
+                continue
+            finally:
+                os.close(fd)
+            if data:
+                yield tid, parse_children(data)
 
     def has_children_files(self) -> bool:
         """Whether this kernel provides ``children`` files (CONFIG_PROC_CHILDREN)."""

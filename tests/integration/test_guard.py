@@ -54,6 +54,16 @@ def test_wide_tree_with_threads(make_tree: MakeTree) -> None:
     running_again(tree)
 
 
+def test_more_children_than_fit_in_a_page(make_tree: MakeTree) -> None:
+    # The kernel hands a children file out a page at a time: 1,100 PIDs take two pages.
+    tree = make_tree(wide(1101), mode="idle")
+    assert len(" ".join(map(str, tree.pids[1:]))) > 4096
+    with ProcessesGuard(root=tree.root) as guard:
+        assert sorted(guard.pids) == sorted(tree.pids[1:])
+        assert not proc.not_stopped(tree.pids[1:])
+    assert not proc.stopped(tree.pids)
+
+
 def test_stops_parents_before_children(make_tree: MakeTree) -> None:
     tree = make_tree(demo_spec())
     with ProcessesGuard() as guard:
@@ -80,7 +90,7 @@ def test_child_forked_by_a_secondary_thread(make_tree: MakeTree) -> None:
 
 
 def test_zombie_child_is_skipped(make_tree: MakeTree) -> None:
-    tree = make_tree({"zombies": 1, "children": [{}]})
+    tree = make_tree({"children": [{"zombies": 1, "threads": 1}, {}]})
     (zombie,) = tree.zombies
     proc.wait_until(lambda: set(proc.task_states(zombie).values()) == {"Z"})
     with ProcessesGuard() as guard:

@@ -2,31 +2,129 @@
 
 from __future__ import annotations
 
-from ..errors import InvalidArgumentError
+import os
+
+from ..errors import InvalidArgumentError, TokenError
 from ._base import Backend, Journal, Plan
+from ._cgroup import AutoBackend, CgroupBackend, thaw_cgroup
 from ._signal import SignalBackend, thaw_identities
 
-__all__ = ["BACKENDS", "Backend", "Journal", "Plan", "create", "thaw_described"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Journal",
+    "Plan",
+    "create",
+    "thaw_described",
+    "validate_described",
+]
 
-BACKENDS = ("signal",)
+#: ``signal``: SIGSTOP/SIGCONT; ``cgroup``: the kernel freezer of the cgroup holding the
+#: tree; ``auto``: cgroup for a tree alone in a treeguard-made cgroup, else signal.
+BACKENDS = ("signal", "cgroup", "auto")
+
+#: Linux's PID_MAX_LIMIT (include/linux/threads.h).
+_PID_MAX = 4 * 1024 * 1024
+_SIGNAL_KEYS = frozenset({"stopped", "already_stopped"})
+_CGROUP_KEYS = frozenset({"version", "path", "was_frozen"})
 
 
 def create(name: str, plan: Plan) -> Backend:
     """The backend called ``name``, ready to freeze ``plan``."""
     if name == "signal":
         return SignalBackend(plan)
+    if name == "cgroup":
+        return CgroupBackend(plan)
+    if name == "auto":
+        return AutoBackend(plan)
     raise InvalidArgumentError("backend", f"must be one of {', '.join(BACKENDS)}, not {name!r}")
+
+
+def _kind(name: str, payload: dict[str, object]) -> str:
+    # An ``auto`` freeze is described by the backend that ran; its payload says which.
+    if name == "auto" and isinstance(payload, dict):
+        return "cgroup" if "version" in payload else "signal"
+    return name
+
+
+def validate_described(name: str, payload: dict[str, object]) -> None:
+    """Check that ``payload`` is exactly what backend ``name``'s ``describe()`` produces.
+
+    :raises TokenError: if it is not (unknown keys, wrong types, PIDs out of range,
+        a cgroup path that is not a cgroup directory of the hierarchy it names).
+    """
+    if not isinstance(payload, dict):
+        raise TokenError(f"payload must be an object, not {type(payload).__name__}")
+    kind = _kind(name, payload)
+    if kind == "signal":
+        _validate_signal(payload)
+    elif kind == "cgroup":
+        _validate_cgroup(payload)
+    else:
+        raise TokenError(f"unknown backend {name!r} (this treeguard knows {BACKENDS})")
+
+
+def _validate_signal(payload: dict[str, object]) -> None:
+    if set(payload) != _SIGNAL_KEYS:
+        raise TokenError(f"a signal payload has exactly the keys {sorted(_SIGNAL_KEYS)}")
+    for key in sorted(_SIGNAL_KEYS):
+        records = payload[key]
+        if not isinstance(records, list):
+            raise TokenError(f"payload[{key!r}] must be a list")
+        for i, record in enumerate(records):
+            where = f"payload[{key!r}][{i}]"
+            if not isinstance(record, list | tuple) or len(record) != 2:
+                raise TokenError(f"{where} must be a [pid, starttime] pair")
+            pid, starttime = record
+            for value in (pid, starttime):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TokenError(f"{where} must hold integers, not {value!r}")
+            if not 1 <= pid <= _PID_MAX:
+                raise TokenError(f"{where}: PID {pid} is not between 1 and {_PID_MAX}")
+            if starttime < 0:
+                raise TokenError(f"{where}: starttime {starttime} is negative")
+
+
+def _validate_cgroup(payload: dict[str, object]) -> None:
+    if set(payload) != _CGROUP_KEYS:
+        raise TokenError(f"a cgroup payload has exactly the keys {sorted(_CGROUP_KEYS)}")
+    version, path, was_frozen = payload["version"], payload["path"], payload["was_frozen"]
+    if isinstance(version, bool) or version not in (1, 2):
+        raise TokenError(f"payload['version'] must be 1 or 2, not {version!r}")
+    if not isinstance(was_frozen, bool):
+        raise TokenError("payload['was_frozen'] must be true or false")
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise TokenError(f"payload['path'] must be an absolute path, not {path!r}")
+    if os.path.normpath(path) != path:
+        raise TokenError(f"payload['path'] must be a normalized path, not {path!r}")
+    from ..cgroup import discover
+
+    found = discover()
+    hierarchy = found.v2 if version == 2 else found.freezer
+    mount = None if hierarchy is None else hierarchy.mountpoint.rstrip("/")
+    # Only a directory strictly below the mounted hierarchy is a cgroup that can be frozen;
+    # anything else would make the thaw write to a file that is no cgroup's.
+    if mount is None or not path.startswith(mount + "/"):
+        raise TokenError(f"payload['path'] {path!r} is not below a cgroup v{version} mount")
 
 
 def thaw_described(name: str, payload: dict[str, object]) -> int:
     """Thaw, from any process, a freeze that ``Backend.describe()`` described.
 
-    The payload must have been validated by the caller (see :mod:`treeguard._token`).
+    The payload must have been validated by the caller (see :func:`validate_described`).
 
     :returns: how many processes (or cgroups) were thawed.
     """
-    if name == "signal":
+    kind = _kind(name, payload)
+    if kind == "signal":
         stopped = payload["stopped"]
         assert isinstance(stopped, list)
         return thaw_identities((int(p), int(s)) for p, s in stopped)
+    if kind == "cgroup":
+        version, path = payload["version"], payload["path"]
+        assert isinstance(version, int)
+        assert isinstance(path, str)
+        if payload["was_frozen"]:
+            return 0  # frozen before the freeze: it stays frozen, as the guard would leave it
+        return thaw_cgroup(version, path)
     raise InvalidArgumentError("backend", f"cannot thaw a {name!r} freeze")

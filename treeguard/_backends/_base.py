@@ -87,3 +87,8 @@ class Backend(ABC):
     def describe(self) -> dict[str, object]:
         """What another process needs to thaw this freeze (JSON-able); see
         :func:`treeguard._backends.thaw_described`."""
+
+    def detach(self) -> None:
+        """Forget this freeze without thawing it: its :meth:`describe` was handed to someone
+        else (a token). Release what the backend holds; a later :meth:`thaw` does nothing."""
+        return None  # a backend that holds nothing (descriptors, ...) has nothing to release

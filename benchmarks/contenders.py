@@ -1,0 +1,282 @@
+"""The contenders: ways of freezing a process tree, each behind the same small interface.
+
+``setup`` (untimed) prepares a tree, ``freeze`` and ``thaw`` are timed, ``teardown`` always
+runs and leaves nothing frozen, stopped or created behind. ``kind`` says which independent
+check proves a freeze: ``"signal"`` (every task ``T``) or ``"cgroup"`` (the cgroup frozen).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+
+import psutil
+from checks import MOUNTS
+
+from treeguard import ProcessesGuard
+from treeguard._workers import WorkerTree
+
+
+class Contender:
+    name = "?"
+    kind = "signal"
+    #: False when the contender's freeze returns without knowing that anything stopped.
+    verifies = True
+
+    def setup(self, tree: WorkerTree) -> None:
+        self.tree = tree
+
+    def freeze(self) -> None:
+        raise NotImplementedError
+
+    def thaw(self) -> None:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        pass
+
+
+class TreeguardSignal(Contender):
+    name = "treeguard signal"
+
+    def setup(self, tree: WorkerTree) -> None:
+        super().setup(tree)
+        self.guard = ProcessesGuard(root=tree.root, include_root=True)
+
+    def freeze(self) -> None:
+        self.guard.freeze()
+
+    def thaw(self) -> None:
+        self.guard.release()
+
+    def teardown(self) -> None:
+        if hasattr(self, "guard"):
+            self.guard.release()
+
+
+class TreeguardBackend(TreeguardSignal):
+    """One of treeguard's other backends (the cgroup ones), by name."""
+
+    kind = "cgroup"
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.name = f"treeguard {backend}"
+
+    def setup(self, tree: WorkerTree) -> None:
+        self.tree = tree
+        self.guard = ProcessesGuard(root=tree.root, include_root=True, backend=self.backend)
+
+
+class KernelFloor(Contender):
+    """The cgroup v2 freezer by hand: the tree sits in a cgroup of its own (moved in,
+    untimed, by ``setup``); a freeze writes ``cgroup.freeze`` and waits for ``frozen 1``
+    in ``cgroup.events``, which raises POLLPRI when it changes (cgroup-v2.rst)."""
+
+    name = "kernel floor (cgroup v2)"
+    kind = "cgroup"
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.fds: list[int] = []
+        self.moved: list[tuple[int, str]] = []
+
+    def setup(self, tree: WorkerTree) -> None:
+        super().setup(tree)
+        root = MOUNTS["v2"]
+        self.path = f"{root}/treeguard-bench-floor-{os.getpid()}"
+        os.mkdir(self.path)
+        procs = os.open(f"{self.path}/cgroup.procs", os.O_WRONLY)
+        try:
+            for pid in tree.pids:
+                self.moved.append((pid, _v2_cgroup(pid)))
+                os.write(procs, str(pid).encode())  # one PID per write(2)
+        finally:
+            os.close(procs)
+        self.freezer = os.open(f"{self.path}/cgroup.freeze", os.O_WRONLY)
+        self.events = os.open(f"{self.path}/cgroup.events", os.O_RDONLY)
+        self.fds = [self.freezer, self.events]
+        self.poller = select.poll()
+        self.poller.register(self.events, select.POLLPRI)
+
+    def _set(self, value: bytes) -> None:
+        want = b"frozen " + value
+        os.pwrite(self.freezer, value, 0)
+        while want not in os.pread(self.events, 4096, 0):
+            self.poller.poll(1000)
+
+    def freeze(self) -> None:
+        self._set(b"1")
+
+    def thaw(self) -> None:
+        self._set(b"0")
+
+    def teardown(self) -> None:
+        if self.path is None:
+            return
+        try:
+            with open(f"{self.path}/cgroup.freeze", "w") as f:
+                f.write("0")
+            for pid, home in self.moved:
+                try:
+                    with open(f"{MOUNTS['v2']}{home}/cgroup.procs", "w") as f:
+                        f.write(str(pid))
+                except (ProcessLookupError, FileNotFoundError):
+                    pass
+        finally:
+            for fd in self.fds:
+                os.close(fd)
+            self.fds = []
+            _rmdir(self.path)
+            self.path = None
+
+
+def _v2_cgroup(pid: int) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return line[3:].strip()
+    return "/"
+
+
+def _rmdir(path: str) -> None:
+    """Remove a cgroup; its last tasks may take a moment to leave it."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.001)
+
+
+class PsutilNaive(Contender):
+    """What people write with psutil: ``children(recursive=True)`` and ``suspend()``. It
+    neither waits for the stop nor looks at threads: its time is the calls alone."""
+
+    name = "psutil naive (unverified)"
+    verifies = False
+
+    def freeze(self) -> None:
+        root = psutil.Process(self.tree.root)
+        self.procs = [root, *root.children(recursive=True)]
+        for proc in self.procs:
+            proc.suspend()
+
+    def thaw(self) -> None:
+        for proc in reversed(self.procs):
+            proc.resume()
+
+
+def crosvm_load(root: int) -> list[int]:
+    """crosvm's enumeration: the main thread's ``children`` file only, recursively."""
+    found: list[int] = []
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                stack += (int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+def _all_tasks_stopped(pid: int) -> bool:
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return True
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            continue
+        if data[data.rindex(b")") + 2 : data.rindex(b")") + 3] not in (b"T", b"t"):
+            return False
+    return True
+
+
+class CrosvmModel(Contender):
+    """A MODEL of crosvm's freezer algorithm (not crosvm itself): load the descendants
+    through the main thread's children files, SIGSTOP each, wait for each task to show
+    ``T`` with at most 10 polls 50 ms apart, re-load and compare, up to 3 rounds."""
+
+    name = "crosvm (model)"
+
+    def freeze(self) -> None:
+        pids = crosvm_load(self.tree.root)
+        for _ in range(3):
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            for pid in pids:
+                for _ in range(10):
+                    if _all_tasks_stopped(pid):
+                        break
+                    time.sleep(0.05)
+                else:
+                    raise TimeoutError(f"crosvm model: {pid} did not stop")
+            again = crosvm_load(self.tree.root)
+            if again == pids:
+                self.pids = pids
+                return
+            pids = again
+        self.pids = pids
+        raise RuntimeError("crosvm model: new processes forked while freezing")
+
+    def thaw(self) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def treeguard_backends() -> list[Contender]:
+    """treeguard's cgroup backends that this installation has (none until they land)."""
+    try:
+        from treeguard._backends import BACKENDS
+    except ImportError:  # pragma: no cover
+        return []
+    return [TreeguardBackend(name) for name in BACKENDS if name != "signal"]
+
+
+def freezers() -> list[Contender]:
+    found: list[Contender] = [TreeguardSignal(), KernelFloor(), PsutilNaive(), CrosvmModel()]
+    if "v2" not in MOUNTS:
+        found.remove(found[1])
+        print("note: no cgroup v2 mount: the kernel floor is not measured")
+    return found + treeguard_backends()
+
+
+# -- enumeration of the tree below a root (no freezing) -----------------------------------
+
+
+def enumerate_treeguard(root: int) -> list[int]:
+    """treeguard's own walk (the one its freezer uses), reading each process's stat."""
+    from treeguard._tree import children_source, walk
+    from treeguard.procfs import ProcFS
+
+    fs = ProcFS()
+    return list(walk([root], fs.stat, children_source(fs)))
+
+
+def enumerate_psutil(root: int) -> list[int]:
+    proc = psutil.Process(root)
+    return [root, *(p.pid for p in proc.children(recursive=True))]
+
+
+ENUMERATORS: dict[str, Callable[[int], list[int]]] = {
+    "treeguard walk": enumerate_treeguard,
+    "psutil children(recursive=True)": enumerate_psutil,
+    "crosvm load (model)": crosvm_load,
+}

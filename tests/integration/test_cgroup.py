@@ -1,0 +1,359 @@
+"""The cgroup freezer backends on real cgroups (v2 and the v1 freezer) with real trees.
+
+Every cgroup a test makes is killed empty and removed by the ``cgroup`` fixture, even when
+the test fails; v2-frozen tasks show ``S`` in /proc, so "frozen" is checked by counters
+that must not move.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+import treeguard
+from tests import proc
+from tests.conftest import require_root, slot
+from treeguard import ProcessesGuard
+from treeguard._backends import Plan, thaw_described, validate_described
+from treeguard._backends._cgroup import CgroupV2Backend
+from treeguard._drive import run_async
+from treeguard._tree import ChildrenFiles
+from treeguard._workers import WorkerTree, demo_spec
+from treeguard.cgroup import Cgroup, discover, parse_proc_cgroup
+from treeguard.errors import CgroupError, CgroupUnavailableError, InvalidArgumentError
+from treeguard.procfs import ProcFS
+
+MakeCgroup = Callable[..., Cgroup]
+
+
+@pytest.fixture
+def cgroup() -> Iterator[MakeCgroup]:
+    require_root("cgroup tests")
+    made: list[Cgroup] = []
+
+    def make(version: int = 2, **kwargs: Any) -> Cgroup:
+        cg = Cgroup.create(version=version, **kwargs)
+        made.append(cg)
+        return cg
+
+    try:
+        yield make
+    finally:
+        for cg in reversed(made):
+            try:
+                cg.kill()
+            finally:
+                cg.remove()
+        for cg in made:
+            assert not os.path.exists(cg.path)
+
+
+def _in_cgroup(pid: int, cg: Cgroup) -> bool:
+    text = ProcFS().read(f"{pid}/cgroup")
+    assert text is not None
+    rel = parse_proc_cgroup(text.decode()).get("" if cg.version == 2 else "freezer")
+    found = discover()
+    hierarchy = found.v2 if cg.version == 2 else found.freezer
+    assert hierarchy is not None
+    assert rel is not None
+    return hierarchy.directory(rel) == cg.path
+
+
+def _main_slots(tree: WorkerTree) -> list[int]:
+    return [slot(i) for i in range(tree.size)]
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_freeze_and_thaw_a_tree_with_threads(
+    version: int, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    cg = cgroup(version)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    assert sorted(cg.pids()) == sorted(tree.pids)
+    guard = ProcessesGuard(backend="cgroup")
+    with guard:
+        assert cg.frozen
+        assert guard.report.backend == "cgroup"
+        assert guard.report.stopped == tree.size
+        assert guard.report.tasks > tree.size  # the threads are counted too
+        assert sorted(guard.pids) == sorted(tree.pids)
+        assert guard.pids[0] == tree.root  # parent-first
+        assert ("cgroup.events" if version == 2 else "freezer.state") in guard.report.verified_by
+        assert proc.counters_still(tree.counters, tree.period)
+        if version == 2:
+            # Invisible to the tasks: no job-control stop, they sleep in the freezer.
+            assert not proc.stopped(tree.pids)
+    assert not cg.frozen
+    proc.counters_moving(tree.counters, _main_slots(tree))
+    proc.assert_none_stopped(tree.pids)
+
+
+FORKER = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
+print(os.getpid(), flush=True)
+while True:
+    if os.fork() == 0:
+        if os.fork() == 0:
+            time.sleep(0.02)
+            os._exit(0)
+        time.sleep(0.02)
+        os._exit(0)
+    time.sleep(0.001)
+"""
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_tree_that_forks_continuously_is_frozen_in_one_step(
+    version: int, cgroup: MakeCgroup
+) -> None:
+    cg = cgroup(version)
+    forker = cg.spawn([sys.executable, "-c", FORKER], stdout=subprocess.PIPE)
+    assert forker.stdout is not None
+    forker.stdout.readline()
+    proc.wait_until(lambda: len(cg.pids()) > 3, what="the tree to fork")
+    guard = ProcessesGuard(backend="cgroup", timeout=5.0)
+    with guard:
+        assert guard.report.passes == 1
+        inside = sorted(cg.pids())
+        assert sorted(guard.pids) == inside
+        assert guard.report.stopped == len(inside)
+        # Nothing is born, nothing dies while frozen.
+        for _ in range(5):
+            proc.wait_until(lambda: True)
+            assert sorted(cg.pids()) == inside
+    forker.stdout.close()
+
+
+def test_spawned_child_forking_at_once_stays_inside(cgroup: MakeCgroup) -> None:
+    cg = cgroup(2)
+    code = (
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGCHLD, signal.SIG_IGN)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    time.sleep(60); os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    p = cg.spawn([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert p.stdout is not None
+    child = int(p.stdout.readline())
+    assert _in_cgroup(p.pid, cg)
+    assert _in_cgroup(child, cg)
+    assert sorted(cg.pids()) == sorted([p.pid, child])
+    p.stdout.close()
+
+
+def test_adopt_moves_a_whole_tree(cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]) -> None:
+    cg = cgroup(2)
+    tree = make_tree(demo_spec())
+    assert not any(_in_cgroup(pid, cg) for pid in tree.pids)
+    moved = cg.adopt([tree.root])
+    assert sorted(moved) == sorted(tree.pids)
+    assert sorted(cg.pids()) == sorted(tree.pids)
+    assert cg.adopt([tree.root]) == []  # nothing left outside
+    with ProcessesGuard(tree.root, include_root=True, backend="cgroup") as guard:
+        assert guard.report.backend == "cgroup"
+        assert proc.counters_still(tree.counters, tree.period)
+    proc.counters_moving(tree.counters, _main_slots(tree))
+    with pytest.raises(InvalidArgumentError):
+        cg.adopt([os.getpid()])
+    with pytest.raises(InvalidArgumentError):
+        cg.adopt([os.getppid()])
+
+
+def test_v1_state_from_before_is_restored(
+    cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    cg = cgroup(1)
+    tree = make_tree({"threads": 1, "children": [{}]}, spawn=cg.spawn)
+    state = os.path.join(cg.path, "freezer.state")
+    with open(state, "w") as f:
+        f.write("FROZEN")
+    proc.wait_until(lambda: cg.frozen, what="FROZEN")
+    try:
+        with ProcessesGuard(backend="cgroup") as guard:
+            assert guard.report.stopped == 2
+        with open(state) as f:
+            assert f.read().strip() == "FROZEN"
+        assert proc.counters_still(tree.counters, tree.period)
+    finally:
+        with open(state, "w") as f:
+            f.write("THAWED")
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+def test_refused_when_the_cgroup_holds_more_than_the_tree(
+    cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    cg = cgroup(2)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    monitor = tree.pids[1]
+    with pytest.raises(CgroupError, match="excluded"):
+        ProcessesGuard(exclude=[monitor], backend="cgroup").freeze()
+    with pytest.raises(CgroupError, match="outside the tree"):
+        ProcessesGuard(tree.root, backend="cgroup").freeze()  # the root is not frozen
+    assert not cg.frozen
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+def test_refused_for_a_tree_in_no_cgroup_of_its_own(make_tree: Callable[..., WorkerTree]) -> None:
+    tree = make_tree(demo_spec())
+    with pytest.raises(CgroupError):
+        ProcessesGuard(tree.root, include_root=True, backend="cgroup").freeze()
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+def test_auto_picks_the_cgroup_only_for_a_tree_alone_in_a_treeguard_cgroup(
+    cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    cg = cgroup(2)
+    inside = make_tree(demo_spec(), spawn=cg.spawn)
+    with ProcessesGuard(inside.root, include_root=True, backend="auto") as guard:
+        assert guard.report.backend == "cgroup"
+        assert cg.frozen
+    outside = make_tree(demo_spec())
+    with ProcessesGuard(outside.root, include_root=True, backend="auto") as guard:
+        assert guard.report.backend == "signal"
+        proc.assert_all_stopped(outside.pids)
+    proc.assert_none_stopped(outside.pids)
+
+
+def test_create_refused_without_permission(cgroup: MakeCgroup) -> None:
+    # A forked child drops to nobody (everything is imported already) and reports back.
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(rfd)
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                made = Cgroup.create()
+                os.write(wfd, b"made " + made.path.encode())
+                os.rmdir(made.path)
+            except CgroupUnavailableError as err:
+                os.write(wfd, b"refused: " + str(err).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    try:
+        with os.fdopen(rfd, "rb") as f:
+            said = f.read().decode()
+    finally:
+        os.waitpid(pid, 0)
+    assert said.startswith("refused:"), said
+    assert "delegated" in said
+
+
+def test_create_refused_outside_the_hierarchy(tmp_path: Any) -> None:
+    require_root("cgroup tests")
+    with pytest.raises(CgroupUnavailableError, match="not in the cgroup"):
+        Cgroup.create(parent=str(tmp_path))
+
+
+def test_direct_freeze_and_async_driver(
+    cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    cg = cgroup(2)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    report = cg.freeze()
+    try:
+        assert cg.frozen
+        assert report.stopped == tree.size
+        assert proc.counters_still(tree.counters, tree.period)
+    finally:
+        cg.thaw()
+    assert not cg.frozen
+
+    async def freeze_and_thaw() -> None:
+        fs = ProcFS()
+        plan = Plan((), frozenset(), {}, 1.0, 1, False, "cgroup", fs, ChildrenFiles(fs))
+        backend = CgroupV2Backend(plan, cg.path)
+        await run_async(backend.freeze())
+        assert cg.frozen
+        await run_async(backend.thaw())
+
+    for backend in ("asyncio", "trio"):
+        anyio.run(freeze_and_thaw, backend=backend)
+        assert not cg.frozen
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+def test_described_freeze_is_thawed_elsewhere(
+    cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    cg = cgroup(2)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    guard = ProcessesGuard(backend="cgroup").freeze()
+    try:
+        assert guard._backend is not None
+        payload = guard._backend.describe()
+        assert payload == {"version": 2, "path": cg.path, "was_frozen": False}
+        validate_described("cgroup", payload)
+        code = (
+            "import json, sys\nfrom treeguard._backends import thaw_described\n"
+            "print(thaw_described('cgroup', json.loads(sys.argv[1])))\n"
+        )
+        import json
+
+        out = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(payload)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        assert out.stdout.strip() == "1"
+        assert not cg.frozen
+        proc.counters_moving(tree.counters, _main_slots(tree))
+        assert thaw_described("cgroup", payload) == 1  # twice is harmless
+    finally:
+        guard.release()
+
+
+def test_public_faces(cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]) -> None:
+    cg = cgroup(2)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+
+    def frozen_now() -> bool:
+        return cg.frozen and proc.counters_still(tree.counters, tree.period)
+
+    assert treeguard.freezethaw(frozen_now, backend="cgroup")
+    assert not cg.frozen
+
+    async def in_async() -> None:
+        async with treeguard.guard(backend="cgroup") as guard:
+            assert guard.report.backend == "cgroup"
+            assert cg.frozen
+
+    anyio.run(in_async)
+    assert not cg.frozen
+
+    token = treeguard.freeze(backend="cgroup")
+    try:
+        assert token.backend == "cgroup"
+        assert cg.frozen
+        again = treeguard.Token.from_json(token.to_json())
+    finally:
+        treeguard.thaw(token)
+    assert not cg.frozen
+    treeguard.thaw(again)
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+def test_context_manager_kills_what_it_spawned_and_removes_itself() -> None:
+    require_root("cgroup tests")
+    with Cgroup.create() as cg:
+        p = cg.spawn([sys.executable, "-c", "import time; time.sleep(60)"])
+        proc.wait_until(lambda: cg.pids() == [p.pid], what="the child inside")
+        cg.freeze()
+    assert p.returncode is not None  # killed (thawed first) and reaped
+    assert not os.path.exists(cg.path)

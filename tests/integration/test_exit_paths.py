@@ -1,0 +1,417 @@
+"""The exit-path matrix: every way a supervisor can leave a frozen section, and the tree runs.
+
+Each test starts a supervisor SUBPROCESS (a small script run with ``sys.executable``) that
+forks its own workers (one with a thread, one with a child), freezes them with a
+:class:`ProcessesGuard` and leaves in one way. The test then checks through /proc that no
+task of the tree is stopped and that every counter moves again, and measures the time from
+the supervisor's exit (or the moment it was told to leave) to the tree running.
+
+The workers outlive a supervisor that dies, so this process becomes a child subreaper for
+the test: orphans are re-parented to it (not to PID 1, which here never reaps) and reaped by
+PID in the teardown. The figures are written to ``/tmp/treeguard-exit-paths.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import proc
+from treeguard._watchdog import is_subreaper, set_subreaper
+
+SUMMARY = Path("/tmp/treeguard-exit-paths.json")
+WORKERS = 4  # worker 0 has a thread, worker 1 has worker 2 as its child
+SLOTS_USED = (0, 1, 2, 4, 6)  # counter slots that tick: 2*i (main), 2*i+1 (thread)
+
+SUPERVISOR = r"""
+import gc, json, mmap, os, signal, struct, sys, threading, time
+mode, memfile, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+extra = int(sys.argv[4])  # idle processes besides the ticking workers
+fd = os.open(memfile, os.O_RDWR)
+mem = mmap.mmap(fd, 0)
+os.close(fd)
+
+def tick(slot):
+    n = 0
+    while True:
+        n += 1
+        struct.pack_into("q", mem, slot * 8, n)
+        time.sleep(0.001)
+
+def spawn(i, thread=False, child=None):
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        if child is not None:
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps its child
+            spawn(child)
+        if thread:
+            threading.Thread(target=tick, args=(2 * i + 1,), daemon=True).start()
+        tick(2 * i)
+    finally:
+        os._exit(0)
+
+pids = [spawn(0, thread=True), spawn(1, child=2), spawn(3)]
+for _ in range(extra):
+    pid = os.fork()
+    if pid == 0:
+        while True:
+            time.sleep(3600)
+    pids.append(pid)
+# worker 2 is worker 1's child: find it through /proc (it may take a moment to be forked)
+while True:
+    with open(f"/proc/{pids[1]}/task/{pids[1]}/children") as f:
+        kids = f.read().split()
+    if kids:
+        pids.insert(2, int(kids[0]))
+        break
+    time.sleep(0.001)
+
+def say(**what):
+    sys.stdout.write(json.dumps(what) + "\n")
+    sys.stdout.flush()
+
+from treeguard import ProcessesGuard
+
+if mode == "sigterm_handler":
+    def on_term(signum, frame):
+        say(event="leaving", at=time.monotonic())
+        raise SystemExit(143)
+    signal.signal(signal.SIGTERM, on_term)
+
+guard = ProcessesGuard(**options)
+guard.freeze()
+helper = guard._watchdog.pid if guard._watchdog is not None else None
+say(event="frozen", pids=pids, helper=helper, stopped=list(guard.pids), at=time.monotonic())
+
+if mode in ("gc", "atexit", "lease"):
+    sys.stdin.readline()
+    if mode == "gc":
+        say(event="leaving", at=time.monotonic())
+        del guard
+        gc.collect()
+        say(event="collected", at=time.monotonic())
+        sys.stdin.readline()
+    elif mode == "lease":
+        guard.release()
+        say(event="released", lease_expired=guard.report.lease_expired)
+    else:
+        say(event="leaving", at=time.monotonic())
+    sys.exit(0)  # atexit: the guard is still frozen here; its finalizer thaws at exit
+
+with guard:  # frozen already: the with statement only releases
+    line = sys.stdin.readline()  # KeyboardInterrupt, SIGTERM and SIGKILL arrive here
+    say(event="leaving", at=time.monotonic())
+    if mode == "exception":
+        raise RuntimeError("the body failed")
+    if mode == "os_exit":
+        os._exit(3)
+"""
+
+
+class Supervisor:
+    """A supervisor subprocess and what it reported."""
+
+    def __init__(self, mode: str, memfile: Path, extra: int = 0, **options: Any) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SUPERVISOR, mode, str(memfile), json.dumps(options), str(extra)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self._buf = b""
+        self.pids: list[int] = []
+        self.helper: int | None = None
+        self.starttimes: dict[int, int] = {}
+
+    def read(self, timeout: float = 15.0) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise AssertionError(f"the supervisor said nothing within {timeout} s")
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise AssertionError(f"the supervisor exited ({self.proc.wait()}) before saying")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        said: dict[str, Any] = json.loads(line)
+        return said
+
+    def frozen(self) -> dict[str, Any]:
+        said = self.read()
+        assert said["event"] == "frozen", said
+        self.pids = said["pids"]
+        self.helper = said["helper"]
+        self.starttimes = {p: starttime(p) for p in self.pids}
+        return said
+
+    def tell(self, line: str = "go") -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+
+def starttime(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return int(data[data.rindex(b")") + 2 :].split()[19])
+
+
+def wait_running(pids: list[int], timeout: float = 10.0) -> float:
+    """Poll (finely, to measure) until no task of ``pids`` is stopped; the time it happened."""
+    deadline = time.monotonic() + timeout
+    while proc.stopped(pids):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still stopped after {timeout} s: {proc.stopped(pids)}")
+        time.sleep(0.0001)
+    return time.monotonic()
+
+
+def gone_or_zombie(pid: int) -> bool:
+    return set(proc.task_states(pid).values()) <= {"Z", "X"}
+
+
+@pytest.fixture(scope="module")
+def summary() -> Iterator[dict[str, float]]:
+    figures: dict[str, float] = {}
+    yield figures
+    old: dict[str, Any] = {}
+    if SUMMARY.exists():
+        old = json.loads(SUMMARY.read_text())
+    old.update(figures)
+    SUMMARY.write_text(json.dumps(old, indent=1, sort_keys=True))
+    print("\ntime from leaving to running (ms):", {k: round(v * 1e3, 2) for k, v in old.items()})
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Any]:
+    """Start supervisors as a child subreaper; kill and reap everything in the teardown."""
+    memfile = tmp_path / "counters"
+    memfile.write_bytes(bytes(8 * 2 * WORKERS))
+    started: list[Supervisor] = []
+    was = is_subreaper()
+    set_subreaper(True)
+
+    def begin(mode: str, extra: int = 0, **options: Any) -> tuple[Supervisor, Any]:
+        sup = Supervisor(mode, memfile, extra, **options)
+        started.append(sup)
+        return sup, read_counters
+
+    fd = os.open(memfile, os.O_RDWR)
+    mem = mmap.mmap(fd, 0)
+    os.close(fd)
+
+    def read_counters() -> list[int]:
+        return list(struct.unpack_from(f"{2 * WORKERS}q", mem, 0))
+
+    try:
+        yield begin
+    finally:
+        for sup in started:
+            # Leaves first (the grandchild, reaped by its parent), each checked by starttime.
+            for pid in reversed(sup.pids):
+                kill_if_same(pid, sup.starttimes.get(pid), signal.SIGKILL)
+            for pid in sup.pids:
+                proc.wait_until(lambda p=pid: gone_or_zombie(p), 10, f"worker {pid} to die")
+            if sup.proc.poll() is None:
+                sup.proc.kill()
+            sup.proc.wait()
+            for stream in (sup.proc.stdin, sup.proc.stdout):
+                if stream is not None:
+                    stream.close()
+            # Orphans (and a dead supervisor's helper) are now our children: reap them by PID.
+            for pid in [*sup.pids, *([sup.helper] if sup.helper else [])]:
+                if pid == sup.helper:
+                    proc.wait_until(lambda p=pid: gone_or_zombie(p), 10, "the helper to exit")
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass  # not ours: reaped by its own parent
+        mem.close()
+        set_subreaper(was)
+
+
+def kill_if_same(pid: int, start_time: int | None, sig: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if start_time is not None and starttime(pid) == start_time:
+            signal.pidfd_send_signal(fd, sig)
+    except (ProcessLookupError, FileNotFoundError, ValueError):
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_frozen(sup: Supervisor, read: Any) -> None:
+    proc.assert_all_stopped(sup.pids)
+    assert proc.counters_still(read, 0.001, ticks=5)
+    if sup.helper is not None:  # the helper runs, and it is not a frozen process
+        assert sup.helper not in sup.pids
+        assert not proc.stopped([sup.helper])
+
+
+def check_running(sup: Supervisor, read: Any) -> None:
+    proc.assert_none_stopped(sup.pids)
+    proc.counters_moving(read, SLOTS_USED)
+    for pid in sup.pids:
+        assert not gone_or_zombie(pid), f"worker {pid} died"
+        assert starttime(pid) == sup.starttimes[pid]
+
+
+def record(summary: dict[str, float], name: str, seconds: float) -> None:
+    print(f"{name}: the tree runs {seconds * 1e3:.2f} ms after the supervisor left")
+    summary[name] = seconds
+
+
+# -- the supervisor releases (no watchdog needed) ---------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["normal", "exception"])
+def test_body_ends(start: Any, summary: dict[str, float], mode: str) -> None:
+    sup, read = start(mode, watchdog=True)
+    sup.frozen()
+    check_frozen(sup, read)
+    sup.tell()
+    left = sup.read()["at"]
+    running = wait_running(sup.pids)
+    assert sup.proc.wait(timeout=10) == (0 if mode == "normal" else 1)
+    check_running(sup, read)
+    assert sup.helper is not None
+    assert gone_or_zombie(sup.helper)  # it exited quietly...
+    with pytest.raises(ChildProcessError):
+        os.waitpid(sup.helper, os.WNOHANG)  # ... and its supervisor reaped it
+    record(summary, mode, running - left)
+
+
+def test_keyboard_interrupt(start: Any, summary: dict[str, float]) -> None:
+    sup, read = start("keyboard_interrupt", watchdog=True)
+    sup.frozen()
+    check_frozen(sup, read)
+    left = time.monotonic()
+    sup.proc.send_signal(signal.SIGINT)
+    running = wait_running(sup.pids)
+    assert sup.proc.wait(timeout=10) != 0
+    check_running(sup, read)
+    record(summary, "KeyboardInterrupt", running - left)
+
+
+def test_sigterm_with_handler(start: Any, summary: dict[str, float]) -> None:
+    """A SIGTERM handler that raises SystemExit lets the guard release: no watchdog."""
+    sup, read = start("sigterm_handler")
+    sup.frozen()
+    check_frozen(sup, read)
+    sup.proc.send_signal(signal.SIGTERM)
+    left = sup.read()["at"]
+    running = wait_running(sup.pids)
+    assert sup.proc.wait(timeout=10) == 143
+    check_running(sup, read)
+    record(summary, "SIGTERM (handler)", running - left)
+
+
+@pytest.mark.parametrize("watchdog", [False, True])
+def test_guard_garbage_collected(start: Any, summary: dict[str, float], watchdog: bool) -> None:
+    sup, read = start("gc", watchdog=watchdog)
+    sup.frozen()
+    check_frozen(sup, read)
+    sup.tell()
+    left = sup.read()["at"]
+    running = wait_running(sup.pids)
+    assert sup.read()["event"] == "collected"
+    assert sup.proc.poll() is None  # the supervisor lives on; the tree runs
+    check_running(sup, read)
+    if sup.helper is not None:
+        assert gone_or_zombie(sup.helper)  # closed with its guard
+    sup.tell("exit")
+    assert sup.proc.wait(timeout=10) == 0
+    record(summary, "guard garbage-collected" + (" (watchdog)" if watchdog else ""), running - left)
+
+
+@pytest.mark.parametrize("watchdog", [False, True])
+def test_interpreter_exit_without_release(
+    start: Any, summary: dict[str, float], watchdog: bool
+) -> None:
+    sup, read = start("atexit", watchdog=watchdog)
+    sup.frozen()
+    check_frozen(sup, read)
+    sup.tell()
+    left = sup.read()["at"]
+    running = wait_running(sup.pids)
+    assert sup.proc.wait(timeout=10) == 0
+    check_running(sup, read)
+    record(summary, "interpreter exit" + (" (watchdog)" if watchdog else ""), running - left)
+
+
+# -- the supervisor dies: only the watchdog can thaw ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("how", "extra"), [("os._exit", 0), ("SIGKILL", 0), ("SIGTERM", 0), ("SIGKILL", 200)]
+)
+def test_supervisor_dies(start: Any, summary: dict[str, float], how: str, extra: int) -> None:
+    sup, read = start("os_exit" if how == "os._exit" else "die", extra, watchdog=True)
+    sup.frozen()
+    check_frozen(sup, read)
+    if how == "os._exit":
+        sup.tell()
+        left = sup.read()["at"]
+    else:
+        left = time.monotonic()
+        # SIGTERM's default disposition kills without running any Python code.
+        sup.proc.send_signal(signal.SIGKILL if how == "SIGKILL" else signal.SIGTERM)
+    running = wait_running(sup.pids)
+    expected = {"os._exit": 3, "SIGKILL": -signal.SIGKILL, "SIGTERM": -signal.SIGTERM}[how]
+    assert sup.proc.wait(timeout=10) == expected
+    check_running(sup, read)
+    assert sup.helper is not None
+    proc.wait_until(lambda: gone_or_zombie(sup.helper), 10, "the helper to exit")
+    size = f", {len(sup.pids)} processes" if extra else ""
+    record(summary, f"{how} (watchdog{size})", running - left)
+
+
+def test_sigkill_without_watchdog_leaves_it_stopped(start: Any) -> None:
+    """The control: without the watchdog nothing thaws a tree whose supervisor was killed
+    (so the watchdog, not the kernel's orphaned-process-group rule, does it above)."""
+    sup, read = start("die")
+    sup.frozen()
+    sup.proc.kill()
+    sup.proc.wait()
+    try:
+        assert proc.counters_still(read, 0.002, ticks=25)  # 50 ms and more: nobody thaws
+        proc.assert_all_stopped(sup.pids)
+    finally:
+        for pid in sup.pids:
+            kill_if_same(pid, sup.starttimes[pid], signal.SIGCONT)
+    check_running(sup, read)
+
+
+def test_lease_expires_while_supervisor_is_stuck(start: Any, summary: dict[str, float]) -> None:
+    sup, read = start("lease", max_frozen=0.3)
+    frozen = sup.frozen()
+    check_frozen(sup, read)
+    running = wait_running(sup.pids)
+    assert sup.proc.poll() is None  # alive, and stuck in its body
+    check_running(sup, read)
+    sup.tell()
+    said = sup.read()
+    assert said == {"event": "released", "lease_expired": True}
+    assert sup.proc.wait(timeout=10) == 0
+    # The lease started when the freeze began, a little before "frozen" was said.
+    record(summary, "lease expiry (after max_frozen)", max(0.0, running - frozen["at"] - 0.3))

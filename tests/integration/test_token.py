@@ -1,0 +1,170 @@
+"""Freeze here, thaw elsewhere: tokens against real trees, thawed in this and other processes."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import treeguard
+from tests import proc
+from tests.conftest import slot
+from treeguard._workers import WorkerTree, demo_spec, wide
+from treeguard.procfs import ProcFS
+
+MakeTree = Callable[..., WorkerTree]
+
+THAW_FROM_STDIN = (
+    "import sys, treeguard\nprint(treeguard.thaw(treeguard.Token.from_json(sys.stdin.read())))\n"
+)
+
+
+def _thaw_elsewhere(text: str) -> subprocess.CompletedProcess[str]:
+    """Thaw a token in a fresh interpreter, which knows nothing but the JSON."""
+    return subprocess.run(
+        [sys.executable, "-c", THAW_FROM_STDIN],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _starttime(pid: int) -> int:
+    stat = ProcFS().stat(pid)
+    assert stat is not None
+    return stat.starttime
+
+
+def _running(tree: WorkerTree, indexes: list[int] | None = None) -> None:
+    chosen = range(tree.size) if indexes is None else indexes
+    proc.wait_until(lambda: not proc.stopped([tree.pids[i] for i in chosen]), what="a thaw")
+    proc.counters_moving(tree.counters, [slot(i) for i in chosen])
+
+
+@pytest.fixture
+def frozen(make_tree: MakeTree) -> Iterator[tuple[WorkerTree, treeguard.Token]]:
+    """A ticking tree frozen into a token; thawed afterwards whatever the test did."""
+    tree = make_tree(demo_spec())
+    token = treeguard.freeze(tree.root, include_root=True)
+    try:
+        yield tree, token
+    finally:
+        treeguard.thaw(token)
+
+
+def test_the_token_owns_the_freeze(frozen: tuple[WorkerTree, treeguard.Token]) -> None:
+    tree, token = frozen
+    assert set(token.pids) == set(tree.pids)
+    assert token.pids[0] == tree.root  # stop order: parent-first
+    assert token.identities == tuple((p, _starttime(p)) for p in token.pids)
+    gc.collect()  # no guard object left to thaw on collection
+    proc.assert_all_stopped(tree.pids)
+    assert proc.counters_still(tree.counters, tree.period)
+    assert treeguard.thaw(token) == tree.size
+    _running(tree)
+    assert treeguard.thaw(token) == tree.size  # twice: harmless, the tree just runs on
+    _running(tree)
+
+
+def test_thawed_by_another_process(frozen: tuple[WorkerTree, treeguard.Token]) -> None:
+    tree, token = frozen
+    done = _thaw_elsewhere(token.to_json())
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == tree.size
+    _running(tree)
+
+
+def test_a_pid_with_another_starttime_is_not_signalled(make_tree: MakeTree) -> None:
+    """A record whose starttime differs names a different process: the other process must
+    thaw only the matching record and leave the live process with that PID stopped."""
+    tree = make_tree(wide(3))
+    good, wrong = tree.pids[1], tree.pids[2]
+    with treeguard.ProcessesGuard(tree.root, include_root=True):
+        forged = treeguard.Token(
+            "signal",
+            {
+                "stopped": [[good, _starttime(good)], [wrong, _starttime(wrong) + 1]],
+                "already_stopped": [],
+            },
+        )
+        done = _thaw_elsewhere(forged.to_json())
+        assert done.returncode == 0, done.stderr
+        assert int(done.stdout) == 1
+        _running(tree, [1])  # the matching record was thawed (both were handled by then)
+        assert proc.not_stopped([wrong]) == {}
+        assert proc.counters_still(lambda: tree.counters()[slot(2) : slot(2) + 1], tree.period)
+        proc.assert_all_stopped([tree.root, wrong])
+    _running(tree)
+
+
+def test_a_process_that_is_gone_is_skipped(frozen: tuple[WorkerTree, treeguard.Token]) -> None:
+    tree, token = frozen
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_identity = [gone.pid, _starttime(gone.pid)] if ProcFS().stat(gone.pid) else None
+    gone.wait()
+    payload = token.payload
+    if gone_identity is not None:
+        payload["stopped"].insert(0, gone_identity)
+    payload["stopped"].insert(0, [4 * 1024 * 1024, 1])  # a PID nobody has here
+    assert treeguard.thaw(treeguard.Token("signal", payload)) == tree.size
+    _running(tree)
+
+
+def test_processes_already_stopped_stay_stopped(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(3))
+    held = tree.pids[2]
+    os.kill(held, signal.SIGSTOP)
+    try:
+        proc.wait_until(lambda: proc.stopped([held]), what="the SIGSTOP")
+        token = treeguard.freeze(tree.root, include_root=True)
+        try:
+            assert token.already_stopped == ((held, _starttime(held)),)
+            assert held not in token.pids
+            again = treeguard.Token.from_json(token.to_json())
+        finally:
+            treeguard.thaw(again)
+        _running(tree, [0, 1])
+        proc.assert_all_stopped([held])
+    finally:
+        os.kill(held, signal.SIGCONT)
+    _running(tree)
+
+
+def test_a_tampered_token_signals_nobody(frozen: tuple[WorkerTree, treeguard.Token]) -> None:
+    tree, token = frozen
+    text = token.to_json()
+    for bad in (
+        text.replace('"version":1', '"version":7'),
+        text.replace(f"[{tree.root},", f"[{tree.root + 1},", 1),
+        text[:-2],
+    ):
+        assert bad != text
+        done = _thaw_elsewhere(bad)
+        assert done.returncode != 0
+        assert "TokenError" in done.stderr
+    proc.assert_all_stopped(tree.pids)
+    assert proc.counters_still(tree.counters, tree.period)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"watchdog": True},
+        {"max_frozen": 5.0},
+        {"root": -3},
+        {"timeout": "1"},
+        {"colour": "blue"},
+    ],
+)
+def test_bad_arguments_touch_nothing(kwargs: dict[str, object], make_tree: MakeTree) -> None:
+    tree = make_tree(wide(2))
+    with pytest.raises(treeguard.InvalidArgumentError):
+        treeguard.freeze(**kwargs)  # type: ignore[arg-type]
+    assert not proc.stopped(tree.pids)

@@ -1,0 +1,286 @@
+"""The watchdog helper, the lease and the subreaper switch, driven from this process.
+
+(What happens when a supervisor dies is in test_exit_paths.py: that needs a supervisor that
+is not the test runner.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import proc
+from treeguard import ProcessesGuard, Skip
+from treeguard._watchdog import Watchdog, is_subreaper, set_subreaper
+from treeguard._workers import WorkerTree, wide
+from treeguard.errors import WatchdogError
+
+MakeTree = Callable[..., WorkerTree]
+
+
+def sig_mask(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1], 16)
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def starttime(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return int(data[data.rindex(b")") + 2 :].split()[19])
+
+
+def reaped(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.fixture
+def dog() -> Iterator[Watchdog]:
+    watchdog = Watchdog.start()
+    try:
+        yield watchdog
+    finally:
+        watchdog.close()
+
+
+def test_helper_is_isolated_and_reaped(tmp_path: Path) -> None:
+    leak = os.open(tmp_path / "leak", os.O_RDWR | os.O_CREAT)
+    os.set_inheritable(leak, True)  # a descriptor a careless fork+exec would pass on
+    try:
+        dog = Watchdog.start()
+    finally:
+        os.close(leak)
+    try:
+        pid = dog.pid
+        assert os.getsid(pid) == pid != os.getsid(0)  # its own session
+        targets = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        # Its journal, its pipes, a pidfd of this process, /dev/null and our stderr: no more.
+        stderr = os.readlink("/proc/self/fd/2")
+        for target in targets:
+            assert target in ("/dev/null", stderr, "anon_inode:[pidfd]") or target.startswith(
+                ("pipe:", "/memfd:treeguard-watchdog")
+            ), target
+        # Terminal signals are ignored (bit N-1 of SigIgn is signal N).
+        ignored = sig_mask(pid, "SigIgn")
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+            assert ignored >> (sig - 1) & 1, sig
+        os.kill(pid, signal.SIGINT)
+        assert not reaped(pid) and not dog.lease_expired()
+    finally:
+        dog.close()
+    assert reaped(pid)  # close() waited for it
+    dog.close()  # idempotent
+
+
+def test_helper_is_never_frozen_and_reused(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(4, threads=1))
+    guard = ProcessesGuard(watchdog=True)  # every descendant of this process: helper too
+    with guard:
+        helper = guard._watchdog.pid if guard._watchdog else -1
+        assert guard.report.skipped[helper] is Skip.SUPERVISOR
+        assert helper not in guard.pids
+        assert not proc.stopped([helper])
+        proc.assert_all_stopped(tree.pids)
+    proc.assert_none_stopped(tree.pids)
+    for _ in range(3):  # one helper per guard, not per freeze
+        with guard:
+            proc.assert_all_stopped(tree.pids)
+            assert guard._watchdog is not None and guard._watchdog.pid == helper
+        assert not guard.report.lease_expired
+    proc.assert_none_stopped(tree.pids)
+    assert guard._watchdog is not None
+    guard._watchdog.close()
+    assert reaped(helper)
+
+
+def test_lease_thaws_a_stuck_supervisor(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(3, threads=1))
+    guard = ProcessesGuard(root=tree.root, include_root=True, max_frozen=0.2)
+    with guard:
+        proc.assert_all_stopped(tree.pids)
+        # The body is "stuck": the helper thaws the tree when the lease runs out.
+        proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the lease to thaw the tree")
+        proc.counters_moving(tree.counters, range(0, 3 * 8, 8))
+    assert guard.report.lease_expired
+    # The next freeze of the same guard starts a new lease; released in time, it holds.
+    guard2 = ProcessesGuard(root=tree.root, include_root=True, max_frozen=30)
+    with guard2:
+        proc.assert_all_stopped(tree.pids)
+    assert not guard2.report.lease_expired
+    with guard:
+        proc.assert_all_stopped(tree.pids)
+        proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the lease to thaw again")
+    assert guard.report.lease_expired
+    proc.assert_none_stopped(tree.pids)
+    for g in (guard, guard2):
+        assert g._watchdog is not None
+        g._watchdog.close()
+
+
+def test_lease_running_out_during_the_freeze(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(40), mode="idle")
+    guard = ProcessesGuard(root=tree.root, include_root=True, max_frozen=1e-6)
+    outcomes = set()
+    for _ in range(5):
+        try:
+            guard.freeze()
+        except WatchdogError as err:
+            outcomes.add("refused")
+            assert "max_frozen" in str(err)
+            assert not guard.frozen
+        else:
+            outcomes.add("expired after")  # the freeze won the race; the lease runs out now
+            proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the lease to thaw")
+            guard.release()
+            assert guard.report.lease_expired
+        proc.assert_none_stopped(tree.pids)
+    assert outcomes
+    assert guard._watchdog is not None
+    guard._watchdog.close()
+
+
+def test_helper_checks_starttimes(make_tree: MakeTree, dog: Watchdog) -> None:
+    """Records whose starttime does not match are never signalled; matching ones are."""
+    tree = make_tree(wide(3))
+    guard = ProcessesGuard(root=tree.root, include_root=True)  # freezes; no watchdog
+    with guard:
+        dog.arm(0.01)
+        for pid in tree.pids:
+            dog.journal.stopping(pid, starttime(pid) + 1)  # "a recycled PID"
+        proc.wait_until(dog.lease_expired, 10, "the lease to run out")
+        dog.journal.released()
+        assert proc.counters_still(tree.counters, tree.period, ticks=6)
+        proc.assert_all_stopped(tree.pids)
+        dog.arm(0.01)
+        for pid in tree.pids:
+            dog.journal.stopping(pid, starttime(pid))
+        proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the helper to thaw")
+        assert dog.lease_expired()
+        dog.journal.released()
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_sigterm_to_the_helper_thaws_first(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(2))
+    guard = ProcessesGuard(root=tree.root, include_root=True, watchdog=True)
+    guard.freeze()
+    try:
+        assert guard._watchdog is not None
+        helper = guard._watchdog.pid
+        os.kill(helper, signal.SIGTERM)
+        proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the helper to thaw")
+        proc.wait_until(
+            lambda: set(proc.task_states(helper).values()) <= {"Z"}, 10, "the helper to exit"
+        )
+    finally:
+        guard.release()
+    # A guard whose helper is gone refuses to freeze rather than freeze unprotected.
+    with pytest.raises(WatchdogError, match="gone"):
+        guard.freeze()
+    proc.assert_none_stopped(tree.pids)
+    assert not guard.frozen
+    assert guard._watchdog is not None
+    guard._watchdog.close()
+    assert reaped(helper)
+
+
+def test_journal_refuses_after_expiry(dog: Watchdog) -> None:
+    dog.arm(1e-6)
+    proc.wait_until(dog.lease_expired, 10, "the lease to run out")
+    with pytest.raises(WatchdogError, match="lease"):
+        dog.journal.stopping(os.getpid(), starttime(os.getpid()))
+    dog.journal.released()
+    dog.arm(None)  # a new freeze forgets the expiry
+    assert not dog.lease_expired()
+    dog.journal.released()
+
+
+SUBREAPER = r"""
+import json, os, sys, time
+from treeguard import ProcessesGuard
+from treeguard._watchdog import is_subreaper
+guard = ProcessesGuard(subreaper=sys.argv[1] == "1")
+r, w = os.pipe()
+middle = os.fork()
+if middle == 0:  # a daemon's double fork: the grandchild outlives its parent
+    if os.fork() == 0:
+        os.close(r)
+        os.write(w, b"x")
+        while True:
+            time.sleep(3600)
+    os._exit(0)
+os.close(w)
+os.read(r, 1)
+os.waitpid(middle, 0)
+kids = []
+while not kids:  # the grandchild is re-parented once its parent exited
+    with open("/proc/self/task/%d/children" % os.getpid()) as f:
+        kids = [int(k) for k in f.read().split()]
+    if sys.argv[1] == "0":
+        break
+with guard:
+    frozen = list(guard.pids)
+print(json.dumps({"subreaper": is_subreaper(), "frozen": frozen, "kids": kids}), flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("subreaper", [True, False])
+def test_subreaper_keeps_a_double_forked_daemon_in_the_tree(subreaper: bool) -> None:
+    was = is_subreaper()
+    set_subreaper(True)  # orphans of the control case come to us, not to PID 1
+    sup = subprocess.Popen(
+        [sys.executable, "-c", SUBREAPER, "1" if subreaper else "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    daemon = -1
+    try:
+        assert sup.stdout is not None and sup.stdin is not None
+        said = json.loads(sup.stdout.readline())
+        assert said["subreaper"] is subreaper
+        if subreaper:
+            (daemon,) = said["kids"]
+            assert said["frozen"] == [daemon]  # it was found, and frozen with the tree
+        else:
+            assert said["kids"] == [] and said["frozen"] == []  # it escaped the tree
+            with open(f"/proc/self/task/{os.getpid()}/children") as f:
+                ours = [int(k) for k in f.read().split()]
+            (daemon,) = [
+                k for k in ours if k != sup.pid and set(proc.task_states(k).values()) - {"Z"}
+            ]
+        proc.assert_none_stopped([daemon])
+        sup.stdin.close()
+        assert sup.wait(timeout=10) == 0
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+        sup.wait()
+        if daemon > 0:
+            os.kill(daemon, signal.SIGKILL)  # ours: it was re-parented to us either way
+            os.waitpid(daemon, 0)
+        for stream in (sup.stdin, sup.stdout):
+            if stream is not None:
+                stream.close()
+        set_subreaper(was)
+    assert is_subreaper() is was
+
+
+def test_set_subreaper_round_trip() -> None:
+    was = is_subreaper()
+    try:
+        set_subreaper(True)
+        assert is_subreaper()
+        set_subreaper(False)
+        assert not is_subreaper()
+    finally:
+        set_subreaper(was)

@@ -1,0 +1,228 @@
+"""cgroup discovery from synthetic /proc text, and the freezers against fake cgroup
+directories (plain files in tmp_path) for the paths a real kernel rarely takes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from treeguard import _backends
+from treeguard._backends import _cgroup
+from treeguard._backends._cgroup import V1Freezer, V2Freezer
+from treeguard._drive import run_sync
+from treeguard._report import FreezeReport
+from treeguard.cgroup import Cgroup, Hierarchy, discover, parse_mountinfo, parse_proc_cgroup
+from treeguard.errors import (
+    CgroupUnavailableError,
+    InvalidArgumentError,
+    StopTimeoutError,
+    TokenError,
+)
+from treeguard.procfs import ProcFS
+
+HYBRID = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+36 31 0:33 / /sys/fs/cgroup/devices rw,relatime shared:9 - cgroup cgroup rw,devices
+37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+PURE_V2 = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"
+PURE_V1 = (
+    "25 24 0:22 / /cg/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
+    "26 24 0:23 / /cg/free\\040zer rw,nosuid - cgroup cgroup rw,freezer\n"
+)
+READ_ONLY = "30 23 0:26 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup2 rw\n"
+OWN = "6:freezer:/ci/job\n4:cpu,cpuacct:/\n0::/user.slice/session-1.scope\n"
+
+
+def test_hybrid_machine_has_both_hierarchies() -> None:
+    found = parse_mountinfo(HYBRID)
+    assert found == [
+        Hierarchy(1, "/sys/fs/cgroup/freezer"),
+        Hierarchy(2, "/sys/fs/cgroup/unified"),
+    ]
+
+
+def test_pure_v2_and_pure_v1_with_escaped_mountpoint() -> None:
+    assert parse_mountinfo(PURE_V2) == [Hierarchy(2, "/sys/fs/cgroup")]
+    assert parse_mountinfo(PURE_V1) == [Hierarchy(1, "/cg/free zer")]
+
+
+def test_read_only_and_bind_mounted_hierarchies() -> None:
+    assert parse_mountinfo(READ_ONLY)[0].read_only
+    bind = "40 30 0:26 /ci/job /mnt/cg rw - cgroup2 cgroup2 rw\n"
+    h = parse_mountinfo(bind)[0]
+    assert h.directory("/ci/job/x") == "/mnt/cg/x"
+    assert h.directory("/ci/job") == "/mnt/cg"
+    assert h.directory("/ci/jobless") is None
+    assert h.directory("/other") is None
+
+
+def test_parse_proc_cgroup() -> None:
+    assert parse_proc_cgroup(OWN) == {
+        "freezer": "/ci/job",
+        "cpu": "/",
+        "cpuacct": "/",
+        "": "/user.slice/session-1.scope",
+    }
+    assert parse_proc_cgroup("garbage\n") == {}
+
+
+def _fake_proc(tmp_path: Path, mountinfo: str, own: str = OWN) -> ProcFS:
+    (tmp_path / "proc" / "self").mkdir(parents=True)
+    (tmp_path / "proc" / "self" / "mountinfo").write_text(mountinfo)
+    (tmp_path / "proc" / "self" / "cgroup").write_text(own)
+    return ProcFS(str(tmp_path / "proc"))
+
+
+def test_discover_maps_own_cgroups(tmp_path: Path) -> None:
+    found = discover(_fake_proc(tmp_path, HYBRID))
+    assert found.own_directory(2) == "/sys/fs/cgroup/unified/user.slice/session-1.scope"
+    assert found.own_directory(1) == "/sys/fs/cgroup/freezer/ci/job"
+
+
+def test_create_without_any_hierarchy_says_what_is_missing(tmp_path: Path) -> None:
+    fs = _fake_proc(tmp_path, "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n")
+    with pytest.raises(CgroupUnavailableError, match="not mounted"):
+        Cgroup.create(procfs=fs)
+    with pytest.raises(CgroupUnavailableError, match="freezer controller is not mounted"):
+        Cgroup.create(version=1, procfs=fs)
+
+
+def test_create_on_a_read_only_hierarchy(tmp_path: Path) -> None:
+    with pytest.raises(CgroupUnavailableError, match="read-only"):
+        Cgroup.create(procfs=_fake_proc(tmp_path, READ_ONLY))
+
+
+def test_create_rejects_bad_arguments() -> None:
+    with pytest.raises(InvalidArgumentError):
+        Cgroup.create(version=3)
+    with pytest.raises(InvalidArgumentError):
+        Cgroup.create(name="../escape")
+    with pytest.raises(CgroupUnavailableError):
+        Cgroup("/nonexistent/cgroup")
+
+
+def _fake_v2(tmp_path: Path) -> Path:
+    d = tmp_path / "cg"
+    d.mkdir()
+    (d / "cgroup.freeze").write_text("0\n")
+    (d / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    (d / "cgroup.procs").write_text("")
+    (d / "cgroup.threads").write_text("")
+    return d
+
+
+def test_v2_timeout_leaves_the_cgroup_thawed(tmp_path: Path) -> None:
+    d = _fake_v2(tmp_path)
+    cg = Cgroup(str(d))
+    assert cg.version == 2
+    with pytest.raises(StopTimeoutError):
+        cg.freeze(timeout=0.05)
+    assert (d / "cgroup.freeze").read_text().strip() == "0"
+
+
+def test_v2_frozen_by_someone_else_stays_frozen(tmp_path: Path) -> None:
+    d = _fake_v2(tmp_path)
+    (d / "cgroup.freeze").write_text("1\n")
+    (d / "cgroup.events").write_text("populated 1\nfrozen 1\n")
+    cg = Cgroup(str(d))
+    report = cg.freeze(timeout=0.5)
+    assert "frozen 1" in report.verified_by
+    cg.thaw()
+    assert (d / "cgroup.freeze").read_text().strip() == "1"
+
+
+class _StuckV1(V1Freezer):
+    """freezer.state that never gets past FREEZING, recording every state written."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.written: list[str] = []
+
+    def state(self) -> str:
+        text = Path(self.file("freezer.state")).read_text().strip()
+        return "FREEZING" if text == "FROZEN" else text
+
+    def set_state(self, value: str) -> None:
+        self.written.append(value)
+        super().set_state(value)
+
+
+def _fake_v1(tmp_path: Path, state: str = "THAWED") -> Path:
+    d = tmp_path / "freezer"
+    d.mkdir()
+    (d / "freezer.state").write_text(state + "\n")
+    (d / "cgroup.procs").write_text("")
+    (d / "tasks").write_text("")
+    return d
+
+
+def test_v1_stuck_freezing_is_retried_then_thawed(tmp_path: Path) -> None:
+    d = _fake_v1(tmp_path)
+    freezer = _StuckV1(str(d))
+    with pytest.raises(StopTimeoutError):
+        run_sync(freezer.freeze(0.08, FreezeReport()))
+    assert freezer.written.count("FROZEN") == _cgroup._V1_ATTEMPTS
+    assert freezer.written[-1] == "THAWED"
+    assert (d / "freezer.state").read_text().strip() == "THAWED"
+
+
+def test_v1_frozen_before_stays_frozen(tmp_path: Path) -> None:
+    d = _fake_v1(tmp_path, "FROZEN")
+    cg = Cgroup(str(d))
+    assert cg.version == 1
+    cg.freeze(timeout=0.5)
+    cg.thaw()
+    assert (d / "freezer.state").read_text().strip() == "FROZEN"
+
+
+def test_v2_freezer_rejects_a_directory_that_is_not_a_cgroup(tmp_path: Path) -> None:
+    with pytest.raises(CgroupUnavailableError, match="cgroup.freeze"):
+        run_sync(V2Freezer(str(tmp_path)).freeze(0.1, FreezeReport()))
+
+
+# -- token payloads ------------------------------------------------------------------------
+
+
+def test_signal_payload_validation() -> None:
+    ok = {"stopped": [[10, 5]], "already_stopped": []}
+    _backends.validate_described("signal", ok)
+    bad: list[dict[str, object]] = [
+        {"stopped": [[0, 5]], "already_stopped": []},
+        {"stopped": [[4194305, 5]], "already_stopped": []},
+        {"stopped": [[10, -1]], "already_stopped": []},
+        {"stopped": [[True, 1]], "already_stopped": []},
+        {"stopped": [[10]], "already_stopped": []},
+        {"stopped": [], "already_stopped": [], "extra": 1},
+        {"stopped": "x", "already_stopped": []},
+    ]
+    for payload in bad:
+        with pytest.raises(TokenError):
+            _backends.validate_described("signal", payload)
+
+
+def test_cgroup_payload_validation() -> None:
+    v2 = discover().v2
+    mount = v2.mountpoint if v2 is not None else "/sys/fs/cgroup"
+    good = {"version": 2, "path": os.path.join(mount, "treeguard-1-x"), "was_frozen": False}
+    if v2 is not None:
+        _backends.validate_described("cgroup", good)
+        _backends.validate_described("auto", good)
+    bad: list[dict[str, object]] = [
+        {**good, "version": 3},
+        {**good, "version": True},
+        {**good, "was_frozen": 0},
+        {**good, "path": "relative/x"},
+        {**good, "path": mount + "/a/../../../etc"},
+        {**good, "path": "/etc"},
+        {**good, "path": mount},
+        {"version": 2, "path": good["path"]},
+    ]
+    for payload in bad:
+        with pytest.raises(TokenError):
+            _backends.validate_described("cgroup", payload)
+    with pytest.raises(TokenError):
+        _backends.validate_described("bogus", {})

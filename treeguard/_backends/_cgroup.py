@@ -1,0 +1,1004 @@
+"""The cgroup freezer backends: the kernel stops a whole cgroup, invisibly and in one step.
+
+* **v2** (Documentation/admin-guide/cgroup-v2.rst, "Core Interface Files"): writing ``1``
+  to ``cgroup.freeze`` freezes the cgroup and its descendants; ``cgroup.events`` says
+  ``frozen 1`` once every task is frozen, and a change of that file raises an inotify
+  modify event (kernfs_notify). Frozen tasks show ``S`` in /proc, so the verification
+  comes from ``cgroup.events``, not from task states.
+* **v1** (Documentation/admin-guide/cgroup-v1/freezer-subsystem.rst): ``freezer.state``
+  goes THAWED -> FREEZING -> FROZEN; there is no notification, so it is polled. A cgroup
+  stuck in FREEZING is thawed and frozen again a bounded number of times (runc's remedy).
+
+:class:`CgroupBackend` with no explicit cgroup finds the one that holds the plan's tree
+without walking the tree: the cgroup of the tree's top processes (the root's children,
+or the root) is the candidate, and the few processes that must keep running (the caller,
+its ancestors, excluded PIDs) are checked to be outside it BEFORE anything is frozen.
+That the candidate holds exactly the tree (nothing else, nothing of the tree elsewhere)
+is proven by one ``children`` read per task it holds, done while the kernel freezes it
+(:class:`_Census`); a cgroup found to hold other processes is thawed again at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .._drive import YIELD, Steps, Wait
+from .._report import FreezeReport, Skip
+from .._tree import ChildrenSource, walk
+from ..errors import (
+    CgroupError,
+    CgroupUnavailableError,
+    InvalidArgumentError,
+    StopTimeoutError,
+)
+from ..procfs import DEAD_STATES, ProcFS, Stat
+from ._base import Backend, Plan
+from ._signal import _ROOT, SignalBackend
+
+__all__ = [
+    "CgroupBackend",
+    "CgroupV1Backend",
+    "CgroupV2Backend",
+    "V1Freezer",
+    "V2Freezer",
+    "AutoBackend",
+    "freezer_for",
+    "thaw_cgroup",
+]
+
+#: Name prefix of the cgroups :meth:`treeguard.cgroup.Cgroup.create` makes; ``auto`` picks
+#: the cgroup backend only for a tree alone in one of these.
+OWN_PREFIX = "treeguard-"
+
+# inotify(7): flags of inotify_init1() and the event we watch for.
+_IN_NONBLOCK = 0o4000
+_IN_CLOEXEC = 0o2000000
+_IN_MODIFY = 0x00000002
+#: cgroup_file_notify() sends at most one notification per 10 ms per file
+#: (CGROUP_FILE_NOTIFY_MIN_INTV, kernel/cgroup/cgroup.c), delaying later ones: the file is
+#: also re-read at least this often, so that rate limit never adds up to 10 ms.
+_RECHECK = 0.001
+#: Longest pause between two reads of a v1 freezer.state.
+_V1_MAX_BACKOFF = 0.005
+#: How many times a v1 cgroup stuck in FREEZING is thawed and frozen again before failing.
+_V1_ATTEMPTS = 4
+#: Longest stretch of enumeration between two points where an event loop may run.
+_SLICE = 0.002
+
+_libc: ctypes.CDLL | None = None
+
+
+def _c() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+class _Inotify:
+    """The process's one inotify descriptor, turned readable by IN_MODIFY on watched files.
+
+    Kept open for the life of the process: closing an inotify descriptor waits for an SRCU
+    grace period (fsnotify_destroy_group), several milliseconds, which would double the
+    cost of a freeze. Waiters add a watch, wait, and remove it; a wake-up meant for another
+    watch only makes them re-read their file.
+    """
+
+    _fd = -1
+    _owner = 0
+
+    def __init__(self, path: str) -> None:
+        libc = _c()
+        cls = type(self)
+        if cls._fd < 0 or cls._owner != os.getpid():
+            fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+            if fd < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            cls._fd, cls._owner = fd, os.getpid()
+        self.fd = cls._fd
+        self.wd = libc.inotify_add_watch(self.fd, os.fsencode(path), _IN_MODIFY)
+        if self.wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+
+    @classmethod
+    def open(cls, path: str) -> _Inotify | None:
+        """A watch on ``path``, or ``None`` when inotify is out of instances or watches
+        (the caller then polls)."""
+        try:
+            return cls(path)
+        except OSError:
+            return None
+
+    def drain(self) -> None:
+        while True:
+            try:
+                if not os.read(self.fd, 4096):
+                    return
+            except BlockingIOError:
+                return
+
+    def close(self) -> None:
+        if self.wd >= 0:
+            _c().inotify_rm_watch(self.fd, self.wd)  # EINVAL if the file went: fine
+            self.wd = -1
+            self.drain()
+
+
+def read_file(path: str) -> str | None:
+    """A cgroup file's content, or ``None`` if it (or its cgroup) is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", "replace")
+    except OSError as err:
+        # A file of a cgroup removed after the open reads as ENODEV.
+        if err.errno in (errno.ENOENT, errno.ENODEV):
+            return None
+        raise
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str, value: str) -> None:
+    """Write ``value`` to a cgroup control file, as one write(2).
+
+    :raises CgroupError: if the write fails (gone, read-only, not permitted).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except OSError as err:
+        cls = CgroupUnavailableError if err.errno in (errno.EROFS, errno.EACCES) else CgroupError
+        raise cls(
+            os.path.dirname(path),
+            f"cannot write {value!r} to {os.path.basename(path)}: {err.strerror}",
+        ) from err
+
+
+def parse_keyed(text: str) -> dict[str, str]:
+    """A flat-keyed cgroup file (``cgroup.events``: ``populated 1\\nfrozen 0``) as a dict."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key:
+            out[key] = value.strip()
+    return out
+
+
+def _subtree(path: str) -> list[str]:
+    """``path`` and every cgroup below it (the freezer is hierarchical in v1 and v2)."""
+    dirs = [path]
+    for d in dirs:  # grows while it is read: breadth-first
+        try:
+            with os.scandir(d) as entries:
+                dirs += (e.path for e in entries if e.is_dir(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # removed meanwhile
+    return dirs
+
+
+def _listing(dirs: list[str], name: str) -> bytes:
+    """The file ``name`` (``cgroup.procs``, ``cgroup.threads``, ``tasks``) of each cgroup
+    of ``dirs``, one after the other; a cgroup removed meanwhile lists nothing."""
+    out = []
+    for d in dirs:
+        try:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        try:
+            while chunk := os.read(fd, 65536):
+                out.append(chunk)
+        except OSError as err:
+            if err.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
+        finally:
+            os.close(fd)
+        out.append(b"\n")
+    return b"".join(out)
+
+
+def _ids(dirs: list[str], name: str) -> set[int]:
+    """The PIDs (or TIDs) listed in the file ``name`` of each cgroup of ``dirs``."""
+    return set(map(int, _listing(dirs, name).split()))
+
+
+def procs_below(path: str) -> list[int]:
+    """Every process in the cgroup ``path`` and its descendants (``cgroup.procs``)."""
+    return sorted(_ids(_subtree(path), "cgroup.procs"))
+
+
+def _write_while(write: Callable[[], None], meanwhile: Steps[None] | None) -> Steps[None]:
+    """Run ``write`` in a worker thread while ``meanwhile``'s steps run here.
+
+    A write to ``cgroup.freeze`` (or ``freezer.state``) returns only once the kernel has
+    told every task of the cgroup to freeze (cgroup_do_freeze walks them all: about 4 ms
+    for 1,000 tasks), and ``os.write`` releases the GIL meanwhile: work that does not
+    depend on the freeze costs no time of its own here. The write's error, if any, is
+    raised after ``meanwhile`` ends; whatever ends ``meanwhile`` (an error, a cancelled
+    driver) waits for the write first, so that a thaw written afterwards lands after it.
+    """
+    if meanwhile is None:
+        write()
+        return
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            write()
+        except BaseException as err:  # handed to the driving thread below
+            failed.append(err)
+
+    worker = threading.Thread(target=run, name="treeguard-cgroup-freeze", daemon=True)
+    worker.start()
+    try:
+        yield from meanwhile
+    finally:
+        worker.join()  # bounded: the write waits for no task, only walks them
+    if failed:
+        raise failed[0]
+
+
+def _unfrozen_tasks(pids: list[int], fs: ProcFS, frozen_shows: str) -> list[tuple[int, int, str]]:
+    """``(pid, tid, state)`` of tasks that look runnable, to name in a timeout error."""
+    late: list[tuple[int, int, str]] = []
+    for pid in pids:
+        for tid in fs.tids(pid) or ():
+            st = fs.stat(pid, tid)
+            if st is not None and st.state not in frozen_shows:
+                late.append((pid, tid, st.state))
+    return late
+
+
+# -- the two freezers --------------------------------------------------------------------
+
+
+class CgroupFreezer:
+    """Freezes and thaws one cgroup directory; remembers whether it was frozen before."""
+
+    version = 0
+    control = ""
+
+    def __init__(self, path: str, fs: ProcFS | None = None) -> None:
+        self.path = path
+        self.fs = fs or ProcFS()
+        self.was_frozen = False
+        self.froze = False  # this freezer wrote the freeze (and so must undo it)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def check(self) -> None:
+        """:raises CgroupUnavailableError: if the directory is not a cgroup of this kind."""
+        if not os.path.isfile(self.file(self.control)):
+            raise CgroupUnavailableError(
+                self.path,
+                f"no {self.control}: not a non-root cgroup v{self.version}"
+                + (" freezer" if self.version == 1 else "")
+                + " directory",
+            )
+
+    def freeze(
+        self, timeout: float, report: FreezeReport, meanwhile: Steps[None] | None = None
+    ) -> Steps[None]:
+        """Freeze and wait until the kernel says frozen; thawed again if anything fails.
+
+        :param meanwhile: steps to run while the kernel writes the freeze (see
+            :func:`_write_while`); they run, and may fail, before the wait.
+        :raises StopTimeoutError: if not frozen within ``timeout`` (then thawed).
+        :raises CgroupError: if a control file cannot be written (then thawed).
+        """
+        raise NotImplementedError
+
+    def thaw(self, timeout: float = 1.0) -> Steps[None]:
+        raise NotImplementedError
+
+    def is_frozen(self) -> bool:
+        raise NotImplementedError
+
+    def members(self) -> tuple[set[int], set[int]]:
+        """The processes and the tasks (threads) in the cgroup and the cgroups below it."""
+        dirs = _subtree(self.path)
+        return _ids(dirs, "cgroup.procs"), _ids(dirs, self.tasks_file)
+
+    tasks_file = "tasks"
+
+
+class V2Freezer(CgroupFreezer):
+    """``cgroup.freeze`` / ``cgroup.events``, waited for by inotify."""
+
+    version = 2
+    control = "cgroup.freeze"
+    tasks_file = "cgroup.threads"
+
+    def events(self) -> dict[str, str]:
+        text = read_file(self.file("cgroup.events"))
+        if text is None:
+            raise CgroupError(self.path, "the cgroup was removed while freezing")
+        return parse_keyed(text)
+
+    def is_frozen(self) -> bool:
+        return self.events().get("frozen") == "1"
+
+    def _wait_for(self, want: str, deadline: float) -> Steps[bool]:
+        """Wait until ``frozen`` reads ``want``; False at the deadline."""
+        watch = _Inotify.open(self.file("cgroup.events"))
+        backoff = 0.00005
+        try:
+            while True:
+                if self.events().get("frozen") == want:
+                    return True
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return False
+                if watch is not None:
+                    # Never trust the event alone: the file is re-read after every wake-up.
+                    yield Wait(min(left, _RECHECK), watch.fd)
+                    watch.drain()
+                else:
+                    yield Wait(min(left, backoff))
+                    backoff = min(backoff * 2, _RECHECK)
+        finally:
+            if watch is not None:
+                watch.close()
+
+    def freeze(
+        self, timeout: float, report: FreezeReport, meanwhile: Steps[None] | None = None
+    ) -> Steps[None]:
+        start = time.perf_counter()
+        self.check()
+        self.was_frozen = (read_file(self.file("cgroup.freeze")) or "").strip() == "1"
+        control = self.file("cgroup.freeze")
+        try:
+            t0 = time.perf_counter()
+            if not self.was_frozen:
+                self.froze = True  # from here on a failure writes the thaw back
+                yield from _write_while(lambda: write_file(control, "1"), meanwhile)
+            elif meanwhile is not None:
+                yield from meanwhile
+            report.signal_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            done = yield from self._wait_for("1", start + timeout)
+            report.verify_seconds += time.perf_counter() - t0
+            if not done:
+                pids = procs_below(self.path)
+                raise StopTimeoutError(timeout, _unfrozen_tasks(pids, self.fs, "STtZXI"))
+        except BaseException:
+            # A failed or cancelled freeze writes the thaw back (runc's half-frozen bug).
+            self._undo()
+            raise
+        report.verified_by = f"cgroup v2: {self.file('cgroup.events')} says frozen 1"
+
+    def _undo(self) -> None:
+        if self.froze:
+            self.froze = False
+            try:
+                write_file(self.file("cgroup.freeze"), "0")
+            except CgroupError:
+                pass  # removed meanwhile: nothing is frozen there any more
+
+    def thaw(self, timeout: float = 1.0) -> Steps[None]:
+        if not self.froze:
+            return  # not ours to thaw (it was frozen before us, or never frozen)
+        self._undo()
+        # Unfreezing is immediate in the kernel (cgroup_do_freeze); waiting for "frozen 0"
+        # only confirms it. A cgroup that is gone or still frozen by an ancestor is fine.
+        try:
+            yield from self._wait_for("0", time.perf_counter() + timeout)
+        except CgroupError:
+            pass
+
+
+class V1Freezer(CgroupFreezer):
+    """``freezer.state``, polled with a backoff; unstuck by thaw-and-retry."""
+
+    version = 1
+    control = "freezer.state"
+
+    def state(self) -> str:
+        text = read_file(self.file("freezer.state"))
+        if text is None:
+            raise CgroupError(self.path, "the cgroup was removed while freezing")
+        return text.strip()
+
+    def set_state(self, value: str) -> None:
+        write_file(self.file("freezer.state"), value)
+
+    def is_frozen(self) -> bool:
+        return self.state() == "FROZEN"
+
+    def freeze(
+        self, timeout: float, report: FreezeReport, meanwhile: Steps[None] | None = None
+    ) -> Steps[None]:
+        start = time.perf_counter()
+        self.check()
+        prev = self.state()
+        # Restore what was there (CRIU does): a cgroup frozen (or being frozen) by someone
+        # else stays so after this guard.
+        self.was_frozen = prev in ("FROZEN", "FREEZING")
+        try:
+            if prev != "FROZEN":
+                yield from self._freeze(start, timeout, report, meanwhile)
+            elif meanwhile is not None:
+                yield from meanwhile
+        except BaseException:
+            self._undo()
+            raise
+        report.verified_by = f"cgroup v1: {self.file('freezer.state')} says FROZEN"
+
+    def _freeze(
+        self, start: float, timeout: float, report: FreezeReport, meanwhile: Steps[None] | None
+    ) -> Steps[None]:
+        per_attempt = timeout / _V1_ATTEMPTS
+        for attempt in range(_V1_ATTEMPTS):
+            t0 = time.perf_counter()
+            self.froze = not self.was_frozen  # from here on a failure writes THAWED back
+            yield from _write_while(lambda: self.set_state("FROZEN"), meanwhile)
+            meanwhile = None  # only the first write has company
+            report.signal_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            deadline = min(start + timeout, t0 + per_attempt)
+            backoff = 0.00005
+            while True:
+                if self.state() == "FROZEN":
+                    report.verify_seconds += time.perf_counter() - t0
+                    report.passes = attempt + 1
+                    return
+                if time.perf_counter() > deadline:
+                    break
+                yield Wait(backoff)
+                backoff = min(backoff * 2, _V1_MAX_BACKOFF)
+            report.verify_seconds += time.perf_counter() - t0
+            if attempt + 1 < _V1_ATTEMPTS:
+                # Stuck in FREEZING: thaw, let the tasks run a moment, and try again.
+                self.set_state("THAWED")
+                yield YIELD
+        pids = procs_below(self.path)
+        late = _unfrozen_tasks(pids, self.fs, "DTtZXI")
+        self._undo()
+        raise StopTimeoutError(timeout, late)
+
+    def _undo(self) -> None:
+        if self.froze:
+            self.froze = False
+            try:
+                self.set_state("THAWED")
+            except CgroupError:
+                pass
+
+    def thaw(self, timeout: float = 1.0) -> Steps[None]:
+        if not self.froze:
+            return
+        self._undo()
+        deadline = time.perf_counter() + timeout
+        backoff = 0.00005
+        try:
+            while self.state() != "THAWED" and time.perf_counter() < deadline:
+                yield Wait(backoff)
+                backoff = min(backoff * 2, _V1_MAX_BACKOFF)
+        except CgroupError:
+            pass
+
+
+def freezer_for(version: int, path: str, fs: ProcFS | None = None) -> CgroupFreezer:
+    """The freezer of a v1 or v2 cgroup directory."""
+    if version == 2:
+        return V2Freezer(path, fs)
+    if version == 1:
+        return V1Freezer(path, fs)
+    raise InvalidArgumentError("version", f"must be 1 or 2, not {version!r}")
+
+
+def thaw_cgroup(version: int, path: str) -> int:
+    """Thaw a cgroup frozen by another process (a token): 1 if it was thawed, 0 if gone."""
+    freezer = freezer_for(version, path)
+    freezer.froze = True
+    try:
+        freezer.check()
+    except CgroupUnavailableError:
+        return 0
+    from .._drive import run_sync
+
+    run_sync(freezer.thaw())
+    return 1
+
+
+# -- finding the cgroup of a tree --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The cgroup that holds a tree, and the tree's top processes (where it enters it)."""
+
+    version: int
+    path: str
+    top: frozenset[int]
+
+
+def _top(plan: Plan) -> list[int]:
+    """The tree's topmost processes: the core walk from the plan's starts, descending only
+    through the processes walked through but never stopped (the root, the caller's
+    ancestors). Every other process of the tree descends from one of them."""
+    fs, report = plan.fs, plan.report
+    top: list[int] = []
+    seen: set[int] = set()
+
+    def visit(pid: int) -> Stat | None:
+        if pid in seen:
+            return None
+        seen.add(pid)
+        reason = plan.blocked.get(pid)
+        if reason is not None:
+            report.skipped[pid] = reason
+            return None
+        if pid in plan.passthrough:
+            return fs.stat(pid) if pid else _ROOT
+        stat = fs.stat(pid)
+        if stat is None:
+            return None
+        if stat.is_kernel_thread:
+            report.skipped[pid] = Skip.KERNEL_THREAD
+        elif stat.state in DEAD_STATES and stat.num_threads <= 1:
+            report.skipped[pid] = Skip.ZOMBIE
+        else:
+            top.append(pid)
+        return None
+
+    plan.source.refresh()
+    for _ in walk(plan.starts, visit, plan.source):
+        pass
+    return top
+
+
+def _describe_pids(pids: list[int], fs: ProcFS) -> str:
+    shown = []
+    for pid in pids[:10]:
+        st = fs.stat(pid)
+        shown.append(f"{pid} ({st.name})" if st else str(pid))
+    return ", ".join(shown) + (" ..." if len(pids) > 10 else "")
+
+
+def _refusal(inside: list[int], plan: Plan) -> str:
+    """Why a cgroup holding ``inside`` (processes that must keep running) cannot be frozen."""
+    fs = plan.fs
+    excluded = [p for p in inside if plan.blocked.get(p) is Skip.EXCLUDED]
+    roots = [p for p in inside if p in plan.starts and p != os.getpid()]
+    callers = [p for p in inside if p not in excluded and p not in roots]
+    if callers:
+        return (
+            f"the calling process, its ancestors or helpers ({_describe_pids(callers, fs)}) "
+            "are in it: freezing it would freeze the caller; spawn the tree into a cgroup "
+            "of its own (treeguard.cgroup.Cgroup.create)"
+        )
+    if excluded:
+        return (
+            f"excluded PID(s) {_describe_pids(excluded, fs)} are in it, and a cgroup freezes "
+            "all its processes: move the monitor out of the cgroup or use backend='signal'"
+        )
+    return (
+        f"it also holds processes outside the tree: the root {_describe_pids(roots, fs)}, "
+        "which is not frozen without include_root=True (pass it, or use backend='signal')"
+    )
+
+
+def _common_parent(paths: list[str]) -> str:
+    common = os.path.commonpath(paths)
+    return common if common.startswith("/") else "/"
+
+
+def find_target(plan: Plan) -> Target | None:
+    """The cgroup that holds the plan's tree; ``None`` if the tree has no processes.
+
+    The candidate is the cgroup of the tree's top processes (their closest common one
+    if they are in several: the freezer is hierarchical). Only the few processes that
+    must keep running are checked here (the caller, its ancestors, the root unless
+    included, excluded PIDs: one ``/proc/PID/cgroup`` read each); that the candidate
+    holds exactly the tree is proven by :class:`_Census`.
+
+    :raises CgroupUnavailableError: if no cgroup hierarchy is mounted.
+    :raises CgroupError: if no cgroup can hold the tree alone (saying why), nothing frozen.
+    """
+    from ..cgroup import discover, parse_proc_cgroup
+
+    top = _top(plan)
+    if not top:
+        return None
+    fs = plan.fs
+    found = discover(fs)
+    if found.v2 is None and found.freezer is None:
+        raise CgroupUnavailableError(
+            f"{fs.root}/self/mountinfo", "neither cgroup v2 nor a v1 freezer is mounted"
+        )
+    guarded = sorted(p for p in {*plan.passthrough, *plan.blocked} if p > 0)
+    problems: list[str] = []
+    for version, hierarchy in ((2, found.v2), (1, found.freezer)):
+        if hierarchy is None:
+            continue
+        key = "" if version == 2 else "freezer"
+        kind = "cgroup v2" if version == 2 else "v1 freezer cgroup"
+
+        def cgroup_of(pid: int, key: str = key) -> str | None:
+            text = fs.read(f"{pid}/cgroup")
+            return None if text is None else parse_proc_cgroup(text.decode()).get(key)
+
+        rels = [r for r in map(cgroup_of, top) if r is not None]
+        if not rels:
+            continue
+        rel = _common_parent(rels)
+        path = hierarchy.directory(rel)
+        if rel == "/" or path is None:
+            problems.append(
+                f"the tree is in the root {kind}"
+                + (
+                    " (it spans cgroups whose only common ancestor is the root)"
+                    * (len(set(rels)) > 1)
+                )
+                + ", which cannot be frozen"
+            )
+            continue
+        inside = []
+        for pid in guarded:
+            theirs = cgroup_of(pid)
+            if theirs is not None and (theirs == rel or theirs.startswith(rel + "/")):
+                inside.append(pid)
+        if not inside:
+            return Target(version, path, frozenset(top))
+        problems.append(f"{kind} {path}: {_refusal(inside, plan)}")
+    raise CgroupError(
+        f"of the tree of PID {plan.starts[0] if plan.starts else '?'}",
+        "no cgroup holds this tree alone, so backend='cgroup' cannot freeze it ("
+        + "; ".join(problems or ["its processes are in no cgroup hierarchy this process sees"])
+        + ")",
+    )
+
+
+class _Census:
+    """Who a cgroup holds, and the proof that it holds nothing but the tree entered at ``top``.
+
+    Every process in it must be a top process or have its parent in it: going up from any
+    of them then ends at a top process, so it descends from the root. Parents are learnt
+    from the ``children`` files (proc(5)) of the processes in it, read breadth-first from
+    the top only until every process has its parent: a tree of 1,000 processes under one
+    parent costs one read. A child a process forked from another thread, or since its
+    parent's file was read, is asked for its ppid instead.
+
+    A child found (on the way) to live in another cgroup is part of the tree the freeze
+    would miss: refused too. Children of the processes never read are not looked for:
+    a process born in a cgroup stays in it unless someone moves it.
+    """
+
+    def __init__(self, freezer: CgroupFreezer, top: frozenset[int], plan: Plan) -> None:
+        self.freezer = freezer
+        self.top = top
+        self.plan = plan
+        self.procs: set[int] = set()
+        self.tasks = 0
+        self.parent: dict[int, int] = {}  # child -> parent, for the processes in the cgroup
+        self._kids: dict[int, list[int]] = {}  # the children files read
+        self._orphans: set[int] = set()  # processes in it whose parent is not known yet
+        self._seen: tuple[list[str], bytes] | None = None
+
+    def survey(self) -> Steps[None]:
+        """List the cgroup and learn the parent of each process in it (what is not
+        known yet). The task list is read first: if a later survey reads the same list,
+        no task was born, died or moved in between, and what was learnt still holds."""
+        dirs = _subtree(self.freezer.path)
+        tasks = _listing(dirs, self.freezer.tasks_file)
+        if (dirs, tasks) == self._seen:
+            return
+        self._seen = dirs, tasks
+        self.tasks = len(tasks.split())
+        procs = self.procs = _ids(dirs, "cgroup.procs")
+        parent, kids_of, fs = self.parent, self._kids, self.plan.fs
+        orphans = procs - self.top - parent.keys()
+        if parent:  # a parent that left since (its children were re-parented)
+            orphans |= {p for p, q in parent.items() if q not in procs and p in procs}
+        queue = deque(sorted(self.top & procs))
+        next_slice = time.perf_counter() + _SLICE
+        while queue and orphans:
+            pid = queue.popleft()
+            kids = kids_of.get(pid)
+            if kids is None:
+                kids = kids_of[pid] = fs.children(pid, pid) or []
+                for kid in kids:
+                    parent[kid] = pid
+                orphans.difference_update(kids)
+                if time.perf_counter() > next_slice:
+                    yield YIELD
+                    next_slice = time.perf_counter() + _SLICE
+            queue.extend(k for k in kids if k in procs)
+        self._orphans = orphans
+
+    def problem(self) -> Steps[str | None]:
+        """Once frozen (nothing forks or exits then): what is wrong, ``None`` if nothing."""
+        yield from self.survey()
+        plan, procs, parent = self.plan, self.procs, self.parent
+        fs = plan.fs
+        kept = plan.passthrough | plan.blocked.keys()
+        moved_in = sorted(procs & kept)
+        if moved_in:  # since find_target looked
+            return _refusal(moved_in, plan)
+        foreign = []
+        for pid in sorted(self._orphans):
+            st = fs.stat(pid)
+            if st is not None and st.ppid in procs:
+                parent[pid] = st.ppid
+            elif st is not None and st.state not in DEAD_STATES:
+                foreign.append(pid)
+        self._orphans = set()
+        if foreign:
+            return (
+                f"it also holds processes outside the tree: {_describe_pids(foreign, fs)}; "
+                "freezing it stops them too (use backend='signal')"
+            )
+        seen = {k for kids in self._kids.values() for k in kids if k not in procs}
+        outside = []
+        for pid in sorted((seen | self.top) - procs - kept):
+            st = fs.stat(pid)
+            if st is None or st.state in DEAD_STATES or st.is_kernel_thread:
+                continue  # a zombie is in no cgroup.procs
+            if pid in self.top or st.ppid in procs:
+                outside.append(pid)
+        if outside:
+            return (
+                f"processes of the tree are in another cgroup: {_describe_pids(outside, fs)}"
+                " (moved there?); freezing it would leave them running (use backend='signal')"
+            )
+        return None
+
+
+class _Known(ChildrenSource):
+    """Children from a map built already (the order of a frozen cgroup's processes)."""
+
+    def __init__(self, fs: ProcFS, kids: dict[int, list[int]]) -> None:
+        super().__init__(fs)
+        self.kids = kids
+
+    def children(self, pid: int, stat: Stat) -> list[int]:
+        return list(self.kids.get(pid, ()))
+
+
+def _parent_first(pids: set[int], fs: ProcFS) -> list[tuple[int, int]]:
+    """``(pid, starttime)`` of ``pids`` (a frozen cgroup's), parents before children."""
+    stats = {}
+    for pid in pids:
+        st = fs.stat(pid)
+        if st is not None:
+            stats[pid] = st
+    kids: dict[int, list[int]] = {}
+    tops: list[int] = []
+    for pid in sorted(stats, key=lambda p: (stats[p].starttime, p)):
+        ppid = stats[pid].ppid
+        (kids.setdefault(ppid, []) if ppid in stats else tops).append(pid)
+    order = walk(tops, stats.get, _Known(fs, kids))
+    return [(pid, stats[pid].starttime) for pid in order]
+
+
+# -- the backends ------------------------------------------------------------------------
+
+
+class CgroupBackend(Backend):
+    """Freezes the cgroup that holds the plan's tree (or the cgroup it is given).
+
+    For a tree, the processes that must keep running are checked to be outside the
+    cgroup before it is frozen (then nothing is frozen if one is inside). Whether the
+    cgroup holds anything beyond the tree is proven while the kernel freezes it (that
+    takes as long as the proof): a cgroup found to hold other processes is thawed before
+    :class:`CgroupError` is raised, so those were frozen for a moment, a few
+    milliseconds, which the cgroup freezer does invisibly (no signal, no state change a
+    process could observe but the time).
+    """
+
+    name = "cgroup"
+    version: int | None = None
+
+    def __init__(self, plan: Plan, path: str | None = None) -> None:
+        super().__init__(plan)
+        self._path = path
+        self._freezer: CgroupFreezer | None = None
+        self._census: _Census | None = None
+        self._procs: set[int] = set()
+        self._order: list[tuple[int, int]] | None = None
+
+    def _check_journal(self) -> None:
+        if self.plan.journal is not None:
+            raise InvalidArgumentError(
+                "watchdog",
+                "the watchdog thaws by signal and cannot thaw a cgroup freeze: "
+                "use backend='signal' with watchdog=True",
+            )
+
+    def _aim(self, target: Target) -> _Census:
+        freezer = freezer_for(target.version, target.path, self.plan.fs)
+        self._freezer = freezer
+        self._census = _Census(freezer, target.top, self.plan)
+        return self._census
+
+    def freeze(self) -> Steps[None]:
+        self._check_journal()
+        plan, report = self.plan, self.report
+        start = time.perf_counter()
+        census = self._census
+        if self._path is not None:
+            assert self.version is not None
+            self._freezer = freezer_for(self.version, self._path, plan.fs)
+        elif census is None:
+            target = find_target(plan)
+            if target is None:
+                report.verified_by = "nothing to freeze: the tree has no processes"
+                report.freeze_seconds = time.perf_counter() - start
+                return
+            census = self._aim(target)
+        freezer = self._freezer
+        assert freezer is not None
+        report.enumerate_seconds = time.perf_counter() - start
+        left = plan.timeout - (time.perf_counter() - start)
+        meanwhile = None if census is None else census.survey()
+        if os.environ.get("TG_SEQ") and meanwhile is not None:
+            yield from meanwhile
+            meanwhile = None
+        yield from freezer.freeze(max(left, 0.0), report, meanwhile)
+        report.passes = max(report.passes, 1)
+        t0 = time.perf_counter()
+        # Frozen: nothing forks or exits now, so what the cgroup holds is final.
+        try:
+            if census is None:
+                self._procs, tids = freezer.members()
+                tasks = len(tids)
+                problem = None
+            else:
+                problem = yield from census.problem()
+                self._procs, tasks = census.procs, census.tasks
+        except BaseException:
+            for _ in self.thaw():
+                pass
+            raise
+        if problem is not None:
+            yield from self.thaw()
+            raise CgroupError(freezer.path, f"{problem}; it was thawed again")
+        report.enumerate_seconds += time.perf_counter() - t0
+        report.stopped = len(self._procs)
+        report.tasks = tasks
+        self._order = None
+        report.freeze_seconds = time.perf_counter() - start
+
+    def _ordered(self) -> list[tuple[int, int]]:
+        """``(pid, starttime)`` of what the cgroup held when frozen, parent-first (read on
+        first use: the freeze costs no more than the cgroup's own)."""
+        if self._order is None:
+            self._order = _parent_first(self._procs, self.plan.fs)
+        return self._order
+
+    def thaw(self) -> Steps[None]:
+        t0 = time.perf_counter()
+        if self._freezer is not None:
+            yield from self._freezer.thaw(max(self.plan.timeout, 1.0))
+        if self.plan.journal is not None:
+            self.plan.journal.released()
+        self.report.thaw_seconds = time.perf_counter() - t0
+
+    @property
+    def path(self) -> str | None:
+        """The cgroup directory frozen (``None`` before the freeze)."""
+        return None if self._freezer is None else self._freezer.path
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(p for p, _ in self._ordered())
+
+    @property
+    def identities(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self._ordered())
+
+    def detach(self) -> None:
+        if self._freezer is not None:
+            self._freezer.froze = False  # a token thaws it now; our thaw leaves it alone
+        if self.plan.journal is not None:
+            self.plan.journal.released()
+
+    def describe(self) -> dict[str, object]:
+        f = self._freezer
+        return {
+            "version": 0 if f is None else f.version,
+            "path": "" if f is None else f.path,
+            "was_frozen": True if f is None else not f.froze,
+        }
+
+
+class CgroupV2Backend(CgroupBackend):
+    """Freezes one given cgroup v2 directory (no enumeration)."""
+
+    version = 2
+
+    def __init__(self, plan: Plan, path: str) -> None:
+        super().__init__(plan, path)
+
+
+class CgroupV1Backend(CgroupBackend):
+    """Freezes one given cgroup v1 freezer directory (no enumeration)."""
+
+    version = 1
+
+    def __init__(self, plan: Plan, path: str) -> None:
+        super().__init__(plan, path)
+
+
+class AutoBackend(Backend):
+    """The cgroup backend for a tree alone in a treeguard-made cgroup, else the signal one.
+
+    Unlike ``backend="cgroup"``, it proves the tree alone in the cgroup before freezing
+    (it has the signal backend to fall back on, so it never freezes a cgroup to learn
+    that it may not).
+    """
+
+    name = "auto"
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__(plan)
+        self._inner: Backend | None = None
+
+    def freeze(self) -> Steps[None]:
+        plan = self.plan
+        t0 = time.perf_counter()
+        inner: Backend | None = None
+        target: Target | None = None
+        if plan.journal is None:
+            try:
+                target = find_target(plan)
+            except CgroupError:
+                target = None
+        if target is not None and os.path.basename(target.path).startswith(OWN_PREFIX):
+            cgroup = CgroupBackend(plan)
+            census = cgroup._aim(target)
+            yield from census.survey()
+            if (yield from census.problem()) is None:
+                inner = cgroup
+        found = time.perf_counter()
+        if inner is None:
+            plan.report.skipped.clear()  # the signal backend reports its own walk
+            inner = SignalBackend(plan)
+        self._inner = inner
+        yield from inner.freeze()
+        if isinstance(inner, CgroupBackend):
+            plan.report.enumerate_seconds += found - t0
+        plan.report.freeze_seconds = time.perf_counter() - t0
+
+    def thaw(self) -> Steps[None]:
+        if self._inner is not None:
+            yield from self._inner.thaw()
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return () if self._inner is None else self._inner.pids
+
+    @property
+    def identities(self) -> tuple[tuple[int, int], ...]:
+        return () if self._inner is None else self._inner.identities
+
+    @property
+    def already_stopped(self) -> tuple[tuple[int, int], ...]:
+        return () if self._inner is None else self._inner.already_stopped
+
+    def detach(self) -> None:
+        if self._inner is not None:
+            self._inner.detach()
+
+    def describe(self) -> dict[str, object]:
+        return {} if self._inner is None else self._inner.describe()
