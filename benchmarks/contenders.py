@@ -106,7 +106,9 @@ class KernelFloor(Contender):
         want = b"frozen " + value
         os.pwrite(self.freezer, value, 0)
         while want not in os.pread(self.events, 4096, 0):
-            self.poller.poll(1000)
+            # The kernel rate-limits cgroup.events notifications (one per 10 ms or so):
+            # look again every millisecond, so the floor is not flattered by that limit.
+            self.poller.poll(1)
 
     def freeze(self) -> None:
         self._set(b"1")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .errors import ProcfsParseError
@@ -263,32 +262,6 @@ class ProcFS:
         """
         data = self.read(f"{pid}/task/{tid}/children", 65536)
         return None if data is None else parse_children(data)
-
-    def children_of_tasks(self, tids: Iterable[int]) -> Iterator[tuple[int, list[int]]]:
-        """``(tid, children)`` for each task of ``tids`` that has children, from the task's
-        own ``/proc/TID/task/TID/children`` (any TID names its process's directory too);
-        gone tasks are left out. :meth:`children` for thousands of tasks: one open, read
-        and close each, and nothing built for the many that have no children.
-        """
-        root = self.root
-        for tid in tids:
-            try:
-                fd = os.open(f"{root}/{tid}/task/{tid}/children", _O_FLAGS)
-            except _GONE:
-                continue
-            try:
-                data = os.read(fd, _PAGE)
-                if len(data) >= _PAGE - _RECORD_SLACK:  # more pages follow (see read)
-                    chunks = [data]
-                    while chunk := os.read(fd, 65536):
-                        chunks.append(chunk)
-                    data = b"".join(chunks)
-            except _GONE:
-                continue
-            finally:
-                os.close(fd)
-            if data:
-                yield tid, parse_children(data)
 
     def has_children_files(self) -> bool:
         """Whether this kernel provides ``children`` files (CONFIG_PROC_CHILDREN)."""

@@ -7,6 +7,7 @@ that must not move.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from treeguard._backends import Plan, thaw_described, validate_described
 from treeguard._backends._cgroup import CgroupV2Backend
 from treeguard._drive import run_async
 from treeguard._tree import ChildrenFiles
-from treeguard._workers import WorkerTree, demo_spec
+from treeguard._workers import WorkerTree, chain, demo_spec
 from treeguard.cgroup import Cgroup, discover, parse_proc_cgroup
 from treeguard.errors import CgroupError, CgroupUnavailableError, InvalidArgumentError
 from treeguard.procfs import ProcFS
@@ -190,17 +191,100 @@ def test_v1_state_from_before_is_restored(
     proc.counters_moving(tree.counters, _main_slots(tree))
 
 
-def test_refused_when_the_cgroup_holds_more_than_the_tree(
+class _Writes:
+    """Every write to a file, seen by inotify (IN_MODIFY, IN_CLOSE_WRITE: inotify(7)), to
+    prove that a control file was never written, not even for a moment."""
+
+    def __init__(self, path: str) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0
+        assert libc.inotify_add_watch(self.fd, os.fsencode(path), 0x2 | 0x8) >= 0
+
+    def seen(self) -> bool:
+        try:
+            return bool(os.read(self.fd, 4096))
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_refused_before_freezing_when_a_process_that_must_run_is_inside(
+    version: int, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    cg = cgroup(version)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    writes = _Writes(os.path.join(cg.path, "cgroup.freeze" if version == 2 else "freezer.state"))
+    try:
+        monitor = tree.pids[1]
+        with pytest.raises(CgroupError, match="excluded"):
+            ProcessesGuard(exclude=[monitor], backend="cgroup").freeze()
+        with pytest.raises(CgroupError, match="outside the tree"):
+            ProcessesGuard(tree.root, backend="cgroup").freeze()  # the root is not frozen
+        assert not writes.seen()  # nothing was frozen, not even for a moment
+        proc.counters_moving(tree.counters, _main_slots(tree))
+        cg.freeze()  # the watch does see a freeze
+        cg.thaw()
+        assert writes.seen()
+    finally:
+        writes.close()
+
+
+def test_refused_and_thawed_when_the_cgroup_holds_an_outsider(
     cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
 ) -> None:
     cg = cgroup(2)
     tree = make_tree(demo_spec(), spawn=cg.spawn)
-    monitor = tree.pids[1]
-    with pytest.raises(CgroupError, match="excluded"):
-        ProcessesGuard(exclude=[monitor], backend="cgroup").freeze()
-    with pytest.raises(CgroupError, match="outside the tree"):
-        ProcessesGuard(tree.root, backend="cgroup").freeze()  # the root is not frozen
+    outsider = make_tree({"threads": 1}, spawn=cg.spawn)
+    guard = ProcessesGuard(tree.root, include_root=True, backend="cgroup")
+    with pytest.raises(CgroupError, match=f"outside the tree: {outsider.root} "):
+        guard.freeze()
+    assert not guard.frozen
+    assert proc.read_text(os.path.join(cg.path, "cgroup.freeze")).strip() == "0"
     assert not cg.frozen
+    proc.counters_moving(outsider.counters, [slot(0), slot(0, 1)])
+    proc.counters_moving(tree.counters, _main_slots(tree))
+    # backend="auto" proves it before freezing: the signal backend runs, the cgroup is
+    # never written.
+    writes = _Writes(os.path.join(cg.path, "cgroup.freeze"))
+    try:
+        with ProcessesGuard(tree.root, include_root=True, backend="auto") as guard:
+            assert guard.report.backend == "signal"
+            proc.assert_all_stopped(tree.pids)
+        assert not writes.seen()
+    finally:
+        writes.close()
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_refused_and_thawed_when_part_of_the_tree_is_elsewhere(
+    cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    cg, other = cgroup(2), cgroup(2)
+    tree = make_tree({"children": [{}, {}]}, spawn=cg.spawn)
+    moved = tree.pids[2]
+    assert other.adopt([moved]) == [moved]
+    with pytest.raises(CgroupError, match=f"in another cgroup: {moved} "):
+        ProcessesGuard(tree.root, include_root=True, backend="cgroup").freeze()
+    assert not cg.frozen
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+def test_a_deep_tree_is_proven_level_by_level(
+    cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    cg = cgroup(2)
+    tree = make_tree(chain(4, width=2, threads=1), spawn=cg.spawn)
+    with ProcessesGuard(tree.root, include_root=True, backend="cgroup") as guard:
+        assert guard.report.stopped == tree.size
+        assert sorted(guard.pids) == sorted(tree.pids)
+        order = {pid: i for i, pid in enumerate(guard.pids)}
+        for pid in tree.pids[1:]:
+            assert order[proc.ppid(pid)] < order[pid]  # parent-first
+        assert proc.counters_still(tree.counters, tree.period)
     proc.counters_moving(tree.counters, _main_slots(tree))
 
 

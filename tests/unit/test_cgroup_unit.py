@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from treeguard import _backends
-from treeguard._backends import _cgroup
+from treeguard._backends import Plan, _cgroup
 from treeguard._backends._cgroup import V1Freezer, V2Freezer
 from treeguard._drive import run_sync
 from treeguard._report import FreezeReport
+from treeguard._tree import ChildrenFiles
 from treeguard.cgroup import Cgroup, Hierarchy, discover, parse_mountinfo, parse_proc_cgroup
 from treeguard.errors import (
     CgroupUnavailableError,
@@ -188,7 +189,7 @@ def test_v2_freezer_rejects_a_directory_that_is_not_a_cgroup(tmp_path: Path) -> 
 
 
 def test_signal_payload_validation() -> None:
-    ok = {"stopped": [[10, 5]], "already_stopped": []}
+    ok: dict[str, object] = {"stopped": [[10, 5]], "already_stopped": []}
     _backends.validate_described("signal", ok)
     bad: list[dict[str, object]] = [
         {"stopped": [[0, 5]], "already_stopped": []},
@@ -226,3 +227,69 @@ def test_cgroup_payload_validation() -> None:
             _backends.validate_described("cgroup", payload)
     with pytest.raises(TokenError):
         _backends.validate_described("bogus", {})
+
+
+# -- the proof that a cgroup holds the tree and nothing else ------------------------------
+
+
+def _census(
+    tmp_path: Path, parents: dict[int, int], threads: dict[int, list[int]], inside: list[int]
+) -> _cgroup._Census:
+    """A census of a fake v2 cgroup holding ``inside`` (with their ``threads``) over a
+    synthetic /proc: ``parents`` maps pid to ppid; children are listed by the main thread
+    of the parent, except those of a parent whose other threads are named in ``threads``
+    (forked from that thread, listed by it only)."""
+    proc = tmp_path / "proc"
+    for pid, ppid in parents.items():
+        task = proc / str(pid) / "task" / str(pid)
+        task.mkdir(parents=True)
+        kids = [c for c, p in parents.items() if p == pid and pid not in threads]
+        (task / "children").write_text("".join(f"{c} " for c in kids))
+        stat = f"{pid} (p{pid}) S {ppid} {pid} {pid} 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {pid}\n"
+        (proc / str(pid) / "stat").write_text(stat)
+    cg = _fake_v2(tmp_path)
+    (cg / "cgroup.procs").write_text("".join(f"{p}\n" for p in inside))
+    tids = [t for p in inside for t in [p, *threads.get(p, [])]]
+    (cg / "cgroup.threads").write_text("".join(f"{t}\n" for t in tids))
+    fs = ProcFS(str(proc))
+    plan = Plan((1,), frozenset({1}), {}, 1.0, 1, False, "tree", fs, ChildrenFiles(fs))
+    census = _cgroup._Census(V2Freezer(str(cg), fs), frozenset({10}), plan)
+    run_sync(census.survey())
+    return census
+
+
+# 10 is the top (the root's child); 13 has a second thread; 11 forks from a second thread.
+TREE = {1: 0, 10: 1, 11: 10, 12: 10, 13: 11, 14: 11}
+THREADS = {13: [130], 11: [110]}
+
+
+def test_census_accepts_exactly_the_tree(tmp_path: Path) -> None:
+    census = _census(tmp_path, TREE, THREADS, [10, 11, 12, 13, 14])
+    assert census.problem() is None
+    assert census.procs == {10, 11, 12, 13, 14}
+    assert census.tasks == 7
+    # 13 and 14 are children of a second thread of 11: found by their ppid.
+    assert census.parent[13] == census.parent[14] == 11
+
+
+def test_census_refuses_an_outsider(tmp_path: Path) -> None:
+    census = _census(tmp_path, {**TREE, 20: 1}, THREADS, [10, 11, 12, 13, 14, 20])
+    assert "outside the tree: 20 (p20)" in (census.problem() or "")
+
+
+def test_census_refuses_a_child_of_the_tree_outside_the_cgroup(tmp_path: Path) -> None:
+    census = _census(tmp_path, TREE, THREADS, [10, 11, 13, 14])  # 12 was moved out
+    assert "in another cgroup: 12 (p12)" in (census.problem() or "")
+
+
+def test_census_refuses_a_process_that_must_keep_running(tmp_path: Path) -> None:
+    census = _census(tmp_path, TREE, THREADS, [1, 10, 11, 12, 13, 14])  # the root itself
+    assert "outside the tree: the root 1" in (census.problem() or "")
+
+
+def test_subtree_includes_child_cgroups(tmp_path: Path) -> None:
+    top = tmp_path / "cg"
+    (top / "a" / "b").mkdir(parents=True)
+    for d, pids in ((top, "1\n"), (top / "a", "2\n3\n"), (top / "a" / "b", "4\n")):
+        (d / "cgroup.procs").write_text(pids)
+    assert _cgroup.procs_below(str(top)) == [1, 2, 3, 4]

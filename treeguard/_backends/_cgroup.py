@@ -10,12 +10,13 @@
   stuck in FREEZING is thawed and frozen again a bounded number of times (runc's remedy).
 
 :class:`CgroupBackend` with no explicit cgroup finds the one that holds the plan's tree
-without walking the tree: the cgroup of the tree's top processes (the root's children,
-or the root) is the candidate, and the few processes that must keep running (the caller,
+without walking the tree: the candidate is the cgroup of the tree's top processes (the
+root's children, or the root), and the few processes that must keep running (the caller,
 its ancestors, excluded PIDs) are checked to be outside it BEFORE anything is frozen.
-That the candidate holds exactly the tree (nothing else, nothing of the tree elsewhere)
-is proven by one ``children`` read per task it holds, done while the kernel freezes it
-(:class:`_Census`); a cgroup found to hold other processes is thawed again at once.
+That the candidate holds nothing but the tree is proven once it is frozen, when it can no
+longer change, from its task list and the ``children`` files of its processes, read from
+the top down only until every process in it is accounted for (:class:`_Census`); a cgroup
+found to hold other processes is thawed again before the error is raised.
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._drive import YIELD, Steps, Wait
@@ -185,12 +184,8 @@ def parse_keyed(text: str) -> dict[str, str]:
 def _subtree(path: str) -> list[str]:
     """``path`` and every cgroup below it (the freezer is hierarchical in v1 and v2)."""
     dirs = [path]
-    for d in dirs:  # grows while it is read: breadth-first
-        try:
-            with os.scandir(d) as entries:
-                dirs += (e.path for e in entries if e.is_dir(follow_symlinks=False))
-        except (FileNotFoundError, NotADirectoryError):
-            pass  # removed meanwhile
+    for top, subdirs, _ in os.walk(path):
+        dirs += (os.path.join(top, d) for d in subdirs)
     return dirs
 
 
@@ -211,8 +206,7 @@ def _listing(dirs: list[str], name: str) -> bytes:
                 raise
         finally:
             os.close(fd)
-        out.append(b"\n")
-    return b"".join(out)
+    return b"".join(out)  # each entry ends with a newline
 
 
 def _ids(dirs: list[str], name: str) -> set[int]:
@@ -223,37 +217,6 @@ def _ids(dirs: list[str], name: str) -> set[int]:
 def procs_below(path: str) -> list[int]:
     """Every process in the cgroup ``path`` and its descendants (``cgroup.procs``)."""
     return sorted(_ids(_subtree(path), "cgroup.procs"))
-
-
-def _write_while(write: Callable[[], None], meanwhile: Steps[None] | None) -> Steps[None]:
-    """Run ``write`` in a worker thread while ``meanwhile``'s steps run here.
-
-    A write to ``cgroup.freeze`` (or ``freezer.state``) returns only once the kernel has
-    told every task of the cgroup to freeze (cgroup_do_freeze walks them all: about 4 ms
-    for 1,000 tasks), and ``os.write`` releases the GIL meanwhile: work that does not
-    depend on the freeze costs no time of its own here. The write's error, if any, is
-    raised after ``meanwhile`` ends; whatever ends ``meanwhile`` (an error, a cancelled
-    driver) waits for the write first, so that a thaw written afterwards lands after it.
-    """
-    if meanwhile is None:
-        write()
-        return
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            write()
-        except BaseException as err:  # handed to the driving thread below
-            failed.append(err)
-
-    worker = threading.Thread(target=run, name="treeguard-cgroup-freeze", daemon=True)
-    worker.start()
-    try:
-        yield from meanwhile
-    finally:
-        worker.join()  # bounded: the write waits for no task, only walks them
-    if failed:
-        raise failed[0]
 
 
 def _unfrozen_tasks(pids: list[int], fs: ProcFS, frozen_shows: str) -> list[tuple[int, int, str]]:
@@ -295,16 +258,7 @@ class CgroupFreezer:
                 + " directory",
             )
 
-    def freeze(
-        self, timeout: float, report: FreezeReport, meanwhile: Steps[None] | None = None
-    ) -> Steps[None]:
-        """Freeze and wait until the kernel says frozen; thawed again if anything fails.
-
-        :param meanwhile: steps to run while the kernel writes the freeze (see
-            :func:`_write_while`); they run, and may fail, before the wait.
-        :raises StopTimeoutError: if not frozen within ``timeout`` (then thawed).
-        :raises CgroupError: if a control file cannot be written (then thawed).
-        """
+    def freeze(self, timeout: float, report: FreezeReport) -> Steps[None]:
         raise NotImplementedError
 
     def thaw(self, timeout: float = 1.0) -> Steps[None]:
@@ -359,21 +313,16 @@ class V2Freezer(CgroupFreezer):
             if watch is not None:
                 watch.close()
 
-    def freeze(
-        self, timeout: float, report: FreezeReport, meanwhile: Steps[None] | None = None
-    ) -> Steps[None]:
+    def freeze(self, timeout: float, report: FreezeReport) -> Steps[None]:
         start = time.perf_counter()
         self.check()
         self.was_frozen = (read_file(self.file("cgroup.freeze")) or "").strip() == "1"
-        control = self.file("cgroup.freeze")
         try:
-            t0 = time.perf_counter()
             if not self.was_frozen:
-                self.froze = True  # from here on a failure writes the thaw back
-                yield from _write_while(lambda: write_file(control, "1"), meanwhile)
-            elif meanwhile is not None:
-                yield from meanwhile
-            report.signal_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                write_file(self.file("cgroup.freeze"), "1")
+                self.froze = True
+                report.signal_seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
             done = yield from self._wait_for("1", start + timeout)
             report.verify_seconds += time.perf_counter() - t0
@@ -424,9 +373,7 @@ class V1Freezer(CgroupFreezer):
     def is_frozen(self) -> bool:
         return self.state() == "FROZEN"
 
-    def freeze(
-        self, timeout: float, report: FreezeReport, meanwhile: Steps[None] | None = None
-    ) -> Steps[None]:
+    def freeze(self, timeout: float, report: FreezeReport) -> Steps[None]:
         start = time.perf_counter()
         self.check()
         prev = self.state()
@@ -435,23 +382,18 @@ class V1Freezer(CgroupFreezer):
         self.was_frozen = prev in ("FROZEN", "FREEZING")
         try:
             if prev != "FROZEN":
-                yield from self._freeze(start, timeout, report, meanwhile)
-            elif meanwhile is not None:
-                yield from meanwhile
+                yield from self._freeze(start, timeout, report)
         except BaseException:
             self._undo()
             raise
         report.verified_by = f"cgroup v1: {self.file('freezer.state')} says FROZEN"
 
-    def _freeze(
-        self, start: float, timeout: float, report: FreezeReport, meanwhile: Steps[None] | None
-    ) -> Steps[None]:
+    def _freeze(self, start: float, timeout: float, report: FreezeReport) -> Steps[None]:
         per_attempt = timeout / _V1_ATTEMPTS
         for attempt in range(_V1_ATTEMPTS):
             t0 = time.perf_counter()
-            self.froze = not self.was_frozen  # from here on a failure writes THAWED back
-            yield from _write_while(lambda: self.set_state("FROZEN"), meanwhile)
-            meanwhile = None  # only the first write has company
+            self.set_state("FROZEN")
+            self.froze = not self.was_frozen
             report.signal_seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
             deadline = min(start + timeout, t0 + per_attempt)
@@ -704,31 +646,46 @@ class _Census:
         if (dirs, tasks) == self._seen:
             return
         self._seen = dirs, tasks
-        self.tasks = len(tasks.split())
-        procs = self.procs = _ids(dirs, "cgroup.procs")
-        parent, kids_of, fs = self.parent, self._kids, self.plan.fs
-        orphans = procs - self.top - parent.keys()
-        if parent:  # a parent that left since (its children were re-parented)
-            orphans |= {p for p, q in parent.items() if q not in procs and p in procs}
+        self.tasks = tasks.count(b"\n")
+        # In the usual tree every task is a process of its own: the task list stands
+        # for the process list until, below the top, a task is left without a parent.
+        procs = set(map(int, tasks.split()))
+        orphans = procs - self.top - self.parent.keys()
+        if self.parent:  # a parent that exited since: its children were re-parented
+            orphans |= {p for p, q in self.parent.items() if q not in procs and p in procs}
         queue = deque(sorted(self.top & procs))
+        yield from self._descend(queue, procs, orphans, len(queue))
+        if orphans:  # threads, or processes whose parent is further down (or elsewhere)
+            procs = _ids(dirs, "cgroup.procs")
+            orphans &= procs
+            yield from self._descend(queue, procs, orphans, len(procs))
+        self.procs, self._orphans = procs, orphans
+
+    def _descend(
+        self, queue: deque[int], members: set[int], orphans: set[int], reads: int
+    ) -> Steps[None]:
+        """Read ``children`` files breadth-first (at most ``reads``) while some process
+        of ``members`` has no known parent."""
+        parent, files, fs = self.parent, self._kids, self.plan.fs
         next_slice = time.perf_counter() + _SLICE
-        while queue and orphans:
+        while queue and orphans and reads > 0:
             pid = queue.popleft()
-            kids = kids_of.get(pid)
+            if pid not in members:
+                continue
+            kids = files.get(pid)
             if kids is None:
-                kids = kids_of[pid] = fs.children(pid, pid) or []
-                for kid in kids:
-                    parent[kid] = pid
+                reads -= 1
+                kids = files[pid] = fs.children(pid, pid) or []
+                parent.update(dict.fromkeys(kids, pid))
                 orphans.difference_update(kids)
                 if time.perf_counter() > next_slice:
                     yield YIELD
                     next_slice = time.perf_counter() + _SLICE
-            queue.extend(k for k in kids if k in procs)
-        self._orphans = orphans
+            queue.extend(kids)
 
-    def problem(self) -> Steps[str | None]:
-        """Once frozen (nothing forks or exits then): what is wrong, ``None`` if nothing."""
-        yield from self.survey()
+    def problem(self) -> str | None:
+        """What is wrong with what :meth:`survey` found, ``None`` if nothing: run once
+        frozen (nothing forks or exits then)."""
         plan, procs, parent = self.plan, self.procs, self.parent
         fs = plan.fs
         kept = plan.passthrough | plan.blocked.keys()
@@ -748,9 +705,8 @@ class _Census:
                 f"it also holds processes outside the tree: {_describe_pids(foreign, fs)}; "
                 "freezing it stops them too (use backend='signal')"
             )
-        seen = {k for kids in self._kids.values() for k in kids if k not in procs}
         outside = []
-        for pid in sorted((seen | self.top) - procs - kept):
+        for pid in sorted(set().union(self.top, *self._kids.values()) - procs - kept):
             st = fs.stat(pid)
             if st is None or st.state in DEAD_STATES or st.is_kernel_thread:
                 continue  # a zombie is in no cgroup.procs
@@ -762,6 +718,14 @@ class _Census:
                 " (moved there?); freezing it would leave them running (use backend='signal')"
             )
         return None
+
+    def parent_first(self) -> list[int]:
+        """The processes found, parents before children, from the parents learnt (no
+        read): once :meth:`problem` found nothing, each has its parent among them."""
+        kids: dict[int, list[int]] = {}
+        for pid in sorted(self.procs - self.top):
+            kids.setdefault(self.parent.get(pid, 0), []).append(pid)  # 0: it died meanwhile
+        return _parent_first(sorted(self.top & self.procs), kids, self.plan.fs)
 
 
 class _Known(ChildrenSource):
@@ -775,20 +739,20 @@ class _Known(ChildrenSource):
         return list(self.kids.get(pid, ()))
 
 
-def _parent_first(pids: set[int], fs: ProcFS) -> list[tuple[int, int]]:
-    """``(pid, starttime)`` of ``pids`` (a frozen cgroup's), parents before children."""
-    stats = {}
-    for pid in pids:
-        st = fs.stat(pid)
-        if st is not None:
-            stats[pid] = st
+def _parent_first(tops: list[int], kids: dict[int, list[int]], fs: ProcFS) -> list[int]:
+    """The processes below ``tops`` in ``kids``, parents before children (the core walk
+    over a map built already)."""
+    return list(walk(tops, lambda pid: _ROOT, _Known(fs, kids)))
+
+
+def _by_ppid(stats: dict[int, Stat], fs: ProcFS) -> list[int]:
+    """The processes of ``stats`` parents first, by their ppids."""
     kids: dict[int, list[int]] = {}
     tops: list[int] = []
     for pid in sorted(stats, key=lambda p: (stats[p].starttime, p)):
         ppid = stats[pid].ppid
         (kids.setdefault(ppid, []) if ppid in stats else tops).append(pid)
-    order = walk(tops, stats.get, _Known(fs, kids))
-    return [(pid, stats[pid].starttime) for pid in order]
+    return _parent_first(tops, kids, fs)
 
 
 # -- the backends ------------------------------------------------------------------------
@@ -797,13 +761,14 @@ def _parent_first(pids: set[int], fs: ProcFS) -> list[tuple[int, int]]:
 class CgroupBackend(Backend):
     """Freezes the cgroup that holds the plan's tree (or the cgroup it is given).
 
-    For a tree, the processes that must keep running are checked to be outside the
-    cgroup before it is frozen (then nothing is frozen if one is inside). Whether the
-    cgroup holds anything beyond the tree is proven while the kernel freezes it (that
-    takes as long as the proof): a cgroup found to hold other processes is thawed before
-    :class:`CgroupError` is raised, so those were frozen for a moment, a few
-    milliseconds, which the cgroup freezer does invisibly (no signal, no state change a
-    process could observe but the time).
+    For a tree, the processes that must keep running (the caller, its ancestors, the
+    root unless included, excluded PIDs) are checked to be outside the cgroup before it
+    is frozen: if one is inside, :class:`CgroupError` and nothing frozen. That the cgroup
+    holds nothing else is proven once it is frozen (the proof costs a quarter of the
+    freeze, and a frozen cgroup cannot change under it): if it holds other processes, it
+    is thawed before :class:`CgroupError` is raised, so those were frozen for a moment,
+    a few milliseconds, which the cgroup freezer does invisibly (no signal, nothing a
+    process can observe but the lost time).
     """
 
     name = "cgroup"
@@ -815,7 +780,8 @@ class CgroupBackend(Backend):
         self._freezer: CgroupFreezer | None = None
         self._census: _Census | None = None
         self._procs: set[int] = set()
-        self._order: list[tuple[int, int]] | None = None
+        self._pids: list[int] | None = None
+        self._identities: list[tuple[int, int]] | None = None
 
     def _check_journal(self) -> None:
         if self.plan.journal is not None:
@@ -850,11 +816,7 @@ class CgroupBackend(Backend):
         assert freezer is not None
         report.enumerate_seconds = time.perf_counter() - start
         left = plan.timeout - (time.perf_counter() - start)
-        meanwhile = None if census is None else census.survey()
-        if os.environ.get("TG_SEQ") and meanwhile is not None:
-            yield from meanwhile
-            meanwhile = None
-        yield from freezer.freeze(max(left, 0.0), report, meanwhile)
+        yield from freezer.freeze(max(left, 0.0), report)
         report.passes = max(report.passes, 1)
         t0 = time.perf_counter()
         # Frozen: nothing forks or exits now, so what the cgroup holds is final.
@@ -864,7 +826,8 @@ class CgroupBackend(Backend):
                 tasks = len(tids)
                 problem = None
             else:
-                problem = yield from census.problem()
+                yield from census.survey()
+                problem = census.problem()
                 self._procs, tasks = census.procs, census.tasks
         except BaseException:
             for _ in self.thaw():
@@ -876,15 +839,25 @@ class CgroupBackend(Backend):
         report.enumerate_seconds += time.perf_counter() - t0
         report.stopped = len(self._procs)
         report.tasks = tasks
-        self._order = None
+        self._pids = self._identities = None
         report.freeze_seconds = time.perf_counter() - start
 
     def _ordered(self) -> list[tuple[int, int]]:
         """``(pid, starttime)`` of what the cgroup held when frozen, parent-first (read on
         first use: the freeze costs no more than the cgroup's own)."""
-        if self._order is None:
-            self._order = _parent_first(self._procs, self.plan.fs)
-        return self._order
+        if self._identities is None:
+            fs = self.plan.fs
+            pids = self._procs if self._census is None else self._parent_first()
+            stats = {pid: st for pid in pids if (st := fs.stat(pid)) is not None}
+            order = _by_ppid(stats, fs) if self._census is None else self._parent_first()
+            self._identities = [(pid, stats[pid].starttime) for pid in order if pid in stats]
+        return self._identities
+
+    def _parent_first(self) -> list[int]:
+        if self._pids is None:
+            assert self._census is not None
+            self._pids = self._census.parent_first()
+        return self._pids
 
     def thaw(self) -> Steps[None]:
         t0 = time.perf_counter()
@@ -901,6 +874,8 @@ class CgroupBackend(Backend):
 
     @property
     def pids(self) -> tuple[int, ...]:
+        if self._census is not None:  # no read needed: the proof learnt every parent
+            return tuple(self._parent_first())
         return tuple(p for p, _ in self._ordered())
 
     @property
@@ -968,7 +943,7 @@ class AutoBackend(Backend):
             cgroup = CgroupBackend(plan)
             census = cgroup._aim(target)
             yield from census.survey()
-            if (yield from census.problem()) is None:
+            if census.problem() is None:
                 inner = cgroup
         found = time.perf_counter()
         if inner is None:
