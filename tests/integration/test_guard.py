@@ -268,16 +268,19 @@ EPERM = textwrap.dedent(
     from tests import proc
     partial_ok = sys.argv[1] == "1"
     rfd, wfd = os.pipe()
+    ready_r, ready_w = os.pipe()
     kids = []
     for uid in (65533, 65534):  # one child of another user, one of ours
         pid = os.fork()
         if pid == 0:
             os.close(wfd)
             os.setresuid(uid, uid, uid)
+            os.write(ready_w, b"r")  # only now is it the user the test expects
             os.read(rfd, 1)  # runs until the supervisor closes the pipe
             os._exit(0)
         kids.append(pid)
     os.close(rfd)
+    assert os.read(ready_r, 1) + os.read(ready_r, 1) == b"rr"
     os.setresgid(65534, 65534, 65534)
     os.setresuid(65534, 65534, 65534)
     proc.wait_until(lambda: all(proc.task_states(k) for k in kids))
