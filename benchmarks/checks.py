@@ -8,25 +8,13 @@ a bug in treeguard's parser or walk cannot make a freeze look verified.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 
-
-def task_states(pid: int) -> dict[int, str]:
-    """``{tid: state}`` for every thread of ``pid`` (empty if it is gone)."""
-    states: dict[int, str] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError):
-        return states
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                data = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        states[int(tid)] = chr(data[data.rindex(b")") + 2])
-    return states
+# The same minimal reader the tests check with (tests/proc.py): one independent source.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.proc import task_states  # noqa: E402
 
 
 def not_stopped(pids: Iterable[int]) -> list[tuple[int, int, str]]:
