@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 import psutil
-from checks import MOUNTS
+from checks import MOUNTS, task_states
 
 from treeguard import ProcessesGuard
 from treeguard._workers import WorkerTree
@@ -196,19 +196,8 @@ def crosvm_load(root: int) -> list[int]:
 
 
 def _all_tasks_stopped(pid: int) -> bool:
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return True
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            continue
-        if data[data.rindex(b")") + 2 : data.rindex(b")") + 3] not in (b"T", b"t"):
-            return False
-    return True
+    """crosvm's check: every task under /proc/PID/task shows T (a gone process counts)."""
+    return all(state in "Tt" for state in task_states(pid).values())
 
 
 class CrosvmModel(Contender):

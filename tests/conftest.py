@@ -53,17 +53,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _stopped_machine_wide() -> set[int]:
-    out = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            if chr(data[data.rindex(b")") + 2]) in "Tt":
-                out.add(int(name))
-    return out
+    return {int(n) for n in os.listdir("/proc") if n.isdigit() and proc.state(int(n)) in ("T", "t")}
 
 
 def _stopped_here() -> set[int]:

@@ -14,21 +14,37 @@ from collections.abc import Callable, Iterable
 import psutil
 
 
+def stat_fields(pid: int, tid: int | None = None) -> list[bytes] | None:
+    """The fields of a stat line after the command name (0: state, 1: ppid, 19: starttime),
+    anchored on the last ``)``; None if the process (or thread) is gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def state(pid: int, tid: int | None = None) -> str | None:
+    fields = stat_fields(pid, tid)
+    return None if fields is None else fields[0].decode()
+
+
+def starttime(pid: int) -> int:
+    """The starttime of ``pid``; -1 if it is gone."""
+    fields = stat_fields(pid)
+    return -1 if fields is None else int(fields[19])
+
+
 def task_states(pid: int) -> dict[int, str]:
     """``{tid: state}`` for every thread of ``pid`` (empty if the process is gone)."""
-    states: dict[int, str] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except (FileNotFoundError, ProcessLookupError):
-        return states
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                data = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        states[int(tid)] = chr(data[data.rindex(b")") + 2])
-    return states
+        return {}
+    states = {int(tid): state(pid, int(tid)) for tid in tids}
+    return {tid: s for tid, s in states.items() if s is not None}
 
 
 def states_of(pids: Iterable[int]) -> dict[tuple[int, int], str]:
@@ -102,7 +118,9 @@ def read_text(path: str) -> str:
 
 
 def ppid(pid: int) -> int:
-    return int(read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[1])
+    fields = stat_fields(pid)
+    assert fields is not None, f"no process {pid}"
+    return int(fields[1])
 
 
 def children(pid: int) -> list[int]:

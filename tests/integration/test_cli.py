@@ -210,7 +210,7 @@ def test_tampered_token_never_signals_another_process(tmp_path: Path) -> None:
         proc.wait_until(lambda: proc.task_states(victim.pid), 10)
         victim.send_signal(signal.SIGSTOP)
         proc.wait_until(lambda: proc.stopped([victim.pid]), 10, "the victim to stop")
-        real = int(Path(f"/proc/{victim.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
+        real = proc.starttime(victim.pid)
         # A well-formed token (its digest recomputed) naming the victim's PID with another
         # starttime: as if the PID had been recycled, or the file edited.
         forged = Token("signal", {"stopped": [[victim.pid, real + 1]], "already_stopped": []})

@@ -166,10 +166,7 @@ class Supervisor:
         self.proc.stdin.flush()
 
 
-def starttime(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    return int(data[data.rindex(b")") + 2 :].split()[19])
+starttime = proc.starttime
 
 
 def wait_running(pids: list[int], timeout: float = 10.0) -> float:

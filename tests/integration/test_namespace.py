@@ -19,8 +19,12 @@ import pytest
 
 from tests.conftest import require_root
 
+ROOT = str(Path(__file__).resolve().parents[2])
+
 SCRIPT = r'''
 import ctypes, json, mmap, os, signal, struct, sys, threading, time
+sys.path.insert(0, sys.argv[1])  # the repository: the tests' own /proc reader
+from tests.proc import ppid, task_states
 
 libc = ctypes.CDLL(None, use_errno=True)
 mem = mmap.mmap(-1, 8 * 32)  # one counter per slot, shared by every fork below
@@ -52,21 +56,6 @@ def spawn(slot, threads=0, child_slot=None):
             os._exit(0)
     return pid
 
-
-def task_states(pid):
-    states = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return states
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        states[int(tid)] = chr(data[data.rindex(b")") + 2])
-    return states
 
 
 def all_pids():
@@ -176,7 +165,7 @@ def main():
     slots_frozen, slots_free = [0, 1, 2, 4, 5, 8], [10, 11]
     wait_until(lambda: all(counters(slots_frozen + slots_free)))
     excluded_child = int(open(f"/proc/{excluded}/task/{excluded}/children").read().split()[0])
-    orphan_ppid = int(open(f"/proc/{orphan}/stat").read().rsplit(")", 1)[1].split()[1])
+    orphan_ppid = ppid(orphan)
 
     rv, wv = os.pipe()
     middle = os.fork()                     # an ancestor of the caller, other than PID 1
@@ -228,7 +217,7 @@ def verdict(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     script = Path(tmp_path_factory.mktemp("namespace")) / "supervisor.py"
     script.write_text(SCRIPT)
     done = subprocess.run(
-        [unshare, "--pid", "--fork", "--mount-proc", sys.executable, str(script)],
+        [unshare, "--pid", "--fork", "--mount-proc", sys.executable, str(script), ROOT],
         capture_output=True,
         text=True,
         timeout=110,

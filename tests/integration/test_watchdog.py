@@ -33,10 +33,7 @@ def sig_mask(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
-def starttime(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    return int(data[data.rindex(b")") + 2 :].split()[19])
+starttime = proc.starttime
 
 
 def reaped(pid: int) -> bool:

@@ -28,6 +28,8 @@ from treeguard.errors import FreezeError, TreeUnstableError
 
 pytestmark = pytest.mark.slow
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 MakeTree = Callable[..., WorkerTree]
 ATTEMPTS = 40  # freezes of each storm
 
@@ -195,9 +197,7 @@ class Killer(threading.Thread):
                 starttime = self.leaves.pop(pid)
                 fd = os.pidfd_open(pid)
                 try:
-                    with open(f"/proc/{pid}/stat", "rb") as f:
-                        data = f.read()
-                    if int(data[data.rindex(b")") + 2 :].split()[19]) == starttime:
+                    if proc.starttime(pid) == starttime:
                         signal.pidfd_send_signal(fd, signal.SIGKILL)
                         self.killed.append(pid)
                 finally:
@@ -257,15 +257,12 @@ def test_random_deaths_during_freeze_and_thaw(make_tree: MakeTree) -> None:
 
 PID_REUSE = r"""
 import json, os, resource, select, signal, sys, time
+sys.path.insert(0, sys.argv[1])  # the repository: the tests' own /proc reader
+from tests.proc import starttime, state
 from treeguard import ProcessesGuard
 from treeguard._backends._signal import thaw_identities
 assert os.getpid() == 1, "run me as PID 1 of a fresh PID namespace"
 HZ = os.sysconf("SC_CLK_TCK")
-
-def starttime(pid):
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    return int(data[data.rindex(b")") + 2:].split()[19])
 
 def masks(pid):
     out = {}
@@ -282,11 +279,6 @@ def sleeper():
         while True:
             time.sleep(3600)
     return pid
-
-def state(pid):
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    return chr(data[data.rindex(b")") + 2])
 
 results = {}
 for mode in ("pidfd", "transient", "identities", "lease"):
@@ -347,7 +339,7 @@ print(json.dumps(results))
 def test_pid_reuse_in_a_pid_namespace() -> None:
     require_root("a PID namespace and ns_last_pid")
     done = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", PID_REUSE],
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", PID_REUSE, ROOT],
         capture_output=True,
         timeout=60,
     )

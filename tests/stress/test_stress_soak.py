@@ -90,10 +90,7 @@ def _flatten(node: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def proc_starttime(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    return int(data[data.rindex(b")") + 2 :].split()[19])
+proc_starttime = proc.starttime
 
 
 PRESSURE = r"""
