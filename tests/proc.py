@@ -13,6 +13,9 @@ from collections.abc import Callable, Iterable
 
 import psutil
 
+from treeguard._workers import counters_moving as _moving
+from treeguard._workers import counters_still as counters_still
+
 
 def stat_fields(pid: int, tid: int | None = None) -> list[bytes] | None:
     """The fields of a stat line after the command name (0: state, 1: ppid, 19: starttime),
@@ -86,30 +89,11 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str
         delay = min(delay * 2, 0.02)
 
 
-def counters_still(read: Callable[[], list[int]], period: float, ticks: int = 8) -> bool:
-    """Whether the counters stay where they are for ``ticks`` tick periods (a frozen tree),
-    checking at every period so that one tick would show."""
-    first = read()
-    for _ in range(ticks):
-        time.sleep(period)
-        if read() != first:
-            return False
-    return True
-
-
 def counters_moving(
     read: Callable[[], list[int]], indexes: Iterable[int], timeout: float = 10.0
 ) -> None:
-    """Wait until every counter in ``indexes`` has moved (a running tree)."""
-    first = read()
-    todo = set(indexes)
-
-    def moved() -> bool:
-        now = read()
-        todo.difference_update([i for i in list(todo) if now[i] != first[i]])
-        return not todo
-
-    wait_until(moved, timeout, "every counter to move")
+    """Wait until every counter in ``indexes`` has moved (a running tree); fail otherwise."""
+    assert _moving(read, indexes, timeout), f"some counter did not move within {timeout} s"
 
 
 def read_text(path: str) -> str:

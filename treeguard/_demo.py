@@ -10,12 +10,10 @@ check held.
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Callable
 from typing import TextIO
 
 from ._guard import ProcessesGuard
-from ._workers import SLOTS, WorkerTree, _nodes, demo_spec
+from ._workers import SLOTS, WorkerTree, _nodes, counters_moving, counters_still, demo_spec
 from .errors import FreezeError
 from .procfs import ProcFS
 
@@ -29,48 +27,6 @@ WATCH_TICKS = 20
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
-
-
-def _moving(read: Callable[[], list[int]], used: list[int], timeout: float = 10.0) -> bool:
-    """Whether every used counter moves within ``timeout`` seconds."""
-    first = read()
-    todo = set(used)
-    deadline = time.monotonic() + timeout
-    while todo:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(PERIOD)
-        now = read()
-        todo = {i for i in todo if now[i] == first[i]}
-    return True
-
-
-def _still(read: Callable[[], list[int]]) -> bool:
-    """Whether no counter moves for :data:`WATCH_TICKS` periods, looking at every period."""
-    first = read()
-    for _ in range(WATCH_TICKS):
-        time.sleep(PERIOD)
-        if read() != first:
-            return False
-    return True
-
-
-def _gone(tree: WorkerTree, timeout: float = 5.0) -> bool:
-    """Whether every process of ``tree`` has gone within ``timeout`` seconds (a killed worker
-    is a zombie for a moment before the kernel reaps it: its parent ignores SIGCHLD)."""
-    fs = ProcFS()
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [
-            pid
-            for pid in tree.pids
-            if (st := fs.stat(pid)) is not None and st.starttime == tree._starttimes.get(pid)
-        ]
-        if not alive:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
 
 
 def run(out: TextIO | None = None) -> int:
@@ -98,7 +54,7 @@ def run(out: TextIO | None = None) -> int:
         used = [
             node["i"] * SLOTS + t for node in _nodes(tree.spec) for t in range(1 + node["threads"])
         ]
-        check(_moving(read, used), f"all {len(used)} counters are moving before the freeze")
+        check(counters_moving(read, used), f"all {len(used)} counters are moving before the freeze")
         guard = ProcessesGuard(tree.root, include_root=True)
         with guard:
             snap = guard.snapshot()
@@ -117,18 +73,21 @@ def run(out: TextIO | None = None) -> int:
                 all(state == "T" for _, _, state in tasks),
                 f"every task shows T in /proc ({len(tasks)} tasks)",
             )
-            check(_still(read), f"no counter moved in {WATCH_TICKS} tick periods while frozen")
+            check(
+                counters_still(read, PERIOD, WATCH_TICKS),
+                f"no counter moved in {WATCH_TICKS} tick periods while frozen",
+            )
         out.write(f"\nthawed in {_ms(guard.report.thaw_seconds)}\n")
         fs = ProcFS()
         stopped = [pid for pid in tree.pids if (st := fs.stat(pid)) is not None and st.state == "T"]
         check(not stopped, "no process is left stopped")
-        check(_moving(read, used), "every counter is moving again")
+        check(counters_moving(read, used), "every counter is moving again")
     except (FreezeError, OSError, TimeoutError, RuntimeError) as err:
         failed.append(f"{type(err).__name__}: {err}")
         out.write(f"  [FAILED] {type(err).__name__}: {err}\n")
     finally:
         tree.close()
-    check(_gone(tree), "the tree is torn down")
+    check(not tree.alive(), "the tree is torn down")
     if failed:
         out.write(f"\n{len(failed)} check(s) FAILED: {'; '.join(failed)}\n")
         return 1

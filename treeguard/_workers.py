@@ -28,12 +28,13 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from ._backends._signal import signal_identity
 from .procfs import ProcFS
 
-__all__ = ["WorkerTree", "chain", "demo_spec", "wide"]
+__all__ = ["WorkerTree", "chain", "counters_moving", "counters_still", "demo_spec", "wide"]
 
 Spec = dict[str, Any]
 
@@ -248,6 +249,10 @@ class WorkerTree:
                     self._starttimes[int(pid)] = _starttime(int(pid))
         self.pids = [by_index[i] for i in range(self.size)]
 
+    def alive(self) -> list[int]:
+        """The processes of the tree that still exist (the same processes: same starttime)."""
+        return [pid for pid in self.pids if _starttime(pid) == self._starttimes.get(pid)]
+
     def counters(self) -> list[int]:
         """Every counter, process by process, slot by slot (0 for slots no thread uses)."""
         return list(struct.unpack_from(f"{self.size * SLOTS}q", self._mem, 0))
@@ -260,9 +265,9 @@ class WorkerTree:
             pid = self.pids[index]
             if index in holders:
                 # It reaps its zombies on SIGTERM; SIGCONT lets it act on that if stopped.
-                _signal(pid, self._starttimes[pid], signal.SIGTERM, signal.SIGCONT)
+                signal_identity(pid, self._starttimes[pid], signal.SIGTERM, signal.SIGCONT)
             else:
-                _signal(pid, self._starttimes[pid], signal.SIGKILL)
+                signal_identity(pid, self._starttimes[pid], signal.SIGKILL)
             # Wait until it is reaped before its parent dies, or it would become a zombie of
             # PID 1. Only a holder of zombies leaves it a zombie (and reaps it on SIGTERM).
             _wait_dead(pid, self._starttimes[pid], zombie_ok=parent[index] in holders)
@@ -285,31 +290,42 @@ class WorkerTree:
         self.close()
 
 
+def counters_still(read: Callable[[], list[int]], period: float, ticks: int = 8) -> bool:
+    """Whether the counters ``read`` returns stay put for ``ticks`` tick periods (a frozen
+    tree), looking at every period so that a single tick would show."""
+    first = read()
+    for _ in range(ticks):
+        time.sleep(period)
+        if read() != first:
+            return False
+    return True
+
+
+def counters_moving(
+    read: Callable[[], list[int]], indexes: Iterable[int], timeout: float = 10.0
+) -> bool:
+    """Whether every counter in ``indexes`` moves within ``timeout`` seconds (a running tree)."""
+    first = read()
+    todo = set(indexes)
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while todo:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+        now = read()
+        todo = {i for i in todo if now[i] == first[i]}
+    return True
+
+
 def _starttime(pid: int) -> int:
     stat = ProcFS().stat(pid)
     return -1 if stat is None else stat.starttime
 
 
-def _signal(pid: int, starttime: int, *signals: int) -> None:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if _starttime(pid) != starttime:
-            return  # not ours any more
-        for sig in signals:
-            signal.pidfd_send_signal(fd, sig)
-    except ProcessLookupError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _wait_dead(pid: int, starttime: int, *, zombie_ok: bool, timeout: float = 10.0) -> None:
     """Wait until ``pid`` is gone (or, with ``zombie_ok``, a zombie)."""
-    from .procfs import ProcFS
-
     fs = ProcFS()
     deadline = time.monotonic() + timeout
     while True:

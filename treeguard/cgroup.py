@@ -455,24 +455,12 @@ class Cgroup:
         from ._backends import Plan
         from ._backends._cgroup import CgroupV1Backend, CgroupV2Backend
         from ._guard import check_options
-        from ._tree import ChildrenFiles
 
         check_options(timeout=timeout, max_passes=1, partial_ok=False)
         mine = discover().own_directory(self.version)
         if mine is not None and (mine == self.path or mine.startswith(self.path + "/")):
             raise CgroupError(self.path, "the calling process is in it and would freeze itself")
-        fs = ProcFS()
-        plan = Plan(
-            starts=(),
-            passthrough=frozenset(),
-            blocked={},
-            timeout=float(timeout),
-            max_passes=1,
-            partial_ok=False,
-            scope="cgroup",
-            fs=fs,
-            source=ChildrenFiles(fs),
-        )
+        plan = Plan.bare(timeout=float(timeout), scope="cgroup")
         kind = CgroupV2Backend if self.version == 2 else CgroupV1Backend
         backend = kind(plan, self.path)
         run_sync(backend.freeze())

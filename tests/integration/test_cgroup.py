@@ -24,7 +24,6 @@ from treeguard import ProcessesGuard
 from treeguard._backends import Plan, thaw_described, validate_described
 from treeguard._backends._cgroup import CgroupV2Backend
 from treeguard._drive import run_async
-from treeguard._tree import ChildrenFiles
 from treeguard._workers import WorkerTree, chain, demo_spec
 from treeguard.cgroup import Cgroup, discover, parse_proc_cgroup
 from treeguard.errors import CgroupError, CgroupUnavailableError, InvalidArgumentError
@@ -358,9 +357,7 @@ def test_direct_freeze_and_async_driver(
     assert not cg.frozen
 
     async def freeze_and_thaw() -> None:
-        fs = ProcFS()
-        plan = Plan((), frozenset(), {}, 1.0, 1, False, "cgroup", fs, ChildrenFiles(fs))
-        backend = CgroupV2Backend(plan, cg.path)
+        backend = CgroupV2Backend(Plan.bare(scope="cgroup"), cg.path)
         await run_async(backend.freeze())
         assert cg.frozen
         await run_async(backend.thaw())

@@ -8,7 +8,7 @@ from typing import Protocol
 
 from .._drive import Steps
 from .._report import FreezeReport, Skip
-from .._tree import ChildrenSource
+from .._tree import ChildrenFiles, ChildrenSource
 from ..procfs import ProcFS
 
 __all__ = ["Backend", "Journal", "Plan"]
@@ -35,6 +35,22 @@ class Plan:
     source: ChildrenSource
     journal: Journal | None = None
     report: FreezeReport = field(default_factory=FreezeReport)
+
+    @classmethod
+    def bare(cls, *, timeout: float = 1.0, scope: str = "tree", fs: ProcFS | None = None) -> Plan:
+        """A plan that walks nothing, for a backend told exactly what to freeze (a cgroup)."""
+        fs = fs or ProcFS()
+        return cls(
+            starts=(),
+            passthrough=frozenset(),
+            blocked={},
+            timeout=timeout,
+            max_passes=1,
+            partial_ok=False,
+            scope=scope,
+            fs=fs,
+            source=ChildrenFiles(fs),
+        )
 
 
 class Journal(Protocol):

@@ -35,7 +35,7 @@ from ..errors import FreezeError, FreezePermissionError, StopTimeoutError, TreeU
 from ..procfs import DEAD_STATES, STOPPED_STATES, ProcFS, Stat, parse_stat, parse_stat_brief
 from ._base import Backend, Plan
 
-__all__ = ["SignalBackend", "thaw_identities"]
+__all__ = ["SignalBackend", "signal_identity", "thaw_identities"]
 
 #: Where a task waits while its vfork child has not exec'd or exited (kernel/fork.c).
 _VFORK_WCHAN = frozenset({"kernel_clone", "_do_fork", "do_fork"})
@@ -410,27 +410,15 @@ class SignalBackend(Backend):
 
     def _resignal(self, entry: _Entry, sig: int) -> bool:
         """Signal ``entry`` if it is still the process we found; False if it is gone."""
-        fd = entry.fd
-        transient = fd < 0
-        if transient:
-            opened = self._open(entry.pid, transient=True)
-            if opened is None:
-                return False
-            fd = opened
+        if entry.fd < 0:
+            return signal_identity(entry.pid, entry.starttime, sig, fs=self.plan.fs)
         try:
-            if transient:
-                stat = self.plan.fs.stat(entry.pid)
-                if stat is None or stat.starttime != entry.starttime:
-                    return False  # the PID now names another process: never signal it
-            signal.pidfd_send_signal(fd, sig)
+            signal.pidfd_send_signal(entry.fd, sig)
             return True
         except ProcessLookupError:
             return False
-        finally:
-            if transient:
-                os.close(fd)
 
-    def _open(self, pid: int, transient: bool = False) -> int | None:
+    def _open(self, pid: int) -> int | None:
         global _held
         try:
             fd = os.pidfd_open(pid)
@@ -442,8 +430,7 @@ class SignalBackend(Backend):
                     "out of file descriptors while freezing: raise RLIMIT_NOFILE"
                 ) from err
             raise
-        if not transient:
-            _held += 1
+        _held += 1
         return fd
 
     def _close(self, fd: int) -> None:
@@ -480,6 +467,30 @@ _ROOT = Stat(
 )
 
 
+def signal_identity(pid: int, starttime: int, *signals: int, fs: ProcFS | None = None) -> bool:
+    """Send ``signals`` to the process ``(pid, starttime)`` through a short-lived pidfd, if
+    ``pid`` still names it. The pidfd is opened before the stat read that checks the
+    starttime, so a PID recycled at any moment is never signalled.
+
+    :returns: False if that process is gone (nothing was signalled).
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = (fs or ProcFS()).stat(pid)
+        if stat is None or stat.starttime != starttime:
+            return False  # the PID now names another process: never signal it
+        for sig in signals:
+            signal.pidfd_send_signal(fd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def thaw_identities(identities: Iterable[tuple[int, int]], fs: ProcFS | None = None) -> int:
     """SIGCONT each ``(pid, starttime)``, last first, skipping any whose PID now names another
     process or nothing. For a thaw from another process (a token, the watchdog).
@@ -487,25 +498,7 @@ def thaw_identities(identities: Iterable[tuple[int, int]], fs: ProcFS | None = N
     :returns: how many processes were signalled.
     """
     fs = fs or ProcFS()
-    plan = Plan(
-        starts=(),
-        passthrough=frozenset(),
-        blocked={},
-        timeout=1.0,
-        max_passes=1,
-        partial_ok=True,
-        scope="tree",
-        fs=fs,
-        source=ChildrenFiles(fs),
+    return sum(
+        signal_identity(pid, start, signal.SIGCONT, fs=fs)
+        for pid, start in reversed(list(identities))
     )
-    backend = SignalBackend(plan)
-    for pid, starttime in identities:
-        entry = _Entry(pid, -1, _ROOT, ours=True)
-        entry.starttime = starttime
-        backend._entries.append(entry)
-    signalled = 0
-    entries = backend._entries
-    while entries:
-        if backend._resignal(entries.pop(), signal.SIGCONT):
-            signalled += 1
-    return signalled
