@@ -8,13 +8,13 @@ a process that is not stopped.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterable
 
 import psutil
 
 from treeguard._workers import counters_moving as _moving
 from treeguard._workers import counters_still as counters_still
+from treeguard._workers import poll_until
 
 
 def stat_fields(pid: int, tid: int | None = None) -> list[bytes] | None:
@@ -80,13 +80,9 @@ def assert_none_stopped(pids: Iterable[int]) -> None:
 
 def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
     """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    delay = 0.0005
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
+    assert poll_until(condition, timeout), (
+        f"timed out after {timeout} s waiting for {what or condition}"
+    )
 
 
 def counters_moving(

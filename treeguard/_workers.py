@@ -301,22 +301,32 @@ def counters_still(read: Callable[[], list[int]], period: float, ticks: int = 8)
     return True
 
 
+def poll_until(condition: Callable[[], object], timeout: float) -> bool:
+    """Whether ``condition`` turns true within ``timeout`` seconds, looking at once, then
+    with a backoff from 0.2 ms to 20 ms."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0002
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return True
+
+
 def counters_moving(
     read: Callable[[], list[int]], indexes: Iterable[int], timeout: float = 10.0
 ) -> bool:
     """Whether every counter in ``indexes`` moves within ``timeout`` seconds (a running tree)."""
     first = read()
     todo = set(indexes)
-    deadline = time.monotonic() + timeout
-    delay = 0.0005
-    while todo:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
+
+    def moved() -> bool:
         now = read()
-        todo = {i for i in todo if now[i] == first[i]}
-    return True
+        todo.difference_update([i for i in list(todo) if now[i] != first[i]])
+        return not todo
+
+    return poll_until(moved, timeout)
 
 
 def _starttime(pid: int) -> int:
@@ -327,11 +337,10 @@ def _starttime(pid: int) -> int:
 def _wait_dead(pid: int, starttime: int, *, zombie_ok: bool, timeout: float = 10.0) -> None:
     """Wait until ``pid`` is gone (or, with ``zombie_ok``, a zombie)."""
     fs = ProcFS()
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def dead() -> bool:
         stat = fs.stat(pid)
-        if stat is None or stat.starttime != starttime or (zombie_ok and stat.state == "Z"):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"worker {pid} did not exit within {timeout} s")
-        time.sleep(0.0002)
+        return stat is None or stat.starttime != starttime or (zombie_ok and stat.state == "Z")
+
+    if not poll_until(dead, timeout):
+        raise TimeoutError(f"worker {pid} did not exit within {timeout} s")

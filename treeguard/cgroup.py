@@ -30,6 +30,16 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, final
 
+from ._backends import Plan
+from ._backends._cgroup import (
+    CgroupV1Backend,
+    CgroupV2Backend,
+    freezer_for,
+    parse_keyed,
+    procs_below,
+    read_file,
+    write_file,
+)
 from ._drive import run_sync
 from ._report import FreezeReport
 from .errors import (
@@ -399,7 +409,7 @@ class Cgroup:
             if pid not in inside:
                 outside.append(pid)
                 try:
-                    _write(procs, str(pid))
+                    write_file(procs, str(pid))
                     moved.append(pid)
                 except ProcessLookupError:
                     return None
@@ -419,7 +429,6 @@ class Cgroup:
 
     def pids(self) -> list[int]:
         """Every process in this cgroup and the cgroups below it."""
-        from ._backends._cgroup import procs_below
 
         return procs_below(self.path)
 
@@ -427,8 +436,6 @@ class Cgroup:
     def populated(self) -> bool:
         """Whether any process is in this cgroup (or below it)."""
         if self.version == 2:
-            from ._backends._cgroup import parse_keyed, read_file
-
             text = read_file(os.path.join(self.path, "cgroup.events"))
             return text is not None and parse_keyed(text).get("populated") == "1"
         return bool(self.pids())
@@ -436,7 +443,6 @@ class Cgroup:
     @property
     def frozen(self) -> bool:
         """Whether the kernel reports this cgroup frozen."""
-        from ._backends._cgroup import freezer_for
 
         try:
             return freezer_for(self.version, self.path).is_frozen()
@@ -452,8 +458,6 @@ class Cgroup:
         :raises StopTimeoutError: if the kernel does not report it frozen in time; it is
             thawed then.
         """
-        from ._backends import Plan
-        from ._backends._cgroup import CgroupV1Backend, CgroupV2Backend
         from ._guard import check_options
 
         check_options(timeout=timeout, max_passes=1, partial_ok=False)
@@ -558,7 +562,6 @@ class Cgroup:
 
     def _thaw_all(self) -> None:
         self.thaw()
-        from ._backends._cgroup import freezer_for
 
         freezer = freezer_for(self.version, self.path)
         if freezer.is_frozen() or self.version == 1:
@@ -620,23 +623,6 @@ class Cgroup:
 
     def __repr__(self) -> str:
         return f"<Cgroup v{self.version} {self.path}>"
-
-
-def _write(path: str, value: str) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, value.encode())
-        finally:
-            os.close(fd)
-    except ProcessLookupError:
-        raise
-    except OSError as err:
-        if err.errno == errno.ESRCH:
-            raise ProcessLookupError(value) from err
-        raise CgroupError(
-            os.path.dirname(path), f"cannot write {value} to {os.path.basename(path)}: {err}"
-        ) from err
 
 
 def _rmdir(path: str, deadline: float) -> None:

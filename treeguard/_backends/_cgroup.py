@@ -155,7 +155,9 @@ def read_file(path: str) -> str | None:
 def write_file(path: str, value: str) -> None:
     """Write ``value`` to a cgroup control file, as one write(2).
 
-    :raises CgroupError: if the write fails (gone, read-only, not permitted).
+    :raises ProcessLookupError: if ``value`` is a PID written to ``cgroup.procs`` (or
+        ``tasks``) and that process is gone (ESRCH).
+    :raises CgroupError: if the write fails otherwise (gone, read-only, not permitted).
     """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
@@ -163,6 +165,8 @@ def write_file(path: str, value: str) -> None:
             os.write(fd, value.encode())
         finally:
             os.close(fd)
+    except ProcessLookupError:
+        raise
     except OSError as err:
         cls = CgroupUnavailableError if err.errno in (errno.EROFS, errno.EACCES) else CgroupError
         raise cls(
