@@ -222,7 +222,9 @@ class ProcessesGuard:
                     "completed; everything was thawed: raise max_frozen"
                 )
         except BaseException:
-            self._finalizer()  # the backend thawed already; this only disarms
+            # Thaw and disarm. A backend that raised thawed on its own way out (this is then a
+            # no-op); after the lease check above, this is the thaw.
+            self._finalizer()
             raise
         return self
 
