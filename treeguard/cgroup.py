@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, final
 
 from ._backends import Plan
@@ -187,12 +188,25 @@ def discover(fs: ProcFS | None = None) -> Discovery:
     fs = fs or ProcFS()
     mountinfo = fs.read("self/mountinfo", 65536)
     own = fs.read("self/cgroup")
-    mounts = parse_mountinfo(mountinfo.decode("utf-8", "surrogateescape")) if mountinfo else []
-    return Discovery(
-        v2=_pick(mounts, 2),
-        freezer=_pick(mounts, 1),
-        own=parse_proc_cgroup(own.decode("utf-8", "surrogateescape")) if own else {},
-    )
+    v2, freezer = _hierarchies(mountinfo or b"")
+    return Discovery(v2=v2, freezer=freezer, own=dict(cgroup_paths(own or b"")))
+
+
+# Both caches are keyed by the file's bytes, so they are never stale: a guard reads the
+# files on every freeze (a few microseconds) and parses them only when they changed.
+
+
+@functools.lru_cache(maxsize=8)
+def _hierarchies(mountinfo: bytes) -> tuple[Hierarchy | None, Hierarchy | None]:
+    mounts = parse_mountinfo(mountinfo.decode("utf-8", "surrogateescape"))
+    return _pick(mounts, 2), _pick(mounts, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def cgroup_paths(data: bytes) -> Mapping[str, str]:
+    """:func:`parse_proc_cgroup` of a ``/proc/PID/cgroup`` file's bytes (read-only; the
+    processes of a tree mostly share one content, parsed once)."""
+    return MappingProxyType(parse_proc_cgroup(data.decode("utf-8", "surrogateescape")))
 
 
 # -- a cgroup of one's own ---------------------------------------------------------------

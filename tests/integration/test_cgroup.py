@@ -11,6 +11,7 @@ import ctypes
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -269,6 +270,68 @@ def test_refused_and_thawed_when_part_of_the_tree_is_elsewhere(
     with pytest.raises(CgroupError, match=f"in another cgroup: {moved} "):
         ProcessesGuard(tree.root, include_root=True, backend="cgroup").freeze()
     assert not cg.frozen
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+def test_top_processes_in_sibling_cgroups_freeze_their_common_parent(
+    cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    # The candidate comes from the first top process; when the census finds the other
+    # tops elsewhere, the closest cgroup holding them all is frozen instead.
+    parent = cgroup(2)
+    left, right = cgroup(2, parent=parent.path), cgroup(2, parent=parent.path)
+    tree = make_tree({"children": [{}, {}]})
+    first, second = tree.pids[1], tree.pids[2]
+    assert left.adopt([first]) == [first] and right.adopt([second]) == [second]
+    with ProcessesGuard(tree.root, backend="cgroup") as guard:
+        assert parent.frozen
+        assert guard.report.stopped == 2
+        assert sorted(guard.pids) == [first, second]
+        children = [slot(1), slot(2)]
+        assert proc.counters_still(lambda: [tree.counters()[i] for i in children], tree.period)
+        proc.counters_moving(tree.counters, [slot(0)])  # the root runs on
+    assert not parent.frozen
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+def test_the_event_loop_runs_while_the_kernel_freezes(
+    cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The write to cgroup.freeze (milliseconds for a big cgroup) happens in a thread of its
+    # own. Here it is held until a task of the event loop lets it go: a freeze that blocked
+    # the loop would never see that task run, and its write would give up.
+    from treeguard._backends import _cgroup
+
+    cg = cgroup(2)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    real_write = _cgroup.write_file
+
+    async def freeze_while_the_loop_runs() -> None:
+        writing, go_on = threading.Event(), threading.Event()
+
+        def held_write(path: str, value: str) -> None:
+            if path.endswith("cgroup.freeze") and value == "1":
+                writing.set()
+                if not go_on.wait(10):
+                    raise RuntimeError("the event loop did not run while the kernel froze")
+            real_write(path, value)
+
+        async def let_it_go() -> None:
+            assert await anyio.to_thread.run_sync(writing.wait, 10)
+            go_on.set()
+
+        monkeypatch.setattr(_cgroup, "write_file", held_write)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(let_it_go)
+            async with treeguard.guard(root=tree.root, include_root=True, backend="cgroup") as g:
+                assert cg.frozen
+                assert g.report.stopped == tree.size
+                assert proc.counters_still(tree.counters, tree.period)
+        monkeypatch.setattr(_cgroup, "write_file", real_write)
+        assert not cg.frozen
+
+    for backend in ("asyncio", "trio"):
+        anyio.run(freeze_while_the_loop_runs, backend=backend)
     proc.counters_moving(tree.counters, _main_slots(tree))
 
 
