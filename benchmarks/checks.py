@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 # The same minimal reader the tests check with (tests/proc.py): one independent source.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.proc import task_states  # noqa: E402
+from treeguard._workers import poll_until as poll  # noqa: E402, F401 - the one poll loop
 
 
 def not_stopped(pids: Iterable[int]) -> list[tuple[int, int, str]]:
@@ -72,15 +72,3 @@ def cgroup_frozen(pid: int) -> bool | None:
 
 def not_cgroup_frozen(pids: Iterable[int]) -> list[int]:
     return [pid for pid in pids if cgroup_frozen(pid) is False]
-
-
-def poll(condition: Callable[[], bool], timeout: float) -> bool:
-    """Poll ``condition`` until true or ``timeout`` seconds passed; whether it came true."""
-    deadline = time.monotonic() + timeout
-    delay = 0.0002
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
-    return True
