@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 
 from tests import proc
 from treeguard._workers import SLOTS, WorkerTree
+from treeguard.cgroup import Cgroup
 
 settings.register_profile(
     "ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -106,3 +107,30 @@ def make_tree() -> Iterator[Callable[..., WorkerTree]]:
 def slot(process_index: int, thread: int = 0) -> int:
     """Index into WorkerTree.counters() of one thread of one process."""
     return process_index * SLOTS + thread
+
+
+MakeCgroup = Callable[..., Cgroup]
+
+
+@pytest.fixture
+def cgroup() -> Iterator[MakeCgroup]:
+    """Make cgroups (``make(version=2, **create_options)``); each is killed empty and
+    removed after the test, even when it fails."""
+    require_root("cgroup tests")
+    made: list[Cgroup] = []
+
+    def make(version: int = 2, **kwargs: Any) -> Cgroup:
+        cg = Cgroup.create(version=version, **kwargs)
+        made.append(cg)
+        return cg
+
+    try:
+        yield make
+    finally:
+        for cg in reversed(made):
+            try:
+                cg.kill()
+            finally:
+                cg.remove()
+        for cg in made:
+            assert not os.path.exists(cg.path)

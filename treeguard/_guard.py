@@ -78,9 +78,11 @@ class ProcessesGuard:
         raising :class:`FreezePermissionError`.
     :param scope: ``"tree"`` (below ``root``) or ``"namespace"``: every process of the
         caller's PID namespace except PID 1, the caller, its ancestors and kernel threads.
-    :param backend: ``"signal"`` (SIGSTOP/SIGCONT).
-    :param watchdog: start a helper process that thaws the tree if this process dies
-        without releasing (SIGKILL, crash, ``os._exit``).
+    :param backend: ``"signal"`` (SIGSTOP/SIGCONT), ``"cgroup"`` (the kernel's cgroup
+        freezer, for a tree alone in its cgroup) or ``"auto"`` (cgroup where the tree is
+        alone in a cgroup made by :meth:`treeguard.cgroup.Cgroup.create`, else signal).
+    :param watchdog: start a helper process that thaws the tree (or its cgroup) if this
+        process dies without releasing (SIGKILL, crash, ``os._exit``).
     :param max_frozen: a lease in seconds: the watchdog thaws the tree when it runs out,
         even if this process is alive; :attr:`report` then says ``lease_expired``.
     :param subreaper: make this process a child subreaper, so that a double-forking

@@ -12,12 +12,16 @@ The supervisor tells the helper what it stops through a *journal* in shared memo
 ``memfd`` mapped by both): a header (state, generation, lease deadline, record count,
 ``expired`` flag) and one ``(pid, starttime)`` record per process, written BEFORE the process
 is sent SIGSTOP. Appending a record is two plain memory writes, no system call, so the
-journal adds well under a microsecond per process to a freeze.
+journal adds well under a microsecond per process to a freeze. A cgroup freeze records the
+cgroup instead (version, directory, inode), BEFORE ``cgroup.freeze`` is written; the helper
+thaws it only if the directory still has that inode (cgroupfs never reuses one), so a cgroup
+removed and made again under the same name is left alone.
 
 The helper sleeps in ``poll(2)`` on a pidfd of the supervisor (readable once it has exited,
 see pidfd_open(2)) and on a command pipe (``arm``, ``quit``):
 
-- the supervisor died while the journal says *frozen*: the helper thaws every record with
+- the supervisor died while the journal says *frozen*: the helper thaws the cgroup recorded
+  (writing ``cgroup.freeze`` or ``freezer.state``) and every process record with
   :func:`treeguard._backends.thaw_identities` (which signals through pidfds and skips any PID
   whose starttime changed), then exits;
 - the lease deadline passed while *frozen*: it thaws the same way, sets ``expired`` and goes
@@ -69,8 +73,13 @@ _HEADER = struct.Struct("=IIIIQQd")
 _COUNT = struct.Struct("=Q")
 _COUNT_OFFSET = 24
 _EXPIRED_OFFSET = 8
+#: The cgroup a freeze wrote (version, 0: none; length of its path; inode), then the path.
+_CGROUP = struct.Struct("=IIQ")
+_CGROUP_OFFSET = 64
+_PATH_OFFSET = _CGROUP_OFFSET + _CGROUP.size
+_PATH_MAX = 4096
 _RECORD = struct.Struct("=qQ")  # pid, starttime
-_RECORDS_OFFSET = 64
+_RECORDS_OFFSET = _PATH_OFFSET + _PATH_MAX
 #: Records the journal holds: far more processes than any tree (PID_MAX_LIMIT is 4 Mi, but
 #: pid_max defaults to 32 Ki or 4 Mi and one freeze records each process once or twice). The
 #: memfd is sparse: only the pages that records touch take memory.
@@ -106,7 +115,27 @@ class _Journal:
         self._count = n + 1
         # The record is complete before the count says so: the helper reads only counted ones.
         _COUNT.pack_into(mem, _COUNT_OFFSET, n + 1)
-        if mem[_EXPIRED_OFFSET]:
+        self.check()
+
+    def freezing_cgroup(self, version: int, path: str, inode: int) -> None:
+        """Record the cgroup directory ``path`` (cgroup v1 or v2, with its inode); called
+        before its freeze is written.
+
+        :raises WatchdogError: if the lease ran out, or the path does not fit the journal.
+        """
+        raw = os.fsencode(path)
+        if len(raw) > _PATH_MAX:
+            raise WatchdogError(f"a cgroup path of {len(raw)} bytes does not fit the journal")
+        mem = self._mem
+        # Version 0 while the record is written: the helper reads only a complete one.
+        _CGROUP.pack_into(mem, _CGROUP_OFFSET, 0, len(raw), inode)
+        mem[_PATH_OFFSET : _PATH_OFFSET + len(raw)] = raw
+        _CGROUP.pack_into(mem, _CGROUP_OFFSET, version, len(raw), inode)
+        self.check()
+
+    def check(self) -> None:
+        """:raises WatchdogError: if the lease ran out (the helper thawed what was recorded)."""
+        if self._mem[_EXPIRED_OFFSET]:
             raise WatchdogError(
                 "the lease (max_frozen) ran out before the freeze completed; everything "
                 "was thawed: raise max_frozen"
@@ -124,6 +153,7 @@ def _set_state(mem: mmap.mmap, state: int) -> None:
     """Set the state and clear the records, keeping the rest of the header."""
     magic, _, expired, pad, gen, _, deadline = _HEADER.unpack_from(mem, 0)
     _HEADER.pack_into(mem, 0, magic, state, expired, pad, gen, 0, deadline)
+    _CGROUP.pack_into(mem, _CGROUP_OFFSET, 0, 0, 0)
 
 
 def _lock(fd: int, give_up: float = 5.0) -> bool:
@@ -282,6 +312,7 @@ class Watchdog:
             gen = _HEADER.unpack_from(self._mem, 0)[4] + 1
             self.journal._count = 0
             _HEADER.pack_into(self._mem, 0, _MAGIC, FROZEN, 0, 0, gen, 0, deadline)
+            _CGROUP.pack_into(self._mem, _CGROUP_OFFSET, 0, 0, 0)
         finally:
             if locked:
                 _unlock(self._memfd)
@@ -329,11 +360,14 @@ class _Helper:
         self.mem = mem
         self.lock_fd = lock_fd
         self.thaw_identities: Callable[[Iterable[tuple[int, int]]], int] | None = None
+        self.thaw_cgroup: Callable[[int, str, int | None], int] | None = None
 
     def load(self) -> None:
+        from ._backends._cgroup import thaw_cgroup
         from ._backends._signal import thaw_identities
 
         self.thaw_identities = thaw_identities
+        self.thaw_cgroup = thaw_cgroup
 
     def header(self) -> tuple[int, int, int, int, int, int, float]:
         return _HEADER.unpack_from(self.mem, 0)
@@ -344,12 +378,28 @@ class _Helper:
             _RECORD.unpack_from(self.mem, _RECORDS_OFFSET + i * _RECORD.size) for i in range(count)
         ]
 
+    def cgroup(self) -> tuple[int, str, int] | None:
+        """``(version, path, inode)`` of the cgroup recorded, if any."""
+        version, length, inode = _CGROUP.unpack_from(self.mem, _CGROUP_OFFSET)
+        if not version:
+            return None
+        raw = bytes(self.mem[_PATH_OFFSET : _PATH_OFFSET + min(length, _PATH_MAX)])
+        return version, os.fsdecode(raw), inode
+
     def thaw(self) -> None:
         # thaw_identities signals last first (children first), each through a pidfd opened
         # before its starttime is checked: a PID that now names another process is skipped.
-        if self.thaw_identities is None:
+        # thaw_cgroup likewise leaves alone a directory whose inode changed.
+        if self.thaw_identities is None or self.thaw_cgroup is None:
             self.load()
         assert self.thaw_identities is not None
+        assert self.thaw_cgroup is not None
+        cgroup = self.cgroup()
+        if cgroup is not None:
+            try:
+                self.thaw_cgroup(*cgroup)
+            except Exception as err:  # noqa: BLE001 - the records below must still be thawed
+                sys.stderr.write(f"treeguard watchdog: cannot thaw {cgroup[1]}: {err}\n")
         self.thaw_identities(self.records())
 
     def thaw_if_frozen(self) -> None:

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -20,39 +20,20 @@ import pytest
 
 import treeguard
 from tests import proc
-from tests.conftest import require_root, slot
+from tests.conftest import MakeCgroup, require_root, slot
 from treeguard import ProcessesGuard
 from treeguard._backends import Plan, thaw_described, validate_described
-from treeguard._backends._cgroup import CgroupV2Backend
+from treeguard._backends._cgroup import CgroupV2Backend, thaw_cgroup
 from treeguard._drive import run_async
+from treeguard._watchdog import is_subreaper, set_subreaper
 from treeguard._workers import WorkerTree, chain, demo_spec
 from treeguard.cgroup import Cgroup, discover, parse_proc_cgroup
-from treeguard.errors import CgroupError, CgroupUnavailableError, InvalidArgumentError
+from treeguard.errors import (
+    CgroupError,
+    CgroupUnavailableError,
+    InvalidArgumentError,
+)
 from treeguard.procfs import ProcFS
-
-MakeCgroup = Callable[..., Cgroup]
-
-
-@pytest.fixture
-def cgroup() -> Iterator[MakeCgroup]:
-    require_root("cgroup tests")
-    made: list[Cgroup] = []
-
-    def make(version: int = 2, **kwargs: Any) -> Cgroup:
-        cg = Cgroup.create(version=version, **kwargs)
-        made.append(cg)
-        return cg
-
-    try:
-        yield make
-    finally:
-        for cg in reversed(made):
-            try:
-                cg.kill()
-            finally:
-                cg.remove()
-        for cg in made:
-            assert not os.path.exists(cg.path)
 
 
 def _in_cgroup(pid: int, cg: Cgroup) -> bool:
@@ -501,3 +482,108 @@ def test_context_manager_kills_what_it_spawned_and_removes_itself() -> None:
         cg.freeze()
     assert p.returncode is not None  # killed (thawed first) and reaped
     assert not os.path.exists(cg.path)
+
+
+# -- the watchdog thaws a cgroup freeze ------------------------------------------------
+
+SUPERVISOR = r"""
+import sys
+from treeguard import ProcessesGuard
+guard = ProcessesGuard(int(sys.argv[1]), include_root=True, backend="cgroup", watchdog=True)
+guard.freeze()
+print(guard.report.backend, guard._watchdog.pid, flush=True)
+sys.stdin.readline()  # SIGKILL arrives here
+"""
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_watchdog_thaws_the_cgroup_when_the_supervisor_dies(
+    version: int, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    cg = cgroup(version)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    was_subreaper = is_subreaper()
+    set_subreaper(True)  # the helper, orphaned by the supervisor's death, is ours to reap
+    sup = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, str(tree.root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    helper = 0
+    try:
+        assert sup.stdout is not None
+        backend, helper_pid = sup.stdout.readline().split()
+        helper = int(helper_pid)
+        assert backend == "cgroup"
+        assert cg.frozen
+        assert proc.counters_still(tree.counters, tree.period)
+        sup.kill()
+        assert sup.wait(timeout=10) == -9
+        proc.wait_until(lambda: not cg.frozen, 10, "the helper to thaw the cgroup")
+        proc.counters_moving(tree.counters, _main_slots(tree))
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+        sup.wait()
+        for stream in (sup.stdin, sup.stdout):
+            if stream is not None:
+                stream.close()
+        if helper:
+            proc.wait_until(
+                lambda: set(proc.task_states(helper).values()) <= {"Z"}, 10, "the helper to exit"
+            )
+            try:
+                os.waitpid(helper, 0)
+            except ChildProcessError:
+                pass  # reaped before it was re-parented to us
+        set_subreaper(was_subreaper)
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_watchdog_lease_thaws_the_cgroup_and_leaves_one_frozen_before_alone(
+    version: int, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    cg = cgroup(version)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    guard = ProcessesGuard(tree.root, include_root=True, backend="cgroup", max_frozen=0.2)
+    try:
+        with guard:
+            assert guard.report.backend == "cgroup"
+            assert cg.frozen
+            proc.wait_until(lambda: not cg.frozen, 10, "the lease to thaw the cgroup")
+            proc.counters_moving(tree.counters, _main_slots(tree))
+        assert guard.report.lease_expired
+        # A cgroup frozen before the guard is not the guard's to thaw, nor its watchdog's.
+        cg.freeze()
+        try:
+            with guard:
+                assert guard._watchdog is not None
+                proc.wait_until(guard._watchdog.lease_expired, 10, "the lease to run out")
+                assert cg.frozen
+                assert proc.counters_still(tree.counters, tree.period)
+            assert cg.frozen
+        finally:
+            cg.thaw()
+    finally:
+        if guard._watchdog is not None:
+            guard._watchdog.close()
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+def test_watchdog_thaw_checks_the_cgroup_is_the_same(
+    cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    """A directory whose inode changed is another cgroup, made again under the same name."""
+    cg = cgroup(2)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    inode = os.stat(cg.path).st_ino
+    cg.freeze()
+    try:
+        assert thaw_cgroup(2, cg.path, inode + 1) == 0
+        assert cg.frozen
+        assert thaw_cgroup(2, cg.path, inode) == 1
+        assert not cg.frozen
+    finally:
+        cg.thaw()
+    proc.counters_moving(tree.counters, _main_slots(tree))

@@ -123,26 +123,43 @@ def test_lease_thaws_a_stuck_supervisor(make_tree: MakeTree) -> None:
         g._watchdog.close()
 
 
-def test_lease_running_out_during_the_freeze(make_tree: MakeTree) -> None:
-    tree = make_tree(wide(40), mode="idle")
-    guard = ProcessesGuard(root=tree.root, include_root=True, max_frozen=1e-6)
+@pytest.mark.parametrize("backend", ["signal", "cgroup"])
+def test_lease_running_out_during_the_freeze(request: pytest.FixtureRequest, backend: str) -> None:
+    # The cgroup fixture first, so that it is torn down after the tree.
+    cg = request.getfixturevalue("cgroup")() if backend == "cgroup" else None
+    make_tree: MakeTree = request.getfixturevalue("make_tree")
+    if cg is not None:
+        tree = make_tree(wide(40), mode="idle", spawn=cg.spawn)
+
+        def thawed() -> bool:
+            return not cg.frozen
+    else:
+        tree = make_tree(wide(40), mode="idle")
+
+        def thawed() -> bool:
+            return not proc.stopped(tree.pids)
+
+    guard = ProcessesGuard(root=tree.root, include_root=True, backend=backend, max_frozen=1e-6)
     outcomes = set()
-    for _ in range(5):
-        try:
-            guard.freeze()
-        except WatchdogError as err:
-            outcomes.add("refused")
-            assert "max_frozen" in str(err)
-            assert not guard.frozen
-        else:
-            outcomes.add("expired after")  # the freeze won the race; the lease runs out now
-            proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the lease to thaw")
-            guard.release()
-            assert guard.report.lease_expired
-        proc.assert_none_stopped(tree.pids)
+    try:
+        for _ in range(5):
+            try:
+                guard.freeze()
+            except WatchdogError as err:
+                outcomes.add("refused")
+                assert "max_frozen" in str(err)
+                assert not guard.frozen
+            else:
+                outcomes.add("expired after")  # the freeze won the race; the lease runs out now
+                proc.wait_until(thawed, 10, "the lease to thaw")
+                guard.release()
+                assert guard.report.lease_expired
+            assert thawed()
+            proc.assert_none_stopped(tree.pids)
+    finally:
+        if guard._watchdog is not None:
+            guard._watchdog.close()
     assert outcomes
-    assert guard._watchdog is not None
-    guard._watchdog.close()
 
 
 def test_helper_checks_starttimes(make_tree: MakeTree, dog: Watchdog) -> None:

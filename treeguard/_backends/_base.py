@@ -54,10 +54,15 @@ class Plan:
 
 
 class Journal(Protocol):
-    """Told of every process before it is stopped, so that another process (the watchdog)
-    can thaw the tree if this one dies."""
+    """Told of every process before it is stopped, or of the cgroup before it is frozen, so
+    that another process (the watchdog) can thaw the tree if this one dies. Each call
+    raises :class:`~treeguard.errors.WatchdogError` once the lease ran out."""
 
     def stopping(self, pid: int, starttime: int) -> None: ...
+
+    def freezing_cgroup(self, version: int, path: str, inode: int) -> None: ...
+
+    def check(self) -> None: ...
 
     def released(self) -> None: ...
 

@@ -44,7 +44,7 @@ from ..errors import (
     StopTimeoutError,
 )
 from ..procfs import DEAD_STATES, ProcFS, Stat
-from ._base import Backend, Plan
+from ._base import Backend, Journal, Plan
 from ._signal import _ROOT, SignalBackend
 
 __all__ = [
@@ -351,14 +351,32 @@ class CgroupFreezer:
     version = 0
     control = ""
 
-    def __init__(self, path: str, fs: ProcFS | None = None) -> None:
+    def __init__(self, path: str, fs: ProcFS | None = None, journal: Journal | None = None) -> None:
         self.path = path
         self.fs = fs or ProcFS()
+        self.journal = journal  # the watchdog's, told before the freeze is written
         self.was_frozen = False
         self.froze = False  # this freezer wrote the freeze (and so must undo it)
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
+
+    def _announce(self) -> None:
+        """Tell the watchdog (if any) which cgroup is about to be frozen.
+
+        :raises WatchdogError: if its lease ran out already.
+        """
+        if self.journal is not None:
+            try:
+                inode = os.stat(self.path).st_ino
+            except OSError as err:
+                raise CgroupError(self.path, f"the cgroup is gone: {err.strerror}") from err
+            self.journal.freezing_cgroup(self.version, self.path, inode)
+
+    def _lease_check(self) -> None:
+        """:raises WatchdogError: if the watchdog's lease ran out (it thawed the cgroup)."""
+        if self.journal is not None:
+            self.journal.check()
 
     def check(self) -> None:
         """:raises CgroupUnavailableError: if the directory is not a cgroup of this kind."""
@@ -423,6 +441,8 @@ class V2Freezer(CgroupFreezer):
                 # Read after the watch was added: no change can slip in between.
                 if self.events().get("frozen") == want:
                     return True
+                if want == "1":
+                    self._lease_check()
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     return False
@@ -452,6 +472,7 @@ class V2Freezer(CgroupFreezer):
         self.was_frozen = state.strip() == "1"
         try:
             if not self.was_frozen:
+                self._announce()
                 self.froze = True
                 path = self.file("cgroup.freeze")
                 yield from _write_during(writer, lambda: write_file(path, "1"), meanwhile, report)
@@ -539,6 +560,8 @@ class V1Freezer(CgroupFreezer):
         writer: _Writer | None,
     ) -> Steps[None]:
         per_attempt = timeout / _V1_ATTEMPTS
+        if not self.was_frozen:
+            self._announce()
         for attempt in range(_V1_ATTEMPTS):
             self.froze = not self.was_frozen
             if attempt == 0:
@@ -558,6 +581,7 @@ class V1Freezer(CgroupFreezer):
                     return
                 if time.perf_counter() > deadline:
                     break
+                self._lease_check()
                 yield Wait(backoff)
                 backoff = min(backoff * 2, _V1_MAX_BACKOFF)
             report.verify_seconds += time.perf_counter() - t0
@@ -592,22 +616,27 @@ class V1Freezer(CgroupFreezer):
             pass
 
 
-def freezer_for(version: int, path: str, fs: ProcFS | None = None) -> CgroupFreezer:
+def freezer_for(
+    version: int, path: str, fs: ProcFS | None = None, journal: Journal | None = None
+) -> CgroupFreezer:
     """The freezer of a v1 or v2 cgroup directory."""
     if version == 2:
-        return V2Freezer(path, fs)
+        return V2Freezer(path, fs, journal)
     if version == 1:
-        return V1Freezer(path, fs)
+        return V1Freezer(path, fs, journal)
     raise InvalidArgumentError("version", f"must be 1 or 2, not {version!r}")
 
 
-def thaw_cgroup(version: int, path: str) -> int:
-    """Thaw a cgroup frozen by another process (a token): 1 if it was thawed, 0 if gone."""
+def thaw_cgroup(version: int, path: str, inode: int | None = None) -> int:
+    """Thaw a cgroup frozen by another process (a token, the watchdog): 1 if it was
+    thawed, 0 if it is gone (or, given ``inode``, if the directory is another cgroup now)."""
     freezer = freezer_for(version, path)
     freezer.froze = True
     try:
         freezer.check()
-    except CgroupUnavailableError:
+        if inode is not None and os.stat(path).st_ino != inode:
+            return 0
+    except (CgroupUnavailableError, FileNotFoundError):
         return 0
     from .._drive import run_sync
 
@@ -951,22 +980,13 @@ class CgroupBackend(Backend):
         self._pids: list[int] | None = None
         self._identities: list[tuple[int, int]] | None = None
 
-    def _check_journal(self) -> None:
-        if self.plan.journal is not None:
-            raise InvalidArgumentError(
-                "watchdog",
-                "the watchdog thaws by signal and cannot thaw a cgroup freeze: "
-                "use backend='signal' with watchdog=True",
-            )
-
     def _aim(self, target: Target) -> _Census:
-        freezer = freezer_for(target.version, target.path, self.plan.fs)
+        freezer = freezer_for(target.version, target.path, self.plan.fs, self.plan.journal)
         self._freezer = freezer
         self._census = _Census(freezer, target.top, self.plan)
         return self._census
 
     def freeze(self) -> Steps[None]:
-        self._check_journal()
         report = self.report
         start = time.perf_counter()
         whole = False
@@ -980,7 +1000,7 @@ class CgroupBackend(Backend):
             census = self._census
             if problem is None:
                 break
-            yield from self.thaw()
+            yield from self._thaw_cgroup()  # the journal stays armed: a retry may follow
             if census is not None and census.tops_elsewhere and not whole:
                 # The first top process's cgroup is too narrow: aim at the closest
                 # cgroup holding every top process instead.
@@ -998,7 +1018,7 @@ class CgroupBackend(Backend):
         census = self._census
         if self._path is not None:
             assert self.version is not None
-            self._freezer = freezer_for(self.version, self._path, plan.fs)
+            self._freezer = freezer_for(self.version, self._path, plan.fs, plan.journal)
         elif census is None:
             target = find_target(plan, whole=whole)
             if target is None:
@@ -1056,11 +1076,14 @@ class CgroupBackend(Backend):
 
     def thaw(self) -> Steps[None]:
         t0 = time.perf_counter()
-        if self._freezer is not None:
-            yield from self._freezer.thaw(max(self.plan.timeout, 1.0))
+        yield from self._thaw_cgroup()
         if self.plan.journal is not None:
             self.plan.journal.released()
         self.report.thaw_seconds = time.perf_counter() - t0
+
+    def _thaw_cgroup(self) -> Steps[None]:
+        if self._freezer is not None:
+            yield from self._freezer.thaw(max(self.plan.timeout, 1.0))
 
     @property
     def path(self) -> str | None:
@@ -1129,11 +1152,10 @@ class AutoBackend(Backend):
         t0 = time.perf_counter()
         inner: Backend | None = None
         target: Target | None = None
-        if plan.journal is None:
-            try:
-                target = find_target(plan)
-            except CgroupError:
-                target = None
+        try:
+            target = find_target(plan)
+        except CgroupError:
+            target = None
         if target is not None and os.path.basename(target.path).startswith(OWN_PREFIX):
             cgroup = CgroupBackend(plan)
             census = cgroup._aim(target)
