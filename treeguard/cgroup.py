@@ -186,10 +186,15 @@ def discover(fs: ProcFS | None = None) -> Discovery:
     :param fs: where /proc is (tests point it at a synthetic tree).
     """
     fs = fs or ProcFS()
-    mountinfo = fs.read("self/mountinfo", 65536)
+    v2, freezer = hierarchies(fs)
     own = fs.read("self/cgroup")
-    v2, freezer = _hierarchies(mountinfo or b"")
     return Discovery(v2=v2, freezer=freezer, own=dict(cgroup_paths(own or b"")))
+
+
+def hierarchies(fs: ProcFS) -> tuple[Hierarchy | None, Hierarchy | None]:
+    """The cgroup v2 and v1-freezer hierarchies of :func:`discover`, without the caller's
+    own cgroups (one read less)."""
+    return _hierarchies(fs.read("self/mountinfo", 65536) or b"")
 
 
 # Both caches are keyed by the file's bytes, so they are never stale: a guard reads the

@@ -745,21 +745,21 @@ def find_target(plan: Plan, *, whole: bool = False) -> Target | None:
     :raises CgroupUnavailableError: if no cgroup hierarchy is mounted.
     :raises CgroupError: if no cgroup can hold the tree alone (saying why), nothing frozen.
     """
-    from ..cgroup import cgroup_paths, discover
+    from ..cgroup import cgroup_paths, hierarchies
 
     top = _top(plan)
     if not top:
         return None
     fs = plan.fs
-    found = discover(fs)
-    if found.v2 is None and found.freezer is None:
+    v2, freezer = hierarchies(fs)
+    if v2 is None and freezer is None:
         raise CgroupUnavailableError(
             f"{fs.root}/self/mountinfo", "neither cgroup v2 nor a v1 freezer is mounted"
         )
     guarded = sorted(p for p in {*plan.passthrough, *plan.blocked} if p > 0)
     whole = whole or len(top) == 1
     problems: list[str] = []
-    for version, hierarchy in ((2, found.v2), (1, found.freezer)):
+    for version, hierarchy in ((2, v2), (1, freezer)):
         if hierarchy is None:
             continue
         key = "" if version == 2 else "freezer"
