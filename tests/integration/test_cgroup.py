@@ -421,7 +421,11 @@ def test_described_freeze_is_thawed_elsewhere(
     try:
         assert guard._backend is not None
         payload = guard._backend.describe()
-        assert payload == {"version": 2, "path": cg.path, "was_frozen": False}
+        inode = os.stat(cg.path).st_ino
+        assert payload == {"version": 2, "path": cg.path, "inode": inode, "was_frozen": False}
+        # Another cgroup under the same name (another inode) is not thawed.
+        assert thaw_described("cgroup", {**payload, "inode": inode + 1}) == 0
+        assert cg.frozen
         validate_described("cgroup", payload)
         code = (
             "import json, sys\nfrom treeguard._backends import thaw_described\n"

@@ -208,7 +208,8 @@ def test_signal_payload_validation() -> None:
 def test_cgroup_payload_validation() -> None:
     v2 = discover().v2
     mount = v2.mountpoint if v2 is not None else "/sys/fs/cgroup"
-    good = {"version": 2, "path": os.path.join(mount, "treeguard-1-x"), "was_frozen": False}
+    path = os.path.join(mount, "treeguard-1-x")
+    good = {"version": 2, "path": path, "inode": 7, "was_frozen": False}
     if v2 is not None:
         _backends.validate_described("cgroup", good)
         _backends.validate_described("auto", good)
@@ -216,11 +217,14 @@ def test_cgroup_payload_validation() -> None:
         {**good, "version": 3},
         {**good, "version": True},
         {**good, "was_frozen": 0},
+        {**good, "inode": -1},
+        {**good, "inode": "7"},
+        {**good, "inode": True},
         {**good, "path": "relative/x"},
         {**good, "path": mount + "/a/../../../etc"},
         {**good, "path": "/etc"},
         {**good, "path": mount},
-        {"version": 2, "path": good["path"]},
+        {"version": 2, "path": path, "was_frozen": False},
     ]
     for payload in bad:
         with pytest.raises(TokenError):

@@ -26,7 +26,7 @@ BACKENDS = ("signal", "cgroup", "auto")
 #: Linux's PID_MAX_LIMIT (include/linux/threads.h).
 _PID_MAX = 4 * 1024 * 1024
 _SIGNAL_KEYS = frozenset({"stopped", "already_stopped"})
-_CGROUP_KEYS = frozenset({"version", "path", "was_frozen"})
+_CGROUP_KEYS = frozenset({"version", "path", "inode", "was_frozen"})
 
 
 def create(name: str, plan: Plan) -> Backend:
@@ -93,6 +93,9 @@ def _validate_cgroup(payload: dict[str, object]) -> None:
         raise TokenError(f"payload['version'] must be 1 or 2, not {version!r}")
     if not isinstance(was_frozen, bool):
         raise TokenError("payload['was_frozen'] must be true or false")
+    inode = payload["inode"]
+    if isinstance(inode, bool) or not isinstance(inode, int) or inode < 0:
+        raise TokenError(f"payload['inode'] must be a non-negative integer, not {inode!r}")
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
         raise TokenError(f"payload['path'] must be an absolute path, not {path!r}")
     if os.path.normpath(path) != path:
@@ -121,10 +124,12 @@ def thaw_described(name: str, payload: dict[str, object]) -> int:
         assert isinstance(stopped, list)
         return thaw_identities((int(p), int(s)) for p, s in stopped)
     if kind == "cgroup":
-        version, path = payload["version"], payload["path"]
+        version, path, inode = payload["version"], payload["path"], payload["inode"]
         assert isinstance(version, int)
         assert isinstance(path, str)
+        assert isinstance(inode, int)
         if payload["was_frozen"]:
             return 0  # frozen before the freeze: it stays frozen, as the guard would leave it
-        return thaw_cgroup(version, path)
+        # A directory whose inode changed is another cgroup, made again under that name.
+        return thaw_cgroup(version, path, inode)
     raise InvalidArgumentError("backend", f"cannot thaw a {name!r} freeze")

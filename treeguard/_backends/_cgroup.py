@@ -357,6 +357,18 @@ class CgroupFreezer:
         self.journal = journal  # the watchdog's, told before the freeze is written
         self.was_frozen = False
         self.froze = False  # this freezer wrote the freeze (and so must undo it)
+        self._inode: int | None = None
+
+    @property
+    def inode(self) -> int:
+        """The directory's inode: which cgroup this is (cgroupfs never reuses one), for a
+        thaw by another process (the watchdog, a token) to recognise it."""
+        if self._inode is None:
+            try:
+                self._inode = os.stat(self.path).st_ino
+            except OSError as err:
+                raise CgroupError(self.path, f"the cgroup is gone: {err.strerror}") from err
+        return self._inode
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -367,11 +379,7 @@ class CgroupFreezer:
         :raises WatchdogError: if its lease ran out already.
         """
         if self.journal is not None:
-            try:
-                inode = os.stat(self.path).st_ino
-            except OSError as err:
-                raise CgroupError(self.path, f"the cgroup is gone: {err.strerror}") from err
-            self.journal.freezing_cgroup(self.version, self.path, inode)
+            self.journal.freezing_cgroup(self.version, self.path, self.inode)
 
     def _lease_check(self) -> None:
         """:raises WatchdogError: if the watchdog's lease ran out (it thawed the cgroup)."""
@@ -1111,6 +1119,7 @@ class CgroupBackend(Backend):
         return {
             "version": 0 if f is None else f.version,
             "path": "" if f is None else f.path,
+            "inode": 0 if f is None else f.inode,
             "was_frozen": True if f is None else not f.froze,
         }
 
