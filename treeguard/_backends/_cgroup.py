@@ -642,9 +642,9 @@ def thaw_cgroup(version: int, path: str, inode: int | None = None) -> int:
     freezer.froze = True
     try:
         freezer.check()
-        if inode is not None and os.stat(path).st_ino != inode:
+        if inode is not None and freezer.inode != inode:
             return 0
-    except (CgroupUnavailableError, FileNotFoundError):
+    except CgroupError:  # gone (CgroupUnavailableError included)
         return 0
     from .._drive import run_sync
 
