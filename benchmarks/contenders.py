@@ -18,6 +18,7 @@ from checks import MOUNTS, task_states
 
 from treeguard import ProcessesGuard
 from treeguard._workers import WorkerTree
+from treeguard.cgroup import Cgroup
 
 
 class Contender:
@@ -135,7 +136,8 @@ class KernelFloor(Contender):
             for fd in self.fds:
                 os.close(fd)
             self.fds = []
-            _rmdir(self.path)
+            if os.path.isdir(self.path):  # remove() waits for the moved tasks to leave
+                Cgroup(self.path, version=2).remove()
             self.path = None
 
 
@@ -145,21 +147,6 @@ def _v2_cgroup(pid: int) -> str:
             if line.startswith("0::"):
                 return line[3:].strip()
     return "/"
-
-
-def _rmdir(path: str) -> None:
-    """Remove a cgroup; its last tasks may take a moment to leave it."""
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.001)
 
 
 class PsutilNaive(Contender):
