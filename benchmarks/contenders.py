@@ -72,6 +72,29 @@ class TreeguardBackend(TreeguardSignal):
         self.guard = ProcessesGuard(root=tree.root, include_root=True, backend=self.backend)
 
 
+class TreeguardDirect(TreeguardBackend):
+    """``Cgroup.freeze()``: treeguard's v2 freezer on a cgroup named directly, the one the
+    kernel floor moved the tree into (so it is set up after the floor). There is no tree
+    to find and nothing to prove, only that the caller is outside the cgroup."""
+
+    def __init__(self) -> None:
+        super().__init__("Cgroup.freeze()")
+
+    def setup(self, tree: WorkerTree) -> None:
+        self.tree = tree
+        self.cg = Cgroup(MOUNTS["v2"] + _v2_cgroup(tree.root), version=2)
+
+    def freeze(self) -> None:
+        self.cg.freeze()
+
+    def thaw(self) -> None:
+        self.cg.thaw()
+
+    def teardown(self) -> None:
+        if hasattr(self, "cg"):
+            self.cg.thaw()
+
+
 class KernelFloor(Contender):
     """The cgroup v2 freezer by hand: the tree sits in a cgroup of its own (moved in,
     untimed, by ``setup``); a freeze writes ``cgroup.freeze`` and waits for ``frozen 1``
@@ -236,7 +259,8 @@ def freezers() -> list[Contender]:
     if "v2" not in MOUNTS:
         found.remove(found[1])
         print("note: no cgroup v2 mount: the kernel floor is not measured")
-    return found + treeguard_backends()
+        return found + treeguard_backends()
+    return found + treeguard_backends() + [TreeguardDirect()]
 
 
 # -- enumeration of the tree below a root (no freezing) -----------------------------------

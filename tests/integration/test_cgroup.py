@@ -113,6 +113,27 @@ def test_a_tree_that_forks_continuously_is_frozen_in_one_step(
     forker.stdout.close()
 
 
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_direct_freeze_counts_exactly_what_it_froze(version: int, cgroup: MakeCgroup) -> None:
+    # The cgroup is listed while the kernel freezes it and once more when frozen: with
+    # processes born and dying all the time, the counts must be those of the frozen cgroup.
+    cg = cgroup(version)
+    forker = cg.spawn([sys.executable, "-c", FORKER], stdout=subprocess.PIPE)
+    assert forker.stdout is not None
+    with forker.stdout:
+        forker.stdout.readline()
+        proc.wait_until(lambda: len(cg.pids()) > 3, what="the tree to fork")
+        for _ in range(5):
+            report = cg.freeze(timeout=5.0)
+            try:
+                tasks = "cgroup.threads" if version == 2 else "tasks"
+                with open(os.path.join(cg.path, tasks)) as f:
+                    assert report.tasks == len(f.read().split())
+                assert report.stopped == len(cg.pids())
+            finally:
+                cg.thaw()
+
+
 def test_spawned_child_forking_at_once_stays_inside(cgroup: MakeCgroup) -> None:
     cg = cgroup(2)
     code = (
@@ -272,6 +293,26 @@ def test_top_processes_in_sibling_cgroups_freeze_their_common_parent(
         assert proc.counters_still(lambda: [tree.counters()[i] for i in children], tree.period)
         proc.counters_moving(tree.counters, [slot(0)])  # the root runs on
     assert not parent.frozen
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_process_in_a_cgroup_below_is_frozen_and_counted(
+    version: int, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    # The freezer is hierarchical: a child cgroup is frozen with its parent, and the
+    # census lists it too (v2 learns that it exists from cgroup.stat, v1 by walking).
+    cg = cgroup(version)
+    below = cgroup(version, parent=cg.path)
+    tree = make_tree({"children": [{}, {}]}, spawn=cg.spawn)
+    moved = tree.pids[2]
+    assert below.adopt([moved]) == [moved]
+    with ProcessesGuard(tree.root, include_root=True, backend="cgroup") as guard:
+        assert cg.frozen and below.frozen
+        assert guard.report.stopped == 3
+        assert sorted(guard.pids) == sorted(tree.pids)
+        assert proc.counters_still(tree.counters, tree.period)
+    assert not cg.frozen and not below.frozen
     proc.counters_moving(tree.counters, _main_slots(tree))
 
 

@@ -296,6 +296,11 @@ def parse_keyed(text: str) -> dict[str, str]:
 def _subtree(path: str) -> list[str]:
     """``path`` and every cgroup below it (the freezer is hierarchical in v1 and v2)."""
     dirs = [path]
+    # A v2 cgroup counts its descendants in cgroup.stat: the usual leaf costs one small
+    # read instead of a directory walk (a tenth of a millisecond less per freeze, cold).
+    stat = read_file(os.path.join(path, "cgroup.stat"))
+    if stat is not None and parse_keyed(stat).get("nr_descendants") == "0":
+        return dirs
     for top, subdirs, _ in os.walk(path):
         dirs += (os.path.join(top, d) for d in subdirs)
     return dirs
@@ -414,11 +419,8 @@ class CgroupFreezer:
     def is_frozen(self) -> bool:
         raise NotImplementedError
 
-    def members(self) -> tuple[set[int], set[int]]:
-        """The processes and the tasks (threads) in the cgroup and the cgroups below it."""
-        dirs = _subtree(self.path)
-        return _ids(dirs, "cgroup.procs"), _ids(dirs, self.tasks_file)
-
+    #: The file listing the cgroup's tasks (threads); every cgroup lists its processes
+    #: in ``cgroup.procs``.
     tasks_file = "tasks"
 
 
@@ -809,7 +811,40 @@ def find_target(plan: Plan, *, whole: bool = False) -> Target | None:
     )
 
 
-class _Census:
+class _Members:
+    """What a cgroup (with the cgroups below it) holds: its processes, and how many tasks.
+
+    Looked at while the kernel freezes the cgroup, then once more when it is frozen: if the
+    task list reads the same, no task was born, died or moved in between, and so no process
+    either (each has a task in the list), so the second look costs one read.
+    """
+
+    def __init__(self, freezer: CgroupFreezer) -> None:
+        self.freezer = freezer
+        self.procs: set[int] = set()
+        self.tasks = 0
+        self._seen: tuple[list[str], bytes] | None = None
+
+    def look(self) -> tuple[list[str], bytes] | None:
+        """Read the task list: the cgroups and the list if it changed since the last
+        look, ``None`` if it did not."""
+        dirs = _subtree(self.freezer.path)
+        tasks = _listing(dirs, self.freezer.tasks_file)
+        if (dirs, tasks) == self._seen:
+            return None
+        self._seen = dirs, tasks
+        self.tasks = tasks.count(b"\n")
+        return dirs, tasks
+
+    def survey(self) -> Steps[None]:
+        """Learn what the cgroup holds now (as steps: the census's own takes a while)."""
+        changed = self.look()
+        if changed is not None:
+            self.procs = _ids(changed[0], "cgroup.procs")
+        yield from ()
+
+
+class _Census(_Members):
     """Who a cgroup holds, and the proof that it holds nothing but the tree entered at ``top``.
 
     Every process in it must be a top process or have its parent in it: going up from any
@@ -825,15 +860,12 @@ class _Census:
     """
 
     def __init__(self, freezer: CgroupFreezer, top: frozenset[int], plan: Plan) -> None:
-        self.freezer = freezer
+        super().__init__(freezer)
         self.top = top
         self.plan = plan
-        self.procs: set[int] = set()
-        self.tasks = 0
         self.parent: dict[int, int] = {}  # child -> parent, for the processes in the cgroup
         self._kids: dict[int, list[int]] = {}  # the children files read
         self._orphans: set[int] = set()  # processes in it whose parent is not known yet
-        self._seen: tuple[list[str], bytes] | None = None
         #: Set by :meth:`problem`: what is wrong is only that top processes of the tree
         #: are in other cgroups (a candidate chosen from one of them may be too narrow).
         self.tops_elsewhere = False
@@ -841,13 +873,11 @@ class _Census:
     def survey(self) -> Steps[None]:
         """List the cgroup and learn the parent of each process in it (what is not
         known yet). The task list is read first: if a later survey reads the same list,
-        no task was born, died or moved in between, and what was learnt still holds."""
-        dirs = _subtree(self.freezer.path)
-        tasks = _listing(dirs, self.freezer.tasks_file)
-        if (dirs, tasks) == self._seen:
+        what was learnt still holds (see :class:`_Members`)."""
+        changed = self.look()
+        if changed is None:
             return
-        self._seen = dirs, tasks
-        self.tasks = tasks.count(b"\n")
+        dirs, tasks = changed
         # In the usual tree every task is a process of its own: the task list stands
         # for the process list until, below the top, a task is left without a parent.
         procs = set(map(int, tasks.split()))
@@ -1040,28 +1070,25 @@ class CgroupBackend(Backend):
         # The census reads the cgroup while the kernel freezes it (the write takes
         # milliseconds): what it learns holds, since only the tree can add to the cgroup
         # (a process born in a cgroup stays there unless someone moves it).
-        survey = None if census is None else census.survey()
-        yield from freezer.freeze(max(left, 0.0), report, meanwhile=survey, writer=writer)
+        # A cgroup given by name is frozen whole (no proof needed): only what it holds
+        # is listed, the same way.
+        members = _Members(freezer) if census is None else census
+        yield from freezer.freeze(max(left, 0.0), report, meanwhile=members.survey(), writer=writer)
         report.passes = max(report.passes, 1)
         t0 = time.perf_counter()
         # Frozen: nothing forks or exits now, so what the cgroup holds is final; the
         # census reads the task list once more and learns only what is new.
         try:
-            if census is None:
-                self._procs, tids = freezer.members()
-                tasks = len(tids)
-                problem = None
-            else:
-                yield from census.survey()
-                problem = census.problem()
-                self._procs, tasks = census.procs, census.tasks
+            yield from members.survey()
+            problem = None if census is None else census.problem()
         except BaseException:
             for _ in self.thaw():
                 pass
             raise
         report.enumerate_seconds += time.perf_counter() - t0
+        self._procs = members.procs
         report.stopped = len(self._procs)
-        report.tasks = tasks
+        report.tasks = members.tasks
         self._pids = self._identities = None
         return problem
 
