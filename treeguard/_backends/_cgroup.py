@@ -837,7 +837,8 @@ class _Members:
         return dirs, tasks
 
     def survey(self) -> Steps[None]:
-        """Learn what the cgroup holds now (as steps: the census's own takes a while)."""
+        """Learn what the cgroup holds now; steps, like the census's survey (this one
+        never pauses)."""
         changed = self.look()
         if changed is not None:
             self.procs = _ids(changed[0], "cgroup.procs")
