@@ -582,19 +582,11 @@ class V1Freezer(CgroupFreezer):
                 self.set_state("FROZEN")
                 report.signal_seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
-            deadline = min(start + timeout, t0 + per_attempt)
-            backoff = 0.00005
-            while True:
-                if self.state() == "FROZEN":
-                    report.verify_seconds += time.perf_counter() - t0
-                    report.passes = attempt + 1
-                    return
-                if time.perf_counter() > deadline:
-                    break
-                self._lease_check()
-                yield Wait(backoff)
-                backoff = min(backoff * 2, _V1_MAX_BACKOFF)
+            done = yield from self._wait_for("FROZEN", min(start + timeout, t0 + per_attempt))
             report.verify_seconds += time.perf_counter() - t0
+            if done:
+                report.passes = attempt + 1
+                return
             if attempt + 1 < _V1_ATTEMPTS:
                 # Stuck in FREEZING: thaw, let the tasks run a moment, and try again.
                 self.set_state("THAWED")
@@ -603,6 +595,19 @@ class V1Freezer(CgroupFreezer):
         late = _unfrozen_tasks(pids, self.fs, "DTtZXI")
         self._undo()
         raise StopTimeoutError(timeout, late)
+
+    def _wait_for(self, want: str, deadline: float) -> Steps[bool]:
+        """Poll, with a backoff, until ``freezer.state`` reads ``want``; False at the
+        deadline."""
+        backoff = 0.00005
+        while self.state() != want:
+            if time.perf_counter() > deadline:
+                return False
+            if want == "FROZEN":
+                self._lease_check()
+            yield Wait(backoff)
+            backoff = min(backoff * 2, _V1_MAX_BACKOFF)
+        return True
 
     def _undo(self) -> None:
         if self.froze:
@@ -616,12 +621,8 @@ class V1Freezer(CgroupFreezer):
         if not self.froze:
             return
         self._undo()
-        deadline = time.perf_counter() + timeout
-        backoff = 0.00005
         try:
-            while self.state() != "THAWED" and time.perf_counter() < deadline:
-                yield Wait(backoff)
-                backoff = min(backoff * 2, _V1_MAX_BACKOFF)
+            yield from self._wait_for("THAWED", time.perf_counter() + timeout)
         except CgroupError:
             pass
 
