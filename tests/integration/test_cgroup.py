@@ -357,6 +357,40 @@ def test_the_event_loop_runs_while_the_kernel_freezes(
     proc.counters_moving(tree.counters, _main_slots(tree))
 
 
+@pytest.mark.parametrize("version", [2, 1])
+def test_where_no_thread_can_be_started_the_caller_writes(
+    version: int,
+    cgroup: MakeCgroup,
+    make_tree: Callable[..., WorkerTree],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # RLIMIT_NPROC (or the like) refuses the writing thread: the freeze still happens,
+    # written by the caller itself.
+    from treeguard._backends import _cgroup
+
+    cg = cgroup(version)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    real_write = _cgroup.write_file
+    writers: list[int] = []
+
+    def recorded_write(path: str, value: str) -> None:
+        writers.append(threading.get_ident())
+        real_write(path, value)
+
+    def no_thread(*args: object) -> int:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_cgroup, "write_file", recorded_write)
+    monkeypatch.setattr(_cgroup._thread, "start_new_thread", no_thread)
+    with ProcessesGuard(root=tree.root, include_root=True, backend="cgroup") as guard:
+        assert cg.frozen
+        assert guard.report.stopped == tree.size
+        assert proc.counters_still(tree.counters, tree.period)
+    assert not cg.frozen
+    assert writers and set(writers) == {threading.get_ident()}
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
 def test_a_deep_tree_is_proven_level_by_level(
     cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
 ) -> None:
