@@ -190,8 +190,8 @@ class _Writer:
     census) and an event loop keeps running; ``done_fd`` (an eventfd) turns readable when
     the write is over. The thread is started only when there is a write to make: started
     earlier, to get ready while the cgroup was found, it took the GIL from that work and
-    cost more than it hid (about 0.1 ms a freeze in the A/B measurements of 1,000
-    processes). Where no thread can be had, the write happens in the caller.
+    cost more than it hid (0.1 to 0.4 ms a freeze in A/B runs with 1,000 processes). Where
+    no thread can be had, the write happens in the caller.
     """
 
     def __init__(self, job: Callable[[], None]) -> None:
