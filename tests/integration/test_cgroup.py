@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -389,6 +390,28 @@ def test_where_no_thread_can_be_started_the_caller_writes(
     assert not cg.frozen
     assert writers and set(writers) == {threading.get_ident()}
     proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+def test_the_wait_is_woken_by_the_change_of_cgroup_events(cgroup: MakeCgroup) -> None:
+    # The kernel's notification wakes the waiter (POLLPRI, seen through epoll), and the
+    # waiter's read clears it: no change missed, no wake-up without one.
+    from treeguard._backends import _cgroup
+
+    cg = cgroup(2)
+    events = _cgroup._Events(os.path.join(cg.path, "cgroup.events"))
+    try:
+        assert events.read() == {"populated": "0", "frozen": "0"}
+        fd = events.ready_fd()
+        assert fd is not None
+        assert not select.select([fd], [], [], 0)[0]
+        _cgroup.write_file(os.path.join(cg.path, "cgroup.freeze"), "1")  # empty: frozen at once
+        assert select.select([fd], [], [], 5.0)[0]
+        fields = events.read()
+        assert fields is not None and fields["frozen"] == "1"
+        assert not select.select([fd], [], [], 0)[0]
+    finally:
+        events.close()
+        _cgroup.write_file(os.path.join(cg.path, "cgroup.freeze"), "0")
 
 
 def test_a_deep_tree_is_proven_level_by_level(

@@ -2,9 +2,9 @@
 
 * **v2** (Documentation/admin-guide/cgroup-v2.rst, "Core Interface Files"): writing ``1``
   to ``cgroup.freeze`` freezes the cgroup and its descendants; ``cgroup.events`` says
-  ``frozen 1`` once every task is frozen, and a change of that file raises an inotify
-  modify event (kernfs_notify). Frozen tasks show ``S`` in /proc, so the verification
-  comes from ``cgroup.events``, not from task states.
+  ``frozen 1`` once every task is frozen, and a change of that file raises POLLPRI on
+  its open descriptors (kernfs_notify). Frozen tasks show ``S`` in /proc, so the
+  verification comes from ``cgroup.events``, not from task states.
 * **v1** (Documentation/admin-guide/cgroup-v1/freezer-subsystem.rst): ``freezer.state``
   goes THAWED -> FREEZING -> FROZEN; there is no notification, so it is polled. A cgroup
   stuck in FREEZING is thawed and frozen again a bounded number of times (runc's remedy).
@@ -24,11 +24,11 @@ other processes is thawed again before the error is raised.
 from __future__ import annotations
 
 import _thread
-import ctypes
 import errno
 import functools
 import itertools
 import os
+import select
 import time
 from collections import deque
 from collections.abc import Callable
@@ -62,10 +62,6 @@ __all__ = [
 #: the cgroup backend only for a tree alone in one of these.
 OWN_PREFIX = "treeguard-"
 
-# inotify(7): flags of inotify_init1() and the event we watch for.
-_IN_NONBLOCK = 0o4000
-_IN_CLOEXEC = 0o2000000
-_IN_MODIFY = 0x00000002
 #: cgroup_file_notify() sends at most one notification per 10 ms per file
 #: (CGROUP_FILE_NOTIFY_MIN_INTV, kernel/cgroup/cgroup.c), delaying later ones: the file is
 #: also re-read at least this often, so that rate limit never adds up to 10 ms.
@@ -77,65 +73,60 @@ _V1_ATTEMPTS = 4
 #: Longest stretch of enumeration between two points where an event loop may run.
 _SLICE = 0.002
 
-_libc: ctypes.CDLL | None = None
 
+class _Events:
+    """A cgroup's ``cgroup.events``, held open, and a descriptor that turns readable when it
+    changes.
 
-def _c() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
-
-class _Inotify:
-    """The process's one inotify descriptor, turned readable by IN_MODIFY on watched files.
-
-    Kept open for the life of the process: closing an inotify descriptor waits for an SRCU
-    grace period (fsnotify_destroy_group), several milliseconds, which would double the
-    cost of a freeze. Waiters add a watch, wait, and remove it; a wake-up meant for another
-    watch only makes them re-read their file.
+    When the kernel notifies a change of a cgroup file (kernfs_notify), every open
+    descriptor of it raises POLLPRI at once (inotify hears of it later, from a workqueue).
+    An epoll instance waiting for EPOLLPRI turns that into plain readability, the one
+    condition drivers and event loops wait for. Reading through :attr:`fd` clears it;
+    epoll reports a change made before it was set up, so none is missed between a read
+    and the wait.
     """
 
-    _fd = -1
-    _owner = 0
-
     def __init__(self, path: str) -> None:
-        libc = _c()
-        cls = type(self)
-        if cls._fd < 0 or cls._owner != os.getpid():
-            fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-            if fd < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-            cls._fd, cls._owner = fd, os.getpid()
-        self.fd = cls._fd
-        self.wd = libc.inotify_add_watch(self.fd, os.fsencode(path), _IN_MODIFY)
-        if self.wd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-
-    @classmethod
-    def open(cls, path: str) -> _Inotify | None:
-        """A watch on ``path``, or ``None`` when inotify is out of instances or watches
-        (the caller then polls)."""
+        self.path = path
         try:
-            return cls(path)
-        except OSError:
-            return None
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            self.fd = -1
+        self._epoll: select.epoll | None = None
 
-    def drain(self) -> None:
-        while True:
+    def read(self) -> dict[str, str] | None:
+        """The file's fields, ``None`` if the cgroup is gone."""
+        if self.fd < 0:
+            return None
+        try:
+            return parse_keyed(os.pread(self.fd, 4096, 0).decode())
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.ENODEV):
+                return None  # removed since it was opened
+            raise
+
+    def ready_fd(self) -> int | None:
+        """The descriptor to wait on, or ``None`` if no epoll instance can be had (the
+        caller then polls)."""
+        if self._epoll is None:
             try:
-                if not os.read(self.fd, 4096):
-                    return
-            except BlockingIOError:
-                return
+                self._epoll = select.epoll(1)
+                self._epoll.register(self.fd, select.EPOLLPRI)
+            except OSError:
+                self.close_epoll()
+                return None
+        return self._epoll.fileno()
+
+    def close_epoll(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
 
     def close(self) -> None:
-        if self.wd >= 0:
-            _c().inotify_rm_watch(self.fd, self.wd)  # EINVAL if the file went: fine
-            self.wd = -1
-            self.drain()
+        self.close_epoll()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def read_file(path: str) -> str | None:
@@ -398,7 +389,7 @@ class CgroupFreezer:
 
 
 class V2Freezer(CgroupFreezer):
-    """``cgroup.freeze`` / ``cgroup.events``, waited for by inotify."""
+    """``cgroup.freeze`` / ``cgroup.events``, waited for by poll (POLLPRI)."""
 
     version = 2
     control = "cgroup.freeze"
@@ -415,30 +406,29 @@ class V2Freezer(CgroupFreezer):
 
     def _wait_for(self, want: str, deadline: float) -> Steps[bool]:
         """Wait until ``frozen`` reads ``want``; False at the deadline."""
-        if self.events().get("frozen") == want:
-            return True  # the usual case: the kernel is done when the write returns
-        watch = _Inotify.open(self.file("cgroup.events"))
+        watch = _Events(self.file("cgroup.events"))
         backoff = 0.00005
         try:
             while True:
-                # Read after the watch was added: no change can slip in between.
-                if self.events().get("frozen") == want:
-                    return True
+                fields = watch.read()
+                if fields is None:
+                    raise CgroupError(self.path, "the cgroup was removed while freezing")
+                if fields.get("frozen") == want:
+                    return True  # usually at once: the kernel is done when the write returns
                 if want == "1":
                     self._lease_check()
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     return False
-                if watch is not None:
+                fd = watch.ready_fd()
+                if fd is not None:
                     # Never trust the event alone: the file is re-read after every wake-up.
-                    yield Wait(min(left, _RECHECK), watch.fd)
-                    watch.drain()
+                    yield Wait(min(left, _RECHECK), fd)
                 else:
                     yield Wait(min(left, backoff))
                     backoff = min(backoff * 2, _RECHECK)
         finally:
-            if watch is not None:
-                watch.close()
+            watch.close()
 
     def freeze(
         self,
