@@ -87,12 +87,12 @@ class _Events:
     """
 
     def __init__(self, path: str) -> None:
-        self.path = path
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             self.fd = -1
         self._epoll: select.epoll | None = None
+        self._pollable = True
 
     def read(self) -> dict[str, str] | None:
         """The file's fields, ``None`` if the cgroup is gone."""
@@ -106,24 +106,27 @@ class _Events:
             raise
 
     def ready_fd(self) -> int | None:
-        """The descriptor to wait on, or ``None`` if no epoll instance can be had (the
-        caller then polls)."""
-        if self._epoll is None:
+        """The descriptor to wait on, or ``None`` if there is none (out of descriptors,
+        or not a kernfs file): the caller then polls."""
+        if self._epoll is None and self._pollable:
             try:
-                self._epoll = select.epoll(1)
-                self._epoll.register(self.fd, select.EPOLLPRI)
+                epoll = select.epoll(1)
             except OSError:
-                self.close_epoll()
+                self._pollable = False
                 return None
-        return self._epoll.fileno()
+            try:
+                epoll.register(self.fd, select.EPOLLPRI)
+            except OSError:
+                epoll.close()
+                self._pollable = False
+                return None
+            self._epoll = epoll
+        return None if self._epoll is None else self._epoll.fileno()
 
-    def close_epoll(self) -> None:
+    def close(self) -> None:
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
-
-    def close(self) -> None:
-        self.close_epoll()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
