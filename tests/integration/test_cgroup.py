@@ -13,6 +13,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from tests.conftest import MakeCgroup, require_root, slot
 from treeguard import ProcessesGuard
 from treeguard._backends import Plan, thaw_described, validate_described
 from treeguard._backends._cgroup import CgroupV2Backend, thaw_cgroup
-from treeguard._drive import run_async
+from treeguard._drive import Steps, run_async
 from treeguard._watchdog import is_subreaper, set_subreaper
 from treeguard._workers import WorkerTree, chain, demo_spec
 from treeguard.cgroup import Cgroup, discover, parse_proc_cgroup
@@ -412,6 +413,43 @@ def test_the_wait_is_woken_by_the_change_of_cgroup_events(cgroup: MakeCgroup) ->
     finally:
         events.close()
         _cgroup.write_file(os.path.join(cg.path, "cgroup.freeze"), "0")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_an_event_loop_is_woken_by_the_change_of_cgroup_events(
+    backend: str, cgroup: MakeCgroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cgroup freezes once the wait has begun; the event loop's wait must end because
+    # the descriptor turned ready, not at the (here 30 s) re-read.
+    from treeguard._backends import _cgroup
+
+    cg = cgroup(2)
+    monkeypatch.setattr(_cgroup, "_RECHECK", 30.0)
+    control = os.path.join(cg.path, "cgroup.freeze")
+    ready_at_wake: list[bool] = []
+
+    def freezing_once_waiting(steps: Steps[bool]) -> Steps[bool]:
+        wait = next(steps)
+        try:
+            while True:
+                if wait.fd is not None and not ready_at_wake:
+                    _cgroup.write_file(control, "1")  # empty: frozen at once
+                yield wait
+                if wait.fd is not None:
+                    ready_at_wake.append(bool(select.select([wait.fd], [], [], 0)[0]))
+                wait = steps.send(None)
+        except StopIteration as done:
+            return done.value
+
+    async def main() -> bool:
+        steps = _cgroup.V2Freezer(cg.path)._wait_for("1", time.perf_counter() + 60)
+        return await run_async(freezing_once_waiting(steps))
+
+    try:
+        assert anyio.run(main, backend=backend)
+        assert ready_at_wake == [True]
+    finally:
+        _cgroup.write_file(control, "0")
 
 
 def test_a_deep_tree_is_proven_level_by_level(
