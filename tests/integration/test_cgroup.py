@@ -328,6 +328,7 @@ def test_the_event_loop_runs_while_the_kernel_freezes(
 
     cg = cgroup(2)
     tree = make_tree(demo_spec(), spawn=cg.spawn)
+    monkeypatch.setattr(_cgroup, "_FEW_TASKS", 8)  # a tree this small is written to in place
     real_write = _cgroup.write_file
 
     async def freeze_while_the_loop_runs() -> None:
@@ -360,6 +361,42 @@ def test_the_event_loop_runs_while_the_kernel_freezes(
 
 
 @pytest.mark.parametrize("version", [2, 1])
+@pytest.mark.parametrize("few_tasks", [False, True])
+def test_who_writes_the_freeze(
+    version: int,
+    few_tasks: bool,
+    cgroup: MakeCgroup,
+    make_tree: Callable[..., WorkerTree],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A thread of its own writes, so that the census runs meanwhile; for a cgroup with few
+    # tasks the caller writes (here the same tree counts as few, or as many when a task
+    # list of 8 bytes is too long).
+    from treeguard._backends import _cgroup
+
+    cg = cgroup(version)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    if not few_tasks:
+        monkeypatch.setattr(_cgroup, "_FEW_TASKS", 8)
+    real_write = _cgroup.write_file
+    writers: list[int] = []
+
+    def recorded_write(path: str, value: str) -> None:
+        writers.append(threading.get_ident())
+        real_write(path, value)
+
+    monkeypatch.setattr(_cgroup, "write_file", recorded_write)
+    with ProcessesGuard(root=tree.root, include_root=True, backend="cgroup") as guard:
+        assert cg.frozen
+        assert guard.report.stopped == tree.size
+        assert proc.counters_still(tree.counters, tree.period)
+    assert not cg.frozen
+    assert (writers[0] == threading.get_ident()) is few_tasks  # the freeze
+    assert set(writers[1:]) == {threading.get_ident()}  # the thaw
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+@pytest.mark.parametrize("version", [2, 1])
 def test_where_no_thread_can_be_started_the_caller_writes(
     version: int,
     cgroup: MakeCgroup,
@@ -372,14 +409,17 @@ def test_where_no_thread_can_be_started_the_caller_writes(
 
     cg = cgroup(version)
     tree = make_tree(demo_spec(), spawn=cg.spawn)
+    monkeypatch.setattr(_cgroup, "_FEW_TASKS", 8)  # too many tasks to write without a thread
     real_write = _cgroup.write_file
     writers: list[int] = []
+    refused: list[int] = []
 
     def recorded_write(path: str, value: str) -> None:
         writers.append(threading.get_ident())
         real_write(path, value)
 
     def no_thread(*args: object) -> int:
+        refused.append(1)
         raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(_cgroup, "write_file", recorded_write)
@@ -389,8 +429,23 @@ def test_where_no_thread_can_be_started_the_caller_writes(
         assert guard.report.stopped == tree.size
         assert proc.counters_still(tree.counters, tree.period)
     assert not cg.frozen
+    assert refused
     assert writers and set(writers) == {threading.get_ident()}
     proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+def test_a_cgroup_with_cgroups_below_is_not_counted_as_few_tasks(cgroup: MakeCgroup) -> None:
+    from treeguard._backends import _cgroup
+
+    cg = cgroup(2)
+    freezer = _cgroup.V2Freezer(cg.path)
+    assert freezer.has_few_tasks()
+    below = os.path.join(cg.path, "below")
+    os.mkdir(below)
+    try:
+        assert not freezer.has_few_tasks()
+    finally:
+        os.rmdir(below)
 
 
 def test_the_wait_is_woken_by_the_change_of_cgroup_events(cgroup: MakeCgroup) -> None:
