@@ -17,9 +17,9 @@ frozen. That the candidate holds nothing but the tree is proven from its task li
 ``children`` files of its processes, read from the top down only until every process in
 it is accounted for (:class:`_Census`): while the kernel freezes the cgroup (the write
 runs in a thread of its own, so this work and an event loop go on meanwhile; for a cgroup
-of a few dozen tasks, right after the write), then once
-more from the task list when it is frozen and can no longer change. A cgroup found to hold
-other processes is thawed again before the error is raised.
+of a few dozen tasks, right after the write), then once more from the task list when it
+is frozen and can no longer change. A cgroup found to hold other processes is thawed
+again before the error is raised.
 """
 
 from __future__ import annotations
@@ -249,12 +249,13 @@ def _write_during(
     job: Callable[[], None],
     meanwhile: Steps[None] | None,
     report: FreezeReport,
-    freezer: CgroupFreezer,
+    *,
+    thread: bool,
 ) -> Steps[None]:
-    """Make the write ``job`` to ``freezer``'s cgroup in a thread while ``meanwhile`` runs
-    here (for a cgroup with few tasks, first the write, then ``meanwhile``); over when both
-    are. The write's failure is raised after ``meanwhile``'s."""
-    writer = _Writer(job, thread=not freezer.has_few_tasks())
+    """Make the write ``job`` in a thread while ``meanwhile`` runs here (without ``thread``,
+    first the write, then ``meanwhile``); over when both are. The write's failure is raised
+    after ``meanwhile``'s."""
+    writer = _Writer(job, thread=thread)
     try:
         if meanwhile is not None:
             yield from meanwhile
@@ -482,7 +483,8 @@ class V2Freezer(CgroupFreezer):
                 self._announce()
                 self.froze = True
                 path = self.file("cgroup.freeze")
-                yield from _write_during(lambda: write_file(path, "1"), meanwhile, report, self)
+                job = functools.partial(write_file, path, "1")
+                yield from _write_during(job, meanwhile, report, thread=not self.has_few_tasks())
             elif meanwhile is not None:
                 yield from meanwhile
             t0 = time.perf_counter()
@@ -571,7 +573,7 @@ class V1Freezer(CgroupFreezer):
             self.froze = not self.was_frozen
             if attempt == 0:
                 job = functools.partial(self.set_state, "FROZEN")
-                yield from _write_during(job, meanwhile, report, self)
+                yield from _write_during(job, meanwhile, report, thread=not self.has_few_tasks())
             else:
                 t0 = time.perf_counter()
                 self.set_state("FROZEN")
