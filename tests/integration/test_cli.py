@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests import proc
-from tests.conftest import require_root, slot
+from tests.conftest import MakeCgroup, require_root, slot
 from treeguard._token import Token
 from treeguard._workers import WorkerTree
 
@@ -270,3 +270,27 @@ def test_demo() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all checks passed" in result.stdout and "FAILED" not in result.stdout
     assert " T, " in result.stdout  # the frozen tree, drawn with each process's state
+
+
+def test_freeze_and_pause_with_the_cgroup_backend(
+    make_tree: MakeTree, cgroup: MakeCgroup, tmp_path: Path, paused_cleanup: list[Path]
+) -> None:
+    # A tree spawned into a treeguard cgroup, frozen by the kernel through the command line.
+    cg = cgroup(2)
+    tree = make_tree(SPEC, spawn=cg.spawn)
+    events = os.path.join(cg.path, "cgroup.events")
+    check = f"import sys; sys.exit(7 if 'frozen 1' in open({events!r}).read() else 1)"
+    result = run("freeze", "--backend", "cgroup", str(tree.root), "--", sys.executable, "-c", check)
+    assert result.returncode == 7, result.stderr
+    assert not cg.frozen
+    state = tmp_path / "paused.json"
+    paused_cleanup.append(state)
+    result = run("pause", "--backend", "cgroup", str(tree.root), "--state", str(state))
+    assert result.returncode == 0, result.stderr
+    assert cg.frozen
+    assert proc.counters_still(tree.counters, tree.period)
+    assert Token.from_json(state.read_text()).backend == "cgroup"
+    result = run("resume", "--state", str(state))
+    assert result.returncode == 0, result.stderr
+    assert not cg.frozen
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])

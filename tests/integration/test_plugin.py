@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests import proc
+from tests.conftest import require_root
 
 pytest_plugins = ["pytester"]
 
@@ -57,3 +58,24 @@ def test_thawed_at_teardown_even_when_the_test_fails(pytester: pytest.Pytester) 
     pid, state = (pytester.path / "state-at-teardown").read_text().split()
     assert state in "SR", f"PID {pid} was left in state {state} after the failing test"
     assert not proc.task_states(int(pid))
+
+
+def test_freezes_a_cgroup_with_the_cgroup_backend(pytester: pytest.Pytester) -> None:
+    require_root("the cgroup backend")
+    pytester.makepyfile(
+        test_cgroup_face="""
+        import os, subprocess
+        from treeguard.cgroup import Cgroup
+
+        def test_frozen_by_the_kernel(treeguard_freeze):
+            with Cgroup.create() as cg:
+                worker = cg.spawn(["sleep", "60"])
+                guard = treeguard_freeze(worker, backend="cgroup")
+                assert guard.report.backend == "cgroup" and guard.pids == (worker.pid,)
+                assert cg.frozen
+                guard.release()
+                assert not cg.frozen
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
