@@ -66,12 +66,33 @@ def _stopped_here() -> set[int]:
     return {pid for pid in _descendants(os.getpid()) if proc.stopped([pid])}
 
 
+def _zombie_children() -> set[int]:
+    me = os.getpid()
+    kids: list[int] = []
+    for tid in os.listdir(f"/proc/{me}/task"):
+        try:
+            with open(f"/proc/{me}/task/{tid}/children") as f:
+                kids += map(int, f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return {k for k in kids if proc.state(k) == "Z"}
+
+
 @pytest.fixture(autouse=True)
 def _nothing_left_behind() -> Iterator[None]:
-    """Fail a test that leaves a process of its own stopped or alive, and clean up after it."""
+    """Fail a test that leaves a process of its own stopped, alive or unreaped (a zombie
+    child of this process, which later tests freezing "every descendant" would meet), and
+    clean up after it."""
     before_stopped = _stopped_here()
     before = set(_descendants(os.getpid()))
+    before_zombies = _zombie_children()
     yield
+    left_zombies = sorted(_zombie_children() - before_zombies)
+    for pid in left_zombies:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
     left_stopped = _stopped_here() - before_stopped
     left_alive = [
         p
@@ -85,6 +106,7 @@ def _nothing_left_behind() -> Iterator[None]:
             pass
     assert not left_stopped, f"the test left processes stopped: {sorted(left_stopped)}"
     assert not left_alive, f"the test left processes alive: {left_alive}"
+    assert not left_zombies, f"the test left zombie children unreaped: {left_zombies}"
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ from .errors import (
     InvalidArgumentError,
     NoSuchProcessError,
 )
-from .procfs import ProcFS, Stat
+from .procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat
 
 __all__ = [
     "Cgroup",
@@ -537,18 +537,29 @@ class Cgroup:
             libc.prctl(_PR_SET_CHILD_SUBREAPER, before.value)
 
     def _kill_one(self, pid: int, fs: ProcFS, killed: dict[int, int]) -> None:
+        """SIGKILL ``pid`` if it is still in this cgroup, and remember it (in ``killed``) to
+        reap if it becomes our zombie child: also when it is dying already (with its
+        parent, PR_SET_PDEATHSIG), then it left the cgroup on its own."""
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
             return
         try:
-            stat = fs.stat(pid)
             # The pidfd was opened first: if the PID is still listed in this cgroup now,
             # the pidfd names that very process.
-            if stat is None or pid not in set(self.pids()):
+            listed = pid in set(self.pids())
+            # Read after the listing: a process leaves the cgroup when it exits only after
+            # PF_EXITING is set, so one not listed any more shows here whether it is dying
+            # or was moved out (alive: not ours to kill or reap).
+            stat = fs.stat(pid)
+            if stat is None:
+                return
+            dying = stat.state in DEAD_STATES or bool(stat.flags & PF_EXITING)
+            if not (listed or dying):
                 return
             killed[pid] = stat.starttime
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            if not dying:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
         except ProcessLookupError:
             pass
         finally:

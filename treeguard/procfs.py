@@ -20,8 +20,9 @@ __all__ = ["PF_KTHREAD", "ProcFS", "STOPPED_STATES", "Stat", "parse_stat", "pars
 STOPPED_STATES = frozenset("Tt")
 #: States of a task that is gone or going: zombie, dead (``X``, ``x`` on old kernels).
 DEAD_STATES = frozenset("ZXx")
-#: ``flags`` bit of a kernel thread (include/linux/sched.h).
+#: ``flags`` bits (include/linux/sched.h): a kernel thread; a task that has begun to exit.
 PF_KTHREAD = 0x00200000
+PF_EXITING = 0x00000004
 
 _O_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 # seq_file's first buffer is one page (fs/seq_file.c); a record that does not fit is held

@@ -28,7 +28,7 @@ from treeguard._backends import Plan, thaw_described, validate_described
 from treeguard._backends._cgroup import CgroupV2Backend, thaw_cgroup
 from treeguard._drive import Steps, run_async
 from treeguard._watchdog import is_subreaper, set_subreaper
-from treeguard._workers import WorkerTree, chain, demo_spec
+from treeguard._workers import WorkerTree, chain, demo_spec, wide
 from treeguard.cgroup import Cgroup, discover, parse_proc_cgroup
 from treeguard.errors import (
     CgroupError,
@@ -677,6 +677,31 @@ def test_context_manager_kills_what_it_spawned_and_removes_itself() -> None:
         cg.freeze()
     assert p.returncode is not None  # killed (thawed first) and reaped
     assert not os.path.exists(cg.path)
+
+
+def _zombie_children() -> list[int]:
+    me = os.getpid()
+    kids: list[int] = []
+    for tid in os.listdir(f"/proc/{me}/task"):
+        with open(f"/proc/{me}/task/{tid}/children") as f:
+            kids += map(int, f.read().split())
+    return [k for k in kids if set(proc.task_states(k).values()) == {"Z"}]
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_kill_reaps_what_died_on_its_own_meanwhile(
+    version: int, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    # The workers die with their parent (PR_SET_PDEATHSIG): killed first, the root takes
+    # them down before kill() reaches them, and they become this process's children (a
+    # subreaper while it kills). kill() must reap them too, not leave them as zombies.
+    before = set(_zombie_children())
+    cg = cgroup(version)
+    tree = make_tree(wide(40), spawn=cg.spawn)
+    cg.kill()
+    assert cg.pids() == []
+    assert set(_zombie_children()) - before == set()
+    assert not any(proc.task_states(pid) for pid in tree.pids)
 
 
 # -- the watchdog thaws a cgroup freeze ------------------------------------------------
