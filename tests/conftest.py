@@ -66,7 +66,8 @@ def _stopped_here() -> set[int]:
     return {pid for pid in _descendants(os.getpid()) if proc.stopped([pid])}
 
 
-def _zombie_children() -> set[int]:
+def zombie_children() -> set[int]:
+    """The children of this process that are zombies (exited, not reaped yet)."""
     me = os.getpid()
     kids: list[int] = []
     for tid in os.listdir(f"/proc/{me}/task"):
@@ -85,9 +86,9 @@ def _nothing_left_behind() -> Iterator[None]:
     clean up after it."""
     before_stopped = _stopped_here()
     before = set(_descendants(os.getpid()))
-    before_zombies = _zombie_children()
+    before_zombies = zombie_children()
     yield
-    left_zombies = sorted(_zombie_children() - before_zombies)
+    left_zombies = sorted(zombie_children() - before_zombies)
     for pid in left_zombies:
         try:
             os.waitpid(pid, os.WNOHANG)

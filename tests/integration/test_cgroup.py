@@ -22,7 +22,7 @@ import pytest
 
 import treeguard
 from tests import proc
-from tests.conftest import MakeCgroup, require_root, slot
+from tests.conftest import MakeCgroup, require_root, slot, zombie_children
 from treeguard import ProcessesGuard
 from treeguard._backends import Plan, thaw_described, validate_described
 from treeguard._backends._cgroup import CgroupV2Backend, thaw_cgroup
@@ -361,55 +361,23 @@ def test_the_event_loop_runs_while_the_kernel_freezes(
 
 
 @pytest.mark.parametrize("version", [2, 1])
-@pytest.mark.parametrize("few_tasks", [False, True])
+@pytest.mark.parametrize("case", ["many tasks", "few tasks", "no thread to be had"])
 def test_who_writes_the_freeze(
     version: int,
-    few_tasks: bool,
+    case: str,
     cgroup: MakeCgroup,
     make_tree: Callable[..., WorkerTree],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A thread of its own writes, so that the census runs meanwhile; for a cgroup with few
-    # tasks the caller writes (here the same tree counts as few, or as many when a task
-    # list of 8 bytes is too long).
+    # For many tasks a thread of its own writes, so that the census runs meanwhile; for a
+    # cgroup with few tasks, or where no thread can be had (RLIMIT_NPROC, ...), the caller
+    # does. The same small tree counts as many tasks when a list of 8 bytes is too long.
     from treeguard._backends import _cgroup
 
     cg = cgroup(version)
     tree = make_tree(demo_spec(), spawn=cg.spawn)
-    if not few_tasks:
+    if case != "few tasks":
         monkeypatch.setattr(_cgroup, "_FEW_TASKS", 8)
-    real_write = _cgroup.write_file
-    writers: list[int] = []
-
-    def recorded_write(path: str, value: str) -> None:
-        writers.append(threading.get_ident())
-        real_write(path, value)
-
-    monkeypatch.setattr(_cgroup, "write_file", recorded_write)
-    with ProcessesGuard(root=tree.root, include_root=True, backend="cgroup") as guard:
-        assert cg.frozen
-        assert guard.report.stopped == tree.size
-        assert proc.counters_still(tree.counters, tree.period)
-    assert not cg.frozen
-    assert (writers[0] == threading.get_ident()) is few_tasks  # the freeze
-    assert set(writers[1:]) == {threading.get_ident()}  # the thaw
-    proc.counters_moving(tree.counters, _main_slots(tree))
-
-
-@pytest.mark.parametrize("version", [2, 1])
-def test_where_no_thread_can_be_started_the_caller_writes(
-    version: int,
-    cgroup: MakeCgroup,
-    make_tree: Callable[..., WorkerTree],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # RLIMIT_NPROC (or the like) refuses the writing thread: the freeze still happens,
-    # written by the caller itself.
-    from treeguard._backends import _cgroup
-
-    cg = cgroup(version)
-    tree = make_tree(demo_spec(), spawn=cg.spawn)
-    monkeypatch.setattr(_cgroup, "_FEW_TASKS", 8)  # too many tasks to write without a thread
     real_write = _cgroup.write_file
     writers: list[int] = []
     refused: list[int] = []
@@ -423,14 +391,16 @@ def test_where_no_thread_can_be_started_the_caller_writes(
         raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(_cgroup, "write_file", recorded_write)
-    monkeypatch.setattr(_cgroup._thread, "start_new_thread", no_thread)
+    if case == "no thread to be had":
+        monkeypatch.setattr(_cgroup._thread, "start_new_thread", no_thread)
     with ProcessesGuard(root=tree.root, include_root=True, backend="cgroup") as guard:
         assert cg.frozen
         assert guard.report.stopped == tree.size
         assert proc.counters_still(tree.counters, tree.period)
     assert not cg.frozen
-    assert refused
-    assert writers and set(writers) == {threading.get_ident()}
+    assert bool(refused) is (case == "no thread to be had")
+    assert (writers[0] == threading.get_ident()) is (case != "many tasks")  # the freeze
+    assert set(writers[1:]) == {threading.get_ident()}  # the thaw
     proc.counters_moving(tree.counters, _main_slots(tree))
 
 
@@ -679,15 +649,6 @@ def test_context_manager_kills_what_it_spawned_and_removes_itself() -> None:
     assert not os.path.exists(cg.path)
 
 
-def _zombie_children() -> list[int]:
-    me = os.getpid()
-    kids: list[int] = []
-    for tid in os.listdir(f"/proc/{me}/task"):
-        with open(f"/proc/{me}/task/{tid}/children") as f:
-            kids += map(int, f.read().split())
-    return [k for k in kids if set(proc.task_states(k).values()) == {"Z"}]
-
-
 @pytest.mark.parametrize("version", [2, 1])
 def test_kill_reaps_what_died_on_its_own_meanwhile(
     version: int, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
@@ -695,12 +656,12 @@ def test_kill_reaps_what_died_on_its_own_meanwhile(
     # The workers die with their parent (PR_SET_PDEATHSIG): killed first, the root takes
     # them down before kill() reaches them, and they become this process's children (a
     # subreaper while it kills). kill() must reap them too, not leave them as zombies.
-    before = set(_zombie_children())
+    before = zombie_children()
     cg = cgroup(version)
     tree = make_tree(wide(40), spawn=cg.spawn)
     cg.kill()
     assert cg.pids() == []
-    assert set(_zombie_children()) - before == set()
+    assert zombie_children() - before == set()
     assert not any(proc.task_states(pid) for pid in tree.pids)
 
 
