@@ -61,6 +61,8 @@ __all__ = [
 ]
 
 _PR_SET_CHILD_SUBREAPER = 36
+#: How many processes :meth:`Cgroup.kill` holds pidfds for at once (one listing each).
+_KILL_BATCH = 256
 _PR_GET_CHILD_SUBREAPER = 37
 PREFIX = "treeguard-"
 
@@ -523,8 +525,8 @@ class Cgroup:
                 left = [p for p in self.pids() if only is None or p in only]
                 if not left:
                     break
-                for pid in left:
-                    self._kill_one(pid, fs, killed)
+                for i in range(0, len(left), _KILL_BATCH):
+                    self._kill_some(left[i : i + _KILL_BATCH], fs, killed)
                 self._reap(killed, fs)
                 if time.monotonic() > deadline:
                     raise CgroupError(self.path, f"processes survived SIGKILL: {left[:20]}")
@@ -536,34 +538,43 @@ class Cgroup:
         finally:
             libc.prctl(_PR_SET_CHILD_SUBREAPER, before.value)
 
-    def _kill_one(self, pid: int, fs: ProcFS, killed: dict[int, int]) -> None:
-        """SIGKILL ``pid`` if it is still in this cgroup, and remember it (in ``killed``) to
-        reap if it becomes our zombie child: also when it is dying already (with its
-        parent, PR_SET_PDEATHSIG), then it left the cgroup on its own."""
+    def _kill_some(self, pids: list[int], fs: ProcFS, killed: dict[int, int]) -> None:
+        """SIGKILL those of ``pids`` still in this cgroup, and remember each (in ``killed``)
+        to reap if it becomes our zombie child: also one dying already (with its parent,
+        PR_SET_PDEATHSIG), which left the cgroup on its own."""
+        fds: dict[int, int] = {}
         try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return
-        try:
-            # The pidfd was opened first: if the PID is still listed in this cgroup now,
-            # the pidfd names that very process.
-            listed = pid in set(self.pids())
-            # Read after the listing: a process leaves the cgroup when it exits only after
-            # PF_EXITING is set, so one not listed any more shows here whether it is dying
-            # or was moved out (alive: not ours to kill or reap).
-            stat = fs.stat(pid)
-            if stat is None:
-                return
-            dying = stat.state in DEAD_STATES or bool(stat.flags & PF_EXITING)
-            if not (listed or dying):
-                return
-            killed[pid] = stat.starttime
-            if not dying:
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            for pid in pids:
+                try:
+                    fds[pid] = os.pidfd_open(pid)
+                except ProcessLookupError:
+                    continue
+                except OSError as err:  # out of descriptors: the rest wait for a next round
+                    if err.errno in (errno.EMFILE, errno.ENFILE) and fds:
+                        break
+                    raise
+            # Listed after the pidfds were opened: a PID still listed names the very
+            # process its pidfd refers to.
+            listed = set(self.pids())
+            for pid, fd in fds.items():
+                # Read after the listing: a process leaves the cgroup when it exits only
+                # after PF_EXITING is set, so one not listed any more shows here whether it
+                # is dying or was moved out (alive: not ours to kill or reap).
+                stat = fs.stat(pid)
+                if stat is None:
+                    continue
+                dying = stat.state in DEAD_STATES or bool(stat.flags & PF_EXITING)
+                if not (pid in listed or dying):
+                    continue
+                killed[pid] = stat.starttime
+                if not dying:
+                    try:
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
         finally:
-            os.close(fd)
+            for fd in fds.values():
+                os.close(fd)
 
     def _reap(self, killed: dict[int, int], fs: ProcFS) -> bool:
         """Reap our zombie children among ``killed``; True once every one of them is gone."""
