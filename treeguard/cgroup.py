@@ -549,10 +549,13 @@ class Cgroup:
                     fds[pid] = os.pidfd_open(pid)
                 except ProcessLookupError:
                     continue
-                except OSError as err:  # out of descriptors: the rest wait for a next round
-                    if err.errno in (errno.EMFILE, errno.ENFILE) and fds:
-                        break
-                    raise
+                except OSError as err:
+                    if err.errno not in (errno.EMFILE, errno.ENFILE) or len(fds) < 2:
+                        raise
+                    # Out of descriptors: one is given back for the reads below, and the
+                    # rest wait for the next round.
+                    os.close(fds.pop(next(reversed(fds))))
+                    break
             # Listed after the pidfds were opened: a PID still listed names the very
             # process its pidfd refers to.
             listed = set(self.pids())

@@ -8,8 +8,11 @@ that must not move.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
+import resource
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -663,6 +666,23 @@ def test_kill_reaps_what_died_on_its_own_meanwhile(
     assert cg.pids() == []
     assert zombie_children() - before == set()
     assert not any(proc.task_states(pid) for pid in tree.pids)
+
+
+def test_kill_with_few_descriptors_left(cgroup: MakeCgroup) -> None:
+    # Out of descriptors, kill() holds fewer pidfds at once and takes more rounds.
+    cg = cgroup(2)
+    children = [cg.spawn(["sleep", "60"]) for _ in range(20)]
+    proc.wait_until(lambda: len(cg.pids()) == 20, what="the children inside")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    limit = next(n for n in itertools.count() if n - len(used & set(range(n))) == 4)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        cg.kill()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert cg.pids() == []
+    assert all(child.returncode == -signal.SIGKILL for child in children)
 
 
 # -- the watchdog thaws a cgroup freeze ------------------------------------------------
