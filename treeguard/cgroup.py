@@ -61,9 +61,9 @@ __all__ = [
 ]
 
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
 #: How many processes :meth:`Cgroup.kill` holds pidfds for at once (one listing each).
 _KILL_BATCH = 256
-_PR_GET_CHILD_SUBREAPER = 37
 PREFIX = "treeguard-"
 
 

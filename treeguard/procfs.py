@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 from .errors import ProcfsParseError
 
-__all__ = ["PF_KTHREAD", "ProcFS", "STOPPED_STATES", "Stat", "parse_stat", "parse_stat_brief"]
+__all__ = [
+    "PF_EXITING",
+    "PF_KTHREAD",
+    "ProcFS",
+    "STOPPED_STATES",
+    "Stat",
+    "parse_stat",
+    "parse_stat_brief",
+]
 
 #: ``/proc/PID/stat`` states in which a task cannot run: stopped, traced-stopped.
 STOPPED_STATES = frozenset("Tt")
