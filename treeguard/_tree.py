@@ -8,6 +8,8 @@ the order the kernel's own checkpoint code records a tree in.
 from __future__ import annotations
 
 import os
+import select
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
 from .procfs import ProcFS, Stat
@@ -114,9 +116,83 @@ def walk(
 
 def ancestors(fs: ProcFS, pid: int | None = None) -> list[int]:
     """The ancestors of ``pid`` (default: this process), nearest first, up to the namespace root."""
+    if pid is None and fs.root == "/proc":
+        return _LINEAGE.chain(fs)
     chain: list[int] = []
     stat = fs.stat(os.getpid() if pid is None else pid)
     while stat is not None and stat.ppid > 0 and stat.ppid not in chain:
         chain.append(stat.ppid)
         stat = fs.stat(stat.ppid)
     return chain
+
+
+class _Lineage:
+    """This process's ancestors, read once and kept while every one of them lives.
+
+    A process keeps its parent until the parent exits (then it is re-parented), so the
+    chain changes only when one of its processes exits, and that turns the process's pidfd
+    readable (pidfd_open(2)): one poll(2) over the pidfds says whether the chain still
+    stands. Each pidfd is opened before the child's parent is read again: a parent that
+    exited (and whose PID came back as another process) is not taken for the one opened.
+    A forked child starts afresh.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pids: list[int] | None = None
+        self._fds: list[int] = []
+        self._poller = select.poll()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def chain(self, fs: ProcFS) -> list[int]:
+        with self._lock:
+            if self._pids is None or self._poller.poll(0):
+                self._forget()
+                for _ in range(10):  # again while ancestors exit meanwhile
+                    try:
+                        if self._read(fs):
+                            break
+                    except OSError:  # out of descriptors: read below, and not kept
+                        self._forget()
+                        break
+                    self._forget()
+                if self._pids is None:
+                    return ancestors(fs, os.getpid())
+            return list(self._pids)
+
+    def _read(self, fs: ProcFS) -> bool:
+        """Read the chain, a pidfd per ancestor; False if an ancestor exited meanwhile."""
+        chain: list[int] = []
+        pid = os.getpid()
+        stat = fs.stat(pid)
+        while stat is not None and stat.ppid > 0 and stat.ppid not in chain:
+            parent = stat.ppid
+            try:
+                fd = os.pidfd_open(parent)
+            except ProcessLookupError:
+                return False
+            self._fds.append(fd)
+            self._poller.register(fd, select.POLLIN)
+            again = fs.stat(pid)
+            if again is None or again.ppid != parent:
+                return False
+            chain.append(parent)
+            pid, stat = parent, fs.stat(parent)
+            if stat is None:
+                return False
+        self._pids = chain
+        return True
+
+    def _forget(self) -> None:
+        for fd in self._fds:
+            self._poller.unregister(fd)
+            os.close(fd)
+        self._fds = []
+        self._pids = None
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._forget()
+
+
+_LINEAGE = _Lineage()

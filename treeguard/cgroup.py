@@ -23,8 +23,10 @@ import errno
 import functools
 import os
 import secrets
+import select
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -196,7 +198,60 @@ def discover(fs: ProcFS | None = None) -> Discovery:
 def hierarchies(fs: ProcFS) -> tuple[Hierarchy | None, Hierarchy | None]:
     """The cgroup v2 and v1-freezer hierarchies of :func:`discover`, without the caller's
     own cgroups (one read less)."""
+    if fs.root == "/proc":
+        return _hierarchies(_MOUNTS.read())
     return _hierarchies(fs.read("self/mountinfo", 65536) or b"")
+
+
+class _MountTable:
+    """``/proc/self/mountinfo``, held open and read again only when it changed.
+
+    The kernel raises POLLPRI on an open mountinfo when a mount is added, removed or
+    changed in the mount namespace it was opened in (proc(5); remounts too), so one poll(2)
+    says whether the bytes read last still stand. A process that moved to another mount
+    namespace (its ``/proc/self/ns/mnt`` differs) opens the file anew, and so does a
+    forked child.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._ns: tuple[int, int] = (0, 0)
+        self._data = b""
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def read(self) -> bytes:
+        with self._lock:
+            st = os.stat("/proc/self/ns/mnt")
+            ns = (st.st_dev, st.st_ino)
+            if self._fd >= 0 and ns == self._ns:
+                changed = select.poll()
+                changed.register(self._fd, select.POLLPRI)
+                if not changed.poll(0):
+                    return self._data
+            else:
+                self._close()
+                self._fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+                self._ns = ns
+            chunks: list[bytes] = []
+            offset = 0
+            while chunk := os.pread(self._fd, 65536, offset):
+                chunks.append(chunk)
+                offset += len(chunk)
+            self._data = b"".join(chunks)
+            return self._data
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._close()  # the child's own copy: the open file is shared with the parent
+
+
+_MOUNTS = _MountTable()
 
 
 # Both caches are keyed by the file's bytes, so they are never stale: a guard reads the
