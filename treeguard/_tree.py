@@ -115,7 +115,8 @@ def walk(
 
 
 def ancestors(fs: ProcFS, pid: int | None = None) -> list[int]:
-    """The ancestors of ``pid`` (default: this process), nearest first, up to the namespace root."""
+    """The ancestors of ``pid`` (default: this process), nearest first, up to the namespace
+    root. This process's are kept between calls while all of them live (:class:`_Lineage`)."""
     if pid is None and fs.root == "/proc":
         return _LINEAGE.chain(fs)
     chain: list[int] = []
