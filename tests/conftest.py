@@ -33,23 +33,29 @@ def require_root(what: str) -> None:
         pytest.skip(f"{what} needs root")
 
 
+def _children(pid: int) -> list[int]:
+    """The children of ``pid``, from the ``children`` file of each of its threads."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    kids: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += map(int, f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return kids
+
+
 def _descendants(pid: int) -> list[int]:
     found: list[int] = []
     stack = [pid]
     while stack:
-        p = stack.pop()
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            found += kids
-            stack += kids
+        kids = _children(stack.pop())
+        found += kids
+        stack += kids
     return found
 
 
@@ -68,15 +74,7 @@ def _stopped_here() -> set[int]:
 
 def zombie_children() -> set[int]:
     """The children of this process that are zombies (exited, not reaped yet)."""
-    me = os.getpid()
-    kids: list[int] = []
-    for tid in os.listdir(f"/proc/{me}/task"):
-        try:
-            with open(f"/proc/{me}/task/{tid}/children") as f:
-                kids += map(int, f.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return {k for k in kids if proc.state(k) == "Z"}
+    return {k for k in _children(os.getpid()) if proc.state(k) == "Z"}
 
 
 @pytest.fixture(autouse=True)

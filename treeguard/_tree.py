@@ -119,8 +119,12 @@ def ancestors(fs: ProcFS, pid: int | None = None) -> list[int]:
     root. This process's are kept between calls while all of them live (:class:`_Lineage`)."""
     if pid is None and fs.root == "/proc":
         return _LINEAGE.chain(fs)
+    return _walk_up(fs, os.getpid() if pid is None else pid)
+
+
+def _walk_up(fs: ProcFS, pid: int) -> list[int]:
     chain: list[int] = []
-    stat = fs.stat(os.getpid() if pid is None else pid)
+    stat = fs.stat(pid)
     while stat is not None and stat.ppid > 0 and stat.ppid not in chain:
         chain.append(stat.ppid)
         stat = fs.stat(stat.ppid)
@@ -133,8 +137,9 @@ class _Lineage:
     A process keeps its parent until the parent exits (then it is re-parented), so the
     chain changes only when one of its processes exits, and that turns the process's pidfd
     readable (pidfd_open(2)): one poll(2) over the pidfds says whether the chain still
-    stands. Each pidfd is opened before the child's parent is read again: a parent that
-    exited (and whose PID came back as another process) is not taken for the one opened.
+    stands. Each pidfd is opened after the walk and before the child's parent is read
+    again: a parent that exited (and whose PID came back as another process) is not taken
+    for the one opened.
     A forked child starts afresh.
     """
 
@@ -158,29 +163,24 @@ class _Lineage:
                         break
                     self._forget()
                 if self._pids is None:
-                    return ancestors(fs, os.getpid())
+                    return _walk_up(fs, os.getpid())
             return list(self._pids)
 
     def _read(self, fs: ProcFS) -> bool:
         """Read the chain, a pidfd per ancestor; False if an ancestor exited meanwhile."""
-        chain: list[int] = []
-        pid = os.getpid()
-        stat = fs.stat(pid)
-        while stat is not None and stat.ppid > 0 and stat.ppid not in chain:
-            parent = stat.ppid
+        child = os.getpid()
+        chain = _walk_up(fs, child)
+        for parent in chain:
             try:
                 fd = os.pidfd_open(parent)
             except ProcessLookupError:
                 return False
             self._fds.append(fd)
             self._poller.register(fd, select.POLLIN)
-            again = fs.stat(pid)
-            if again is None or again.ppid != parent:
+            stat = fs.stat(child)
+            if stat is None or stat.ppid != parent:
                 return False
-            chain.append(parent)
-            pid, stat = parent, fs.stat(parent)
-            if stat is None:
-                return False
+            child = parent
         self._pids = chain
         return True
 

@@ -254,8 +254,9 @@ class _MountTable:
 _MOUNTS = _MountTable()
 
 
-# Both caches are keyed by the file's bytes, so they are never stale: a guard reads the
-# files on every freeze (a few microseconds) and parses them only when they changed.
+# Both parses are cached by the file's bytes, so they are never stale: a guard reads the
+# caller's /proc/PID/cgroup files on every freeze (mountinfo only when it changed, see
+# _MountTable) and parses them only when their bytes changed.
 
 
 @functools.lru_cache(maxsize=8)
