@@ -561,7 +561,9 @@ class Cgroup:
 
         The caller becomes a child subreaper meanwhile, so that the children of killed
         processes are reaped by it (PID 1 may not reap); zombies that become its children
-        are reaped, those started by :meth:`spawn` through their Popen.
+        are reaped, those started by :meth:`spawn` through their Popen. The caller's own
+        children from before (started otherwise, then adopted) are left for it to reap,
+        with their exit status.
 
         :raises CgroupError: if processes remain after ``timeout`` seconds.
         """
@@ -569,11 +571,14 @@ class Cgroup:
 
     def _kill(self, only: set[int] | None, timeout: float) -> None:
         self._thaw_all()
+        fs = ProcFS()
+        # Listed before this process becomes a subreaper: every child it has now is its own
+        # (or the caller's adoptee, if it was a subreaper already), to be reaped by it.
+        own = _children_of_self(fs)
         libc = ctypes.CDLL(None, use_errno=True)
         before = ctypes.c_int(0)
         libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(before))
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)
-        fs = ProcFS()
         killed: dict[int, int] = {}
         deadline = time.monotonic() + timeout
         try:
@@ -583,11 +588,11 @@ class Cgroup:
                     break
                 for i in range(0, len(left), _KILL_BATCH):
                     self._kill_some(left[i : i + _KILL_BATCH], fs, killed)
-                self._reap(killed, fs)
+                self._reap(killed, own, fs)
                 if time.monotonic() > deadline:
                     raise CgroupError(self.path, f"processes survived SIGKILL: {left[:20]}")
                 time.sleep(0.0005)
-            while not self._reap(killed, fs):
+            while not self._reap(killed, own, fs):
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.0005)
@@ -635,8 +640,10 @@ class Cgroup:
             for fd in fds.values():
                 os.close(fd)
 
-    def _reap(self, killed: dict[int, int], fs: ProcFS) -> bool:
-        """Reap our zombie children among ``killed``; True once every one of them is gone."""
+    def _reap(self, killed: dict[int, int], own: dict[int, int], fs: ProcFS) -> bool:
+        """Reap the zombies among ``killed`` that became our children while killing (not
+        those of ``own``, which were children already); True once every one is gone, or
+        dead and the caller's to reap."""
         me = os.getpid()
         spawned = {p.pid: p for p in self._spawned}
         done = True
@@ -651,6 +658,10 @@ class Cgroup:
             stat = fs.stat(pid)
             if stat is None or stat.starttime != starttime:
                 del killed[pid]
+                continue
+            if own.get(pid) == starttime:
+                if stat.state != "Z":
+                    done = False
                 continue
             if stat.state == "Z" and stat.ppid == me:
                 try:
@@ -723,6 +734,19 @@ class Cgroup:
 
     def __repr__(self) -> str:
         return f"<Cgroup v{self.version} {self.path}>"
+
+
+def _children_of_self(fs: ProcFS) -> dict[int, int]:
+    """This process's children (PID -> starttime), from the ``children`` file of each of
+    its threads."""
+    me = os.getpid()
+    found: dict[int, int] = {}
+    for tid in fs.tids(me) or ():
+        for pid in fs.children(me, tid) or ():
+            stat = fs.stat(pid)
+            if stat is not None:
+                found[pid] = stat.starttime
+    return found
 
 
 def _rmdir(path: str, deadline: float) -> None:

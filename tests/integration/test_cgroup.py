@@ -668,6 +668,34 @@ def test_kill_reaps_what_died_on_its_own_meanwhile(
     assert not any(proc.task_states(pid) for pid in tree.pids)
 
 
+def test_kill_leaves_the_callers_own_children_to_it(cgroup: MakeCgroup) -> None:
+    # A child this process started itself (not by spawn), with a grandchild, is adopted and
+    # killed: its exit status stays with its Popen, and the grandchild, orphaned onto this
+    # process while kill() runs, is reaped by kill().
+    before = zombie_children()
+    cg = cgroup(2)
+    script = "import subprocess, sys; subprocess.Popen(['sleep', '60']); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
+    grandchildren: list[int] = []
+    try:
+        proc.wait_until(lambda: grandchildren.extend(proc.children(child.pid)) or grandchildren)
+        cg.adopt([child.pid])
+        assert sorted(cg.pids()) == sorted([child.pid, *grandchildren])
+        cg.kill()
+        assert cg.pids() == []
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        assert zombie_children() - before == set()
+        assert proc.state(grandchildren[0]) is None  # reaped
+    finally:
+        for pid in grandchildren:  # a sleep of this test's own, if adopt() failed
+            if proc.state(pid) not in (None, "Z"):
+                os.kill(pid, signal.SIGKILL)
+        child.kill()
+        child.wait()
+        assert child.stdin is not None
+        child.stdin.close()
+
+
 def test_kill_with_few_descriptors_left(cgroup: MakeCgroup) -> None:
     # Out of descriptors, kill() holds fewer pidfds at once and takes more rounds.
     cg = cgroup(2)
