@@ -737,16 +737,15 @@ class Cgroup:
 
 
 def _children_of_self(fs: ProcFS) -> dict[int, int]:
-    """This process's children (PID -> starttime), from the ``children`` file of each of
-    its threads."""
-    me = os.getpid()
-    found: dict[int, int] = {}
-    for tid in fs.tids(me) or ():
-        for pid in fs.children(me, tid) or ():
-            stat = fs.stat(pid)
-            if stat is not None:
-                found[pid] = stat.starttime
-    return found
+    """This process's children (PID -> starttime), read the way the core walk reads them."""
+    from ._tree import children_source
+
+    me = fs.stat(os.getpid())
+    assert me is not None  # this process
+    source = children_source(fs)
+    source.refresh()
+    kids = source.children(me.pid, me)
+    return {pid: st.starttime for pid in kids if (st := fs.stat(pid)) is not None}
 
 
 def _rmdir(path: str, deadline: float) -> None:

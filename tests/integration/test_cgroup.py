@@ -678,7 +678,8 @@ def test_kill_leaves_the_callers_own_children_to_it(cgroup: MakeCgroup) -> None:
     child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
     grandchildren: list[int] = []
     try:
-        proc.wait_until(lambda: grandchildren.extend(proc.children(child.pid)) or grandchildren)
+        proc.wait_until(lambda: proc.children(child.pid), what="the grandchild")
+        grandchildren = proc.children(child.pid)
         cg.adopt([child.pid])
         assert sorted(cg.pids()) == sorted([child.pid, *grandchildren])
         cg.kill()
@@ -687,7 +688,7 @@ def test_kill_leaves_the_callers_own_children_to_it(cgroup: MakeCgroup) -> None:
         assert zombie_children() - before == set()
         assert proc.state(grandchildren[0]) is None  # reaped
     finally:
-        for pid in grandchildren:  # a sleep of this test's own, if adopt() failed
+        for pid in {*grandchildren, *proc.children(child.pid)}:  # if adopt() failed
             if proc.state(pid) not in (None, "Z"):
                 os.kill(pid, signal.SIGKILL)
         child.kill()
