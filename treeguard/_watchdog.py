@@ -359,12 +359,16 @@ class _Helper:
     def __init__(self, mem: mmap.mmap, lock_fd: int) -> None:
         self.mem = mem
         self.lock_fd = lock_fd
-        self.thaw_identities: Callable[[Iterable[tuple[int, int]]], int] | None = None
+        self.thaw_identities: (
+            Callable[[Iterable[tuple[int, ...]]], tuple[int, list[int]]] | None
+        ) = None
         self.thaw_cgroup: Callable[[int, str, int | None], int] | None = None
 
     def load(self) -> None:
         from ._backends._cgroup import thaw_cgroup
-        from ._backends._signal import thaw_identities
+        from ._thaw import has_pidfs, thaw_identities
+
+        has_pidfs()  # learned now, not when the thaw is short of descriptors
 
         self.thaw_identities = thaw_identities
         self.thaw_cgroup = thaw_cgroup

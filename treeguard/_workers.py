@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ._backends._signal import signal_identity
+from ._thaw import signal_identity
 from .procfs import ProcFS
 
 __all__ = ["WorkerTree", "chain", "counters_moving", "counters_still", "demo_spec", "wide"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .errors import ProcfsParseError
 
 __all__ = [
+    "HELPER_COMM",
     "PF_EXITING",
     "PF_KTHREAD",
     "ProcFS",
@@ -31,6 +32,9 @@ DEAD_STATES = frozenset("ZXx")
 #: ``flags`` bits (include/linux/sched.h): a kernel thread; a task that has begun to exit.
 PF_KTHREAD = 0x00200000
 PF_EXITING = 0x00000004
+#: The command name (comm) of every treeguard helper process (the watchdog): no guard, of
+#: this process or another, ever stops a process of that name.
+HELPER_COMM = b"treeguard-wd"
 
 _O_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 # seq_file's first buffer is one page (fs/seq_file.c); a record that does not fit is held

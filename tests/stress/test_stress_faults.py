@@ -260,7 +260,7 @@ import json, os, resource, select, signal, sys, time
 sys.path.insert(0, sys.argv[1])  # the repository: the tests' own /proc reader
 from tests.proc import starttime, state
 from treeguard import ProcessesGuard
-from treeguard._backends._signal import thaw_identities
+from treeguard._thaw import thaw_identities
 assert os.getpid() == 1, "run me as PID 1 of a fresh PID namespace"
 HZ = os.sysconf("SC_CLK_TCK")
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
+from .._thaw import thaw_identities
 from ..errors import InvalidArgumentError, TokenError
 from ._base import Backend, Journal, Plan
 from ._cgroup import AutoBackend, CgroupBackend, thaw_cgroup
-from ._signal import SignalBackend, thaw_identities
+from ._signal import SignalBackend
 
 __all__ = [
     "BACKENDS",
@@ -122,7 +123,7 @@ def thaw_described(name: str, payload: dict[str, object]) -> int:
     if kind == "signal":
         stopped = payload["stopped"]
         assert isinstance(stopped, list)
-        return thaw_identities((int(p), int(s)) for p, s in stopped)
+        return thaw_identities((int(p), int(s)) for p, s in stopped)[0]
     if kind == "cgroup":
         version, path, inode = payload["version"], payload["path"], payload["inode"]
         assert isinstance(version, int)

@@ -26,16 +26,16 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Iterable
 
 from .._drive import YIELD, Steps, Wait
 from .._report import Skip
+from .._thaw import signal_identity
 from .._tree import ChildrenFiles, ChildrenSource, walk
 from ..errors import FreezeError, FreezePermissionError, StopTimeoutError, TreeUnstableError
-from ..procfs import DEAD_STATES, STOPPED_STATES, ProcFS, Stat, parse_stat, parse_stat_brief
+from ..procfs import DEAD_STATES, STOPPED_STATES, Stat, parse_stat, parse_stat_brief
 from ._base import Backend, Plan
 
-__all__ = ["SignalBackend", "signal_identity", "thaw_identities"]
+__all__ = ["SignalBackend"]
 
 #: Where a task waits while its vfork child has not exec'd or exited (kernel/fork.c).
 _VFORK_WCHAN = frozenset({"kernel_clone", "_do_fork", "do_fork"})
@@ -465,40 +465,3 @@ class _Batching(ChildrenSource):
 _ROOT = Stat(
     pid=0, comm=b"", state="S", ppid=0, pgrp=0, session=0, flags=0, num_threads=1, starttime=0
 )
-
-
-def signal_identity(pid: int, starttime: int, *signals: int, fs: ProcFS | None = None) -> bool:
-    """Send ``signals`` to the process ``(pid, starttime)`` through a short-lived pidfd, if
-    ``pid`` still names it. The pidfd is opened before the stat read that checks the
-    starttime, so a PID recycled at any moment is never signalled.
-
-    :returns: False if that process is gone (nothing was signalled).
-    """
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = (fs or ProcFS()).stat(pid)
-        if stat is None or stat.starttime != starttime:
-            return False  # the PID now names another process: never signal it
-        for sig in signals:
-            signal.pidfd_send_signal(fd, sig)
-        return True
-    except ProcessLookupError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def thaw_identities(identities: Iterable[tuple[int, int]], fs: ProcFS | None = None) -> int:
-    """SIGCONT each ``(pid, starttime)``, last first, skipping any whose PID now names another
-    process or nothing. For a thaw from another process (a token, the watchdog).
-
-    :returns: how many processes were signalled.
-    """
-    fs = fs or ProcFS()
-    return sum(
-        signal_identity(pid, start, signal.SIGCONT, fs=fs)
-        for pid, start in reversed(list(identities))
-    )

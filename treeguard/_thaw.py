@@ -1,0 +1,186 @@
+"""Identity-checked signals: what any process (the guard, a token's holder, the watchdog
+helper, ``treeguard resume``) needs to signal a process it recorded, and never another.
+
+A process is recorded as ``(pid, starttime, inode)``. The pidfd is opened first, then the
+identity is checked against it, so a PID recycled at any moment is never signalled:
+
+- ``inode``: the pidfd's inode number on kernels with pidfs (Linux 6.9+), unique to one
+  process for the life of the system and never reused; 0 where the kernel has no pidfs (or
+  the record predates it);
+- ``starttime``: field 22 of ``/proc/PID/stat``, in clock ticks (10 ms here). Two processes
+  that got the same PID within one tick share it: it is the fallback, not a proof.
+
+This module imports only :mod:`treeguard.procfs`: the watchdog helper loads it alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import threading
+from collections.abc import Iterable
+
+from .procfs import ProcFS
+
+__all__ = [
+    "close_pidfd",
+    "has_pidfs",
+    "keep_reserve",
+    "open_identity",
+    "open_pidfd",
+    "pidfd_inode",
+    "signal_identity",
+    "thaw_identities",
+]
+
+_pidfs: bool | None = None
+
+
+def has_pidfs() -> bool:
+    """Whether pidfds live on pidfs (Linux 6.9+), where each has an inode of its own.
+
+    Before pidfs, every pidfd was an anonymous inode, the one inode that every anonymous
+    file (an epoll instance too) shares: compare the two.
+    """
+    global _pidfs
+    if _pidfs is None:
+        fd = os.pidfd_open(os.getpid())
+        try:
+            with select.epoll() as ep:
+                mine, anon = os.fstat(fd), os.fstat(ep.fileno())
+            _pidfs = (mine.st_dev, mine.st_ino) != (anon.st_dev, anon.st_ino)
+        finally:
+            os.close(fd)
+    return _pidfs
+
+
+def pidfd_inode(fd: int) -> int:
+    """The pidfs inode number of the process ``fd`` (a pidfd) names; 0 without pidfs."""
+    return os.fstat(fd).st_ino if has_pidfs() else 0
+
+
+# Two descriptors kept in reserve for the whole process, so that a thaw never fails for
+# want of them: a supervisor whose table is full when it thaws closes the reserve, opens the
+# pidfd (and, without pidfs, reads the stat that checks it) in the slots it freed, and takes
+# the reserve back once that pidfd is closed.
+_RESERVE = 2
+_reserve: list[int] = []
+_reserve_lock = threading.Lock()
+
+
+def keep_reserve() -> None:
+    """Hold the spare descriptors (idempotent; quietly holds fewer if none can be had now:
+    the next call tries again). Every freeze calls it before it stops anything."""
+    if len(_reserve) >= _RESERVE:
+        return
+    has_pidfs()  # learned now, while descriptors are to be had
+    with _reserve_lock:
+        while len(_reserve) < _RESERVE:
+            try:
+                _reserve.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return
+
+
+def open_pidfd(pid: int) -> int:
+    """``pidfd_open(pid)``, spending the reserve descriptors when the table is full.
+
+    :raises ProcessLookupError: if there is no such process.
+    :raises OSError: EMFILE/ENFILE if even the reserve is spent (another thread took it).
+    """
+    try:
+        return os.pidfd_open(pid)
+    except OSError as err:
+        if err.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        with _reserve_lock:
+            if not _reserve:
+                raise
+            while _reserve:
+                os.close(_reserve.pop())
+        return os.pidfd_open(pid)
+
+
+def close_pidfd(fd: int) -> None:
+    """Close a pidfd from :func:`open_pidfd` and take the reserve back if it was spent."""
+    os.close(fd)
+    if len(_reserve) < _RESERVE:
+        keep_reserve()
+
+
+def open_identity(pid: int, starttime: int, inode: int = 0, fs: ProcFS | None = None) -> int:
+    """A pidfd of the process ``(pid, starttime, inode)``, or -1 if ``pid`` names another
+    process or none. ``inode`` 0 skips the inode check (a record without one).
+
+    :raises OSError: EMFILE/ENFILE (out of descriptors), EPERM and the like: the caller
+        decides (a thaw falls back, see :func:`signal_identity`).
+    """
+    try:
+        fd = open_pidfd(pid)
+    except ProcessLookupError:
+        return -1
+    try:
+        if inode and has_pidfs():
+            # A pidfs inode is never reused: it alone proves the identity (and needs no
+            # descriptor, unlike the stat read below).
+            if os.fstat(fd).st_ino == inode:
+                return fd
+            close_pidfd(fd)
+            return -1
+        stat = (fs or ProcFS()).stat(pid)
+        if stat is None or stat.starttime != starttime:
+            close_pidfd(fd)
+            return -1  # the PID now names another process: never signal it
+    except BaseException:
+        close_pidfd(fd)
+        raise
+    return fd
+
+
+def signal_identity(
+    pid: int, starttime: int, *signals: int, inode: int = 0, fs: ProcFS | None = None
+) -> bool:
+    """Send ``signals`` to the process ``(pid, starttime, inode)`` through a short-lived
+    pidfd, if ``pid`` still names it.
+
+    :returns: False if that process is gone (nothing was signalled).
+    :raises OSError: if no pidfd can be opened (EMFILE, ENFILE) or the signal is refused
+        (EPERM).
+    """
+    fd = open_identity(pid, starttime, inode, fs)
+    if fd < 0:
+        return False
+    try:
+        for sig in signals:
+            signal.pidfd_send_signal(fd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        close_pidfd(fd)
+
+
+def thaw_identities(
+    identities: Iterable[tuple[int, ...]], fs: ProcFS | None = None
+) -> tuple[int, list[int]]:
+    """SIGCONT each ``(pid, starttime[, inode])``, last first (children first), skipping any
+    whose PID now names another process or nothing. For a thaw from another process (a
+    token, the watchdog, ``resume``). It never stops at one process: one that may not be
+    signalled (EPERM), or a moment without descriptors, leaves the rest to be thawed.
+
+    :returns: how many processes were resumed, and the PIDs that could not be (EPERM, or no
+        descriptor to be had even after closing nothing else).
+    """
+    fs = fs or ProcFS()
+    resumed = 0
+    failed: list[int] = []
+    for record in reversed(list(identities)):
+        pid, start = record[0], record[1]
+        inode = record[2] if len(record) > 2 else 0
+        try:
+            resumed += signal_identity(pid, start, signal.SIGCONT, inode=inode, fs=fs)
+        except OSError:
+            failed.append(pid)
+    return resumed, failed
