@@ -18,6 +18,7 @@ class Skip(str, enum.Enum):
     SUPERVISOR = "supervisor"  #: the calling process, its ancestors, or its helpers
     PERMISSION = "permission"  #: EPERM, skipped because ``partial_ok=True``
     KERNEL_THREAD = "kernel thread"  #: has no user space to stop
+    TRACED = "traced"  #: held by a tracer (strace, gdb), skipped because ``partial_ok=True``
 
     def __str__(self) -> str:
         return self.value

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, final
 
 from . import _backends
-from ._guard import PID_MAX_LIMIT, new_guard
+from ._guard import new_guard
 from .errors import InvalidArgumentError, TokenError
 
 __all__ = ["Token", "freeze", "thaw"]
@@ -30,61 +30,21 @@ FORMAT = "treeguard-token"
 VERSION = 1
 _KEYS = frozenset({"format", "version", "backend", "payload", "digest"})
 _SIGNAL_KEYS = frozenset({"stopped", "already_stopped"})
-#: starttime is an unsigned long long of clock ticks (proc(5)).
-_STARTTIME_MAX = 2**64 - 1
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _identities(payload: dict[str, Any], key: str) -> list[tuple[int, int]]:
-    records = payload[key]
-    if not isinstance(records, list):
-        raise TokenError(f"payload[{key!r}] must be a list, not {type(records).__name__}")
-    out: list[tuple[int, int]] = []
-    for i, record in enumerate(records):
-        where = f"payload[{key!r}][{i}]"
-        if not isinstance(record, list | tuple) or len(record) != 2:
-            raise TokenError(f"{where} must be a [pid, starttime] pair, not {record!r}")
-        pid, starttime = record
-        if not _is_int(pid) or not 0 < pid <= PID_MAX_LIMIT:
-            raise TokenError(f"{where}: pid must be an int in 1..{PID_MAX_LIMIT}, not {pid!r}")
-        if not _is_int(starttime) or not 0 <= starttime <= _STARTTIME_MAX:
-            raise TokenError(f"{where}: starttime must be an int >= 0, not {starttime!r}")
-        out.append((pid, starttime))
-    return out
-
-
-def validate_signal_payload(payload: dict[str, Any]) -> None:
-    """Check what :meth:`SignalBackend.describe` produces, to the last field.
-
-    :raises TokenError: if a key is missing or extra, a record is not a ``[pid, starttime]``
-        pair of ints in range, or a PID appears twice.
-    """
-    keys = set(payload)
-    if keys != _SIGNAL_KEYS:
-        raise TokenError(_key_problem("payload", keys, _SIGNAL_KEYS))
-    seen: set[int] = set()
-    for key in ("stopped", "already_stopped"):
-        for pid, _ in _identities(payload, key):
-            if pid in seen:
-                raise TokenError(f"PID {pid} appears twice in the payload")
-            seen.add(pid)
-
-
 def _validator(backend: str) -> Callable[[dict[str, Any]], None]:
-    if backend == "signal":
-        return validate_signal_payload
-    # Other backends check their own payload: ``validate_described(name, payload)`` in
-    # treeguard._backends, raising TokenError, next to their branch of thaw_described.
-    other = getattr(_backends, "validate_described", None)
-    if backend not in _backends.BACKENDS or other is None:
+    # Each backend checks its own payload (``validate_described`` in treeguard._backends,
+    # next to its branch of ``thaw_described``), raising TokenError.
+    if not isinstance(backend, str) or backend not in _backends.BACKENDS:
         raise TokenError(f"unknown backend {backend!r} (this treeguard knows {_backends.BACKENDS})")
 
     def check(payload: dict[str, Any]) -> None:
         try:
-            other(backend, payload)
+            _backends.validate_described(backend, payload)
         except TokenError:
             raise
         except (ValueError, TypeError, KeyError) as err:
@@ -178,7 +138,7 @@ class Token:
         payload = self.payload
         # Signal-shaped payloads (also an ``auto`` freeze that used signals) list processes.
         records = payload.get(key, []) if set(payload) == _SIGNAL_KEYS else []
-        return tuple((int(p), int(s)) for p, s in records)
+        return tuple((int(r[0]), int(r[1])) for r in records)
 
     # -- JSON -----------------------------------------------------------------------------
 

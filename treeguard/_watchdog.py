@@ -102,7 +102,7 @@ class _Journal:
         self._count = 0
         self._owner = os.getpid()
 
-    def stopping(self, pid: int, starttime: int) -> None:
+    def stopping(self, pid: int, starttime: int, inode: int = 0) -> None:
         """Record ``(pid, starttime)``; called before the process is sent SIGSTOP.
 
         :raises WatchdogError: if the lease ran out (the freeze then thaws and fails), or

@@ -136,7 +136,7 @@ class _Journal:
     def __init__(self, at: int, act: Callable[[int], None]) -> None:
         self.at, self.act, self.seen = at, act, 0
 
-    def stopping(self, pid: int, starttime: int) -> None:
+    def stopping(self, pid: int, starttime: int, inode: int = 0) -> None:
         self.seen += 1
         if self.seen == self.at:
             self.act(pid)

@@ -21,7 +21,8 @@ starttimes = st.integers(0, 2**64 - 1)
 def payloads(draw: Any) -> dict[str, Any]:
     chosen = draw(st.lists(pids, unique=True, max_size=40))
     split = draw(st.integers(0, len(chosen)))
-    pairs = [[p, draw(starttimes)] for p in chosen]
+    # [pid, starttime], or with the pidfs inode where the kernel has one
+    pairs = [[p, draw(starttimes), *draw(st.lists(starttimes, max_size=1))] for p in chosen]
     return {"stopped": pairs[:split], "already_stopped": pairs[split:]}
 
 
@@ -32,9 +33,9 @@ def test_json_round_trip(payload: dict[str, Any]) -> None:
     assert again == token
     assert hash(again) == hash(token)
     assert again.payload == payload
-    assert again.identities == tuple((p, s) for p, s in payload["stopped"])
-    assert again.pids == tuple(p for p, _ in payload["stopped"])
-    assert again.already_stopped == tuple((p, s) for p, s in payload["already_stopped"])
+    assert again.identities == tuple((r[0], r[1]) for r in payload["stopped"])
+    assert again.pids == tuple(r[0] for r in payload["stopped"])
+    assert again.already_stopped == tuple((r[0], r[1]) for r in payload["already_stopped"])
     assert Token.from_json(token.to_json().encode()) == token
 
 
@@ -84,7 +85,10 @@ DAMAGE = {
     "starttime negative": (("payload", "stopped", 0, 1), -1),
     "starttime too large": (("payload", "stopped", 0, 1), 2**64),
     "starttime null": (("payload", "stopped", 0, 1), None),
-    "record of three": (("payload", "stopped", 0), [100, 5, 1]),
+    "record of four": (("payload", "stopped", 0), [100, 5, 1, 2]),
+    "record of one": (("payload", "stopped", 0), [100]),
+    "inode negative": (("payload", "stopped", 0), [100, 5, -1]),
+    "inode too large": (("payload", "stopped", 0), [100, 5, 2**64]),
     "record is an object": (("payload", "stopped", 0), {"pid": 100, "starttime": 5}),
     "stopped not a list": (("payload", "stopped"), {"100": 5}),
     "duplicate pid": (("payload", "stopped", 1), [100, 5]),
@@ -159,7 +163,7 @@ def test_digest_must_be_a_string() -> None:
 
 def test_made_tokens_are_checked_too() -> None:
     with pytest.raises(TokenError):
-        Token("signal", {"stopped": [[1, 2, 3]], "already_stopped": []})
+        Token("signal", {"stopped": [[1, 2, 3, 4]], "already_stopped": []})
     with pytest.raises(TokenError):
         Token("signal", {"stopped": [[1, float("nan")]], "already_stopped": []})
     with pytest.raises(TokenError):

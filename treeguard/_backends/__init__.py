@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .._thaw import thaw_identities
-from ..errors import InvalidArgumentError, TokenError
+from ..errors import FreezePermissionError, InvalidArgumentError, TokenError
 from ._base import Backend, Journal, Plan
 from ._cgroup import AutoBackend, CgroupBackend, thaw_cgroup
 from ._signal import SignalBackend
@@ -26,6 +26,8 @@ BACKENDS = ("signal", "cgroup", "auto")
 
 #: Linux's PID_MAX_LIMIT (include/linux/threads.h).
 _PID_MAX = 4 * 1024 * 1024
+#: starttime (proc(5): unsigned long long) and a pidfs inode number are 64-bit.
+_U64_MAX = 2**64 - 1
 _SIGNAL_KEYS = frozenset({"stopped", "already_stopped"})
 _CGROUP_KEYS = frozenset({"version", "path", "inode", "was_frozen"})
 
@@ -68,22 +70,27 @@ def validate_described(name: str, payload: dict[str, object]) -> None:
 def _validate_signal(payload: dict[str, object]) -> None:
     if set(payload) != _SIGNAL_KEYS:
         raise TokenError(f"a signal payload has exactly the keys {sorted(_SIGNAL_KEYS)}")
+    seen: set[int] = set()
     for key in sorted(_SIGNAL_KEYS):
         records = payload[key]
         if not isinstance(records, list):
             raise TokenError(f"payload[{key!r}] must be a list")
         for i, record in enumerate(records):
             where = f"payload[{key!r}][{i}]"
-            if not isinstance(record, list | tuple) or len(record) != 2:
-                raise TokenError(f"{where} must be a [pid, starttime] pair")
-            pid, starttime = record
-            for value in (pid, starttime):
+            if not isinstance(record, list | tuple) or len(record) not in (2, 3):
+                raise TokenError(f"{where} must be [pid, starttime] or [pid, starttime, inode]")
+            for value in record:
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise TokenError(f"{where} must hold integers, not {value!r}")
+            pid = record[0]
             if not 1 <= pid <= _PID_MAX:
                 raise TokenError(f"{where}: PID {pid} is not between 1 and {_PID_MAX}")
-            if starttime < 0:
-                raise TokenError(f"{where}: starttime {starttime} is negative")
+            for name, value in zip(("starttime", "inode"), record[1:], strict=False):
+                if not 0 <= value <= _U64_MAX:
+                    raise TokenError(f"{where}: {name} {value} is not an unsigned 64-bit number")
+            if pid in seen:
+                raise TokenError(f"PID {pid} appears twice in the payload")
+            seen.add(pid)
 
 
 def _validate_cgroup(payload: dict[str, object]) -> None:
@@ -123,7 +130,10 @@ def thaw_described(name: str, payload: dict[str, object]) -> int:
     if kind == "signal":
         stopped = payload["stopped"]
         assert isinstance(stopped, list)
-        return thaw_identities((int(p), int(s)) for p, s in stopped)[0]
+        resumed, refused = thaw_identities(tuple(int(v) for v in r) for r in stopped)
+        if refused:
+            raise FreezePermissionError(refused, reason="they may not be signalled by this user")
+        return resumed
     if kind == "cgroup":
         version, path, inode = payload["version"], payload["path"], payload["inode"]
         assert isinstance(version, int)

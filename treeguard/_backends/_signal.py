@@ -1,22 +1,32 @@
 """The signal backend: SIGSTOP parent-first through pidfds, prove every task stopped, SIGCONT.
 
-The algorithm, in rounds:
+The algorithm goes down the tree one generation at a time:
 
-1. *Discover*: walk the tree parent-first. When a process's children are read, every new one
-   is stopped at once, siblings in a batch: open a pidfd, read its stat (the pidfd was opened
-   first, and the stat must name the parent that listed it, so it is that very process), send
-   SIGSTOP. The walk then visits each: by then it has usually stopped (its siblings' work gave
-   its SIGSTOP time to land), so it is verified on the spot and the children read next are
-   final: a stopped process cannot fork.
-2. *Verify*: wait until every task of the round's remaining processes shows ``T`` (polling
-   with a backoff that starts at a bare yield of the CPU, not at a fixed sleep).
-3. *Re-enumerate*: read the children of those processes again, now that they are stopped;
-   a newcomer (forked before its parent's stop landed) starts another round. Passed-through
-   processes (the caller) are re-read every round.
+1. *Stop* every process of the generation: open a pidfd, read its stat (the pidfd was opened
+   first, and the stat must name the parent that listed it, so it is that very process),
+   record it (the backend's list, then the watchdog's journal), send SIGSTOP.
+2. *Verify* that every task of the generation shows ``T`` (polling with a backoff that starts
+   at a bare yield of the CPU, not at a fixed sleep).
+3. *Descend*: read the children of the generation, now that it is stopped (a stopped process
+   cannot fork, so the lists are final): they are the next generation.
 
-Processes are held by pidfd (``pidfd_send_signal`` cannot reach a recycled PID). When the
-descriptor budget runs out, a process is signalled through a short-lived pidfd instead,
-re-checked against its starttime each time.
+No child is stopped before its parent is proven stopped: a parent that waits for its child
+with ``WUNTRACED`` (``su``, ``runuser``, an interactive shell: job-control relays) is itself
+stopped when the child's stop is reported, and the thaw resumes children first, so by the time
+it runs again the stop is no longer reportable (SIGCONT clears it at once, kernel/signal.c
+``prepare_signal``). Processes the freeze walks through without stopping (the caller, ``root``
+itself, a process it may not signal) keep running: their children are read again after each
+round, and newcomers start another round, up to ``max_passes``.
+
+A parent outside the frozen set that relays the stop of its child (``su`` above the root)
+stops itself: such *watchers* are remembered, and the thaw resumes one that stopped during
+the freeze.
+
+Processes are held by pidfd (``pidfd_send_signal`` cannot reach a recycled PID) and known by
+identity, never by PID alone. When the descriptor budget runs out, a process is signalled
+through a short-lived pidfd instead, checked against its pidfs inode (or starttime).
+A traced process (state ``t``: strace, gdb) cannot be proven stopped: it is refused, or
+skipped with ``partial_ok``.
 """
 
 from __future__ import annotations
@@ -29,10 +39,10 @@ import time
 
 from .._drive import YIELD, Steps, Wait
 from .._report import Skip
-from .._thaw import signal_identity
-from .._tree import ChildrenFiles, ChildrenSource, walk
+from .._thaw import keep_reserve, pidfd_inode, signal_identity
+from .._tree import ChildrenFiles
 from ..errors import FreezeError, FreezePermissionError, StopTimeoutError, TreeUnstableError
-from ..procfs import DEAD_STATES, STOPPED_STATES, Stat, parse_stat, parse_stat_brief
+from ..procfs import DEAD_STATES, HELPER_COMM, Stat, parse_stat, parse_stat_brief
 from ._base import Backend, Plan
 
 __all__ = ["SignalBackend"]
@@ -44,8 +54,9 @@ _MAX_BACKOFF = 0.002
 #: Longest stretch of work between two points where an event loop may run.
 _SLICE = 0.002
 
-#: States of a task that needs no more waiting for: stopped, or gone.
-_SETTLED = STOPPED_STATES | DEAD_STATES
+#: States of a task that needs no more waiting for: stopped by a signal, or gone. ``t``
+#: (stopped by a tracer) is not among them: a tracer lets its tracee go at any moment.
+_SETTLED = frozenset("T") | DEAD_STATES
 
 _held = 0  # descriptors (pidfds, stat files) held by all guards of this process
 
@@ -58,11 +69,23 @@ def _pidfd_budget() -> int:
 
 
 class _Entry:
-    __slots__ = ("alive", "fd", "ours", "pid", "settled", "starttime", "stat", "statfd", "tids")
+    __slots__ = (
+        "alive",
+        "fd",
+        "inode",
+        "ours",
+        "pid",
+        "settled",
+        "starttime",
+        "stat",
+        "statfd",
+        "tids",
+    )
 
     def __init__(self, pid: int, fd: int, stat: Stat, ours: bool, statfd: int = -1) -> None:
         self.pid = pid
         self.fd = fd
+        self.inode = pidfd_inode(fd)  # 0 without pidfs
         # /proc/PID/stat kept open while freezing: verification re-reads it with one pread
         # (it names this process for good: once reaped, reading it fails).
         self.statfd = statfd
@@ -82,26 +105,27 @@ class SignalBackend(Backend):
 
     def __init__(self, plan: Plan) -> None:
         super().__init__(plan)
-        self._entries: list[_Entry] = []  # ours, in stop order
+        self._entries: list[_Entry] = []  # ours, in stop order (parents first)
         self._foreign: list[_Entry] = []  # stopped by someone else when found
-        self._known: dict[int, _Entry | None] = {}
-        self._denied: list[int] = []
-        self._round: list[_Entry] = []
-        self._through: list[int] = []  # passed-through pids that the walk met
-        # Stopped with their siblings, not visited by the walk yet: pid -> stat to descend with.
-        self._batched: dict[int, Stat] = {}
+        self._met: dict[int, int] = {}  # pid -> starttime of every process met (identity)
+        self._denied: list[int] = []  # EPERM
+        self._traced_pids: list[int] = []  # stopped by a tracer when met
+        self._through: list[int] = []  # walked through, not stopped: re-read every round
+        self._through_now: list[int] = []  # those met by the generation under way
+        # Parents outside the frozen set of a process we stop: pid -> (starttime, stopped
+        # before the freeze). One that stops meanwhile relays job control (see the thaw).
+        self._watchers: dict[int, tuple[int, bool]] = {}
         self._budget = _pidfd_budget()
-        self._batching = _Batching(self)
 
     # -- what the guard sees -------------------------------------------------------------
 
     @property
     def pids(self) -> tuple[int, ...]:
-        return tuple(e.pid for e in self._entries)
+        return tuple(e.pid for e in self._entries if e.alive)
 
     @property
     def identities(self) -> tuple[tuple[int, int], ...]:
-        return tuple((e.pid, e.starttime) for e in self._entries)
+        return tuple((e.pid, e.starttime) for e in self._entries if e.alive)
 
     @property
     def already_stopped(self) -> tuple[tuple[int, int], ...]:
@@ -109,8 +133,8 @@ class SignalBackend(Backend):
 
     def describe(self) -> dict[str, object]:
         return {
-            "stopped": [[e.pid, e.starttime] for e in self._entries],
-            "already_stopped": [[e.pid, e.starttime] for e in self._foreign],
+            "stopped": [[e.pid, e.starttime, e.inode] for e in self._entries if e.alive],
+            "already_stopped": [[e.pid, e.starttime, e.inode] for e in self._foreign],
         }
 
     # -- freezing -------------------------------------------------------------------------
@@ -121,99 +145,91 @@ class SignalBackend(Backend):
         start = clock()
         deadline = start + plan.timeout
         try:
+            keep_reserve()  # before the first stop: the thaw must never lack a descriptor
             plan.source.refresh()
-            pending: list[int] = list(plan.starts)
+            frontier: list[tuple[int, int | None]] = [(pid, None) for pid in plan.starts]
             while True:
                 report.passes += 1
-                self._round = []
-                t0 = clock()
-                next_slice = t0 + _SLICE
-                for _ in walk(pending, self._visit, self._batching):
-                    if clock() > next_slice:
-                        yield YIELD
-                        next_slice = clock() + _SLICE
-                report.enumerate_seconds += clock() - t0
-                if self._denied:
-                    raise FreezePermissionError(self._denied)
-                t0 = clock()
-                unsettled = [e for e in self._round if not e.settled]
-                yield from self._wait_stopped(unsettled, deadline)
-                report.verify_seconds += clock() - t0
+                while frontier:
+                    frontier = yield from self._generation(frontier, deadline)
                 t0 = clock()
                 plan.source.refresh()
-                pending = self._newcomers(unsettled)
+                frontier = self._newcomers()
                 report.enumerate_seconds += clock() - t0
-                if not pending:
+                if not frontier:
                     break
                 if report.passes >= plan.max_passes:
-                    raise TreeUnstableError(report.passes, pending)
+                    raise TreeUnstableError(report.passes, [pid for pid, _ in frontier])
+            self._look_at_watchers()
             for entry in self._entries:
                 self._close_stat(entry)
             for entry in self._foreign:
                 self._close_stat(entry)
-            report.stopped = len(self._entries)
+            report.stopped = len(self.pids)
             report.freeze_seconds = clock() - start
         except BaseException:
             # Anything, GeneratorExit from a cancelled driver included: leave nothing stopped.
+            # (Interrupted in its turn, the thaw resumes on the guard's next release().)
             for _ in self.thaw():
                 pass
             raise
 
-    def _visit(self, pid: int) -> Stat | None:
-        """The walk reached ``pid``: stop it (unless its parent's batch did), verify it if it
-        already stopped, and return its stat to walk into its children (None: prune)."""
-        stat = self._batched.pop(pid, None)
-        if stat is None:
-            if pid in self._known:
-                return None
-            stat = self._stop(pid, parent=None)
-            if stat is None:
-                return None
-        entry = self._known.get(pid)
-        if entry is not None and not entry.settled:
-            if not self._check(entry):
-                if not entry.alive:
-                    return None
-                entry.settled = True
-            stat = entry.stat
-        return stat
+    def _generation(
+        self, frontier: list[tuple[int, int | None]], deadline: float
+    ) -> Steps[list[tuple[int, int | None]]]:
+        """Stop one generation, prove it stopped, and return the next (its children)."""
+        clock, report = time.perf_counter, self.report
+        t0 = clock()
+        next_slice = t0 + _SLICE
+        met: list[_Entry] = []
+        for pid, parent in frontier:
+            entry = self._meet(pid, parent)
+            if entry is not None:
+                met.append(entry)
+            if clock() > next_slice:
+                yield YIELD
+                next_slice = clock() + _SLICE
+        report.enumerate_seconds += clock() - t0
+        if self._denied:
+            raise FreezePermissionError(self._denied)
+        if self._traced_pids:
+            raise FreezePermissionError(
+                self._traced_pids, reason=_traced_reason(self.plan, self._traced_pids[0])
+            )
+        t0 = clock()
+        yield from self._wait_stopped(met, deadline)
+        report.verify_seconds += clock() - t0
+        t0 = clock()
+        children: list[tuple[int, int | None]] = []
+        for entry in met:
+            if entry.alive:
+                children += ((kid, entry.pid) for kid in self._children_of(entry))
+        fs, source = self.plan.fs, self.plan.source
+        for pid in self._through_now:  # running: read again at the end of the round too
+            stat = fs.stat(pid) if pid else _ROOT
+            if stat is not None:
+                children += ((kid, pid) for kid in source.children(pid, stat))
+        self._through_now = []
+        report.enumerate_seconds += clock() - t0
+        return children
 
-    def _children(self, pid: int, stat: Stat) -> list[int]:
-        """The children of ``pid`` for the walk, each new one stopped right away (a batch)."""
+    def _children_of(self, entry: _Entry) -> list[int]:
         source = self.plan.source
-        entry = self._known.get(pid)
-        if entry is not None and entry.tids is not None and isinstance(source, ChildrenFiles):
-            kids = source.of_threads(pid, entry.tids)
-        else:
-            kids = source.children(pid, stat)
-        known, batched = self._known, self._batched
-        fresh: list[int] = []
-        for kid in kids:
-            if kid in known:
-                continue
-            kid_stat = self._stop(kid, parent=pid)
-            if kid_stat is not None:
-                batched[kid] = kid_stat
-                fresh.append(kid)
-        return fresh
+        if entry.tids is not None and isinstance(source, ChildrenFiles):
+            return source.of_threads(entry.pid, entry.tids)
+        return source.children(entry.pid, entry.stat)
 
-    def _stop(self, pid: int, parent: int | None) -> Stat | None:
-        """Meet ``pid`` for the first time: skip, pass through, or stop it. Returns its stat
-        to walk into its children, or None to prune it. ``parent`` is the process whose
-        children listed it (None for where the walk starts)."""
-        known = self._known
-        if pid in known:
-            return None
+    def _meet(self, pid: int, parent: int | None) -> _Entry | None:
+        """Meet ``pid`` (listed by ``parent``; None where the walk starts): skip it, walk
+        through it, or stop it. Returns the entry to verify and descend into, if any."""
         plan, report = self.plan, self.report
         reason = plan.blocked.get(pid)
         if reason is not None:
-            known[pid] = None
             report.skipped[pid] = reason
             return None
         if pid in plan.passthrough:
-            known[pid] = None
-            self._through.append(pid)
-            return plan.fs.stat(pid) if pid else _ROOT
+            self._walk_through(pid)
+            return None
         global _held
         t0 = time.perf_counter()
         fd = self._open(pid)
@@ -229,73 +245,130 @@ class SignalBackend(Backend):
         statfd, stat = found
         if statfd >= 0:
             _held += 1
-        if parent is not None and stat.ppid != parent:
-            # Not the child its parent listed: it was re-parented (its parent died), or it
-            # exited and its PID was reused between the two reads. Either way, not ours.
+        if self._met.get(pid) == stat.starttime or (parent is not None and stat.ppid != parent):
+            # Met already (listed again), or not the child its parent listed: re-parented
+            # (its parent died), or exited with its PID reused between the two reads.
             if statfd >= 0:
                 self._close(statfd)
+            if self._met.get(pid) == stat.starttime:
+                self._close(fd)
+                return None
             return self._skip(pid, Skip.EXITED, fd)
-        if stat.is_kernel_thread or (stat.state in DEAD_STATES and stat.num_threads <= 1):
+        self._met[pid] = stat.starttime  # a PID met again with another starttime is new
+        skip = _unfreezable(stat)
+        if skip is not None:
             if statfd >= 0:
                 self._close(statfd)
-            reason = Skip.KERNEL_THREAD if stat.is_kernel_thread else Skip.ZOMBIE
-            return self._skip(pid, reason, fd)
-        entry = _Entry(pid, fd, stat, ours=stat.state not in STOPPED_STATES, statfd=statfd)
-        known[pid] = entry
+            if skip is Skip.TRACED:
+                if not plan.partial_ok:
+                    self._traced_pids.append(pid)
+                self._walk_through(pid)  # it runs: its children are read again every round
+            return self._skip(pid, skip, fd)
+        report.skipped.pop(pid, None)  # a PID reused by a process we stop now
+        self._watch(pid, parent, stat)
+        entry = _Entry(pid, fd, stat, ours=stat.state != "T", statfd=statfd)
         if not entry.ours:
             report.skipped[pid] = Skip.ALREADY_STOPPED
             self._foreign.append(entry)
-            self._round.append(entry)
             self._release_pidfd(entry)
-            return stat
+            return entry
+        # Recorded before it is signalled: an interrupt at any point leaves it to the thaw.
+        self._entries.append(entry)
         if plan.journal is not None:
-            plan.journal.stopping(pid, stat.starttime)
+            plan.journal.stopping(pid, stat.starttime, entry.inode)
         try:
             signal.pidfd_send_signal(fd, signal.SIGSTOP)
         except ProcessLookupError:
+            entry.alive = False
             self._release_fd(entry)
             return self._skip(pid, Skip.EXITED)
         except PermissionError:
+            entry.alive = False
             self._release_fd(entry)
             if not plan.partial_ok:
                 self._denied.append(pid)
                 return None
-            known[pid] = None  # not ours to verify or thaw; its children may be
             report.skipped[pid] = Skip.PERMISSION
-            return stat
+            self._walk_through(pid)  # it runs: its children are read again every round
+            return None
         finally:
             report.signal_seconds += time.perf_counter() - t0
-        self._entries.append(entry)
-        self._round.append(entry)
         if fd >= 0 and _held >= self._budget:
             self._release_pidfd(entry)
-        return stat
+        return entry
 
-    def _skip(self, pid: int, reason: Skip, fd: int = -1) -> Stat | None:
+    def _walk_through(self, pid: int) -> None:
+        if pid not in self._through:
+            self._through.append(pid)
+            self._through_now.append(pid)
+
+    def _skip(self, pid: int, reason: Skip, fd: int = -1) -> _Entry | None:
+        """Skip ``pid`` for ``reason`` (closing its pidfd): None, for :meth:`_meet`."""
         if fd >= 0:
             self._close(fd)
-        self._known[pid] = None
-        self.report.skipped[pid] = reason
+        self.report.skipped.setdefault(pid, reason)
         return None
 
-    def _newcomers(self, unsettled: list[_Entry]) -> list[int]:
-        """Children not seen yet, re-read (now that they are stopped) from the processes of
-        the round whose first read came before they were verified stopped."""
-        plan, known = self.plan, self._known
-        found: list[int] = []
-        for pid in self._through:  # not stopped, so they may have forked since
+    def _newcomers(self) -> list[tuple[int, int | None]]:
+        """Children not met yet of the processes walked through: they run, so they may have
+        forked since the round began."""
+        plan = self.plan
+        found: list[tuple[int, int | None]] = []
+        for pid in self._through:
             stat = plan.fs.stat(pid) if pid else _ROOT
             if stat is not None:
-                found += (c for c in plan.source.children(pid, stat) if c not in known)
-        source = plan.source
-        for entry in unsettled:
-            if entry.alive:
-                if entry.tids is not None and isinstance(source, ChildrenFiles):
-                    kids = source.of_threads(entry.pid, entry.tids)
-                else:
-                    kids = source.children(entry.pid, entry.stat)
-                found += (c for c in kids if c not in known)
-        return list(dict.fromkeys(found))
+                found += ((kid, pid) for kid in plan.source.children(pid, stat))
+        fresh = []
+        for kid, parent in dict.fromkeys(found):
+            if kid in self._met and kid not in self._through:
+                st = plan.fs.stat(kid)
+                if st is None or st.starttime == self._met[kid]:
+                    continue  # the process met already (or gone)
+            elif kid in self._through or kid in plan.blocked:
+                continue
+            fresh.append((kid, parent))
+        return fresh
+
+    # -- job-control relays ---------------------------------------------------------------
+
+    def _watch(self, pid: int, parent: int | None, stat: Stat) -> None:
+        """Remember the parent of a process stopped at the top of a subtree: it is told of
+        the stop (SIGCHLD, ``waitpid(WUNTRACED)``) and may relay it by stopping itself."""
+        watcher = stat.ppid if parent is None else parent
+        if watcher <= 1 or watcher == os.getpid() or watcher in self._watchers:
+            return
+        if parent is not None and parent not in self.plan.passthrough:
+            return  # a parent we stopped ourselves: proven stopped before this child
+        wst = self.plan.fs.stat(watcher)
+        if wst is not None:
+            self._watchers[watcher] = (wst.starttime, wst.state == "T")
+
+    def _look_at_watchers(self) -> None:
+        """A watcher that was running and is stopped now relayed our stop."""
+        fs = self.plan.fs
+        for pid, (start, was_stopped) in list(self._watchers.items()):
+            st = fs.stat(pid)
+            if st is None or st.starttime != start or was_stopped:
+                del self._watchers[pid]
+
+    def _resume_watchers(self) -> Steps[None]:
+        """After the thaw: resume each watcher that stopped itself while the tree was frozen
+        (it was running before). It may still be on its way to its stop (it saw the child's
+        stop just now): watch a running one for a few milliseconds."""
+        fs = self.plan.fs
+        deadline = time.perf_counter() + 0.005
+        while self._watchers:
+            for pid, (start, _) in list(self._watchers.items()):
+                st = fs.stat(pid)
+                if st is None or st.starttime != start:
+                    del self._watchers[pid]
+                elif st.state == "T":
+                    signal_identity(pid, start, signal.SIGCONT, fs=fs)
+                    del self._watchers[pid]
+                elif st.state != "R" or time.perf_counter() > deadline:
+                    del self._watchers[pid]  # asleep: it did not take the stop in
+            if self._watchers:
+                yield Wait(0.0005)
 
     # -- verifying ------------------------------------------------------------------------
 
@@ -350,9 +423,13 @@ class SignalBackend(Backend):
         for tid, state in tasks:
             if state in _SETTLED:
                 continue
+            if state == "t":
+                return self._traced(entry)
             if state == "D" and fs.wchan(pid, tid) in _VFORK_WCHAN:
-                # Waiting for a vfork child that we stopped: it cannot run, and it will
-                # only reach T after the child goes on. The cgroup freezer agrees.
+                # Blocked in vfork() until its child execs or exits: it cannot run (the
+                # cgroup freezer counts it frozen); the child is stopped with the next
+                # generation, and if it execs first, the parent takes its SIGSTOP before
+                # it returns to user space.
                 if pid not in self.report.blocked_in_vfork:
                     self.report.blocked_in_vfork.append(pid)
                 continue
@@ -360,17 +437,27 @@ class SignalBackend(Backend):
         if not late:
             self.report.tasks += len(tasks)
         elif not entry.ours:
-            # Someone resumed a process that was stopped when we found it: stop it as ours.
+            # Someone resumed a process that was stopped when we found it: stop it as ours,
+            # recorded (and journaled) before the signal.
+            self._foreign.remove(entry)
+            self._entries.append(entry)
+            entry.ours = True
+            self.report.skipped.pop(pid, None)
             if self.plan.journal is not None:
-                self.plan.journal.stopping(pid, entry.starttime)
-            if self._resignal(entry, signal.SIGSTOP):
-                entry.ours = True
-                self.report.skipped.pop(pid, None)
-                self._foreign.remove(entry)
-                self._entries.append(entry)
-            else:
+                self.plan.journal.stopping(pid, entry.starttime, entry.inode)
+            if not self._resignal(entry, signal.SIGSTOP):
                 return self._gone(entry)
         return late
+
+    def _traced(self, entry: _Entry) -> list[tuple[int, int, str]]:
+        """A task of ``entry`` is stopped by a tracer (``t``): it runs whenever the tracer
+        lets it, so it cannot be proven stopped. Refused, or skipped with ``partial_ok``
+        (the thaw still sends the SIGCONT that undoes our SIGSTOP)."""
+        if not self.plan.partial_ok:
+            raise FreezePermissionError([entry.pid], reason=_traced_reason(self.plan, entry.pid))
+        entry.settled = True
+        self.report.skipped[entry.pid] = Skip.TRACED
+        return []
 
     def _gone(self, entry: _Entry) -> list[tuple[int, int, str]]:
         # Exited (or reaped and its PID reused) while we froze: nothing to wait for. It stays
@@ -382,22 +469,28 @@ class SignalBackend(Backend):
     # -- thawing --------------------------------------------------------------------------
 
     def thaw(self) -> Steps[None]:
-        """SIGCONT children-first to exactly what this freeze stopped. Resumable."""
+        """SIGCONT children-first to exactly what this freeze stopped, then resume the
+        watchers that relayed the stop. Resumable: a process is forgotten only after it was
+        signalled, so a thaw cut short (an interrupt, an error) finishes on the next call."""
         t0 = time.perf_counter()
         entries = self._entries
+        refused: list[int] = []
         while entries:
-            entry = entries.pop()
+            entry = entries[-1]
             try:
                 self._resignal(entry, signal.SIGCONT)
-            finally:
-                self._release_fd(entry)
+            except PermissionError:
+                refused.append(entry.pid)  # it changed hands (setuid exec): not ours any more
+            entries.pop()
+            self._release_fd(entry)
         while self._foreign:
             self._release_fd(self._foreign.pop())
+        yield from self._resume_watchers()
         if self.plan.journal is not None:
             self.plan.journal.released()
         self.report.thaw_seconds = time.perf_counter() - t0
-        return
-        yield  # a generator, like every backend's thaw
+        if refused:
+            raise FreezePermissionError(refused, reason="they may no longer be signalled")
 
     def detach(self) -> None:
         """Hand the freeze over (to a token): close every pidfd, signal nobody."""
@@ -411,7 +504,7 @@ class SignalBackend(Backend):
     def _resignal(self, entry: _Entry, sig: int) -> bool:
         """Signal ``entry`` if it is still the process we found; False if it is gone."""
         if entry.fd < 0:
-            return signal_identity(entry.pid, entry.starttime, sig, fs=self.plan.fs)
+            return signal_identity(entry.pid, entry.starttime, sig, inode=entry.inode)
         try:
             signal.pidfd_send_signal(entry.fd, sig)
             return True
@@ -454,14 +547,28 @@ class SignalBackend(Backend):
         self._close_stat(entry)
 
 
-class _Batching(ChildrenSource):
-    """The walk's view of children: the backend's, which stops each batch as it reads it."""
-
-    def __init__(self, backend: SignalBackend) -> None:
-        super().__init__(backend.plan.fs)
-        self.children = backend._children  # type: ignore[method-assign]
-
-
 _ROOT = Stat(
     pid=0, comm=b"", state="S", ppid=0, pgrp=0, session=0, flags=0, num_threads=1, starttime=0
 )
+
+
+def _unfreezable(stat: Stat) -> Skip | None:
+    """Why a process met by the walk is not to be stopped, if it is not."""
+    if stat.is_kernel_thread:
+        return Skip.KERNEL_THREAD
+    if stat.state in DEAD_STATES and stat.num_threads <= 1:
+        return Skip.ZOMBIE
+    if stat.comm == HELPER_COMM:
+        return Skip.SUPERVISOR  # a treeguard watchdog, of this process or another
+    if stat.state == "t":
+        return Skip.TRACED
+    return None
+
+
+def _traced_reason(plan: Plan, pid: int) -> str:
+    status = plan.fs.status(pid) or {}
+    tracer = status.get("TracerPid", "?")
+    return (
+        f"traced by PID {tracer} (a debugger or strace): a traced process runs whenever its "
+        "tracer lets it, so it cannot be proven stopped; detach the tracer"
+    )
