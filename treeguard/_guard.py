@@ -35,11 +35,66 @@ def check_pid(name: str, value: object) -> int:
     return value
 
 
+#: The longest timeout or lease accepted, in seconds (a year): far beyond any freeze, and
+#: small enough for every clock and poll(2) it is handed to.
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
+def check_seconds(name: str, value: object) -> float:
+    """``value`` as a positive number of seconds up to :data:`MAX_SECONDS`, or
+    :class:`InvalidArgumentError` saying what is wrong with it."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgumentError(name, f"must be a number of seconds, not {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not (seconds > 0 and math.isfinite(seconds)) or seconds > MAX_SECONDS:
+        raise InvalidArgumentError(
+            name, f"must be a positive number of seconds up to {MAX_SECONDS:g}, not {value!r}"
+        )
+    return seconds
+
+
+def check_process(name: str, pid: int, fs: ProcFS, *, zombie_ok: bool = True) -> None:
+    """Raise unless ``pid`` names a process (not a thread) visible here.
+
+    :raises NoSuchProcessError: if there is no such process (or, unless ``zombie_ok``, only
+        its zombie: it will never run again).
+    :raises InvalidArgumentError: if ``pid`` is a thread of another process.
+    """
+    status = fs.status(pid)
+    if status is None or (not zombie_ok and status.get("State", "")[:1] in ("Z", "X")):
+        raise NoSuchProcessError(pid)
+    tgid = status.get("Tgid", str(pid))
+    if tgid != str(pid):
+        raise InvalidArgumentError(
+            name, f"{pid} is a thread of process {tgid}, not a process: give {tgid}"
+        )
+
+
+def check_proc(fs: ProcFS) -> None:
+    """Raise unless ``fs`` is the /proc of this process's PID namespace.
+
+    A /proc mounted for another PID namespace (``unshare --pid --fork`` without
+    ``--mount-proc``) names other processes by the same numbers: trusting it would freeze
+    strangers and report success. ``/proc/self`` there names this process by its number in
+    that namespace; it is this process's own /proc only if that is ``os.getpid()``.
+    """
+    try:
+        seen = os.readlink(f"{fs.root}/self")
+    except OSError:
+        seen = "?"
+    if seen != str(os.getpid()):
+        raise FreezeError(
+            f"{fs.root} belongs to another PID namespace (its /proc/self is {seen}, this "
+            f"process is {os.getpid()}): mount a /proc for this namespace (unshare "
+            "--mount-proc, or mount -t proc proc /proc in a new mount namespace)"
+        )
+
+
 def check_options(*, timeout: object, max_passes: object, partial_ok: object) -> None:
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise InvalidArgumentError("timeout", f"must be a number of seconds, not {timeout!r}")
-    if not (timeout > 0 and math.isfinite(timeout)):
-        raise InvalidArgumentError("timeout", f"must be a positive finite number, not {timeout!r}")
+    check_seconds("timeout", timeout)
     if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1:
         raise InvalidArgumentError("max_passes", f"must be an int >= 1, not {max_passes!r}")
     if not isinstance(partial_ok, bool):
@@ -56,8 +111,11 @@ def new_guard(options: dict[str, Any]) -> ProcessesGuard:
     return ProcessesGuard(**options)
 
 
-def _thaw_now(backend: Backend) -> None:
-    run_sync(backend.thaw())
+def _thaw_now(backend: Backend, owner: int) -> None:
+    """The finalizer's thaw (garbage collection, interpreter exit): only in the process that
+    froze. A forked child inherits the guard, its pidfds and this finalizer; it never acts."""
+    if os.getpid() == owner:
+        run_sync(backend.thaw())
 
 
 @final
@@ -133,13 +191,16 @@ class ProcessesGuard:
             if not isinstance(value, bool):
                 raise InvalidArgumentError(flag, f"must be True or False, not {value!r}")
         if max_frozen is not None:
-            if isinstance(max_frozen, bool) or not isinstance(max_frozen, int | float):
-                raise InvalidArgumentError("max_frozen", f"must be seconds, not {max_frozen!r}")
-            if not (max_frozen > 0 and math.isfinite(max_frozen)):
-                raise InvalidArgumentError("max_frozen", f"must be positive, not {max_frozen!r}")
+            check_seconds("max_frozen", max_frozen)
             watchdog = True  # the lease is kept by the watchdog
         if backend not in BACKENDS:
             raise InvalidArgumentError("backend", f"must be one of {BACKENDS}, not {backend!r}")
+        fs = ProcFS()
+        check_proc(fs)
+        if root is not None:
+            check_process("root", root, fs, zombie_ok=False)
+        for pid in excluded:  # a typo must not leave the real monitor to be frozen
+            check_process("exclude", pid, fs)
         self._root = root
         self._include_root = include_root
         self._exclude = excluded
@@ -150,6 +211,7 @@ class ProcessesGuard:
         self._backend_name = backend
         self._backend: Backend | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._owner = 0  # the process that froze: the only one that may thaw
         self._helpers: tuple[int, ...] = ()  # the supervisor's own helper processes
         self._journal: Journal | None = None
         self._want_watchdog = watchdog
@@ -163,6 +225,9 @@ class ProcessesGuard:
 
     def _plan(self) -> Plan:
         fs = ProcFS()
+        check_proc(fs)
+        for pid in self._exclude:
+            check_process("exclude", pid, fs)
         me = os.getpid()
         blocked = {pid: Skip.EXCLUDED for pid in self._exclude}
         blocked.update((pid, Skip.SUPERVISOR) for pid in self._helpers)
@@ -172,8 +237,7 @@ class ProcessesGuard:
             passthrough = {0, 1, me, *chain}
         else:
             root = me if self._root is None else self._root
-            if fs.stat(root) is None:
-                raise NoSuchProcessError(root)
+            check_process("root", root, fs, zombie_ok=False)
             starts = (root,)
             # Never stop whoever waits for us: the caller's ancestors are walked through.
             passthrough = set(chain)
@@ -212,8 +276,10 @@ class ProcessesGuard:
         backend = create(self._backend_name, plan)
         self.report = backend.report
         self._backend = backend
-        # Armed before the first signal: whatever happens from here on, this thaws.
-        self._finalizer = weakref.finalize(self, _thaw_now, backend)
+        self._owner = os.getpid()
+        # Armed before the first signal: whatever happens from here on, this thaws. It is
+        # disarmed only once a thaw has run to its end (see release()).
+        self._finalizer = weakref.finalize(self, _thaw_now, backend, self._owner)
         try:
             yield from backend.freeze()
             if self._watchdog is not None and self._watchdog.lease_expired():
@@ -224,9 +290,9 @@ class ProcessesGuard:
                     "completed; everything was thawed: raise max_frozen"
                 )
         except BaseException:
-            # Thaw and disarm. A backend that raised thawed on its own way out (this is then a
-            # no-op); after the lease check above, this is the thaw.
-            self._finalizer()
+            # A backend that raised thawed on its own way out (this finishes what an
+            # interrupt may have cut short); after the lease check above, this is the thaw.
+            self.release()
             raise
         return self
 
@@ -234,7 +300,7 @@ class ProcessesGuard:
         """Thaw, as steps for a driver; :meth:`release` does the same synchronously."""
         if self._backend is not None and self.frozen:
             yield from self._backend.thaw()
-        self.release()
+        self.release()  # disarms (or finishes a thaw that an interrupt cut short)
 
     def _detach(self) -> None:
         """Stop owning the freeze without thawing it (a token now owns it): no thaw on
@@ -263,11 +329,41 @@ class ProcessesGuard:
 
     def release(self) -> None:
         """Thaw what this guard stopped (children first). Idempotent; never raises for a
-        process that has gone meanwhile."""
-        if self._finalizer is not None and self._finalizer.alive:
-            self._finalizer()
-            if self._watchdog is not None:
-                self.report.lease_expired = self._watchdog.lease_expired()
+        process that has gone meanwhile.
+
+        The thaw is resumable: a process is forgotten only once it was resumed. An interrupt
+        (``KeyboardInterrupt``, an exception from a signal handler) that lands in the thaw
+        does not stop it: the thaw goes on and the interrupt is raised once it is done. If the
+        thaw still cannot finish (an error), the guard stays armed, and the next
+        ``release()``, garbage collection or interpreter exit finishes it.
+
+        In a forked child of the process that froze, this does nothing: the freeze is the
+        parent's.
+        """
+        backend = self._backend
+        if backend is None or not self.frozen:
+            return
+        interrupt: BaseException | None = None
+        failures = 0
+        while True:
+            try:
+                run_sync(backend.thaw())
+                break
+            except BaseException as err:
+                # An interrupt is retried; a thaw that fails twice in a row is left armed
+                # for the next call (it resumes where it stopped).
+                interrupt = interrupt or err
+                failures += 1
+                if failures >= 2 and not isinstance(err, KeyboardInterrupt):
+                    raise interrupt from None
+                if failures >= 100:  # an interrupt storm: keep the state, say so
+                    raise interrupt from None
+        assert self._finalizer is not None
+        self._finalizer.detach()  # forgotten only after the thaw ran to its end
+        if self._watchdog is not None:
+            self.report.lease_expired = self._watchdog.lease_expired()
+        if interrupt is not None:
+            raise interrupt
 
     def snapshot(self) -> TreeSnapshot:
         """A snapshot of the processes this guard froze (consistent while frozen)."""
@@ -277,8 +373,9 @@ class ProcessesGuard:
 
     @property
     def frozen(self) -> bool:
-        """Whether this guard holds a tree stopped."""
-        return self._finalizer is not None and self._finalizer.alive
+        """Whether this guard holds a tree stopped (always False in a forked child of the
+        process that froze: only that process may thaw)."""
+        return self._finalizer is not None and self._finalizer.alive and self._owner == os.getpid()
 
     @property
     def pids(self) -> tuple[int, ...]:

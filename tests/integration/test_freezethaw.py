@@ -101,8 +101,12 @@ def test_a_signal_while_freezing_aborts_and_thaws(make_tree: MakeTree) -> None:
     seen_stopped: list[bool] = []
 
     def signal_arrives_at_first_wait(steps: Steps[Any]) -> Steps[Any]:
-        wait = next(steps)
-        seen_stopped.append(bool(proc.stopped([tree.root])))
+        # The first wait once part of the tree has stopped (the root's generation first).
+        for wait in steps:
+            if proc.stopped(tree.pids):
+                break
+            yield wait
+        seen_stopped.append(bool(proc.stopped(tree.pids)))
         interrupts.handler(signal.SIGTERM, None)  # what the installed handler does
         yield wait
         yield from steps  # never reached: the freeze is abandoned at that wait

@@ -385,6 +385,8 @@ class SignalBackend(Backend):
                     still.append(entry)
             if not still:
                 return
+            if self.plan.journal is not None:
+                self.plan.journal.check()  # a lease that ran out resumed what we wait for
             # Past the deadline, give up only once the backoff has grown to its cap (a few
             # milliseconds of looking): a task signalled a moment ago deserves that chance.
             if time.perf_counter() > deadline and backoff >= _MAX_BACKOFF:
