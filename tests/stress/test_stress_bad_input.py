@@ -42,7 +42,18 @@ def nonexistent_pid() -> int:
 
 GONE = nonexistent_pid()
 WRONG_PIDS: tuple[object, ...] = ("1", 1.0, True, None, [1], -1, 0, *HUGE)
-WRONG_SECONDS: tuple[object, ...] = ("1", None, True, -1, 0, math.nan, math.inf, -math.inf)
+WRONG_SECONDS: tuple[object, ...] = (
+    "1",
+    None,
+    True,
+    -1,
+    0,
+    math.nan,
+    math.inf,
+    -math.inf,
+    10**400,
+    1e300,
+)
 
 
 def guard_options() -> Iterator[tuple[str, dict[str, Any]]]:
@@ -111,6 +122,30 @@ def cases() -> Iterator[Any]:
         lambda: anyio.run(lambda: enter_guard(root=GONE)), NoSuchProcessError, id="guard gone"
     )
     yield pytest.param(lambda: treeguard.snapshot(GONE), NoSuchProcessError, id="snapshot gone")
+    # A PID that is a thread, not a process; a monitor that names nothing (a typo must not
+    # leave the real monitor to be frozen).
+    for label, options, error in (
+        ("root=a thread", {"root": THREAD}, InvalidArgumentError),
+        ("exclude=[a thread]", {"exclude": [THREAD]}, InvalidArgumentError),
+        ("exclude=[gone]", {"exclude": [GONE]}, NoSuchProcessError),
+    ):
+        yield pytest.param(
+            lambda o=options: ProcessesGuard(**o), error, id=f"ProcessesGuard {label}"
+        )
+        yield pytest.param(lambda o=options: treeguard.freeze(**o), error, id=f"freeze {label}")
+        yield pytest.param(
+            lambda o=options: anyio.run(lambda: enter_guard(**o)), error, id=f"guard {label}"
+        )
+    yield pytest.param(
+        lambda: treeguard.freeze_child_processes(GONE),
+        NoSuchProcessError,
+        id="freeze_child_processes monitor_pid=gone",
+    )
+    yield pytest.param(
+        lambda: anyio.run(lambda: enter_guard(monitor_pid=GONE)),
+        NoSuchProcessError,
+        id="guard monitor_pid=gone",
+    )
     # The other entry points' own arguments.
     for value in WRONG_PIDS:
         if value is not None:
@@ -199,6 +234,26 @@ def cases() -> Iterator[Any]:
         )
 
 
+def _a_thread() -> Iterator[int]:
+    """The TID of a thread (not a process) that lives as long as the module's tests."""
+    import threading
+
+    stop = threading.Event()
+    ready: list[int] = []
+    worker = threading.Thread(
+        target=lambda: (ready.append(threading.get_native_id()), stop.wait()), daemon=True
+    )
+    worker.start()
+    proc.wait_until(lambda: ready, 5, "the thread to start")
+    try:
+        yield ready[0]
+    finally:
+        stop.set()
+        worker.join()
+
+
+_THREAD = _a_thread()
+THREAD = next(_THREAD)
 CASES = list(cases())
 
 
@@ -206,6 +261,7 @@ CASES = list(cases())
 def tree() -> Iterator[WorkerTree]:
     with WorkerTree(wide(3, threads=1), period=0.002) as t:
         yield t
+    _THREAD.close()
     add_figures(bad_inputs=len(CASES))
 
 
