@@ -80,6 +80,7 @@ class _Entry:
         "stat",
         "statfd",
         "tids",
+        "traced",
     )
 
     def __init__(self, pid: int, fd: int, stat: Stat, ours: bool, statfd: int = -1) -> None:
@@ -98,6 +99,9 @@ class _Entry:
         self.alive = True
         # Verified stopped, every task: its children, read from now on, are final.
         self.settled = False
+        # Seen stopped by a tracer after our SIGSTOP (partial_ok): not proven stopped, so
+        # not reported as frozen, but still resumed by the thaw.
+        self.traced = False
 
 
 class SignalBackend(Backend):
@@ -121,11 +125,11 @@ class SignalBackend(Backend):
 
     @property
     def pids(self) -> tuple[int, ...]:
-        return tuple(e.pid for e in self._entries if e.alive)
+        return tuple(e.pid for e in self._entries if e.alive and not e.traced)
 
     @property
     def identities(self) -> tuple[tuple[int, int], ...]:
-        return tuple((e.pid, e.starttime) for e in self._entries if e.alive)
+        return tuple((e.pid, e.starttime) for e in self._entries if e.alive and not e.traced)
 
     @property
     def already_stopped(self) -> tuple[tuple[int, int], ...]:
@@ -457,7 +461,7 @@ class SignalBackend(Backend):
         (the thaw still sends the SIGCONT that undoes our SIGSTOP)."""
         if not self.plan.partial_ok:
             raise FreezePermissionError([entry.pid], reason=_traced_reason(self.plan, entry.pid))
-        entry.settled = True
+        entry.settled = entry.traced = True
         self.report.skipped[entry.pid] = Skip.TRACED
         return []
 

@@ -1,0 +1,355 @@
+"""The signal backend's two promises under attack: every task stopped when a freeze returns,
+and everything it stopped running again afterwards, whatever happens (an interrupt at any
+bytecode, a full descriptor table, a fork of the supervisor, a tracer, a job-control relay,
+a /proc of another PID namespace). Every check reads /proc through tests/proc.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import treeguard
+from tests import proc
+from tests.conftest import require_root, slot
+from treeguard import FreezePermissionError, NoSuchProcessError, ProcessesGuard, Skip
+from treeguard._workers import WorkerTree, wide
+
+MakeTree = Callable[..., WorkerTree]
+ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _running(tree: WorkerTree, *pids: int) -> None:
+    """Nothing of ``tree`` is stopped; the main-thread counters of ``pids`` move."""
+    proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the tree to run again")
+    slots = [slot(tree.pids.index(pid)) for pid in pids]
+    proc.counters_moving(tree.counters, slots)
+
+
+# -- an interrupt at any point of freeze() or release() -----------------------------------------
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.fixture
+def alarm() -> Iterator[Callable[[float], None]]:
+    """``alarm(seconds)``: raise an exception (from a signal handler, at whatever bytecode
+    runs then) after ``seconds``; disarmed after the test."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, handler)
+
+    def arm(seconds: float) -> None:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    try:
+        yield arm
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("where", ["freeze", "release"])
+def test_an_interrupt_anywhere_leaves_nothing_stopped(
+    make_tree: MakeTree, alarm: Callable[[float], None], where: str
+) -> None:
+    """Interrupts land at 40 points spread over a freeze (or a release) of 60 processes. After
+    each, at most one more release() is needed, and then nothing is stopped."""
+    tree = make_tree(wide(60, threads=1), mode="idle")
+    guard = ProcessesGuard(tree.root, include_root=True, timeout=5.0)
+    guard.freeze()  # measure how long each takes here
+    took = {"freeze": guard.report.freeze_seconds}
+    guard.release()
+    took["release"] = max(guard.report.thaw_seconds, 1e-4)
+    landed = 0
+    for i in range(40):
+        delay = took[where] * (i + 1) / 30
+        try:
+            if where == "freeze":
+                alarm(delay)
+                guard.freeze()
+                alarm(0)
+            else:
+                guard.freeze()
+                alarm(delay)
+                guard.release()
+                alarm(0)
+        except KeyboardInterrupt:
+            landed += 1
+        alarm(0)
+        guard.release()  # finishes what an interrupt cut short; a no-op otherwise
+        assert not guard.frozen
+        late = proc.stopped(tree.pids)
+        assert not late, f"trial {i} (after {delay * 1e3:.2f} ms) left {late} stopped"
+    assert landed, "no interrupt landed inside the call: the trial tested nothing"
+    _running(tree)
+
+
+# -- out of descriptors when it thaws --------------------------------------------------------------
+
+
+def test_a_full_descriptor_table_does_not_stop_the_thaw(make_tree: MakeTree) -> None:
+    """RLIMIT_NOFILE 256 and 200 processes: most are held by short-lived pidfds. The table
+    is then filled to the last slot; release() must still resume every process."""
+    tree = make_tree(wide(200), mode="idle")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    filler: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        guard = ProcessesGuard(tree.root, include_root=True, timeout=5.0)
+        guard.freeze()
+        proc.assert_all_stopped(tree.pids)
+        while True:
+            try:
+                filler.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                break
+        guard.release()
+        for fd in filler:
+            os.close(fd)
+        filler = []
+        proc.assert_none_stopped(tree.pids)
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    _running(tree)
+
+
+# -- a forked child of the supervisor ----------------------------------------------------------
+
+FORKED = textwrap.dedent(
+    """
+    import gc, json, os, sys
+    sys.path.insert(0, sys.argv[1])
+    from tests import proc
+    from treeguard import ProcessesGuard
+    from treeguard._workers import WorkerTree, wide
+
+    with WorkerTree(wide(3), mode="idle") as tree:
+        guard = ProcessesGuard(tree.root, include_root=True, watchdog=sys.argv[2] == "1")
+        guard.freeze()
+        verdict = {}
+        for how in ("release", "gc", "exit"):
+            child = os.fork()
+            if child == 0:  # the child inherits the guard, its finalizer, its pidfds
+                if how == "release":
+                    guard.release()
+                    guard.__exit__(None, None, None)
+                elif how == "gc":
+                    del guard
+                    gc.collect()
+                sys.exit(0)  # interpreter exit: finalizers and atexit run
+            os.waitpid(child, 0)
+            verdict[how] = sorted(proc.stopped(tree.pids)) == sorted(
+                proc.states_of(tree.pids)
+            )
+        guard.release()
+        verdict["released"] = not proc.stopped(tree.pids)
+        print(json.dumps(verdict))
+    """
+)
+
+
+@pytest.mark.parametrize("watchdog", [False, True])
+def test_a_forked_child_never_thaws(tmp_path: Path, watchdog: bool) -> None:
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED)
+    done = subprocess.run(
+        [sys.executable, str(script), ROOT, "1" if watchdog else "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    verdict = json.loads(done.stdout.strip().splitlines()[-1])
+    assert verdict == {"release": True, "gc": True, "exit": True, "released": True}, verdict
+
+
+# -- a traced process ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def strace() -> Iterator[Callable[[int], subprocess.Popen[bytes]]]:
+    """``strace(pid)``: attach strace to a process; detached after the test."""
+    exe = shutil.which("strace")
+    assert exe, "strace is needed (CI has it)"
+    tracers: list[subprocess.Popen[bytes]] = []
+
+    def attach(pid: int) -> subprocess.Popen[bytes]:
+        tracer = subprocess.Popen(
+            [exe, "-q", "-o", "/dev/null", "-p", str(pid)], stderr=subprocess.DEVNULL
+        )
+        tracers.append(tracer)
+        proc.wait_until(lambda: _tracer_of(pid) == tracer.pid, 10, "strace to attach")
+        return tracer
+
+    try:
+        yield attach
+    finally:
+        for tracer in tracers:
+            tracer.terminate()  # strace detaches on SIGTERM
+            tracer.wait()
+
+
+def _tracer_of(pid: int) -> int:
+    for line in proc.read_text(f"/proc/{pid}/status").splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_traced_process_is_refused_not_taken_for_stopped(
+    make_tree: MakeTree, strace: Callable[[int], subprocess.Popen[bytes]]
+) -> None:
+    require_root("tracing a process")
+    tree = make_tree(wide(3), period=0.002)
+    traced = tree.pids[2]
+    tracer = strace(traced)
+    for _ in range(10):  # it shows `t` only now and then: every freeze must see it
+        with pytest.raises(FreezePermissionError) as info:
+            ProcessesGuard(tree.root, include_root=True).freeze()
+        assert info.value.pids == (traced,)
+        assert f"traced by PID {tracer.pid}" in str(info.value)
+        proc.wait_until(lambda: not proc.stopped([p for p in tree.pids if p != traced]), 5)
+    with ProcessesGuard(tree.root, include_root=True, partial_ok=True) as guard:
+        assert guard.report.skipped[traced] is Skip.TRACED
+        assert traced not in guard.pids
+        proc.assert_all_stopped([p for p in tree.pids if p != traced])
+    _running(tree, *tree.pids)
+
+
+# -- job-control relays ------------------------------------------------------------------------
+
+
+def _relay(kind: str) -> list[str]:
+    exe = shutil.which(kind)
+    assert exe, f"{kind} is needed (CI has it)"
+    return [
+        exe,
+        "root",
+        "-s",
+        "/bin/sh",
+        "-c",
+        f"exec {sys.executable} -c 'import time; time.sleep(600)'",
+    ]
+
+
+@pytest.fixture
+def relay() -> Iterator[Callable[[str], tuple[int, int]]]:
+    """``relay("su")``: start ``su root -c sleeper``; returns (su's PID, the sleeper's)."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(kind: str) -> tuple[int, int]:
+        require_root(f"{kind} to root without a password")
+        relay = subprocess.Popen(_relay(kind), stdin=subprocess.DEVNULL)
+        started.append(relay)
+        proc.wait_until(lambda: proc.children(relay.pid), 10, f"{kind} to start its child")
+        return relay.pid, proc.children(relay.pid)[0]
+
+    try:
+        yield start
+    finally:
+        for relay in started:
+            for kid in proc.children(relay.pid):
+                os.kill(kid, signal.SIGKILL)
+            os.kill(relay.pid, signal.SIGCONT)
+            relay.wait(10)
+
+
+def _relay_settled(relay: int, child: int) -> bool:
+    """The relay is back asleep in waitpid() while its child runs: from there it can no
+    longer see a stop (the thaw's SIGCONT cleared it), so it will not stop itself later. A
+    relay that did take the stop in stays ``T`` and never gets here."""
+    wchan = proc.read_text(f"/proc/{relay}/wchan")
+    return proc.state(relay) == "S" and wchan == "do_wait" and not proc.stopped([child])
+
+
+@pytest.mark.parametrize("kind", ["su", "runuser"])
+@pytest.mark.parametrize("where", ["inside", "above the root", "the root, walked through"])
+def test_a_job_control_relay_is_not_left_stopped(
+    relay: Callable[[str], tuple[int, int]], kind: str, where: str
+) -> None:
+    """``su``/``runuser`` wait for their child with WUNTRACED and stop themselves when it
+    stops. Inside the tree they are stopped first (so they never see it); as the parent of
+    the tree, or its walked-through root, they are resumed after the thaw."""
+    relay_pid, child = relay(kind)
+    if where == "inside":
+        guard = ProcessesGuard(relay_pid, include_root=True)
+        frozen = [relay_pid, child]
+    elif where == "above the root":
+        guard = ProcessesGuard(child, include_root=True)
+        frozen = [child]
+    else:
+        guard = ProcessesGuard(relay_pid)
+        frozen = [child]
+    for _ in range(20):
+        with guard:
+            proc.assert_all_stopped(frozen)
+            if where != "inside":  # the relay reacts to its child's stop: let it do so
+                proc.wait_until(lambda: proc.stopped([relay_pid]), 5, f"{kind} to relay")
+        proc.wait_until(lambda: _relay_settled(relay_pid, child), 5, f"{kind} to run on")
+
+
+# -- a /proc of another PID namespace ------------------------------------------------------------
+
+
+def test_a_proc_of_another_namespace_is_refused(tmp_path: Path) -> None:
+    require_root("a PID namespace")
+    unshare = shutil.which("unshare")
+    assert unshare, "util-linux unshare is needed (CI has it)"
+    script = tmp_path / "other_ns.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            sys.path.insert(0, sys.argv[1])
+            import treeguard
+            try:
+                treeguard.ProcessesGuard()
+            except treeguard.FreezeError as err:
+                print("refused:", err)
+            else:
+                print("accepted")
+            """
+        )
+    )
+    done = subprocess.run(
+        [unshare, "--pid", "--fork", sys.executable, str(script), ROOT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("refused:"), done.stdout
+    assert "another PID namespace" in done.stdout
+
+
+# -- a zombie root -------------------------------------------------------------------------------
+
+
+def test_a_zombie_root_is_no_process() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait_until(lambda: proc.state(child.pid) == "Z", 10, "the child to exit")
+    try:
+        with pytest.raises(NoSuchProcessError):
+            ProcessesGuard(child.pid, include_root=True)
+        with pytest.raises(NoSuchProcessError):
+            treeguard.freeze(child.pid)
+    finally:
+        child.wait()
