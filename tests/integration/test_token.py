@@ -13,7 +13,8 @@ import pytest
 
 import treeguard
 from tests import proc
-from tests.conftest import slot
+from tests.conftest import IN_CI, slot
+from treeguard._thaw import has_pidfs
 from treeguard._workers import WorkerTree, demo_spec, wide
 from treeguard.procfs import ProcFS
 
@@ -99,6 +100,43 @@ def test_a_pid_with_another_starttime_is_not_signalled(make_tree: MakeTree) -> N
         assert int(done.stdout) == 1
         _running(tree, [1])  # the matching record was thawed (both were handled by then)
         assert proc.not_stopped([wrong]) == {}
+        assert proc.counters_still(lambda: tree.counters()[slot(2) : slot(2) + 1], tree.period)
+        proc.assert_all_stopped([tree.root, wrong])
+    _running(tree)
+
+
+def test_the_pidfs_inode_decides_where_the_kernel_has_one(make_tree: MakeTree) -> None:
+    """Two processes can share (pid, starttime) when a PID is reused within one clock tick;
+    a token records each process's pidfs inode too (Linux 6.9+), and a record whose inode
+    is not the live process's is never signalled, though its starttime matches."""
+    if not has_pidfs():  # CI's kernel has it: never skip there
+        (pytest.fail if IN_CI else pytest.skip)("no pidfs on this kernel (Linux < 6.9)")
+    tree = make_tree(wide(3))
+    good, wrong = tree.pids[1], tree.pids[2]
+    with treeguard.ProcessesGuard(tree.root, include_root=True) as guard:
+        records = guard._backend.describe()["stopped"]  # type: ignore[union-attr]
+        inodes = {pid: inode for pid, _, inode in records}  # type: ignore[misc]
+        fds = [os.pidfd_open(pid) for pid in (good, wrong)]
+        try:  # what the kernel says, independently of treeguard
+            assert inodes[good] == os.fstat(fds[0]).st_ino
+            assert inodes[wrong] == os.fstat(fds[1]).st_ino
+        finally:
+            for fd in fds:
+                os.close(fd)
+        forged = treeguard.Token(
+            "signal",
+            {
+                "stopped": [
+                    [good, _starttime(good), inodes[good]],
+                    [wrong, _starttime(wrong), inodes[wrong] + 1],  # "the same tick, reused"
+                ],
+                "already_stopped": [],
+            },
+        )
+        done = _thaw_elsewhere(forged.to_json())
+        assert done.returncode == 0, done.stderr
+        assert int(done.stdout) == 1
+        _running(tree, [1])
         assert proc.counters_still(lambda: tree.counters()[slot(2) : slot(2) + 1], tree.period)
         proc.assert_all_stopped([tree.root, wrong])
     _running(tree)
