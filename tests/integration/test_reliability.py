@@ -353,3 +353,101 @@ def test_a_zombie_root_is_no_process() -> None:
             treeguard.freeze(child.pid)
     finally:
         child.wait()
+
+
+# -- a PID recycled while the freeze runs --------------------------------------------------------
+
+RECYCLED = textwrap.dedent(
+    """
+    import json, os, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from tests.proc import state, starttime, wait_until
+    from treeguard import ProcessesGuard
+
+    assert os.getpid() == 1, "run me as PID 1 of a fresh PID namespace"
+    order_r, order_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    root = os.fork()
+    if root == 0:  # the tree's root: a zombie child A, a running child C
+        a = os.fork()
+        if a == 0:
+            os._exit(0)
+        c = os.fork()
+        if c == 0:
+            while True:
+                time.sleep(1)
+        os.write(ack_w, f"{a} {c}\\n".encode())
+        os.read(order_r, 1)
+        os.waitpid(a, 0)  # A's PID is free now: the next fork takes it
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(a - 1))
+        b = os.fork()
+        if b == 0:
+            while True:
+                time.sleep(1)
+        os.write(ack_w, f"{b}\\n".encode())
+        while True:
+            time.sleep(1)
+    a, c = map(int, os.read(ack_r, 64).split())
+    wait_until(lambda: state(a) == "Z", 10)
+    tick = starttime(a)
+    # B must not share A's starttime (the same clock tick): wait until the clock moved on
+    ticks = os.sysconf("SC_CLK_TCK")
+    wait_until(lambda: float(open("/proc/uptime").read().split()[0]) * ticks > tick + 2)
+
+    class Journal:  # told of every process before its SIGSTOP: the moment to recycle A's PID
+        def stopping(self, pid, start, inode=0):
+            if pid == c:
+                os.write(order_w, b"x")
+                journal.b = int(os.read(ack_r, 64))
+        def freezing_cgroup(self, *args):
+            pass
+        def check(self):
+            pass
+        def released(self):
+            pass
+
+    journal = Journal()
+    guard = ProcessesGuard(root)
+    guard._journal = journal
+    with guard:
+        b = journal.b
+        verdict = {
+            "recycled": b == a,
+            "b_stopped": state(b) == "T",
+            "c_stopped": state(c) == "T",
+            "b_listed": guard.pids.count(b),
+            "passes": guard.report.passes,
+        }
+    wait_until(lambda: state(b) == "S", 5)  # fails (exit status 1) if B stays stopped
+    verdict["b_runs"] = True
+    print(json.dumps(verdict), flush=True)
+    """
+)
+
+
+def test_a_pid_recycled_during_the_freeze_is_a_new_process(tmp_path: Path) -> None:
+    """A zombie met by the walk is reaped, and its PID goes to a new child of the (running)
+    root while the freeze goes on: the newcomer is another process, and is stopped."""
+    require_root("a PID namespace")
+    unshare = shutil.which("unshare")
+    assert unshare, "util-linux unshare is needed (CI has it)"
+    script = tmp_path / "recycled.py"
+    script.write_text(RECYCLED)
+    done = subprocess.run(
+        [unshare, "--pid", "--fork", "--mount-proc", sys.executable, str(script), ROOT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    verdict = json.loads(done.stdout.strip().splitlines()[-1])
+    assert verdict == {
+        "recycled": True,
+        "b_stopped": True,
+        "c_stopped": True,
+        "b_listed": 1,
+        "passes": 2,
+        "b_runs": True,
+    }, verdict

@@ -83,10 +83,10 @@ class _Entry:
         "traced",
     )
 
-    def __init__(self, pid: int, fd: int, stat: Stat, ours: bool, statfd: int = -1) -> None:
+    def __init__(self, pid: int, fd: int, stat: Stat, ours: bool, statfd: int, inode: int) -> None:
         self.pid = pid
         self.fd = fd
-        self.inode = pidfd_inode(fd)  # 0 without pidfs
+        self.inode = inode  # the pidfs inode of the process (0 without pidfs)
         # /proc/PID/stat kept open while freezing: verification re-reads it with one pread
         # (it names this process for good: once reaped, reading it fails).
         self.statfd = statfd
@@ -111,7 +111,9 @@ class SignalBackend(Backend):
         super().__init__(plan)
         self._entries: list[_Entry] = []  # ours, in stop order (parents first)
         self._foreign: list[_Entry] = []  # stopped by someone else when found
-        self._met: dict[int, int] = {}  # pid -> starttime of every process met (identity)
+        # pid -> (starttime, pidfs inode) of every process met: a PID met again is the same
+        # process only if both match (the inode alone decides within one clock tick).
+        self._met: dict[int, tuple[int, int]] = {}
         self._denied: list[int] = []  # EPERM
         self._traced_pids: list[int] = []  # stopped by a tracer when met
         self._through: list[int] = []  # walked through, not stopped: re-read every round
@@ -249,16 +251,18 @@ class SignalBackend(Backend):
         statfd, stat = found
         if statfd >= 0:
             _held += 1
-        if self._met.get(pid) == stat.starttime or (parent is not None and stat.ppid != parent):
+        identity = (stat.starttime, pidfd_inode(fd))
+        met = self._met.get(pid) == identity
+        if met or (parent is not None and stat.ppid != parent):
             # Met already (listed again), or not the child its parent listed: re-parented
             # (its parent died), or exited with its PID reused between the two reads.
             if statfd >= 0:
                 self._close(statfd)
-            if self._met.get(pid) == stat.starttime:
+            if met:
                 self._close(fd)
                 return None
             return self._skip(pid, Skip.EXITED, fd)
-        self._met[pid] = stat.starttime  # a PID met again with another starttime is new
+        self._met[pid] = identity  # a PID met again as another process is met anew
         skip = _unfreezable(stat)
         if skip is not None:
             if statfd >= 0:
@@ -270,7 +274,7 @@ class SignalBackend(Backend):
             return self._skip(pid, skip, fd)
         report.skipped.pop(pid, None)  # a PID reused by a process we stop now
         self._watch(pid, parent, stat)
-        entry = _Entry(pid, fd, stat, ours=stat.state != "T", statfd=statfd)
+        entry = _Entry(pid, fd, stat, stat.state != "T", statfd, identity[1])
         if not entry.ours:
             report.skipped[pid] = Skip.ALREADY_STOPPED
             self._foreign.append(entry)
@@ -326,7 +330,7 @@ class SignalBackend(Backend):
         for kid, parent in dict.fromkeys(found):
             if kid in self._met and kid not in self._through:
                 st = plan.fs.stat(kid)
-                if st is None or st.starttime == self._met[kid]:
+                if st is None or st.starttime == self._met[kid][0]:
                     continue  # the process met already (or gone)
             elif kid in self._through or kid in plan.blocked:
                 continue
