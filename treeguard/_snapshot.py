@@ -91,7 +91,12 @@ WARNING_KINDS = (
     "catches SIGCHLD",  # it is told (CLD_STOPPED/CLD_CONTINUED) when a child stops
     "traced",  # a tracer (TracerPid != 0) or ptrace-stop (t): SIGSTOP goes to the tracer
     "uninterruptible",  # a task in D stops only when it leaves the kernel
+    "job-control relay",  # su/runuser/sudo: stops itself when its child stops
 )
+
+#: Programs that wait for their child with WUNTRACED and pass its stop on by stopping
+#: themselves (util-linux su and runuser, sudo): a signal freeze of the child is seen.
+_RELAYS = frozenset({"su", "runuser", "sudo", "doas"})
 
 _RT_MIN = int(signal.SIGRTMIN)
 _RT_MAX = int(signal.SIGRTMAX)
@@ -197,6 +202,15 @@ class ProcessRecord:
         stuck = [t.tid for t in self.threads if t.state == "D"]
         if stuck:
             found.append(("uninterruptible", f"task(s) {_ids(stuck)} in D"))
+        if self.name in _RELAYS:
+            found.append(
+                (
+                    "job-control relay",
+                    "stops itself when its child stops: the signal backend freezes it before "
+                    "its children and resumes it after them (inside the tree), or resumes it "
+                    "after the thaw (as the tree's parent); the cgroup backend is invisible to it",
+                )
+            )
         return found
 
     def to_dict(self) -> dict[str, Any]:

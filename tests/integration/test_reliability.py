@@ -305,6 +305,13 @@ def test_a_job_control_relay_is_not_left_stopped(
         proc.wait_until(lambda: _relay_settled(relay_pid, child), 5, f"{kind} to run on")
 
 
+def test_the_snapshot_warns_of_a_relay(relay: Callable[[str], tuple[int, int]]) -> None:
+    relay_pid, child = relay("su")
+    snap = treeguard.snapshot(relay_pid, include_root=True)
+    assert {(w["pid"], w["kind"]) for w in snap.warnings} >= {(relay_pid, "job-control relay")}
+    assert not any(w["pid"] == child and w["kind"] == "job-control relay" for w in snap.warnings)
+
+
 # -- a /proc of another PID namespace ------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 
@@ -201,8 +202,15 @@ def test_json_schema() -> None:
     zombie = data["processes"][2]
     assert (zombie["freezable"], zombie["reason"]) == (False, "zombie")
     assert zombie["reason"] in REASONS
-    assert {w["kind"] for w in data["warnings"]} == set(WARNING_KINDS)
+    assert {w["kind"] for w in data["warnings"]} == set(WARNING_KINDS) - {"job-control relay"}
     assert all(set(w) == {"pid", "kind", "detail"} for w in data["warnings"])
+
+
+@pytest.mark.parametrize(("name", "relays"), [("su", True), ("runuser", True), ("sul", False)])
+def test_a_job_control_relay_is_named(name: str, relays: bool) -> None:
+    record = dataclasses.replace(_rec(20, 0), name=name)
+    kinds = [kind for kind, _ in record.warnings()]
+    assert kinds == (["job-control relay"] if relays else [])
 
 
 def test_lookup_by_pid() -> None:
