@@ -258,7 +258,11 @@ def relay() -> Iterator[Callable[[str], tuple[int, int]]]:
         require_root(f"{kind} to root without a password")
         relay = subprocess.Popen(_relay(kind), stdin=subprocess.DEVNULL)
         started.append(relay)
-        proc.wait_until(lambda: proc.children(relay.pid), 10, f"{kind} to start its child")
+        def exec_done() -> bool:  # the child runs the sleeper (it was a copy of su before)
+            kids = proc.children(relay.pid)
+            return bool(kids) and "python" in proc.read_text(f"/proc/{kids[0]}/comm")
+
+        proc.wait_until(exec_done, 10, f"{kind} to start its child")
         return relay.pid, proc.children(relay.pid)[0]
 
     try:
