@@ -212,6 +212,7 @@ class ProcessesGuard:
         self._backend: Backend | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._owner = 0  # the process that froze: the only one that may thaw
+        self._depth = 0  # nested ``with`` blocks entered on this guard
         self._helpers: tuple[int, ...] = ()  # the supervisor's own helper processes
         self._journal: Journal | None = None
         self._want_watchdog = watchdog
@@ -297,10 +298,19 @@ class ProcessesGuard:
         return self
 
     def _thaw_steps(self) -> Steps[None]:
-        """Thaw, as steps for a driver; :meth:`release` does the same synchronously."""
+        """Thaw, as steps for a driver; :meth:`release` does the same synchronously (and
+        finishes a thaw that these steps left cut short)."""
         if self._backend is not None and self.frozen:
             yield from self._backend.thaw()
-        self.release()  # disarms (or finishes a thaw that an interrupt cut short)
+            self._disarm()
+
+    def _disarm(self) -> None:
+        """The thaw ran to its end: forget the freeze (never before)."""
+        assert self._finalizer is not None
+        self._finalizer.detach()
+        self._depth = 0
+        if self._watchdog is not None:
+            self.report.lease_expired = self._watchdog.lease_expired()
 
     def _detach(self) -> None:
         """Stop owning the freeze without thawing it (a token now owns it): no thaw on
@@ -358,10 +368,7 @@ class ProcessesGuard:
                     raise interrupt from None
                 if failures >= 100:  # an interrupt storm: keep the state, say so
                     raise interrupt from None
-        assert self._finalizer is not None
-        self._finalizer.detach()  # forgotten only after the thaw ran to its end
-        if self._watchdog is not None:
-            self.report.lease_expired = self._watchdog.lease_expired()
+        self._disarm()  # forgotten only after the thaw ran to its end
         if interrupt is not None:
             raise interrupt
 
@@ -379,8 +386,9 @@ class ProcessesGuard:
 
     @property
     def pids(self) -> tuple[int, ...]:
-        """The processes this guard stopped, parent-first (empty before the first freeze)."""
-        return () if self._backend is None else self._backend.pids
+        """The processes this guard holds stopped, parent-first (empty while it is not
+        frozen, on every backend; ``report.stopped`` keeps the count)."""
+        return self._backend.pids if self._backend is not None and self.frozen else ()
 
     @property
     def identities(self) -> tuple[tuple[int, int], ...]:
@@ -393,8 +401,14 @@ class ProcessesGuard:
         return () if self._backend is None else self._backend.already_stopped
 
     def __enter__(self) -> ProcessesGuard:
-        """Freeze, unless already frozen (``with freeze_child_processes(m) as guard:``)."""
-        return self if self.frozen else self.freeze()
+        """Freeze, unless already frozen (``with freeze_child_processes(m) as guard:``).
+
+        ``with`` blocks on one guard nest: the tree is thawed when the outermost one exits
+        (or at an explicit :meth:`release`)."""
+        if not self.frozen:
+            self.freeze()
+        self._depth += 1
+        return self
 
     def __exit__(
         self,
@@ -402,7 +416,9 @@ class ProcessesGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self.release()
 
     def __repr__(self) -> str:
         state = f"frozen, {len(self.pids)} processes" if self.frozen else "thawed"

@@ -141,6 +141,12 @@ class _Journal:
         if self.seen == self.at:
             self.act(pid)
 
+    def freezing_cgroup(self, version: int, path: str, inode: int) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
     def released(self) -> None:
         pass
 
