@@ -9,13 +9,18 @@ being stopped and verified. Works on asyncio and trio alike (through anyio).
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import anyio
 
+from ._checks import as_pid
 from ._drive import run_async
-from ._guard import ProcessesGuard, check_pid, new_guard
+from ._guard import ProcessesGuard, new_guard
+from ._types import GuardOptions, Target
 from .errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["AsyncGuard", "guard"]
 
@@ -58,30 +63,42 @@ class AsyncGuard:
         return f"<AsyncGuard {self.guard!r}>"
 
 
-def guard(monitor_pid: int | None = None, **options: Any) -> AsyncGuard:
+def guard(
+    root: Target | None = None,
+    *,
+    monitor_pid: Target | None = None,
+    **options: Unpack[GuardOptions],
+) -> AsyncGuard:
     """Freeze a process tree for the duration of an ``async with`` block.
 
     ::
 
-        async with treeguard.guard(monitor_pid=monitor.pid) as g:
-            await copy_memory(g.pids)   # every task of every descendant is stopped here
+        async with treeguard.guard(server) as g:   # every descendant of server
+            await copy_memory(g.pids)
+
+        async with treeguard.guard(monitor_pid=monitor.pid):   # the caller's, but one
+            ...
 
     On asyncio and trio alike. The event loop keeps running while the tree is being frozen.
 
+    :param root: whose descendants to freeze, as in :class:`ProcessesGuard` (default: the
+        calling process).
     :param monitor_pid: a process to leave running, with its subtree (added to ``exclude``).
-    :param options: the options of :class:`ProcessesGuard` (``root``, ``include_root``,
-        ``exclude``, ``timeout``, ``max_passes``, ``partial_ok``, ``scope``, ``backend``,
-        ``watchdog``, ``max_frozen``, ``subreaper``), checked here, before anything runs.
+    :param options: the options of :class:`ProcessesGuard` (``include_root``, ``exclude``,
+        ``timeout``, ``max_passes``, ``partial_ok``, ``scope``, ``backend``, ``watchdog``,
+        ``max_frozen``, ``subreaper``), checked here, before anything runs.
     :returns: an async context manager that yields the frozen :class:`ProcessesGuard`; a
         synchronous ``release()`` inside the block thaws early.
     :raises InvalidArgumentError: if an argument is of the wrong type or out of range.
+    :raises NoSuchProcessError: if ``root`` or ``monitor_pid`` names no process.
     :raises FreezeError: on entering, as :meth:`ProcessesGuard.freeze` (nothing is left
         stopped).
     """
+    given: dict[str, Any] = dict(options)
     if monitor_pid is not None:
-        check_pid("monitor_pid", monitor_pid)
-        exclude = options.pop("exclude", ())
+        monitor = as_pid("monitor_pid", monitor_pid)
+        exclude = given.pop("exclude", ())
         if isinstance(exclude, str | bytes) or not hasattr(exclude, "__iter__"):
             raise InvalidArgumentError("exclude", "must be an iterable of PIDs")
-        options["exclude"] = (*exclude, monitor_pid)
-    return AsyncGuard(new_guard(options))
+        given["exclude"] = (*exclude, monitor)
+    return AsyncGuard(new_guard({"root": root, **given}))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import weakref
 from collections.abc import Iterable
@@ -11,94 +10,34 @@ from types import TracebackType
 from typing import Any, final
 
 from ._backends import BACKENDS, Backend, Journal, Plan, create
+from ._checks import (
+    PID_MAX_LIMIT,
+    as_pid,
+    check_options,
+    check_pid,
+    check_proc,
+    check_process,
+    check_seconds,
+)
 from ._drive import Steps, run_sync
 from ._report import FreezeReport, Skip
 from ._snapshot import TreeSnapshot
 from ._tree import ancestors, children_source
+from ._types import BackendName, Scope, Target
 from ._watchdog import Watchdog, set_subreaper
-from .errors import FreezeError, InvalidArgumentError, NoSuchProcessError, WatchdogError
+from .errors import FreezeError, InvalidArgumentError, WatchdogError
 from .procfs import ProcFS
 
-__all__ = ["ProcessesGuard", "freeze_child_processes", "new_guard"]
+__all__ = [
+    "PID_MAX_LIMIT",
+    "ProcessesGuard",
+    "check_options",
+    "check_pid",
+    "freeze_child_processes",
+    "new_guard",
+]
 
-#: Linux's PID_MAX_LIMIT: no PID is larger on any configuration.
-PID_MAX_LIMIT = 4 * 1024 * 1024
 SCOPES = ("tree", "namespace")
-
-
-def check_pid(name: str, value: object) -> int:
-    """``value`` as a PID, or :class:`InvalidArgumentError` saying what is wrong with it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentError(name, f"a PID must be an int, not {type(value).__name__}")
-    if not 0 < value <= PID_MAX_LIMIT:
-        raise InvalidArgumentError(name, f"a PID is between 1 and {PID_MAX_LIMIT}, not {value}")
-    return value
-
-
-#: The longest timeout or lease accepted, in seconds (a year): far beyond any freeze, and
-#: small enough for every clock and poll(2) it is handed to.
-MAX_SECONDS = 365 * 24 * 3600.0
-
-
-def check_seconds(name: str, value: object) -> float:
-    """``value`` as a positive number of seconds up to :data:`MAX_SECONDS`, or
-    :class:`InvalidArgumentError` saying what is wrong with it."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgumentError(name, f"must be a number of seconds, not {value!r}")
-    try:
-        seconds = float(value)
-    except OverflowError:
-        seconds = math.inf
-    if not (seconds > 0 and math.isfinite(seconds)) or seconds > MAX_SECONDS:
-        raise InvalidArgumentError(
-            name, f"must be a positive number of seconds up to {MAX_SECONDS:g}, not {value!r}"
-        )
-    return seconds
-
-
-def check_process(name: str, pid: int, fs: ProcFS, *, zombie_ok: bool = True) -> None:
-    """Raise unless ``pid`` names a process (not a thread) visible here.
-
-    :raises NoSuchProcessError: if there is no such process (or, unless ``zombie_ok``, only
-        its zombie: it will never run again).
-    :raises InvalidArgumentError: if ``pid`` is a thread of another process.
-    """
-    status = fs.status(pid)
-    if status is None or (not zombie_ok and status.get("State", "")[:1] in ("Z", "X")):
-        raise NoSuchProcessError(pid)
-    tgid = status.get("Tgid", str(pid))
-    if tgid != str(pid):
-        raise InvalidArgumentError(
-            name, f"{pid} is a thread of process {tgid}, not a process: give {tgid}"
-        )
-
-
-def check_proc(fs: ProcFS) -> None:
-    """Raise unless ``fs`` is the /proc of this process's PID namespace.
-
-    A /proc mounted for another PID namespace (``unshare --pid --fork`` without
-    ``--mount-proc``) names other processes by the same numbers: trusting it would freeze
-    strangers and report success. ``/proc/self`` there names this process by its number in
-    that namespace; it is this process's own /proc only if that is ``os.getpid()``.
-    """
-    try:
-        seen = os.readlink(f"{fs.root}/self")
-    except OSError:
-        seen = "?"
-    if seen != str(os.getpid()):
-        raise FreezeError(
-            f"{fs.root} belongs to another PID namespace (its /proc/self is {seen}, this "
-            f"process is {os.getpid()}): mount a /proc for this namespace (unshare "
-            "--mount-proc, or mount -t proc proc /proc in a new mount namespace)"
-        )
-
-
-def check_options(*, timeout: object, max_passes: object, partial_ok: object) -> None:
-    check_seconds("timeout", timeout)
-    if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1:
-        raise InvalidArgumentError("max_passes", f"must be an int >= 1, not {max_passes!r}")
-    if not isinstance(partial_ok, bool):
-        raise InvalidArgumentError("partial_ok", f"must be True or False, not {partial_ok!r}")
 
 
 def new_guard(options: dict[str, Any]) -> ProcessesGuard:
@@ -127,9 +66,12 @@ class ProcessesGuard:
         with ProcessesGuard(exclude=[monitor.pid]) as guard:
             copy_memory(guard.pids)      # every task of every descendant is stopped here
 
-    :param root: whose descendants to freeze (default: the calling process).
+    :param root: whose descendants to freeze (default: the calling process): a PID, a
+        ``subprocess.Popen``, a ``multiprocessing.Process`` or a ``psutil.Process`` (whose
+        identity is checked before anything is signalled).
     :param include_root: also freeze ``root`` itself (never the caller, never PID 1).
-    :param exclude: PIDs to leave running, each with its whole subtree (a monitor).
+    :param exclude: processes (PIDs or process objects) to leave running, each with its
+        whole subtree (a monitor).
     :param timeout: seconds the whole freeze may take before :class:`StopTimeoutError`.
     :param max_passes: rounds of stopping newcomers before :class:`TreeUnstableError`.
     :param partial_ok: skip (and report) processes that may not be signalled instead of
@@ -155,24 +97,23 @@ class ProcessesGuard:
 
     def __init__(
         self,
-        root: int | None = None,
+        root: Target | None = None,
         *,
         include_root: bool = False,
-        exclude: Iterable[int] = (),
+        exclude: Iterable[Target] = (),
         timeout: float = 1.0,
         max_passes: int = 3,
         partial_ok: bool = False,
-        scope: str = "tree",
-        backend: str = "signal",
+        scope: Scope = "tree",
+        backend: BackendName = "signal",
         watchdog: bool = False,
         max_frozen: float | None = None,
         subreaper: bool = False,
     ) -> None:
-        if root is not None:
-            check_pid("root", root)
+        root_pid = None if root is None else as_pid("root", root)
         if isinstance(exclude, str | bytes) or not isinstance(exclude, Iterable):
             raise InvalidArgumentError("exclude", "must be an iterable of PIDs")
-        excluded = tuple(check_pid("exclude", pid) for pid in exclude)
+        excluded = tuple(as_pid("exclude", pid) for pid in exclude)
         check_options(timeout=timeout, max_passes=max_passes, partial_ok=partial_ok)
         if not isinstance(include_root, bool):
             raise InvalidArgumentError("include_root", "must be True or False")
@@ -181,11 +122,11 @@ class ProcessesGuard:
         if scope == "namespace" and root is not None:
             raise InvalidArgumentError("root", "scope='namespace' covers the whole namespace")
         if include_root:
-            if root is None or root == os.getpid():
+            if root_pid is None or root_pid == os.getpid():
                 raise InvalidArgumentError(
                     "include_root", "the calling process cannot freeze itself"
                 )
-            if root == 1:
+            if root_pid == 1:
                 raise InvalidArgumentError("include_root", "PID 1 is never frozen")
         for flag, value in (("watchdog", watchdog), ("subreaper", subreaper)):
             if not isinstance(value, bool):
@@ -197,11 +138,14 @@ class ProcessesGuard:
             raise InvalidArgumentError("backend", f"must be one of {BACKENDS}, not {backend!r}")
         fs = ProcFS()
         check_proc(fs)
-        if root is not None:
-            check_process("root", root, fs, zombie_ok=False)
+        if root_pid is not None:
+            check_process("root", root_pid, fs, zombie_ok=False)
         for pid in excluded:  # a typo must not leave the real monitor to be frozen
             check_process("exclude", pid, fs)
-        self._root = root
+        self._root = root_pid
+        # A process object (psutil.Process) is asked again at each freeze whether its PID
+        # still names it.
+        self._root_object = None if isinstance(root, int) else root
         self._include_root = include_root
         self._exclude = excluded
         self._timeout = float(timeout)
@@ -238,6 +182,8 @@ class ProcessesGuard:
             passthrough = {0, 1, me, *chain}
         else:
             root = me if self._root is None else self._root
+            if self._root_object is not None:
+                as_pid("root", self._root_object)
             check_process("root", root, fs, zombie_ok=False)
             starts = (root,)
             # Never stop whoever waits for us: the caller's ancestors are walked through.
@@ -427,17 +373,19 @@ class ProcessesGuard:
 
 
 def freeze_child_processes(
-    monitor_pid: int | None = None, *, timeout: float = 1.0, max_passes: int = 3
+    monitor_pid: Target | None = None, *, timeout: float = 1.0, max_passes: int = 3
 ) -> ProcessesGuard:
     """Freeze every descendant of the calling process except ``monitor_pid`` and its subtree.
 
     The crosvm-shaped entry point: returns a frozen :class:`ProcessesGuard`; release it (or
     let it go out of scope) to thaw.
 
+    :param monitor_pid: the monitor: a PID or a process object.
     :raises InvalidArgumentError: if ``monitor_pid`` is not a valid PID.
+    :raises NoSuchProcessError: if it names no process.
     :raises FreezeError: as :meth:`ProcessesGuard.freeze`.
     """
-    exclude = () if monitor_pid is None else (check_pid("monitor_pid", monitor_pid),)
+    exclude = () if monitor_pid is None else (as_pid("monitor_pid", monitor_pid),)
     return ProcessesGuard(exclude=exclude, timeout=timeout, max_passes=max_passes).freeze()
 
 

@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, final
 
 from ._tree import ancestors, children_source, walk
+from ._types import Target
 from .errors import InvalidArgumentError, NoSuchProcessError
 from .procfs import DEAD_STATES, STOPPED_STATES, ProcFS, Stat
 
@@ -506,7 +507,7 @@ def _pass(
 
 
 def snapshot(
-    root: int | None = None, *, include_root: bool = True, exclude: Iterable[int] = ()
+    root: Target | None = None, *, include_root: bool = True, exclude: Iterable[Target] = ()
 ) -> TreeSnapshot:
     """Take a snapshot of the tree below ``root``.
 
@@ -514,19 +515,19 @@ def snapshot(
     in between) the snapshot is marked inconsistent with the difference. Nothing is
     signalled (a permission check with signal 0 delivers nothing).
 
-    :param root: where the tree starts (default: the calling process).
+    :param root: where the tree starts (default: the calling process): a PID or a process
+        object (``subprocess.Popen``, ``multiprocessing.Process``, ``psutil.Process``).
     :param include_root: record ``root`` itself, not only what is below it.
     :param exclude: PIDs left out, each with its whole subtree.
     :raises InvalidArgumentError: if a PID is not a positive int.
     :raises NoSuchProcessError: if ``root`` does not exist.
     """
-    from ._guard import check_pid
+    from ._checks import as_pid
 
-    if root is not None:
-        check_pid("root", root)
+    root = None if root is None else as_pid("root", root)
     if isinstance(exclude, str | bytes) or not isinstance(exclude, Iterable):
         raise InvalidArgumentError("exclude", "must be an iterable of PIDs")
-    excluded = frozenset(check_pid("exclude", pid) for pid in exclude)
+    excluded = frozenset(as_pid("exclude", pid) for pid in exclude)
     if not isinstance(include_root, bool):
         raise InvalidArgumentError("include_root", "must be True or False")
     fs = ProcFS()

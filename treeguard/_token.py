@@ -18,11 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 from . import _backends
 from ._guard import new_guard
+from ._types import FreezeOptions, Target
 from .errors import InvalidArgumentError, TokenError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Token", "freeze", "thaw"]
 
@@ -206,7 +210,7 @@ class Token:
         return f"<Token backend={self._backend} {shown}>"
 
 
-def freeze(root: int | None = None, **options: Any) -> Token:
+def freeze(root: Target | None = None, **options: Unpack[FreezeOptions]) -> Token:
     """Freeze a tree and hand it over as a :class:`Token`: nothing here thaws it any more.
 
     ::
@@ -223,12 +227,13 @@ def freeze(root: int | None = None, **options: Any) -> Token:
     :raises InvalidArgumentError: if an argument is of the wrong type or out of range.
     :raises FreezeError: as :meth:`ProcessesGuard.freeze` (nothing is left stopped).
     """
+    given: dict[str, Any] = dict(options)
     for name in ("watchdog", "max_frozen"):
-        if options.get(name) not in (None, False):
+        if given.get(name) not in (None, False):
             raise InvalidArgumentError(
                 name, "a token outlives this process, the watchdog would thaw at its exit"
             )
-    guard = new_guard({"root": root, **options})
+    guard = new_guard({"root": root, **given})
     guard.freeze()
     try:
         backend = guard._backend

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import pytest
 
-from ._guard import ProcessesGuard
-from .errors import InvalidArgumentError
+from ._checks import as_pid
+from ._guard import ProcessesGuard, new_guard
 
 __all__ = ["FreezeTree", "treeguard_freeze"]
 
@@ -35,18 +35,6 @@ class FreezeTree(Protocol):
     """The function :func:`treeguard_freeze` returns."""
 
     def __call__(self, target: int | _HasPid | None = None, **options: Any) -> ProcessesGuard: ...
-
-
-def _root_of(target: object) -> int:
-    if isinstance(target, int) and not isinstance(target, bool):
-        return target
-    pid = getattr(target, "pid", None)
-    if isinstance(pid, int) and not isinstance(pid, bool):
-        return pid
-    raise InvalidArgumentError(
-        "target",
-        f"give a PID, a subprocess.Popen or a started multiprocessing.Process, not {target!r}",
-    )
 
 
 @pytest.fixture
@@ -65,10 +53,10 @@ def treeguard_freeze() -> Iterator[FreezeTree]:
 
     def freeze(target: int | _HasPid | None = None, **options: Any) -> ProcessesGuard:
         if target is None:
-            guard = ProcessesGuard(**options)
+            guard = new_guard(options)
         else:
             options.setdefault("include_root", True)
-            guard = ProcessesGuard(_root_of(target), **options)
+            guard = new_guard({"root": as_pid("target", target), **options})
         guards.append(guard)
         return guard.freeze()
 
