@@ -1,17 +1,28 @@
 """treeguard: freeze a whole process tree, prove it stopped, and always thaw it."""
 
 from . import cgroup as cgroup
+from ._async import AsyncGuard as AsyncGuard
 from ._async import guard as guard
 from ._freezethaw import freezethaw as freezethaw
 from ._guard import ProcessesGuard as ProcessesGuard
 from ._guard import freeze_child_processes as freeze_child_processes
 from ._report import FreezeReport as FreezeReport
 from ._report import Skip as Skip
+from ._snapshot import ProcessRecord as ProcessRecord
+from ._snapshot import SignalState as SignalState
+from ._snapshot import ThreadRecord as ThreadRecord
 from ._snapshot import TreeSnapshot as TreeSnapshot
 from ._snapshot import snapshot as snapshot
 from ._token import Token as Token
 from ._token import freeze as freeze
 from ._token import thaw as thaw
+from ._types import BackendName as BackendName
+from ._types import FreezeOptions as FreezeOptions
+from ._types import GuardOptions as GuardOptions
+from ._types import HasPid as HasPid
+from ._types import Options as Options
+from ._types import Scope as Scope
+from ._types import Target as Target
 from .errors import CgroupError as CgroupError
 from .errors import CgroupUnavailableError as CgroupUnavailableError
 from .errors import FreezeError as FreezeError
@@ -29,19 +40,30 @@ from .errors import WatchdogError as WatchdogError
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncGuard",
+    "BackendName",
     "CgroupError",
     "CgroupUnavailableError",
     "FreezeError",
+    "FreezeOptions",
     "FreezePermissionError",
     "FreezeReport",
     "FrozenInterrupt",
+    "GuardOptions",
+    "HasPid",
     "InvalidArgumentError",
     "NoSuchProcessError",
+    "Options",
+    "ProcessRecord",
     "ProcessesGuard",
     "ProcfsParseError",
+    "Scope",
+    "SignalState",
     "Skip",
     "StateFileError",
     "StopTimeoutError",
+    "Target",
+    "ThreadRecord",
     "Token",
     "TokenError",
     "TreeSnapshot",

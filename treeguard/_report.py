@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 __all__ = ["FreezeReport", "Skip"]
 
@@ -47,3 +48,26 @@ class FreezeReport:
     freeze_seconds: float = 0.0
     thaw_seconds: float = 0.0
     lease_expired: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-able data (skip reasons as their strings)."""
+        data = asdict(self)
+        data["skipped"] = {str(pid): str(why) for pid, why in self.skipped.items()}
+        return data
+
+    def __str__(self) -> str:
+        """A one-line human summary: what was frozen, by what, in how long."""
+        parts = [
+            f"{self.backend}: {self.stopped} processes ({self.tasks} tasks) frozen in "
+            f"{self.freeze_seconds * 1e3:.2f} ms, {self.passes} pass(es)"
+        ]
+        if self.thaw_seconds:
+            parts.append(f"thawed in {self.thaw_seconds * 1e3:.2f} ms")
+        if self.skipped:
+            counts: dict[str, int] = {}
+            for why in self.skipped.values():
+                counts[str(why)] = counts.get(str(why), 0) + 1
+            parts.append("skipped " + ", ".join(f"{n} {why}" for why, n in sorted(counts.items())))
+        if self.lease_expired:
+            parts.append("the lease expired")
+        return "; ".join(parts)

@@ -6,7 +6,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Literal, Protocol, TypedDict
 
-__all__ = ["BackendName", "FreezeOptions", "GuardOptions", "HasPid", "Scope", "Target"]
+__all__ = [
+    "BackendName",
+    "FreezeOptions",
+    "GuardOptions",
+    "HasPid",
+    "Options",
+    "Scope",
+    "Target",
+]
 
 #: The ways of freezing (see :class:`treeguard.ProcessesGuard`).
 BackendName = Literal["signal", "cgroup", "auto"]
@@ -45,3 +53,9 @@ class GuardOptions(FreezeOptions, total=False):
 
     watchdog: bool
     max_frozen: float | None
+
+
+class Options(GuardOptions, total=False):
+    """Every option of :class:`ProcessesGuard`, ``root`` included (``freezethaw``'s)."""
+
+    root: Target | None

@@ -54,7 +54,7 @@ async def test_monitor_pid_and_its_subtree_keep_running(make_tree: MakeTree) -> 
     tree = make_tree(demo_spec())
     monitor = tree.pids[1]  # has two children of its own (pre-order: pids 2 and 3)
     subtree = tree.pids[1:4]
-    async with treeguard.guard(monitor, root=tree.root, include_root=True) as g:
+    async with treeguard.guard(tree.root, monitor_pid=monitor, include_root=True) as g:
         assert not set(g.pids) & set(subtree)
         proc.assert_all_stopped(p for p in tree.pids if p not in subtree)
         assert not proc.stopped(subtree)

@@ -258,6 +258,7 @@ def relay() -> Iterator[Callable[[str], tuple[int, int]]]:
         require_root(f"{kind} to root without a password")
         relay = subprocess.Popen(_relay(kind), stdin=subprocess.DEVNULL)
         started.append(relay)
+
         def exec_done() -> bool:  # the child runs the sleeper (it was a copy of su before)
             kids = proc.children(relay.pid)
             return bool(kids) and "python" in proc.read_text(f"/proc/{kids[0]}/comm")

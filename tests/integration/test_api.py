@@ -1,0 +1,162 @@
+"""The API without traps: one meaning for the first argument of every face, process objects
+wherever a process is taken, nested ``with`` blocks, a report that means the same on every
+face, and option types that a user's type checker enforces."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+import treeguard
+from tests import proc
+from treeguard import NoSuchProcessError, ProcessesGuard
+from treeguard._workers import WorkerTree, wide
+
+MakeTree = Callable[..., WorkerTree]
+
+
+def test_guard_takes_the_root_first(make_tree: MakeTree, anyio_backend: str) -> None:
+    """``guard(pid)`` freezes what is below ``pid``, as ``ProcessesGuard(pid)`` does."""
+    tree = make_tree(wide(3))
+
+    async def main() -> tuple[int, ...]:
+        async with treeguard.guard(tree.root) as g:
+            proc.assert_all_stopped(tree.pids[1:])
+            assert not proc.stopped([tree.root])
+            return g.pids
+
+    assert sorted(anyio.run(main, backend=anyio_backend)) == sorted(tree.pids[1:])
+    proc.wait_until(lambda: not proc.stopped(tree.pids), 10)
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_process_objects_are_targets() -> None:
+    popen = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # "fork": "spawn" would leave a resource tracker process behind.
+    worker = multiprocessing.get_context("fork").Process(target=_sleep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads, 3.12+
+        worker.start()
+    try:
+        for target, pid in (
+            (popen, popen.pid),
+            (worker, worker.pid),
+            (psutil.Process(popen.pid), popen.pid),
+        ):
+            with ProcessesGuard(target, include_root=True) as guard:
+                assert guard.pids == (pid,)
+                proc.assert_all_stopped([pid])
+            assert not proc.stopped([pid])
+        with ProcessesGuard(exclude=[popen, worker]) as guard:
+            assert popen.pid not in guard.pids and worker.pid not in guard.pids
+    finally:
+        popen.kill()
+        popen.wait()
+        worker.kill()
+        worker.join()
+
+
+def _sleep() -> None:
+    import time
+
+    time.sleep(60)
+
+
+def test_a_finished_process_object_is_no_process() -> None:
+    popen = subprocess.Popen([sys.executable, "-c", "pass"])
+    handle = psutil.Process(popen.pid)
+    popen.wait()  # reaped: its PID may name another process from now on
+    with pytest.raises(NoSuchProcessError):
+        ProcessesGuard(popen, include_root=True)
+    with pytest.raises(NoSuchProcessError):
+        ProcessesGuard(handle, include_root=True)
+
+
+def test_nested_with_blocks_thaw_at_the_outermost_exit(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(2))
+    guard = ProcessesGuard(tree.root, include_root=True)
+    with guard:
+        with guard:
+            proc.assert_all_stopped(tree.pids)
+        proc.assert_all_stopped(tree.pids)  # the inner exit did not thaw
+        assert guard.frozen
+    assert not guard.frozen
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_the_report_means_the_same_on_every_face(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(20))
+
+    async def main() -> ProcessesGuard:
+        async with treeguard.guard(tree.root, include_root=True) as g:
+            pass
+        return g
+
+    g = anyio.run(main)
+    assert g.report.thaw_seconds > 0  # not the 0 of a second, empty thaw
+    assert g.report.stopped == len(tree.pids)
+    assert g.pids == ()  # released: it holds nothing
+    with ProcessesGuard(tree.root, include_root=True) as guard:
+        assert len(guard.pids) == len(tree.pids)
+    assert guard.pids == () and guard.report.stopped == len(tree.pids)
+
+
+CONSUMER = textwrap.dedent(
+    """
+    import treeguard
+
+    treeguard.ProcessesGuard(backend="cgroups")
+    treeguard.ProcessesGuard(scope="galaxy")
+    treeguard.ProcessesGuard(tmeout=1.0)
+    treeguard.guard(backend="sigstop")
+    treeguard.guard(tmeout=1.0)
+    treeguard.freeze(watchdog=True)
+    treeguard.freezethaw(lambda a: a, 1, tmeout=1.0)
+    treeguard.freezethaw(lambda a: a, "one", "two")
+    ok: treeguard.AsyncGuard = treeguard.guard(os_pid := 1, monitor_pid=2, backend="cgroup")
+    """
+)
+
+
+def test_a_type_checker_catches_option_mistakes(tmp_path: Path) -> None:
+    consumer = tmp_path / "consumer.py"
+    consumer.write_text(CONSUMER)
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(consumer)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "MYPYPATH": str(Path(treeguard.__file__).parents[1])},
+    )
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    lines = {int(line.split(":")[1]) for line in errors}
+    assert lines == {4, 5, 6, 7, 8, 9, 10, 11}, done.stdout
+
+
+def test_the_report_prints_and_serialises(make_tree: MakeTree) -> None:
+    import json
+
+    tree = make_tree(wide(3))
+    with ProcessesGuard(tree.root, exclude=[tree.pids[1]]) as guard:
+        pass
+    text = str(guard.report)
+    assert text.startswith("signal: 1 processes (1 tasks) frozen in ")
+    assert "thawed in" in text and "skipped 1 excluded" in text
+    data = json.loads(json.dumps(guard.report.to_dict()))
+    assert data["stopped"] == 1 and data["skipped"] == {str(tree.pids[1]): "excluded"}
