@@ -61,6 +61,23 @@ _SETTLED = frozenset("T") | DEAD_STATES
 _held = 0  # descriptors (pidfds, stat files) held by all guards of this process
 
 
+class _Slices:
+    """Says when a stretch of work has run for :data:`_SLICE`: time to let an event loop
+    run (``if slices.due(): yield YIELD``)."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = time.perf_counter() + _SLICE
+
+    def due(self) -> bool:
+        now = time.perf_counter()
+        if now < self._next:
+            return False
+        self._next = now + _SLICE
+        return True
+
+
 def _pidfd_budget() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
@@ -122,6 +139,7 @@ class SignalBackend(Backend):
         # before the freeze). One that stops meanwhile relays job control (see the thaw).
         self._watchers: dict[int, tuple[int, bool]] = {}
         self._budget = _pidfd_budget()
+        self._slices = _Slices()  # one clock for every loop of a freeze (or thaw)
 
     # -- what the guard sees -------------------------------------------------------------
 
@@ -150,6 +168,7 @@ class SignalBackend(Backend):
         clock = time.perf_counter
         start = clock()
         deadline = start + plan.timeout
+        self._slices = slices = _Slices()
         try:
             keep_reserve()  # before the first stop: the thaw must never lack a descriptor
             plan.source.refresh()
@@ -167,10 +186,10 @@ class SignalBackend(Backend):
                 if report.passes >= plan.max_passes:
                     raise TreeUnstableError(report.passes, [pid for pid, _ in frontier])
             self._look_at_watchers()
-            for entry in self._entries:
+            for entry in (*self._entries, *self._foreign):
                 self._close_stat(entry)
-            for entry in self._foreign:
-                self._close_stat(entry)
+                if slices.due():
+                    yield YIELD
             report.stopped = len(self.pids)
             report.freeze_seconds = clock() - start
         except BaseException:
@@ -186,15 +205,14 @@ class SignalBackend(Backend):
         """Stop one generation, prove it stopped, and return the next (its children)."""
         clock, report = time.perf_counter, self.report
         t0 = clock()
-        next_slice = t0 + _SLICE
+        slices = self._slices
         met: list[_Entry] = []
         for pid, parent in frontier:
             entry = self._meet(pid, parent)
             if entry is not None:
                 met.append(entry)
-            if clock() > next_slice:
+            if slices.due():
                 yield YIELD
-                next_slice = clock() + _SLICE
         report.enumerate_seconds += clock() - t0
         if self._denied:
             raise FreezePermissionError(self._denied)
@@ -210,6 +228,8 @@ class SignalBackend(Backend):
         for entry in met:
             if entry.alive:
                 children += ((kid, entry.pid) for kid in self._children_of(entry))
+            if slices.due():
+                yield YIELD
         fs, source = self.plan.fs, self.plan.source
         for pid in self._through_now:  # running: read again at the end of the round too
             stat = fs.stat(pid) if pid else _ROOT
@@ -383,6 +403,7 @@ class SignalBackend(Backend):
     def _wait_stopped(self, entries: list[_Entry], deadline: float) -> Steps[None]:
         backoff = 0.0
         pending = entries
+        slices = self._slices
         while True:
             running: list[tuple[int, int, str]] = []
             still: list[_Entry] = []
@@ -391,6 +412,8 @@ class SignalBackend(Backend):
                 if late:
                     running += late
                     still.append(entry)
+                if slices.due():
+                    yield YIELD
             if not still:
                 return
             if self.plan.journal is not None:
@@ -485,6 +508,7 @@ class SignalBackend(Backend):
         t0 = time.perf_counter()
         entries = self._entries
         refused: list[int] = []
+        self._slices = slices = _Slices()
         while entries:
             entry = entries[-1]
             try:
@@ -493,6 +517,8 @@ class SignalBackend(Backend):
                 refused.append(entry.pid)  # it changed hands (setuid exec): not ours any more
             entries.pop()
             self._release_fd(entry)
+            if slices.due():
+                yield YIELD
         while self._foreign:
             self._release_fd(self._foreign.pop())
         yield from self._resume_watchers()
