@@ -19,7 +19,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["Steps", "Wait", "run_async", "run_sync"]
+__all__ = ["SLICE", "YIELD", "Slices", "Steps", "Wait", "run_async", "run_sync"]
 
 T = TypeVar("T")
 
@@ -36,6 +36,26 @@ Steps = Generator[Wait, None, T]
 
 #: The zero wait: yield the CPU (sync) or reach a checkpoint (async).
 YIELD = Wait()
+
+#: Longest stretch of work between two points where an event loop may run.
+SLICE = 0.002
+
+
+class Slices:
+    """Says when a stretch of work has run for :data:`SLICE`: time to let an event loop
+    run (``if slices.due(): yield YIELD``)."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = time.perf_counter() + SLICE
+
+    def due(self) -> bool:
+        now = time.perf_counter()
+        if now < self._next:
+            return False
+        self._next = now + SLICE
+        return True
 
 
 def run_sync(steps: Steps[T]) -> T:

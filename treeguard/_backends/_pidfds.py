@@ -1,0 +1,152 @@
+"""The processes a signal freeze holds, and the descriptors it holds them by.
+
+Each process is held by a pidfd (``pidfd_send_signal`` cannot reach a recycled PID) and, for
+verification, by its open ``/proc/PID/stat``. Descriptors are counted for every freeze of this
+process: past the budget (half of RLIMIT_NOFILE less a margin) a process is signalled through a
+short-lived pidfd instead, checked against its pidfs inode or starttime
+(:mod:`treeguard._thaw`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import signal
+
+from .._thaw import signal_identity
+from ..errors import FreezeError
+from ..procfs import Stat
+
+__all__ = [
+    "Entry",
+    "budget",
+    "close",
+    "close_stat",
+    "count",
+    "held",
+    "open_pidfd",
+    "release",
+    "release_pidfd",
+    "resignal",
+]
+
+_held = 0  # descriptors (pidfds, stat files) held by all guards of this process
+
+
+def budget() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(0, soft - 64) // 2  # leave half for everything else the supervisor does
+
+
+class Entry:
+    """A process the signal backend met and holds: its pidfd, its kept stat file, its
+    identity, and where its freeze stands."""
+
+    __slots__ = (
+        "alive",
+        "fd",
+        "inode",
+        "ours",
+        "pid",
+        "settled",
+        "starttime",
+        "stat",
+        "statfd",
+        "tids",
+        "traced",
+    )
+
+    def __init__(self, pid: int, fd: int, stat: Stat, ours: bool, statfd: int, inode: int) -> None:
+        self.pid = pid
+        self.fd = fd
+        self.inode = inode  # the pidfs inode of the process (0 without pidfs)
+        # /proc/PID/stat kept open while freezing: verification re-reads it with one pread
+        # (it names this process for good: once reaped, reading it fails).
+        self.statfd = statfd
+        # The threads seen when the process was verified stopped (a stopped process makes
+        # no new ones): its children are read from exactly these. None: one thread.
+        self.tids: list[int] | None = None
+        self.stat = stat
+        self.starttime = stat.starttime
+        self.ours = ours
+        self.alive = True
+        # Verified stopped, every task: its children, read from now on, are final.
+        self.settled = False
+        # Seen stopped by a tracer after our SIGSTOP (partial_ok): not proven stopped, so
+        # not reported as frozen, but still resumed by the thaw.
+        self.traced = False
+
+
+def held() -> int:
+    """How many descriptors every freeze of this process holds now."""
+    return _held
+
+
+def open_pidfd(pid: int) -> int | None:
+    """A counted pidfd of ``pid``; None if there is no such process.
+
+    :raises FreezeError: if the descriptor table is full (a freeze may fail; only a thaw
+        must not, and it uses :mod:`treeguard._thaw`'s reserve).
+    """
+    global _held
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    except OSError as err:
+        if err.errno in (errno.EMFILE, errno.ENFILE):
+            raise FreezeError(
+                "out of file descriptors while freezing: raise RLIMIT_NOFILE"
+            ) from err
+        raise
+    _held += 1
+    return fd
+
+
+def count(fd: int) -> None:
+    """Count a descriptor opened elsewhere (a kept stat file)."""
+    global _held
+    if fd >= 0:
+        _held += 1
+
+
+def close(fd: int) -> None:
+    """Close a counted descriptor."""
+    global _held
+    os.close(fd)
+    _held -= 1
+
+
+def release_pidfd(entry: Entry) -> None:
+    """Close ``entry``'s pidfd (it is signalled through a short-lived one from now on). The
+    descriptor is forgotten before it is closed: an interrupt in between leaks it rather
+    than closing it twice."""
+    if entry.fd >= 0:
+        fd, entry.fd = entry.fd, -1
+        close(fd)
+
+
+def close_stat(entry: Entry) -> None:
+    if entry.statfd >= 0:
+        fd, entry.statfd = entry.statfd, -1
+        close(fd)
+
+
+def release(entry: Entry) -> None:
+    """Close every descriptor ``entry`` holds."""
+    release_pidfd(entry)
+    close_stat(entry)
+
+
+def resignal(entry: Entry, sig: int) -> bool:
+    """Signal ``entry`` if it is still the process met; False if it is gone."""
+    if entry.fd < 0:
+        return signal_identity(entry.pid, entry.starttime, sig, inode=entry.inode)
+    try:
+        signal.pidfd_send_signal(entry.fd, sig)
+        return True
+    except ProcessLookupError:
+        return False

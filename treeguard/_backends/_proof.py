@@ -1,0 +1,85 @@
+"""The proof that a process stopped: every one of its tasks shows ``T`` in /proc.
+
+A single-threaded process is proven by one read of its stat file (kept open: one ``pread``);
+a multi-threaded one by the stat of each task once its main thread stopped (the threads
+listed then are final: a stopped process makes no new ones). Two states are classified, not
+waited for:
+
+- ``D`` in vfork() (wchan ``kernel_clone``): the parent cannot run until its vfork child
+  execs or exits; the cgroup freezer counts it frozen, and if the child execs first, the
+  parent takes its pending SIGSTOP before it returns to user space;
+- ``t``: stopped by a tracer, which may let it go at any moment: never a proof.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .._report import FreezeReport
+from ..procfs import DEAD_STATES, ProcFS, parse_stat, parse_stat_brief
+from ._pidfds import Entry
+
+__all__ = ["GONE", "SETTLED", "TRACED", "Look", "look"]
+
+#: Where a task waits while its vfork child has not exec'd or exited (kernel/fork.c).
+_VFORK_WCHAN = frozenset({"kernel_clone", "_do_fork", "do_fork"})
+
+#: States of a task that needs no more waiting for: stopped by a signal, or gone. ``t``
+#: (stopped by a tracer) is not among them: a tracer lets its tracee go at any moment.
+SETTLED = frozenset("T") | DEAD_STATES
+
+#: :func:`look`'s answer for a process that exited (or whose PID names another now).
+GONE = object()
+#: :func:`look`'s answer for a process one of whose tasks a tracer holds.
+TRACED = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Look:
+    """What one look at a process found: its tasks not stopped yet, and how many it has."""
+
+    late: list[tuple[int, int, str]]
+    tasks: int
+
+
+def look(entry: Entry, fs: ProcFS, report: FreezeReport) -> Look | object:
+    """Look at ``entry``'s tasks once: a :class:`Look`, :data:`GONE` or :data:`TRACED`.
+
+    Records on the way what the process is (its stat when its thread count changed, its
+    threads once its main thread stopped) and the vfork parents in ``report``.
+    """
+    pid = entry.pid
+    data = fs.read(f"{pid}/stat") if entry.statfd < 0 else fs.reread(entry.statfd)
+    if data is None:
+        return GONE
+    # Only the state, the thread count and the identity matter here.
+    state, threads, starttime = parse_stat_brief(data)
+    if starttime != entry.starttime:
+        return GONE
+    if threads != entry.stat.num_threads:
+        entry.stat = parse_stat(data)  # the children of every thread are read later
+    if threads <= 1 or (state not in SETTLED and state != "D"):
+        if threads <= 1 and state in SETTLED:  # the common case: one task, stopped
+            return Look([], 1)
+        # One task only, or the main thread still runs: the other threads are looked at
+        # once it has stopped; until then it is enough to wait on.
+        tasks = [(pid, state)]
+    else:
+        tasks = []
+        entry.tids = fs.tids(pid) or []
+        for tid in entry.tids:
+            tdata = data if tid == pid else fs.read(f"{pid}/task/{tid}/stat")
+            if tdata is not None:
+                tasks.append((tid, parse_stat_brief(tdata)[0]))
+    late: list[tuple[int, int, str]] = []
+    for tid, state in tasks:
+        if state in SETTLED:
+            continue
+        if state == "t":
+            return TRACED
+        if state == "D" and fs.wchan(pid, tid) in _VFORK_WCHAN:
+            if pid not in report.blocked_in_vfork:
+                report.blocked_in_vfork.append(pid)
+            continue
+        late.append((pid, tid, state))
+    return Look(late, len(tasks))
