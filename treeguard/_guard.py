@@ -15,7 +15,7 @@ from ._drive import Steps, run_sync
 from ._report import FreezeReport, Skip
 from ._snapshot import TreeSnapshot
 from ._tree import ancestors, children_source
-from ._watchdog import Watchdog, set_subreaper
+from ._watchdog import Watchdog, helper_pids, set_subreaper
 from .errors import FreezeError, InvalidArgumentError, NoSuchProcessError, WatchdogError
 from .procfs import ProcFS
 
@@ -165,7 +165,7 @@ class ProcessesGuard:
         fs = ProcFS()
         me = os.getpid()
         blocked = {pid: Skip.EXCLUDED for pid in self._exclude}
-        blocked.update((pid, Skip.SUPERVISOR) for pid in self._helpers)
+        blocked.update((pid, Skip.SUPERVISOR) for pid in (*self._helpers, *helper_pids()))
         chain = ancestors(fs)
         if self._scope == "namespace":
             starts: tuple[int, ...] = (0,)
@@ -268,6 +268,7 @@ class ProcessesGuard:
             self._finalizer()
             if self._watchdog is not None:
                 self.report.lease_expired = self._watchdog.lease_expired()
+                self.report.watchdog_lost = not self._watchdog.alive()
 
     def snapshot(self) -> TreeSnapshot:
         """A snapshot of the processes this guard froze (consistent while frozen)."""

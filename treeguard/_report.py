@@ -46,3 +46,5 @@ class FreezeReport:
     freeze_seconds: float = 0.0
     thaw_seconds: float = 0.0
     lease_expired: bool = False
+    #: The watchdog helper had died by the release: the freeze ran without its safety net.
+    watchdog_lost: bool = False
