@@ -20,6 +20,7 @@ from tests import proc
 from tests.conftest import MakeCgroup, require_root, slot
 from treeguard._snapshot import snapshot
 from treeguard._statefile import parse_state
+from treeguard._thaw import pidfd_inode
 from treeguard._token import Token
 from treeguard._token import freeze as freeze_token
 from treeguard._token import thaw as thaw_token
@@ -540,3 +541,32 @@ def test_resume_reads_a_version_1_state_file(make_tree: MakeTree, tmp_path: Path
         assert not state.exists()
     finally:
         thaw_token(token)
+
+
+def test_resume_checks_pidfs_inodes(tmp_path: Path) -> None:
+    """A journal record naming the right PID and starttime but another pidfs inode (a PID
+    reused within one clock tick) is never signalled by resume."""
+    victim = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+    try:
+        proc.wait_until(lambda: proc.task_states(victim.pid), 10)
+        victim.send_signal(signal.SIGSTOP)
+        proc.wait_until(lambda: proc.stopped([victim.pid]), 10, "the victim to stop")
+        fd = os.pidfd_open(victim.pid)
+        inode = pidfd_inode(fd)
+        os.close(fd)
+        assert inode, "this kernel (6.9+) has pidfs"
+        record = [victim.pid, proc.starttime(victim.pid)]
+        for attempt, given in enumerate((inode + 1, inode)):
+            state = tmp_path / f"state-{attempt}.json"
+            fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, b'{"format":"treeguard-pause","version":2}\n')
+            os.write(fd, json.dumps(["stop", *record, given]).encode() + b"\n")
+            os.close(fd)
+            assert run("resume", "--state", str(state)).returncode == 0
+            assert not state.exists()
+            if given != inode:
+                assert proc.stopped([victim.pid]), "resume signalled another process"
+        proc.assert_none_stopped([victim.pid])  # the right inode: resumed
+    finally:
+        victim.kill()
+        victim.wait()

@@ -20,6 +20,7 @@ import pytest
 
 from tests import proc
 from treeguard import ProcessesGuard, Skip
+from treeguard._thaw import has_pidfs, pidfd_inode
 from treeguard._watchdog import Watchdog, helper_pids, is_subreaper, set_subreaper
 from treeguard._workers import WorkerTree, wide
 from treeguard.errors import WatchdogError
@@ -433,3 +434,50 @@ def test_helper_unblocks_what_its_supervisor_blocked() -> None:
         assert sig_mask(dog.pid, "SigBlk") == 0
     finally:
         dog.close()
+
+
+def test_a_helper_killed_between_freezes_refuses_the_next(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(2))
+    guard = ProcessesGuard(root=tree.root, include_root=True, max_frozen=60.0)
+    with guard:
+        proc.assert_all_stopped(tree.pids)
+    assert not guard.report.watchdog_lost
+    assert guard._watchdog is not None
+    helper = guard._watchdog.pid
+    os.kill(helper, signal.SIGKILL)
+    proc.wait_until(lambda: proc.state(helper) in ("Z", None), 10, "the helper to die")
+    with pytest.raises(WatchdogError, match="gone"):
+        guard.freeze()  # never frozen without its safety net
+    assert not guard.frozen
+    proc.assert_none_stopped(tree.pids)
+    assert helper not in helper_pids()
+
+
+def inode_of(pid: int) -> int:
+    fd = os.pidfd_open(pid)
+    try:
+        return pidfd_inode(fd)
+    finally:
+        os.close(fd)
+
+
+def test_helper_checks_pidfs_inodes(make_tree: MakeTree, dog: Watchdog) -> None:
+    """A record whose pidfs inode is not the process's (a PID reused within one clock tick
+    keeps pid and starttime) is never signalled; the right inode is."""
+    assert has_pidfs(), "this kernel (6.9+) has pidfs"
+    tree = make_tree(wide(3))
+    guard = ProcessesGuard(root=tree.root, include_root=True)  # freezes; no watchdog
+    with guard:
+        dog.arm(0.01)
+        for pid in tree.pids:
+            dog.journal.stopping(pid, starttime(pid), inode_of(pid) + 1)
+        proc.wait_until(dog.lease_expired, 10, "the lease to run out")
+        dog.journal.released()
+        assert proc.counters_still(tree.counters, tree.period, ticks=6)
+        proc.assert_all_stopped(tree.pids)
+        dog.arm(0.01)
+        for pid in tree.pids:
+            dog.journal.stopping(pid, starttime(pid), inode_of(pid))
+        proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the helper to thaw")
+        dog.journal.released()
+    proc.assert_none_stopped(tree.pids)
