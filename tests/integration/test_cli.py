@@ -484,7 +484,7 @@ def test_pause_with_a_lease(
     # A lease that runs out: the helper, which outlived the command line, thaws.
     state = tmp_path / "lease.json"
     paused_cleanup.append(state)
-    result = run("pause", str(tree.root), "--state", str(state), "--max-frozen", "1")
+    result = run("pause", str(tree.root), "--state", str(state), "--max-frozen", "3")
     assert result.returncode == 0, result.stderr
     recorded = parse_state(state.read_bytes()).helper
     assert recorded is not None
