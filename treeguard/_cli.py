@@ -15,6 +15,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from .errors import (
     FreezeError,
@@ -27,6 +28,10 @@ from .errors import (
     TokenError,
     TreeUnstableError,
 )
+
+if TYPE_CHECKING:
+    from ._guard import ProcessesGuard
+    from ._statefile import PauseState, StateJournal
 
 __all__ = ["main"]
 
@@ -156,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
         "freeze",
         "freeze a tree while a command runs",
         "Freeze the tree rooted at PID (PID included), run CMD, thaw, and exit with CMD's "
-        "status. Ctrl-C, SIGTERM or SIGHUP during CMD still thaw the tree.",
+        "status. Ctrl-C, SIGTERM or SIGHUP during CMD still thaw the tree, and a watchdog "
+        "helper thaws it if treeguard itself dies (kill -9).",
         usage="treeguard freeze [-h] [--exclude PID] [--backend {signal,cgroup,auto}] "
         "[--timeout S] PID -- CMD [ARGS ...]",
     )
@@ -166,10 +172,21 @@ def _parser() -> argparse.ArgumentParser:
         "pause",
         "freeze a tree and save a token to resume it later",
         "Freeze the tree rooted at PID (PID included) and leave it frozen; the state file "
-        "(created with mode 0600, never overwritten) lets `treeguard resume` thaw it.",
+        "(created with mode 0600, never overwritten) lets `treeguard resume` thaw it. Each "
+        "process is recorded in the state file before it is stopped, so that `resume` also "
+        "undoes a pause that was cut short; a pause killed while it freezes is thawed by its "
+        "watchdog helper. With --max-frozen, that helper stays and thaws the tree when the "
+        "lease runs out (`resume` before then stops it).",
     )
     freeze_options(pause)
     pause.add_argument("--state", required=True, metavar="FILE", help="state file to create")
+    pause.add_argument(
+        "--max-frozen",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="a lease: thaw the tree after S seconds even if nobody resumes it",
+    )
 
     resume = add(
         "resume",
@@ -195,6 +212,7 @@ def _cmd_tree(args: argparse.Namespace) -> int:
     from ._snapshot import snapshot
 
     snap = snapshot(args.pid, include_root=True)
+    # JSON escapes every control character itself; render() escapes names (see printable).
     print(snap.to_json(indent=2) if args.json else snap.render())
     return EXIT_OK
 
@@ -240,8 +258,14 @@ def _cmd_freeze(args: argparse.Namespace) -> int:
             raise _CannotRun(cmd[0], err.strerror or str(err)) from None
         return started[0].wait()
 
-    # freezethaw turns SIGINT, SIGTERM, SIGHUP (and the other signals Sys::FreezeThaw traps)
-    # into FrozenInterrupt while CMD runs, and thaws before that propagates.
+    # freezethaw holds SIGINT, SIGTERM and SIGHUP back while CMD runs, thaws, and then hands
+    # them to these handlers, which end CMD with the same signal (and treeguard with 128+N).
+    # The watchdog thaws when nothing of treeguard can run any more (SIGKILL, a crash).
+    def interrupted(signum: int, frame: object) -> None:
+        raise FrozenInterrupt(signum)
+
+    ending = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, interrupted) for sig in ending}
     try:
         status = freezethaw(
             run_cmd,
@@ -250,11 +274,15 @@ def _cmd_freeze(args: argparse.Namespace) -> int:
             exclude=args.exclude,
             backend=args.backend,
             timeout=args.timeout,
+            watchdog=True,
         )
     except FrozenInterrupt as interrupt:
         if started:
             _end_child(started[0], interrupt.signum)
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 128 - status if status < 0 else status
 
 
@@ -264,72 +292,152 @@ class _CannotRun(Exception):
 
 
 def _cmd_pause(args: argparse.Namespace) -> int:
-    from . import _token
     from ._guard import ProcessesGuard
-    from ._statefile import create_exclusive, write_all
+    from ._statefile import StateJournal, create_exclusive
 
+    options = {
+        "root": args.pid,
+        "include_root": True,
+        "exclude": args.exclude,
+        "backend": args.backend,
+        "timeout": args.timeout,
+    }
     # Validate everything before the state file exists and before any process is touched.
-    ProcessesGuard(
-        root=args.pid,
-        include_root=True,
-        exclude=args.exclude,
-        backend=args.backend,
-        timeout=args.timeout,
-    )
+    ProcessesGuard(**options, max_frozen=args.max_frozen)
+    guard = ProcessesGuard(**options)
     path: str = args.state
     fd = create_exclusive(path)
-    token = None
     # No handler may interrupt the freeze half way, and the default action of SIGTERM would
-    # leave a tree stopped with no state file: block the interrupting signals until the
-    # token is safely on disk, then act on one that arrived meanwhile (pthread_sigmask(3)).
+    # leave a tree stopped with an unfinished state file: block the interrupting signals
+    # until the token is safely on disk, then act on one that arrived meanwhile
+    # (pthread_sigmask(3)). SIGKILL is left to the journal and the watchdog.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
     try:
-        try:
-            token = _token.freeze(
-                args.pid,
-                include_root=True,
-                exclude=args.exclude,
-                backend=args.backend,
-                timeout=args.timeout,
-            )
-            write_all(fd, token.to_json().encode() + b"\n")
-            arrived = sorted(signal.sigpending() & set(_INTERRUPTS))
-            if arrived:
-                signal.sigtimedwait(arrived, 0)  # consume it: the pause is undone below
-                raise FrozenInterrupt(arrived[0])
-        except BaseException:
-            if token is not None:
-                _token.thaw(token)
-            os.close(fd)
-            fd = -1
-            os.unlink(path)  # we created it just now, exclusively
-            raise
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        count = _pause(guard, StateJournal(fd), args.max_frozen)
+    except BaseException:
+        os.close(fd)
+        fd = -1
+        os.unlink(path)  # we created it just now, exclusively; nothing is left stopped
+        raise
     finally:
+        if fd >= 0:
+            os.close(fd)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    lease = "" if args.max_frozen is None else f" (thawed in {args.max_frozen:g} s if not)"
     print(
-        f"treeguard: froze {len(token.pids)} process(es) at and below PID {args.pid}; "
-        f"resume with: treeguard resume --state {path}"
+        f"treeguard: froze {count} process(es) at and below PID {args.pid}; "
+        f"resume with: treeguard resume --state {path}{lease}"
     )
     return EXIT_OK
+
+
+def _pause(guard: ProcessesGuard, journal: StateJournal, max_frozen: float | None) -> int:
+    """Freeze with ``journal`` and a watchdog, leave the tree frozen, and hand the lease (if
+    any) to the helper. Whatever it raises, nothing is left stopped."""
+    from ._thaw import pidfd_inode
+    from ._token import Token
+    from ._watchdog import Watchdog
+    from .errors import WatchdogError
+    from .procfs import ProcFS
+
+    dog = Watchdog.start()  # its PID is blocked by every guard of this process
+    try:
+        journal.inner = dog.journal
+        guard._journal = journal  # the guard's journal hook: the state file, then the helper
+        dog.arm(max_frozen)
+        guard.freeze()
+        try:
+            if dog.lease_expired():
+                raise WatchdogError(
+                    f"the lease (--max-frozen {max_frozen}) ran out before the freeze "
+                    "completed; everything was thawed: raise it"
+                )
+            backend = guard._backend
+            assert backend is not None
+            token = Token(backend.name, backend.describe())
+            journal.completed(token)
+            arrived = sorted(signal.sigpending() & set(_INTERRUPTS))
+            if arrived:
+                signal.sigtimedwait(arrived, 0)  # consume it: the pause is undone
+                raise FrozenInterrupt(arrived[0])
+            if max_frozen is not None:
+                # Recorded before it is handed the tree, so that `resume` can stop it.
+                fd = os.pidfd_open(dog.pid)  # our child, not reaped: the PID is its own
+                try:
+                    stat = ProcFS().stat(dog.pid)
+                    assert stat is not None
+                    journal.helper((dog.pid, stat.starttime, pidfd_inode(fd)))
+                finally:
+                    os.close(fd)
+                dog.hand_over()
+            else:
+                dog.journal.released()  # frozen on purpose: the helper must not thaw it
+        except BaseException:
+            guard.release()
+            raise
+        count = len(guard.pids)
+        guard._detach()  # the state file owns the freeze now
+        return count
+    finally:
+        dog.close()  # a no-op once handed over
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from . import _token
-    from ._statefile import read_checked, remove_checked
+    from ._statefile import parse_state, read_checked, remove_checked
 
     path: str = args.state
     data, info = read_checked(path)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise TokenError("the state file is not UTF-8 text") from None
-    token = _token.Token.from_json(text)
-    _token.thaw(token)
+    failed = _undo(parse_state(data))
+    if failed:
+        # Left in place: run resume again once they may be signalled (as their owner).
+        shown = ",".join(map(str, failed))
+        print(f"treeguard: error: cannot resume PID(s) {shown} (not permitted)", file=sys.stderr)
+        return EXIT_PERMISSION
     remove_checked(path, info)
     return EXIT_OK
+
+
+def _undo(state: PauseState) -> list[int]:
+    """Thaw what a state file records (idempotent); stop a lease's helper. Returns the PIDs
+    that could not be signalled."""
+    from . import _token
+    from ._backends._cgroup import thaw_cgroup
+    from ._thaw import thaw_identities
+
+    token = state.token
+    if token is not None and (state.version == 1 or "stopped" not in token.payload):
+        # A version 1 file has nothing else; a cgroup's token knows whether the cgroup was
+        # frozen before the pause (then it stays so).
+        _token.thaw(token)
+    elif token is None:
+        for version, path, inode in state.cgroups:  # cut short: we wrote each freeze
+            thaw_cgroup(version, path, inode)
+    # Every process journaled, whether or not the pause got to stop it (the journal is
+    # written first); children first, each checked by its identity before the signal.
+    failed = thaw_identities(state.stopped)[1]
+    if state.helper is not None:
+        _stop_helper(*state.helper)
+    return failed
+
+
+def _stop_helper(pid: int, starttime: int, inode: int) -> None:
+    """SIGKILL the helper of a lease: the tree is thawed, its late thaw could only resume
+    processes someone stopped since. Only that very process, and only a treeguard helper."""
+    from ._thaw import close_pidfd, open_identity
+    from .procfs import HELPER_COMM, ProcFS
+
+    fs = ProcFS()
+    fd = open_identity(pid, starttime, inode, fs)
+    if fd < 0:
+        return  # gone: the lease ran out (it thawed), or it was stopped already
+    try:
+        stat = fs.stat(pid)
+        if stat is not None and stat.comm == HELPER_COMM:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        close_pidfd(fd)
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -24,7 +24,7 @@ from ._report import FreezeReport, Skip
 from ._snapshot import TreeSnapshot
 from ._tree import ancestors, children_source
 from ._types import BackendName, Scope, Target
-from ._watchdog import Watchdog, set_subreaper
+from ._watchdog import Watchdog, helper_pids, set_subreaper
 from .errors import FreezeError, InvalidArgumentError, WatchdogError
 from .procfs import ProcFS
 
@@ -175,7 +175,7 @@ class ProcessesGuard:
             check_process("exclude", pid, fs)
         me = os.getpid()
         blocked = {pid: Skip.EXCLUDED for pid in self._exclude}
-        blocked.update((pid, Skip.SUPERVISOR) for pid in self._helpers)
+        blocked.update((pid, Skip.SUPERVISOR) for pid in (*self._helpers, *helper_pids()))
         chain = ancestors(fs)
         if self._scope == "namespace":
             starts: tuple[int, ...] = (0,)
@@ -257,6 +257,7 @@ class ProcessesGuard:
         self._depth = 0
         if self._watchdog is not None:
             self.report.lease_expired = self._watchdog.lease_expired()
+            self.report.watchdog_lost = not self._watchdog.alive()
 
     def _detach(self) -> None:
         """Stop owning the freeze without thawing it (a token now owns it): no thaw on

@@ -48,6 +48,8 @@ class FreezeReport:
     freeze_seconds: float = 0.0
     thaw_seconds: float = 0.0
     lease_expired: bool = False
+    #: The watchdog helper had died by the release: the freeze ran without its safety net.
+    watchdog_lost: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-able data (skip reasons as their strings)."""

@@ -68,6 +68,7 @@ __all__ = [
     "ThreadRecord",
     "TreeSnapshot",
     "decode_sigmask",
+    "printable",
     "signal_name",
     "snapshot",
     "snapshot_of_guard",
@@ -101,6 +102,20 @@ _RELAYS = frozenset({"su", "runuser", "sudo", "doas"})
 
 _RT_MIN = int(signal.SIGRTMIN)
 _RT_MAX = int(signal.SIGRTMAX)
+
+
+def printable(name: str) -> str:
+    """``name`` safe to print to a terminal: every character that is not printable (control
+    characters such as ESC, which would start a terminal escape sequence; line breaks;
+    other non-printables of Unicode) becomes its Python escape (``\\x1b``, ``\\n``,
+    ``\\u200b``, ``\\U000e0001``), as :func:`ascii` writes it.
+
+    A command name is chosen by the process itself (``/proc/PID/comm`` is writable by it,
+    proc(5)): printed raw, it could move the cursor, rewrite the screen or set the title.
+    """
+    if name.isprintable():
+        return name  # the common case, one pass in C
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in name)
 
 
 def signal_name(number: int) -> str:
@@ -328,7 +343,8 @@ class TreeSnapshot:
                 prefix += "└─ " if last else "├─ "
             last_at_depth.append(last)
             n = len(rec.threads)
-            line = f"{prefix}{rec.name} [{rec.pid}] {rec.state}, {_count(n, 'thread')}"
+            name = printable(rec.name)
+            line = f"{prefix}{name} [{rec.pid}] {rec.state}, {_count(n, 'thread')}"
             states = sorted({t.state for t in rec.threads} - {rec.state})
             if states:
                 line += f" (also {''.join(states)})"

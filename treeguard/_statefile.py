@@ -8,19 +8,64 @@ writable by nobody else. The checks are made on the opened descriptor (``fstat``
 descriptor is compared with the path's ``lstat``, so a file swapped in between is noticed.
 The token it holds is checked again by :func:`treeguard.thaw`, which never signals a
 process whose starttime differs from the record.
+
+The pause journal
+-----------------
+
+``treeguard pause`` writes the state file as a *journal* (format ``treeguard-pause``,
+version 2), one JSON line per entry, each appended BEFORE what it records is done, so that
+a pause cut short at any point (even by SIGKILL) leaves a file from which ``resume`` undoes
+it::
+
+    {"format": "treeguard-pause", "version": 2}   the header, before anything is stopped
+    ["stop", pid, starttime, inode]                before that process is sent SIGSTOP
+    ["cgroup", version, path, inode]               before that cgroup's freeze is written
+    ["token", {...}]                               the pause completed: the whole token
+    ["helper", pid, starttime, inode]              the watchdog helper keeping the lease
+
+``inode`` is the pidfs inode of the process (0 where the kernel has no pidfs), ``starttime``
+the fallback identity (see :mod:`treeguard._thaw`). Each entry is one ``write(2)`` of a
+whole line: once it returns, the line is in the page cache and survives the writer's
+death (only a crash of the machine, which ends the processes too, could lose it); the
+header and the token are also flushed to disk. A last line without its newline was cut
+short and is ignored. A state file of version 1 (one line: the token, as written by
+earlier versions) is still read.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from .errors import StateFileError
+from .errors import StateFileError, TokenError
 
-__all__ = ["MAX_SIZE", "create_exclusive", "read_checked", "remove_checked", "write_all"]
+if TYPE_CHECKING:
+    from ._backends import Journal
+    from ._token import Token
 
-#: A state file larger than this is not one of ours.
-MAX_SIZE = 1 << 20
+__all__ = [
+    "FORMAT",
+    "MAX_SIZE",
+    "PauseState",
+    "StateJournal",
+    "create_exclusive",
+    "parse_state",
+    "read_checked",
+    "remove_checked",
+    "write_all",
+]
+
+#: A state file larger than this is not one of ours (a journal of every PID that Linux
+#: allows, twice over, stays below it).
+MAX_SIZE = 1 << 28
+FORMAT = "treeguard-pause"
+VERSION = 2
+#: Linux's PID_MAX_LIMIT; starttime is an unsigned long long (proc(5)); an inode a u64.
+_PID_MAX = 4 * 1024 * 1024
+_U64_MAX = 2**64 - 1
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted at the path must not hang (it is refused after fstat).
@@ -114,3 +159,152 @@ def remove_checked(path: str, info: os.stat_result) -> None:
         return
     if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino):
         os.unlink(path)
+
+
+# -- the pause journal ------------------------------------------------------------------------
+
+Identity = tuple[int, int, int]
+
+
+class StateJournal:
+    """A :class:`~treeguard._backends.Journal` that appends each process (and cgroup) to
+    the state file before it is stopped (frozen), then tells ``inner`` (the watchdog's
+    journal) the same. Writes the header when made.
+
+    :param fd: the state file, just created by :func:`create_exclusive`.
+    :param inner: the journal of the watchdog that also covers this freeze, if any.
+    """
+
+    __slots__ = ("_fd", "inner")
+
+    def __init__(self, fd: int, inner: Journal | None = None) -> None:
+        self._fd = fd
+        self.inner = inner
+        write_all(fd, _line({"format": FORMAT, "version": VERSION}))
+
+    def _append(self, entry: list[Any]) -> None:
+        # One write(2) of a whole line (os.write may write less to a full disk: go on).
+        view = memoryview(_line(entry))
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def stopping(self, pid: int, starttime: int, inode: int = 0) -> None:
+        self._append(["stop", pid, starttime, inode])
+        if self.inner is not None:
+            self.inner.stopping(pid, starttime, inode)
+
+    def freezing_cgroup(self, version: int, path: str, inode: int) -> None:
+        self._append(["cgroup", version, path, inode])
+        if self.inner is not None:
+            self.inner.freezing_cgroup(version, path, inode)
+
+    def check(self) -> None:
+        if self.inner is not None:
+            self.inner.check()
+
+    def released(self) -> None:
+        # The freeze was undone (a failed pause): the caller removes the file.
+        if self.inner is not None:
+            self.inner.released()
+
+    def completed(self, token: Token) -> None:
+        """The pause completed: record the token and flush the file to disk."""
+        write_all(self._fd, _line(["token", json.loads(token.to_json())]))
+
+    def helper(self, identity: Identity) -> None:
+        """Record the watchdog helper that keeps the lease, before it is handed the tree."""
+        write_all(self._fd, _line(["helper", *identity]))
+
+
+def _line(entry: object) -> bytes:
+    return json.dumps(entry, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+@dataclass
+class PauseState:
+    """What a state file says to undo: a token (version 1, or a pause that completed), the
+    processes and cgroups journaled, the lease's helper."""
+
+    version: int
+    token: Token | None = None
+    stopped: list[Identity] = field(default_factory=list)
+    cgroups: list[tuple[int, str, int]] = field(default_factory=list)
+    helper: Identity | None = None
+
+
+def parse_state(data: bytes) -> PauseState:
+    """Read a state file's content: a journal (version 2) or a bare token (version 1).
+
+    :raises TokenError: if it is neither, or any complete entry is malformed.
+    """
+    from ._token import Token
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TokenError("the state file is not UTF-8 text") from None
+    first, _, rest = text.partition("\n")
+    try:
+        head = json.loads(first)
+    except ValueError:
+        head = None
+    if not (isinstance(head, dict) and head.get("format") == FORMAT):
+        return PauseState(version=1, token=Token.from_json(text))  # checks every field
+    if set(head) != {"format", "version"} or head["version"] != VERSION:
+        raise TokenError(f"state file header {first!r}: this treeguard reads version {VERSION}")
+    state = PauseState(version=VERSION)
+    lines = rest.split("\n")
+    # A last line without its newline was being written when the pause was cut short:
+    # nothing was done after it, so it is dropped.
+    for number, line in enumerate(lines[:-1], start=2):
+        try:
+            _entry(state, json.loads(line, parse_constant=_no_constant))
+        except (ValueError, TypeError) as err:
+            raise TokenError(f"state file line {number}: {err}") from None
+    return state
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _int(value: object, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} must be an int in {low}..{high}, not {value!r}")
+    return value
+
+
+def _identity(values: list[Any]) -> Identity:
+    if len(values) != 3:
+        raise ValueError("a process is [pid, starttime, inode]")
+    pid, starttime, inode = values
+    return (
+        _int(pid, 1, _PID_MAX, "pid"),
+        _int(starttime, 0, _U64_MAX, "starttime"),
+        _int(inode, 0, _U64_MAX, "inode"),
+    )
+
+
+def _entry(state: PauseState, entry: object) -> None:
+    from ._backends import validate_described
+    from ._token import Token
+
+    if not isinstance(entry, list) or not entry or not isinstance(entry[0], str):
+        raise ValueError(f"not a journal entry: {entry!r}")
+    kind, values = entry[0], entry[1:]
+    if kind == "stop":
+        state.stopped.append(_identity(values))
+    elif kind == "helper":
+        state.helper = _identity(values)
+    elif kind == "cgroup":
+        if len(values) != 3:
+            raise ValueError("a cgroup is [version, path, inode]")
+        version, path, inode = values
+        # The rule of what a thawable cgroup is has its home with the backends.
+        payload = {"version": version, "path": path, "inode": inode, "was_frozen": False}
+        validate_described("cgroup", payload)
+        state.cgroups.append((version, path, inode))
+    elif kind == "token" and len(values) == 1 and isinstance(values[0], dict):
+        state.token = Token.from_json(json.dumps(values[0]))
+    else:
+        raise ValueError(f"unknown journal entry {entry!r}")

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,8 +18,15 @@ import pytest
 
 from tests import proc
 from tests.conftest import MakeCgroup, require_root, slot
+from treeguard._snapshot import snapshot
+from treeguard._statefile import parse_state
+from treeguard._thaw import pidfd_inode
 from treeguard._token import Token
-from treeguard._workers import WorkerTree
+from treeguard._token import freeze as freeze_token
+from treeguard._token import thaw as thaw_token
+from treeguard._watchdog import is_subreaper, set_subreaper
+from treeguard._workers import WorkerTree, wide
+from treeguard.procfs import HELPER_COMM
 
 MakeTree = Callable[..., WorkerTree]
 SPEC = {"threads": 1, "children": [{"children": [{}]}, {"threads": 1}]}
@@ -50,6 +58,13 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], status: int, te
     assert "Traceback" not in result.stderr
     if status != 2:  # argparse prints its usage line before the error
         assert len(lines) == 1, result.stderr
+
+
+def paused_token(state: Path) -> Token:
+    """The token of a completed pause, from its state file (a journal)."""
+    token = parse_state(state.read_bytes()).token
+    assert token is not None, "the pause did not complete"
+    return token
 
 
 @pytest.fixture
@@ -150,7 +165,7 @@ def test_pause_and_resume(make_tree: MakeTree, tmp_path: Path, paused_cleanup: l
     proc.assert_all_stopped(tree.pids)
     info = state.lstat()
     assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.geteuid()
-    token = Token.from_json(state.read_text())
+    token = paused_token(state)
     assert sorted(token.pids) == sorted(tree.pids)
     # A second pause never overwrites the file, and stops nothing more.
     before = state.read_bytes()
@@ -237,7 +252,8 @@ def test_permission_denied_as_another_user(make_tree: MakeTree) -> None:
     """As an unprivileged user, freezing root's tree fails with status 4, nothing stopped.
 
     The interpreter is not reachable by other users here, so the command line runs in a
-    forked child that drops its privileges, with the same ``main``."""
+    forked child that drops its privileges, with the same ``main`` (and the system's
+    interpreter for its watchdog helper)."""
     require_root("switching to another user")
     tree = make_tree({"children": [{}]}, mode="idle")
     rfd, wfd = os.pipe()
@@ -251,6 +267,10 @@ def test_permission_denied_as_another_user(make_tree: MakeTree) -> None:
             os.setgroups([])
             os.setresgid(65534, 65534, 65534)
             os.setresuid(65534, 65534, 65534)
+            if not os.access(sys.executable, os.X_OK):
+                # The freeze starts a watchdog helper with sys.executable: use an
+                # interpreter this user may run (the helper needs nothing but the stdlib).
+                sys.executable = shutil.which("python3", path="/usr/local/bin:/usr/bin") or ""
             from treeguard._cli import main
 
             status = main(["freeze", str(tree.root), "--", "true"])
@@ -289,8 +309,265 @@ def test_freeze_and_pause_with_the_cgroup_backend(
     assert result.returncode == 0, result.stderr
     assert cg.frozen
     assert proc.counters_still(tree.counters, tree.period)
-    assert Token.from_json(state.read_text()).backend == "cgroup"
+    assert paused_token(state).backend == "cgroup"
     result = run("resume", "--state", str(state))
     assert result.returncode == 0, result.stderr
     assert not cg.frozen
     proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+
+
+# -- control characters in names -------------------------------------------------------
+
+EVIL = b"ev\x1b[2Jil\x07"  # clear the screen, ring the bell: 10 bytes, within comm's 15
+
+
+def test_names_are_escaped_in_human_output() -> None:
+    # A process that names itself with a terminal escape sequence (proc(5): it may).
+    code = f"open('/proc/self/comm', 'wb').write({EVIL!r}); print('ok', flush=True); input()"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ok\n"
+        result = run("tree", str(child.pid))
+        assert result.returncode == 0, result.stderr
+        assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+        assert result.stdout.splitlines()[0].startswith(r"ev\x1b[2Jil\x07 [")
+        assert "\x1b" not in snapshot(child.pid).render()
+        # The JSON keeps the name exactly (escaped the JSON way).
+        data = json.loads(run("tree", str(child.pid), "--json").stdout)
+        assert data["processes"][0]["name"] == EVIL.decode()
+    finally:
+        child.kill()
+        child.wait()
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                stream.close()
+
+
+# -- the command line always has a watchdog ---------------------------------------------
+
+
+def comm(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().rstrip(b"\n")
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
+
+
+def helpers_of(pid: int) -> list[int]:
+    return [k for k in proc.children(pid) if comm(k) == HELPER_COMM]
+
+
+@pytest.fixture
+def orphans() -> Iterator[list[int]]:
+    """Make this process a child subreaper, so that what a killed command line leaves
+    (its CMD, its helper) comes to us; the PIDs listed are killed (if not gone) and reaped
+    at teardown."""
+    was = is_subreaper()
+    set_subreaper(True)
+    listed: list[int] = []
+    try:
+        yield listed
+    finally:
+        for pid in listed:
+            try:
+                if proc.state(pid) not in (None, "Z"):
+                    os.kill(pid, signal.SIGKILL)  # our child: its PID cannot be reused
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        set_subreaper(was)
+
+
+def test_freeze_killed_with_sigkill_is_thawed(make_tree: MakeTree, orphans: list[int]) -> None:
+    tree = make_tree(SPEC)
+    cmd = [sys.executable, "-c", "import time; time.sleep(120)"]
+    cli = subprocess.Popen([*_script(), "freeze", str(tree.root), "--", *cmd])
+    try:
+        proc.wait_until(lambda: len(proc.children(cli.pid)) == 2, 30, "CMD to start")
+        (helper,) = helpers_of(cli.pid)
+        orphans += proc.children(cli.pid)
+        proc.assert_all_stopped(tree.pids)
+        assert proc.counters_still(tree.counters, tree.period)
+    finally:
+        cli.kill()  # no handler, no finalizer: only the helper can thaw now
+        cli.wait()
+    proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the helper to thaw")
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+    proc.wait_until(lambda: proc.state(helper) in ("Z", None), 10, "the helper to exit")
+
+
+# -- pause: a journal first, a watchdog while freezing, a lease if asked ------------------
+
+
+def start_pause(root: int, state: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*_script(), "pause", str(root), "--state", str(state), *extra],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def wait_journal(state: Path, lines: int, timeout: float = 30.0) -> bool:
+    """Poll (finely: the freeze takes a fraction of a second) until the journal has
+    ``lines`` lines."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if state.exists() and state.read_bytes().count(b"\n") >= lines:
+            return True
+        time.sleep(0.0002)
+    return False
+
+
+BIG = 2000
+
+
+def test_pause_killed_half_way_is_undone_by_resume(
+    make_tree: MakeTree, tmp_path: Path, orphans: list[int], paused_cleanup: list[Path]
+) -> None:
+    """SIGKILL of the pause (and of its helper, so that only the journal is left) while it
+    freezes a tree of 2,000 processes: resume thaws every process that was stopped."""
+    tree = make_tree(wide(BIG), mode="idle")
+    for attempt in range(5):
+        state = tmp_path / f"paused-{attempt}.json"
+        paused_cleanup.append(state)
+        cli = start_pause(tree.root, state)
+        try:
+            assert wait_journal(state, 500), "the pause journaled nothing"
+            (helper,) = helpers_of(cli.pid)
+            orphans.append(helper)
+            os.kill(helper, signal.SIGKILL)
+        finally:
+            cli.kill()
+            cli.wait()
+        journal = parse_state(state.read_bytes())
+        if journal.token is None:
+            break  # cut short, as wanted (else the freeze won the race: try again)
+        assert run("resume", "--state", str(state)).returncode == 0
+    assert journal.token is None, "every pause completed before it could be killed"
+    stopped = {pid for pid, _ in proc.stopped(tree.pids)}
+    assert stopped, "the pause was killed before it stopped anything"
+    journaled = {pid for pid, _, _ in journal.stopped}
+    assert stopped <= journaled < set(tree.pids)  # what was stopped was journaled first
+    result = run("resume", "--state", str(state))
+    assert result.returncode == 0, result.stderr
+    proc.assert_none_stopped(tree.pids)
+    assert not state.exists()
+
+
+def test_pause_killed_while_freezing_is_thawed_by_its_helper(
+    make_tree: MakeTree, tmp_path: Path, orphans: list[int], paused_cleanup: list[Path]
+) -> None:
+    tree = make_tree(wide(500), mode="idle")
+    state = tmp_path / "paused.json"
+    paused_cleanup.append(state)
+    cli = start_pause(tree.root, state)
+    try:
+        assert wait_journal(state, 10), "the pause journaled nothing"
+        orphans += helpers_of(cli.pid)
+    finally:
+        cli.kill()
+        cli.wait()
+    proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the helper to thaw")
+    result = run("resume", "--state", str(state))  # harmless once thawed
+    assert result.returncode == 0, result.stderr
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_pause_with_a_lease(
+    make_tree: MakeTree, tmp_path: Path, orphans: list[int], paused_cleanup: list[Path]
+) -> None:
+    tree = make_tree(SPEC)
+    indexes = [slot(i) for i in range(len(tree.pids))]
+    # A lease that runs out: the helper, which outlived the command line, thaws.
+    state = tmp_path / "lease.json"
+    paused_cleanup.append(state)
+    result = run("pause", str(tree.root), "--state", str(state), "--max-frozen", "3")
+    assert result.returncode == 0, result.stderr
+    recorded = parse_state(state.read_bytes()).helper
+    assert recorded is not None
+    helper = recorded[0]
+    assert comm(helper) == HELPER_COMM
+    orphans.append(helper)
+    proc.assert_all_stopped(tree.pids)
+    proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the lease to thaw")
+    proc.counters_moving(tree.counters, indexes)
+    proc.wait_until(lambda: proc.state(helper) in ("Z", None), 10, "the helper to exit")
+    assert run("resume", "--state", str(state)).returncode == 0  # still works
+    assert not state.exists()
+    # Resumed before the lease runs out: resume thaws and stops the helper.
+    state = tmp_path / "resumed.json"
+    paused_cleanup.append(state)
+    result = run("pause", str(tree.root), "--state", str(state), "--max-frozen", "600")
+    assert result.returncode == 0, result.stderr
+    recorded = parse_state(state.read_bytes()).helper
+    assert recorded is not None
+    helper = recorded[0]
+    orphans.append(helper)
+    proc.assert_all_stopped(tree.pids)
+    assert comm(helper) == HELPER_COMM
+    proc.wait_until(lambda: proc.state(helper) == "S", 10, "the helper to wait for its lease")
+    result = run("resume", "--state", str(state))
+    assert result.returncode == 0, result.stderr
+    proc.assert_none_stopped(tree.pids)
+    proc.wait_until(lambda: proc.state(helper) in ("Z", None), 10, "resume to end it")
+    proc.counters_moving(tree.counters, indexes)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan", "1e400", "x"])
+def test_pause_refuses_a_bad_lease(make_tree: MakeTree, tmp_path: Path, value: str) -> None:
+    tree = make_tree({}, mode="idle")
+    state = tmp_path / "paused.json"
+    result = run("pause", str(tree.root), "--state", str(state), "--max-frozen", value)
+    assert_clean_error(result, 2, "max")
+    assert not state.exists()
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_resume_reads_a_version_1_state_file(make_tree: MakeTree, tmp_path: Path) -> None:
+    """A state file written by an earlier treeguard (one line: the token)."""
+    tree = make_tree(SPEC)
+    state = tmp_path / "old.json"
+    token = freeze_token(tree.root, include_root=True)
+    try:
+        fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, token.to_json().encode() + b"\n")
+        os.close(fd)
+        proc.assert_all_stopped(tree.pids)
+        result = run("resume", "--state", str(state))
+        assert result.returncode == 0, result.stderr
+        proc.assert_none_stopped(tree.pids)
+        assert not state.exists()
+    finally:
+        thaw_token(token)
+
+
+def test_resume_checks_pidfs_inodes(tmp_path: Path) -> None:
+    """A journal record naming the right PID and starttime but another pidfs inode (a PID
+    reused within one clock tick) is never signalled by resume."""
+    victim = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+    try:
+        proc.wait_until(lambda: proc.task_states(victim.pid), 10)
+        victim.send_signal(signal.SIGSTOP)
+        proc.wait_until(lambda: proc.stopped([victim.pid]), 10, "the victim to stop")
+        fd = os.pidfd_open(victim.pid)
+        inode = pidfd_inode(fd)
+        os.close(fd)
+        assert inode, "this kernel (6.9+) has pidfs"
+        record = [victim.pid, proc.starttime(victim.pid)]
+        for attempt, given in enumerate((inode + 1, inode)):
+            state = tmp_path / f"state-{attempt}.json"
+            fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, b'{"format":"treeguard-pause","version":2}\n')
+            os.write(fd, json.dumps(["stop", *record, given]).encode() + b"\n")
+            os.close(fd)
+            assert run("resume", "--state", str(state)).returncode == 0
+            assert not state.exists()
+            if given != inode:
+                assert proc.stopped([victim.pid]), "resume signalled another process"
+        proc.assert_none_stopped([victim.pid])  # the right inode: resumed
+    finally:
+        victim.kill()
+        victim.wait()

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from tests import proc
+from tests.conftest import require_root
 from treeguard._watchdog import is_subreaper, set_subreaper
 
 SUMMARY = Path("/tmp/treeguard-exit-paths.json")
@@ -39,6 +40,7 @@ SUPERVISOR = r"""
 import gc, json, mmap, os, signal, struct, sys, threading, time
 mode, memfile, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 extra = int(sys.argv[4])  # idle processes besides the ticking workers
+flags = sys.argv[5:]
 fd = os.open(memfile, os.O_RDWR)
 mem = mmap.mmap(fd, 0)
 os.close(fd)
@@ -71,6 +73,20 @@ for _ in range(extra):
         while True:
             time.sleep(3600)
     pids.append(pid)
+foreign = []
+if "foreign" in flags:  # last, so that a thaw (children first, last first) meets it first
+    pid = os.fork()
+    if pid == 0:
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)  # another user's process in the tree
+        while True:
+            time.sleep(3600)
+    foreign.append(pid)
+    def switched():
+        with open(f"/proc/{pid}/status") as f:
+            return "\nUid:\t65534\t" in f.read()
+    while not switched():
+        time.sleep(0.001)
 # worker 2 is worker 1's child: find it through /proc (it may take a moment to be forked)
 while True:
     with open(f"/proc/{pids[1]}/task/{pids[1]}/children") as f:
@@ -92,10 +108,21 @@ if mode == "sigterm_handler":
         raise SystemExit(143)
     signal.signal(signal.SIGTERM, on_term)
 
+if mode == "two_guards":  # guard A (options, with its watchdog) freezes worker 0 only
+    options.update(root=pids[0], include_root=True)
 guard = ProcessesGuard(**options)
 guard.freeze()
 helper = guard._watchdog.pid if guard._watchdog is not None else None
-say(event="frozen", pids=pids, helper=helper, stopped=list(guard.pids), at=time.monotonic())
+second = []
+if mode == "two_guards":
+    # Guard B, without a watchdog, freezes every other descendant: A's helper is one.
+    other = ProcessesGuard()
+    other.freeze()
+    second = list(other.pids)
+say(
+    event="frozen", pids=pids, helper=helper, stopped=list(guard.pids), at=time.monotonic(),
+    foreign=foreign, second=second,
+)
 
 if mode in ("gc", "atexit", "lease"):
     sys.stdin.readline()
@@ -125,15 +152,25 @@ with guard:  # frozen already: the with statement only releases
 class Supervisor:
     """A supervisor subprocess and what it reported."""
 
-    def __init__(self, mode: str, memfile: Path, extra: int = 0, **options: Any) -> None:
+    def __init__(
+        self,
+        mode: str,
+        memfile: Path,
+        extra: int = 0,
+        flags: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
+        **options: Any,
+    ) -> None:
+        args = [mode, str(memfile), json.dumps(options), str(extra), *flags]
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SUPERVISOR, mode, str(memfile), json.dumps(options), str(extra)],
+            [*prefix, sys.executable, "-c", SUPERVISOR, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
         self._buf = b""
         self.pids: list[int] = []
         self.helper: int | None = None
+        self.foreign: list[int] = []  # processes of another user, never stopped
         self.starttimes: dict[int, int] = {}
 
     def read(self, timeout: float = 15.0) -> dict[str, Any]:
@@ -157,7 +194,8 @@ class Supervisor:
         assert said["event"] == "frozen", said
         self.pids = said["pids"]
         self.helper = said["helper"]
-        self.starttimes = {p: starttime(p) for p in self.pids}
+        self.foreign = said["foreign"]
+        self.starttimes = {p: starttime(p) for p in self.pids + self.foreign}
         return said
 
     def tell(self, line: str = "go") -> None:
@@ -221,9 +259,9 @@ def start(tmp_path: Path) -> Iterator[Any]:
     finally:
         for sup in started:
             # Leaves first (the grandchild, reaped by its parent), each checked by starttime.
-            for pid in reversed(sup.pids):
+            for pid in reversed(sup.pids + sup.foreign):
                 kill_if_same(pid, sup.starttimes.get(pid), signal.SIGKILL)
-            for pid in sup.pids:
+            for pid in sup.pids + sup.foreign:
                 proc.wait_until(lambda p=pid: gone_or_zombie(p), 10, f"worker {pid} to die")
             if sup.proc.poll() is None:
                 sup.proc.kill()
@@ -232,7 +270,7 @@ def start(tmp_path: Path) -> Iterator[Any]:
                 if stream is not None:
                     stream.close()
             # Orphans (and a dead supervisor's helper) are now our children: reap them by PID.
-            for pid in [*sup.pids, *([sup.helper] if sup.helper else [])]:
+            for pid in [*sup.pids, *sup.foreign, *([sup.helper] if sup.helper else [])]:
                 if pid == sup.helper:
                     proc.wait_until(lambda p=pid: gone_or_zombie(p), 10, "the helper to exit")
                 try:
@@ -412,3 +450,80 @@ def test_lease_expires_while_supervisor_is_stuck(start: Any, summary: dict[str, 
     assert sup.proc.wait(timeout=10) == 0
     # The lease started when the freeze began, a little before "frozen" was said.
     record(summary, "lease expiry (after max_frozen)", max(0.0, running - frozen["at"] - 0.3))
+
+
+def test_a_lease_longer_than_poll_can_wait(start: Any) -> None:
+    """A lease of 30 days (poll(2) waits at most about 24.8 days at a time): the helper
+    lives on, and still thaws when the supervisor dies."""
+    sup, read = start("die", max_frozen=30 * 86400.0)
+    sup.frozen()
+    check_frozen(sup, read)
+    assert sup.helper is not None and not gone_or_zombie(sup.helper)
+    sup.proc.kill()
+    wait_running(sup.pids)
+    check_running(sup, read)
+
+
+# -- two guards, other users ---------------------------------------------------------
+
+
+def test_two_guards_never_stop_each_others_helper(start: Any) -> None:
+    """Guard A (watchdog) freezes worker 0; guard B (no watchdog) then freezes every other
+    descendant of the supervisor, A's helper among them: B must leave the helper alone, so
+    that when the supervisor is killed, A's tree runs again."""
+    sup, read = start("two_guards", watchdog=True)
+    said = sup.frozen()
+    assert said["stopped"] == [sup.pids[0]]
+    assert sup.helper is not None and sup.helper not in said["second"]
+    assert sorted(said["second"]) == sorted(sup.pids[1:])
+    proc.assert_all_stopped(sup.pids)
+    assert not proc.stopped([sup.helper])
+    sup.proc.kill()
+    rest = sup.pids[1:]
+    try:
+        wait_running(sup.pids[:1])
+        proc.counters_moving(read, (0, 1))  # worker 0 and its thread
+        assert proc.stopped(rest)  # B had no watchdog: nothing thaws its part (the control)
+    finally:
+        for pid in rest:
+            kill_if_same(pid, sup.starttimes[pid], signal.SIGCONT)
+    check_running(sup, read)
+
+
+def test_helper_thaws_past_a_process_it_may_not_signal(start: Any) -> None:
+    """A supervisor without CAP_KILL freezes, with ``partial_ok=True``, a tree that holds a
+    process of another user (journaled, then refused: EPERM, as the helper is refused too,
+    being in another session, kill(2)). Killed, its helper thaws every other process."""
+    require_root("a process of another user, and dropping CAP_KILL")
+    nokill = ("setpriv", "--bounding-set", "-kill")
+    sup, read = start("die", watchdog=True, partial_ok=True, flags=("foreign",), prefix=nokill)
+    said = sup.frozen()
+    (foreign,) = sup.foreign
+    assert foreign not in said["stopped"] and not proc.stopped([foreign])
+    check_frozen(sup, read)
+    sup.proc.kill()
+    wait_running(sup.pids)
+    check_running(sup, read)
+    assert sup.helper is not None
+    proc.wait_until(lambda: gone_or_zombie(sup.helper), 10, "the helper to exit")
+
+
+def test_another_supervisors_helper_is_never_stopped(start: Any) -> None:
+    """A guard of THIS process freezes every descendant of another supervisor, whose helper
+    is one: it is recognised by its name alone (it is not one of this process's helpers),
+    left running, and thaws its own tree when that supervisor is killed."""
+    from treeguard import ProcessesGuard
+
+    sup, read = start("die", watchdog=True)
+    sup.frozen()
+    assert sup.helper is not None
+    guard = ProcessesGuard(root=sup.proc.pid)
+    try:
+        guard.freeze()
+        assert sup.helper not in guard.pids
+        assert not proc.stopped([sup.helper])
+        sup.proc.kill()
+        wait_running(sup.pids)
+    finally:
+        guard.release()
+    check_running(sup, read)

@@ -6,11 +6,13 @@ is not the test runner.)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import termios
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,9 +20,11 @@ import pytest
 
 from tests import proc
 from treeguard import ProcessesGuard, Skip
-from treeguard._watchdog import Watchdog, is_subreaper, set_subreaper
+from treeguard._thaw import has_pidfs, pidfd_inode
+from treeguard._watchdog import Watchdog, helper_pids, is_subreaper, set_subreaper
 from treeguard._workers import WorkerTree, wide
 from treeguard.errors import WatchdogError
+from treeguard.procfs import HELPER_COMM
 
 MakeTree = Callable[..., WorkerTree]
 
@@ -298,3 +302,182 @@ def test_set_subreaper_round_trip() -> None:
         assert not is_subreaper()
     finally:
         set_subreaper(was)
+
+
+# -- every helper is recognisable, and never stopped by any guard --------------------------
+
+
+def comm(pid: int) -> bytes:
+    with open(f"/proc/{pid}/comm", "rb") as f:
+        return f.read().rstrip(b"\n")
+
+
+def test_helper_names_itself_and_is_listed(dog: Watchdog) -> None:
+    assert comm(dog.pid) == HELPER_COMM  # set before it said ready
+    assert dog.pid in helper_pids()
+    second = Watchdog.start()
+    try:
+        assert {dog.pid, second.pid} <= helper_pids()
+    finally:
+        second.close()
+    assert second.pid not in helper_pids() and dog.pid in helper_pids()
+
+
+def test_two_guards_in_one_process(make_tree: MakeTree) -> None:
+    """Guard B freezes every descendant of this process: guard A's helper is one of them,
+    and must be left running (else nothing thaws A's tree if this process dies)."""
+    tree_a = make_tree(wide(2))
+    tree_b = make_tree(wide(2))
+    a = ProcessesGuard(root=tree_a.root, include_root=True, watchdog=True)
+    b = ProcessesGuard()
+    with a:
+        assert a._watchdog is not None
+        helper = a._watchdog.pid
+        with b:
+            proc.assert_all_stopped(tree_a.pids + tree_b.pids)
+            assert helper not in b.pids
+            assert b.report.skipped[helper] is Skip.SUPERVISOR
+            assert not proc.stopped([helper])
+        assert a._watchdog.alive()
+    proc.assert_none_stopped(tree_a.pids + tree_b.pids)
+    a._watchdog.close()
+
+
+# -- a lease of any length; a helper that died is noticed --------------------------------
+
+
+def pipe_unread(fd: int) -> int:
+    """Bytes waiting in the pipe of ``fd`` (FIONREAD works on either end, pipe(7))."""
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def test_a_lease_of_thirty_days(make_tree: MakeTree) -> None:
+    """poll(2) takes an int of milliseconds (about 24.8 days): a longer lease must not
+    kill the helper when it starts waiting for it."""
+    tree = make_tree(wide(2))
+    guard = ProcessesGuard(root=tree.root, include_root=True, max_frozen=30 * 86400.0)
+    with guard:
+        dog = guard._watchdog
+        assert dog is not None
+        # The helper read the arm command and sleeps again (in poll), or died of it.
+        proc.wait_until(
+            lambda: pipe_unread(dog._cmd) == 0 and proc.state(dog.pid) in ("S", "Z"),
+            10,
+            "the helper to take the lease",
+        )
+        assert proc.state(dog.pid) == "S" and dog.alive()
+        proc.assert_all_stopped(tree.pids)
+    assert not guard.report.lease_expired and not guard.report.watchdog_lost
+    proc.assert_none_stopped(tree.pids)
+    dog.close()
+
+
+def test_a_helper_killed_while_frozen_is_reported(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(2))
+    guard = ProcessesGuard(root=tree.root, include_root=True, watchdog=True)
+    with guard:
+        assert guard._watchdog is not None
+        helper = guard._watchdog.pid
+        os.kill(helper, signal.SIGKILL)  # ours: the test's own guard's helper
+        proc.wait_until(lambda: proc.state(helper) in ("Z", None), 10, "the helper to die")
+        proc.assert_all_stopped(tree.pids)  # the supervisor still holds the tree
+    assert guard.report.watchdog_lost  # the freeze ran without its safety net: said so
+    proc.assert_none_stopped(tree.pids)
+    assert helper not in helper_pids()  # reaped: its PID is no longer ours to skip
+    with pytest.raises(WatchdogError, match="gone"):
+        guard.freeze()
+    proc.assert_none_stopped(tree.pids)
+    assert not guard.frozen
+
+
+def test_a_handed_over_freeze_is_thawed_by_the_lease_only(make_tree: MakeTree) -> None:
+    """After hand_over() the supervisor's end of the command pipe is closed (as when it
+    exits): the helper keeps the tree frozen until the lease runs out, then thaws, exits."""
+    tree = make_tree(wide(3))
+    guard = ProcessesGuard(root=tree.root, include_root=True, max_frozen=1.5)
+    guard.freeze()
+    dog = guard._watchdog
+    assert dog is not None
+    helper = dog.pid
+    try:
+        dog.hand_over()
+        guard._detach()
+        assert helper not in helper_pids()
+        # Past the pipe's EOF: still frozen (a supervised helper would thaw at once).
+        proc.wait_until(lambda: proc.state(helper) == "S", 10, "the helper to sleep")
+        assert proc.counters_still(tree.counters, tree.period, ticks=6)
+        proc.assert_all_stopped(tree.pids)
+        proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the lease to thaw")
+        proc.wait_until(lambda: proc.state(helper) == "Z", 10, "the helper to exit")
+    finally:
+        for pid in tree.pids:  # whatever happened, nothing stays stopped
+            os.kill(pid, signal.SIGCONT)
+        if proc.state(helper) not in (None, "Z"):
+            os.kill(helper, signal.SIGKILL)
+        os.waitpid(helper, 0)  # handed over: nobody else reaps it here
+    proc.counters_moving(tree.counters, [8 * i for i in range(len(tree.pids))])
+    with pytest.raises(WatchdogError):
+        dog.hand_over()
+
+
+def test_helper_unblocks_what_its_supervisor_blocked() -> None:
+    """``treeguard pause`` blocks SIGTERM while it freezes; its helper (which thaws on
+    SIGTERM) must not inherit the mask through fork and execve."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        dog = Watchdog.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    try:
+        assert sig_mask(dog.pid, "SigBlk") == 0
+    finally:
+        dog.close()
+
+
+def test_a_helper_killed_between_freezes_refuses_the_next(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(2))
+    guard = ProcessesGuard(root=tree.root, include_root=True, max_frozen=60.0)
+    with guard:
+        proc.assert_all_stopped(tree.pids)
+    assert not guard.report.watchdog_lost
+    assert guard._watchdog is not None
+    helper = guard._watchdog.pid
+    os.kill(helper, signal.SIGKILL)
+    proc.wait_until(lambda: proc.state(helper) in ("Z", None), 10, "the helper to die")
+    with pytest.raises(WatchdogError, match="gone"):
+        guard.freeze()  # never frozen without its safety net
+    assert not guard.frozen
+    proc.assert_none_stopped(tree.pids)
+    assert helper not in helper_pids()
+
+
+def inode_of(pid: int) -> int:
+    fd = os.pidfd_open(pid)
+    try:
+        return pidfd_inode(fd)
+    finally:
+        os.close(fd)
+
+
+def test_helper_checks_pidfs_inodes(make_tree: MakeTree, dog: Watchdog) -> None:
+    """A record whose pidfs inode is not the process's (a PID reused within one clock tick
+    keeps pid and starttime) is never signalled; the right inode is."""
+    assert has_pidfs(), "this kernel (6.9+) has pidfs"
+    tree = make_tree(wide(3))
+    guard = ProcessesGuard(root=tree.root, include_root=True)  # freezes; no watchdog
+    with guard:
+        dog.arm(0.01)
+        for pid in tree.pids:
+            dog.journal.stopping(pid, starttime(pid), inode_of(pid) + 1)
+        proc.wait_until(dog.lease_expired, 10, "the lease to run out")
+        dog.journal.released()
+        assert proc.counters_still(tree.counters, tree.period, ticks=6)
+        proc.assert_all_stopped(tree.pids)
+        dog.arm(0.01)
+        for pid in tree.pids:
+            dog.journal.stopping(pid, starttime(pid), inode_of(pid))
+        proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the helper to thaw")
+        dog.journal.released()
+    proc.assert_none_stopped(tree.pids)

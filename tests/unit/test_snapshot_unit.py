@@ -19,6 +19,7 @@ from treeguard._snapshot import (
     ThreadRecord,
     TreeSnapshot,
     decode_sigmask,
+    printable,
     signal_name,
 )
 from treeguard.errors import InvalidArgumentError
@@ -220,3 +221,26 @@ def test_lookup_by_pid() -> None:
     assert len(snap) == 6
     with pytest.raises(KeyError):
         snap[99]
+
+
+# -- names safe to print ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("bash", "bash"),
+        ("ev\x1b[2Jil", r"ev\x1b[2Jil"),
+        ("a\nb\tc\x7f", r"a\nb\tc\x7f"),
+        ("zero\u200bwidth", r"zero\u200bwidth"),
+        ("café", "café"),
+        (r"raw\xff", r"raw\xff"),  # an undecodable byte, as procfs already shows it
+    ],
+)
+def test_printable(name: str, shown: str) -> None:
+    assert printable(name) == shown
+
+
+@given(st.text())
+def test_printable_leaves_nothing_unprintable(name: str) -> None:
+    assert printable(name).isprintable()
