@@ -16,6 +16,7 @@ import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+from ._backends import BACKENDS
 from .errors import (
     FreezeError,
     FreezePermissionError,
@@ -140,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--backend",
-            choices=("signal", "cgroup", "auto"),
+            choices=BACKENDS,
             default="signal",
             help="how to freeze (default: signal)",
         )
@@ -157,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
         "freeze a tree while a command runs",
         "Freeze the tree rooted at PID (PID included), run CMD, thaw, and exit with CMD's "
         "status. Ctrl-C, SIGTERM or SIGHUP during CMD still thaw the tree.",
-        usage="treeguard freeze [-h] [--exclude PID] [--backend {signal,cgroup,auto}] "
+        usage=f"treeguard freeze [-h] [--exclude PID] [--backend {{{','.join(BACKENDS)}}}] "
         "[--timeout S] PID -- CMD [ARGS ...]",
     )
     freeze_options(freeze)

@@ -268,6 +268,10 @@ def freeze(root: int | None = None, **options: Any) -> Token:
             raise InvalidArgumentError(
                 name, "a token outlives this process, the watchdog would thaw at its exit"
             )
+    if options.get("backend") == "ptrace":
+        raise InvalidArgumentError(
+            "backend", "a ptrace hold belongs to this process and cannot go in a token"
+        )
     guard = new_guard({"root": root, **options})
     guard.freeze()
     try:

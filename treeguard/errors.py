@@ -89,13 +89,19 @@ class FreezePermissionError(FreezeError, PermissionError):
     processes instead, or run the supervisor as their owner (or with CAP_KILL).
     """
 
-    def __init__(self, pids: Iterable[int]) -> None:
+    def __init__(self, pids: Iterable[int], reason: str = "") -> None:
         pids = tuple(pids)
-        super().__init__(pids)
+        super().__init__(pids, reason)
         self.pids = pids
+        #: Why the kernel refused, where the backend could tell (e.g. "traced by PID 7").
+        self.reason = reason
 
     def message(self) -> str:
         shown = ", ".join(map(str, self.pids[:20])) + (" ..." if len(self.pids) > 20 else "")
+        if self.reason:
+            return (
+                f"not permitted to freeze PID {shown}: {self.reason}; pass partial_ok=True to skip"
+            )
         return (
             f"not permitted to signal PID {shown}: run as their owner or with CAP_KILL, "
             "or pass partial_ok=True to skip them"
