@@ -23,6 +23,7 @@ import treeguard
 from tests import proc
 from tests.conftest import require_root, slot
 from treeguard import ProcessesGuard, Skip
+from treeguard._drive import run_sync
 from treeguard._workers import SLOTS, WorkerTree, demo_spec, wide
 
 MakeTree = Callable[..., WorkerTree]
@@ -447,6 +448,53 @@ def test_thaw_from_another_thread_and_from_a_finalizer(make_tree: MakeTree) -> N
     held(tree)
     del guard
     gc.collect()
+    running(tree)
+
+
+def test_interrupted_freeze_or_thaw_leaves_nothing_held(make_tree: MakeTree) -> None:
+    # KeyboardInterrupt at many points of freeze() and release(): the tracer thread finishes
+    # what it was given, and the backend's thaw, run again, lets go of whatever is left.
+    tree = make_tree(wide(12, threads=1))
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    interrupted = 0
+    try:
+        for trial in range(60):
+            guard = ProcessesGuard(root=tree.root, include_root=True, backend="ptrace")
+            signal.setitimer(signal.ITIMER_REAL, 0.0001 + (trial % 30) * 0.0002)
+            try:
+                guard.freeze()
+                guard.release()
+            except KeyboardInterrupt:
+                interrupted += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            if guard._backend is not None:
+                run_sync(guard._backend.thaw())
+            guard.release()
+            proc.wait_until(lambda: not proc.stopped(tree.pids), what="nothing left held")
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    print(f"\n{interrupted} of 60 trials interrupted")
+    assert interrupted
+    running(tree)
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # the tracer thread
+def test_forked_child_never_thaws(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(3))
+    with ProcessesGuard(root=tree.root, include_root=True, backend="ptrace") as guard:
+        pid = os.fork()
+        if pid == 0:  # the child inherits the guard, not the hold
+            try:
+                run_sync(guard._backend.thaw())  # type: ignore[union-attr]
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        held(tree)
     running(tree)
 
 
