@@ -172,7 +172,8 @@ def _status(tid: int) -> dict[str, str]:
 
 
 def tracer_of(tid: int) -> int:
-    """The PID of the process tracing ``tid`` (``TracerPid`` in proc(5)); 0 if none or gone."""
+    """The thread tracing ``tid`` (``TracerPid`` in proc(5): the tracer's thread ID, which
+    is its PID for a single-threaded tracer); 0 if none, or if ``tid`` is gone."""
     value = _status(tid).get("TracerPid", "0")
     return int(value) if value.isdigit() else 0
 
@@ -191,10 +192,11 @@ def permission_reason(tid: int) -> str:
     status = _status(tid)
     tracer = status.get("TracerPid", "0")
     if tracer not in ("", "0"):
-        comm = _status(int(tracer)).get("Name", "?") if tracer.isdigit() else "?"
+        found = _status(int(tracer)) if tracer.isdigit() else {}
+        owner = found.get("Tgid", tracer)  # the tracer's process, if a thread traces
         return (
-            f"PID {tid} is already traced by PID {tracer} ({comm}); a task has one tracer at "
-            "a time (strace, gdb): detach it first"
+            f"PID {tid} is already traced by PID {owner} ({found.get('Name', '?')}); a task "
+            "has one tracer at a time (strace, gdb): detach it first"
         )
     if not status:
         return f"PID {tid} is gone"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -95,7 +96,17 @@ class Tracer:
         # A daemon thread: interpreter exit does not wait for it, and it still serves the
         # thaws that finalizers run at exit (atexit runs before daemon threads stop).
         self._thread = threading.Thread(target=self._run, name="treeguard-ptrace", daemon=True)
-        self._thread.start()
+
+    def start(self) -> None:
+        """Start the thread with every signal blocked: a handler that raises (Ctrl-C) must
+        not land inside threading's own locks, and the thread inherits the mask, so that
+        process-directed signals go to the other threads (pthread_sigmask(3)). A signal
+        that arrived meanwhile is acted on when the mask is restored, after the start."""
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def steps(self, work: Callable[[], T]) -> Steps[T | None]:
         """Run ``work`` in the tracer thread; its result, or None if the tracer has ended
@@ -104,7 +115,7 @@ class Tracer:
             return work()  # a finalizer that the garbage collector ran in this very thread
         request: _Request[T] = _Request(work)
         with self._lock:
-            if self._closed:
+            if self._closed or self._thread.ident is None:  # ended, or never started
                 request.close()
                 return None
             self._queue.put(request)  # type: ignore[arg-type]
