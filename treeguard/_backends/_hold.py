@@ -46,7 +46,7 @@ class Proc:
 class Task:
     """One thread of a :class:`Proc`: the unit ptrace works on."""
 
-    __slots__ = ("done", "proc", "sig", "stopped", "tid", "vfork")
+    __slots__ = ("done", "proc", "seen_t", "sig", "stopped", "tid", "vfork")
 
     def __init__(self, tid: int, proc: Proc) -> None:
         self.tid = tid
@@ -55,6 +55,7 @@ class Task:
         self.sig = 0  # the signal of a signal-delivery-stop, delivered again on detach
         self.done = False  # detached, or gone: nothing more to do
         self.vfork = False  # blocked in vfork behind a child we held: stops once it goes on
+        self.seen_t = False  # seen in a ptrace-stop that waitid did not report
 
 
 class Hold:
@@ -143,6 +144,15 @@ class Hold:
         if state is None or state in DEAD_STATES:
             self._reap(task)
             return None
+        if state == "t":
+            # In a ptrace-stop, ours, with no report: another thread of this process took
+            # it (any thread of the tracer's process may wait for a tracee, ptrace(2); a
+            # waitpid() on a child does), or the stopping task is still setting it up. Seen
+            # so at two looks, it is stopped (its signal, if any, went with the report).
+            if task.seen_t:
+                task.stopped, task.vfork = True, False
+                return None
+            task.seen_t = True
         if state == "D" and self.fs.wchan(pid, task.tid) in _VFORK_WCHAN:
             # Waiting for its vfork child, which we hold: it cannot run. It reaches its
             # pending stop once the child goes on (the thaw waits for it then).
