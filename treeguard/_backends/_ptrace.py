@@ -40,7 +40,7 @@ from ..errors import (
 )
 from ..procfs import DEAD_STATES, HELPER_COMM, Stat
 from ._base import Backend, Plan
-from ._hold import Hold, Proc
+from ._hold import Hold, Proc, Task
 from ._signal import _ROOT
 from ._tracer import Tracer
 
@@ -58,9 +58,10 @@ class PtraceBackend(Backend):
         self.report.verified_by = "ptrace-stops collected by waitid, /proc task states"
         self._me = os.getpid()
         self._hold = Hold(plan.fs, self.report, plan.journal)
-        self._round: list[Proc] = []
         self._through: list[int] = []
-        self._parents: dict[int, int] = {}  # child -> the process whose children listed it
+        self._batched: dict[int, Stat] = {}  # met with its siblings, not visited yet
+        self._listing = _Listing(self)
+        self._deadline = 0.0
         self._denied: dict[int, str] = {}
         self._abort = False
         self._tracer: Tracer | None = None
@@ -117,15 +118,13 @@ class PtraceBackend(Backend):
     def _freeze_work(self) -> None:
         plan, report = self.plan, self.report
         clock = time.perf_counter
-        deadline = clock() + plan.timeout
-        source = _Listing(self)
+        self._deadline = clock() + plan.timeout
         plan.source.refresh()
         pending: list[int] = list(plan.starts)
         while True:
             report.passes += 1
-            self._round = []
             t0 = clock()
-            for _ in walk(pending, self._visit, source):
+            for _ in walk(pending, self._visit, self._listing):
                 if self._abort:
                     raise FreezeError("the freeze was abandoned")
             report.enumerate_seconds += clock() - t0
@@ -133,18 +132,16 @@ class PtraceBackend(Backend):
                 pids = sorted(self._denied)
                 raise FreezePermissionError(pids, "; ".join(self._denied[p] for p in pids))
             t0 = clock()
-            self._collect(deadline)
+            self._collect(self._hold.pending)  # tasks born meanwhile, and the walk's last
             report.verify_seconds += clock() - t0
             t0 = clock()
             plan.source.refresh()
             pending = self._newcomers()
             report.enumerate_seconds += clock() - t0
-            if not pending and not self._hold.pending:
+            if not pending:
                 break
             if report.passes >= plan.max_passes:
-                raise TreeUnstableError(
-                    report.passes, pending or [t.tid for t in self._hold.pending]
-                )
+                raise TreeUnstableError(report.passes, pending)
         for proc in self._hold.procs:
             if proc.denied:  # partial_ok: threads seized before the refusal go at once
                 for task in proc.tasks:
@@ -153,8 +150,13 @@ class PtraceBackend(Backend):
         report.stopped = len(self._held(True))
 
     def _visit(self, pid: int) -> Stat | None:
-        """Meet ``pid``: skip, pass through, or seize it. Its stat to walk into its children,
-        or None to prune it."""
+        """The walk reached ``pid``: met already with its siblings (see :class:`_Listing`),
+        or a start of the walk. Its stat to walk into its children, or None to prune it."""
+        stat = self._batched.pop(pid, None)
+        return stat if stat is not None else self._meet(pid, None)
+
+    def _meet(self, pid: int, parent: int | None) -> Stat | None:
+        """Meet ``pid`` (listed by ``parent``): skip, pass through, or seize it."""
         known, plan, report = self._hold.known, self.plan, self.report
         if pid in known:
             return None
@@ -166,7 +168,6 @@ class PtraceBackend(Backend):
             self._through.append(pid)
             return plan.fs.stat(pid) if pid else _ROOT
         stat = plan.fs.stat(pid)
-        parent = self._parents.pop(pid, None)
         if stat is None or (parent is not None and stat.ppid != parent):
             return self._skip(pid, Skip.EXITED)  # gone, or its PID reused meanwhile
         if stat.comm == HELPER_COMM:
@@ -180,7 +181,6 @@ class PtraceBackend(Backend):
         if proc.ours and plan.journal is not None:
             plan.journal.stopping(pid, stat.starttime)  # recorded before it is seized
         self._hold.procs.append(proc)
-        self._round.append(proc)
         t0 = time.perf_counter()
         self._hold.seize_threads(proc)
         report.signal_seconds += time.perf_counter() - t0
@@ -201,48 +201,58 @@ class PtraceBackend(Backend):
         self.report.skipped[pid] = reason
         return None
 
-    def _collect(self, deadline: float) -> None:
-        """Wait until every seized task has reported a stop (or exited)."""
+    def _settle(self, proc: Proc) -> None:
+        """Wait until every thread of ``proc`` stopped, seizing any made meanwhile: its
+        forks are then complete, and the children read next are final (every later child
+        is attached by the kernel)."""
+        while True:
+            count = len(proc.tasks)
+            self._collect(proc.tasks)
+            self._hold.seize_threads(proc)
+            if len(proc.tasks) == count or proc.denied:
+                return
+
+    def _collect(self, tasks: list[Task]) -> None:
+        """Wait until each of ``tasks`` has reported a stop (or exited, or waits in vfork
+        for a child we hold); new tasks appended to the list meanwhile are waited for too."""
         backoff = 0.0
-        while self._hold.pending:
-            pending, self._hold.pending = self._hold.pending, []
+        while True:
+            count = len(tasks)
             late: list[tuple[int, int, str]] = []
-            for task in pending:
+            for task in tasks[:count]:
+                if task.stopped or task.done or task.vfork:
+                    continue
                 state = self._hold.poll(task)
                 if state is not None:
                     late.append((task.proc.pid, task.tid, state))
-                    self._hold.pending.append(task)
             if not late:
-                continue  # tasks born meanwhile (fork events) may have joined _pending
+                if len(tasks) > count:
+                    continue  # born meanwhile (a fork or clone event): wait for them too
+                if tasks is self._hold.pending:
+                    tasks.clear()
+                return
             if self._abort:
                 raise FreezeError("the freeze was abandoned")
-            if time.perf_counter() > deadline and backoff >= _MAX_BACKOFF:
+            if time.perf_counter() > self._deadline and backoff >= _MAX_BACKOFF:
                 raise StopTimeoutError(self.plan.timeout, late)
             time.sleep(backoff)
             backoff = min(_MAX_BACKOFF, backoff * 2 if backoff else 0.00002)
 
     def _newcomers(self) -> list[int]:
-        """Threads (seized at once) and children (returned) that appeared in the round's
-        processes before they stopped, and children of passed-through processes."""
+        """Children of passed-through processes (they run, and may have forked since). The
+        children of a seized process were read once it had stopped: they are final."""
         fs, known, source = self.plan.fs, self._hold.known, self.plan.source
-        found: list[tuple[int, int]] = []
-        for pid in self._through:  # not stopped: they may have forked since
+        found: list[int] = []
+        for pid in self._through:
             stat = fs.stat(pid) if pid else _ROOT
             if stat is not None:
-                found += ((c, pid) for c in source.children(pid, stat) if c not in known)
-        for proc in self._round:
-            if proc.denied or not proc.tasks:
-                continue
-            self._hold.seize_threads(proc)
-            tids = [t.tid for t in proc.tasks if not t.done]
-            if isinstance(source, ChildrenFiles):
-                kids = source.of_threads(proc.pid, tids)
-            else:
-                kids = source.children(proc.pid, proc.stat)
-            found += ((c, proc.pid) for c in kids if c not in known)
-        for kid, parent in found:
-            self._parents.setdefault(kid, parent)
-        return list(dict.fromkeys(kid for kid, _ in found))
+                kids = [c for c in source.children(pid, stat) if c not in known]
+                for kid in kids:
+                    stat = self._meet(kid, pid)
+                    if stat is not None:
+                        self._batched[kid] = stat
+                        found.append(kid)
+        return found
 
     def _verify(self) -> None:
         """Every task held shows ``t`` (ptrace-stopped) in /proc."""
@@ -279,19 +289,35 @@ class PtraceBackend(Backend):
 
 
 class _Listing(ChildrenSource):
-    """The plan's children, remembering which process listed each child (checked against
-    the child's ppid when it is met: a PID reused meanwhile is not taken for it)."""
+    """The walk's view of children. A seized process is settled first (see
+    :meth:`PtraceBackend._settle`); its new children are then met at once, siblings in a
+    batch, so that each one's stop is on its way while the walk descends into the first."""
 
     def __init__(self, backend: PtraceBackend) -> None:
         super().__init__(backend.plan.fs)
-        self._source = backend.plan.source
-        self._parents = backend._parents
+        self._backend = backend
 
     def children(self, pid: int, stat: Stat) -> list[int]:
-        kids = self._source.children(pid, stat)
+        backend = self._backend
+        source, known = backend.plan.source, backend._hold.known
+        proc = known.get(pid)
+        if proc is not None and not proc.denied:
+            backend._settle(proc)
+            tids = [t.tid for t in proc.tasks if not t.done]
+            if isinstance(source, ChildrenFiles):
+                kids = source.of_threads(pid, tids)
+            else:
+                kids = source.children(pid, stat)
+        else:
+            kids = source.children(pid, stat)
+        fresh: list[int] = []
         for kid in kids:
-            self._parents.setdefault(kid, pid)
-        return kids
+            if kid not in known:
+                kid_stat = backend._meet(kid, pid)
+                if kid_stat is not None:
+                    backend._batched[kid] = kid_stat
+                    fresh.append(kid)
+        return fresh
 
 
 _NO_TOKEN = (
