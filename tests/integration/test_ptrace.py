@@ -191,6 +191,30 @@ def test_parent_and_handlers_notice_nothing(observed: Observed, backend: str) ->
         assert seen == []
 
 
+@pytest.mark.parametrize("include_root", [False, True])
+def test_su_never_notices(include_root: bool) -> None:
+    # su waits for its command with WUNTRACED and stops itself when the command stops (to
+    # pass job control on to its shell): after a SIGSTOP freeze it stays stopped.
+    su = subprocess.Popen(["su", "root", "-c", "exec sleep 600"], stdin=subprocess.DEVNULL)
+    try:
+        proc.wait_until(lambda: proc.children(su.pid), what="su to start its command")
+        (command,) = proc.children(su.pid)
+        with ProcessesGuard(root=su.pid, include_root=include_root, backend="ptrace") as g:
+            assert command in g.pids and (su.pid in g.pids) == include_root
+            assert proc.state(command) == "t"
+        # su would act on a stop report at once: look at it for a while.
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            assert proc.state(su.pid) not in ("T", "t")
+            assert proc.state(command) not in ("T", "t")
+            time.sleep(0.005)
+    finally:
+        for pid in proc.children(su.pid):
+            os.kill(pid, signal.SIGKILL)
+        os.kill(su.pid, signal.SIGCONT)
+        su.wait()
+
+
 def test_signal_sent_while_held_is_delivered_after(observed: Observed) -> None:
     with ProcessesGuard(root=observed.proc.pid, backend="ptrace"):
         os.kill(observed.child, signal.SIGTERM)

@@ -2,18 +2,21 @@
 
 A ptrace-stop is reported to the tracer only (ptrace(2)): the tree's parents get no SIGCHLD
 and no ``waitpid(WUNTRACED)`` report, no SIGCONT is ever sent, so no handler runs. The
-algorithm, in rounds, like the signal backend's:
+algorithm:
 
-1. *Seize*: walk the tree parent-first; for every thread of every process, PTRACE_SEIZE
-   (with PTRACE_O_TRACECLONE/FORK/VFORK: a thread or child born of a seized task is attached
-   by the kernel and starts in a ptrace-stop, so a fork storm cannot outrun us), then
-   PTRACE_INTERRUPT. The thread list is read again until it holds no thread not seized.
-2. *Collect*: ``waitid(tid, WSTOPPED | __WALL)`` for every task until each has reported a
-   stop. A fork or clone event names a new task (PTRACE_GETEVENTMSG), collected too. A
-   signal-delivery-stop keeps its signal, delivered again on detach; a group stop is kept
+1. *Seize*: walk the tree parent-first; for every thread of a process, PTRACE_SEIZE (with
+   PTRACE_O_TRACECLONE/FORK/VFORK: a thread or child born of a seized task is attached by
+   the kernel and starts in a ptrace-stop, so a fork storm cannot outrun us), then
+   PTRACE_INTERRUPT. Siblings are seized in a batch, as soon as their parent lists them.
+2. *Settle*: before a process's children are read, ``waitid(tid, WSTOPPED | __WALL)``
+   collects the stop of each of its threads, and its thread list is read again (a thread
+   made meanwhile is seized too). A fork in flight when it was seized has completed by
+   then, and every later child is the kernel's to attach: its children are final, and a
+   storm freezes in one pass. A fork or clone event names a new task (PTRACE_GETEVENTMSG);
+   a signal-delivery-stop keeps its signal, delivered again on detach; a group stop is kept
    by the kernel itself on detach (a process stopped before the freeze stays stopped).
-3. *Re-enumerate*: threads and children of the round's processes, now stopped; newcomers
-   (a fork in flight when its parent was seized) begin another round.
+3. *Re-enumerate*: only the passed-through processes (they run) may have new children;
+   newcomers begin another pass.
 4. *Verify*: every task held shows ``t`` in /proc.
 
 The thaw detaches every task, children first; PTRACE_DETACH resumes it. Every request
