@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from ._backends import BACKENDS
 from .errors import (
     FreezeError,
     FreezePermissionError,
@@ -145,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--backend",
-            choices=("signal", "cgroup", "auto"),
+            choices=BACKENDS,
             default="signal",
             help="how to freeze (default: signal)",
         )
@@ -163,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
         "Freeze the tree rooted at PID (PID included), run CMD, thaw, and exit with CMD's "
         "status. Ctrl-C, SIGTERM or SIGHUP during CMD still thaw the tree, and a watchdog "
         "helper thaws it if treeguard itself dies (kill -9).",
-        usage="treeguard freeze [-h] [--exclude PID] [--backend {signal,cgroup,auto}] "
+        usage=f"treeguard freeze [-h] [--exclude PID] [--backend {{{','.join(BACKENDS)}}}] "
         "[--timeout S] PID -- CMD [ARGS ...]",
     )
     freeze_options(freeze)

@@ -79,12 +79,15 @@ class ProcessesGuard:
     :param scope: ``"tree"`` (below ``root``) or ``"namespace"``: every process of the
         caller's PID namespace except PID 1, the caller, its ancestors and kernel threads.
     :param backend: ``"signal"`` (SIGSTOP/SIGCONT), ``"cgroup"`` (the kernel's cgroup
-        freezer, for a tree alone in its cgroup) or ``"auto"`` (cgroup where the tree is
+        freezer, for a tree alone in its cgroup), ``"ptrace"`` (every thread seized with
+        ``PTRACE_SEIZE``, invisible to the tree) or ``"auto"`` (cgroup where the tree is
         alone in a cgroup made by :meth:`treeguard.cgroup.Cgroup.create`, else signal).
     :param watchdog: start a helper process that thaws the tree (or its cgroup) if this
-        process dies without releasing (SIGKILL, crash, ``os._exit``).
+        process dies without releasing (SIGKILL, crash, ``os._exit``). With ``"ptrace"``
+        the kernel does that (it detaches every tracee of a dead tracer): no helper.
     :param max_frozen: a lease in seconds: the watchdog thaws the tree when it runs out,
-        even if this process is alive; :attr:`report` then says ``lease_expired``.
+        even if this process is alive; :attr:`report` then says ``lease_expired``. Not
+        with ``"ptrace"``.
     :param subreaper: make this process a child subreaper, so that a double-forking
         descendant stays in the tree (this process must then reap such orphans).
     :raises InvalidArgumentError: if an argument is of the wrong type or out of range.
@@ -136,6 +139,16 @@ class ProcessesGuard:
             watchdog = True  # the lease is kept by the watchdog
         if backend not in BACKENDS:
             raise InvalidArgumentError("backend", f"must be one of {BACKENDS}, not {backend!r}")
+        if backend == "ptrace":
+            if max_frozen is not None:
+                raise InvalidArgumentError(
+                    "max_frozen",
+                    "a ptrace hold cannot be ended from another process (SIGCONT does not "
+                    "wake a traced task): use the signal or cgroup backend for a lease",
+                )
+            # The kernel is a ptrace hold's watchdog: it lets every tracee go when this
+            # process dies. A helper would add nothing but a visible SIGCONT.
+            watchdog = False
         fs = ProcFS()
         check_proc(fs)
         if root_pid is not None:

@@ -233,6 +233,10 @@ def freeze(root: Target | None = None, **options: Unpack[FreezeOptions]) -> Toke
             raise InvalidArgumentError(
                 name, "a token outlives this process, the watchdog would thaw at its exit"
             )
+    if given.get("backend") == "ptrace":
+        raise InvalidArgumentError(
+            "backend", "a ptrace hold belongs to this process and cannot go in a token"
+        )
     guard = new_guard({"root": root, **given})
     guard.freeze()
     try:

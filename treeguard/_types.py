@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 #: The ways of freezing (see :class:`treeguard.ProcessesGuard`).
-BackendName = Literal["signal", "cgroup", "auto"]
+BackendName = Literal["signal", "cgroup", "ptrace", "auto"]
 #: What a freeze covers: the tree below ``root``, or the caller's whole PID namespace.
 Scope = Literal["tree", "namespace"]
 

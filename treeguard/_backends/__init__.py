@@ -8,6 +8,7 @@ from .._thaw import thaw_identities
 from ..errors import FreezePermissionError, InvalidArgumentError, TokenError
 from ._base import Backend, Journal, Plan
 from ._cgroup import AutoBackend, CgroupBackend, thaw_cgroup
+from ._ptrace import PtraceBackend
 from ._signal import SignalBackend
 
 __all__ = [
@@ -21,8 +22,9 @@ __all__ = [
 ]
 
 #: ``signal``: SIGSTOP/SIGCONT; ``cgroup``: the kernel freezer of the cgroup holding the
-#: tree; ``auto``: cgroup for a tree alone in a treeguard-made cgroup, else signal.
-BACKENDS = ("signal", "cgroup", "auto")
+#: tree; ``auto``: cgroup for a tree alone in a treeguard-made cgroup, else signal;
+#: ``ptrace``: every thread seized and held in a ptrace-stop (invisible to the tree).
+BACKENDS = ("signal", "cgroup", "auto", "ptrace")
 
 #: Linux's PID_MAX_LIMIT (include/linux/threads.h).
 _PID_MAX = 4 * 1024 * 1024
@@ -40,6 +42,8 @@ def create(name: str, plan: Plan) -> Backend:
         return CgroupBackend(plan)
     if name == "auto":
         return AutoBackend(plan)
+    if name == "ptrace":
+        return PtraceBackend(plan)
     raise InvalidArgumentError("backend", f"must be one of {', '.join(BACKENDS)}, not {name!r}")
 
 
@@ -59,6 +63,8 @@ def validate_described(name: str, payload: dict[str, object]) -> None:
     if not isinstance(payload, dict):
         raise TokenError(f"payload must be an object, not {type(payload).__name__}")
     kind = _kind(name, payload)
+    if kind == "ptrace":
+        raise TokenError("a ptrace freeze is never described in a token (its hold cannot move)")
     if kind == "signal":
         _validate_signal(payload)
     elif kind == "cgroup":

@@ -19,10 +19,10 @@ from .._report import FreezeReport
 from ..procfs import DEAD_STATES, ProcFS, parse_stat, parse_stat_brief
 from ._pidfds import Entry
 
-__all__ = ["GONE", "SETTLED", "TRACED", "Look", "look"]
+__all__ = ["GONE", "SETTLED", "TRACED", "VFORK_WCHAN", "Look", "look"]
 
 #: Where a task waits while its vfork child has not exec'd or exited (kernel/fork.c).
-_VFORK_WCHAN = frozenset({"kernel_clone", "_do_fork", "do_fork"})
+VFORK_WCHAN = frozenset({"kernel_clone", "_do_fork", "do_fork"})
 
 #: States of a task that needs no more waiting for: stopped by a signal, or gone. ``t``
 #: (stopped by a tracer) is not among them: a tracer lets its tracee go at any moment.
@@ -77,7 +77,7 @@ def look(entry: Entry, fs: ProcFS, report: FreezeReport) -> Look | object:
             continue
         if state == "t":
             return TRACED
-        if state == "D" and fs.wchan(pid, tid) in _VFORK_WCHAN:
+        if state == "D" and fs.wchan(pid, tid) in VFORK_WCHAN:
             if pid not in report.blocked_in_vfork:
                 report.blocked_in_vfork.append(pid)
             continue

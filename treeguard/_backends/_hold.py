@@ -1,0 +1,254 @@
+"""What a ptrace freeze holds, and the steps on one tracee: seize and interrupt it, collect
+its stop, adopt a task the kernel attached for us, let it go, reap it. Every method runs in
+the freeze's tracer thread (see :mod:`treeguard._backends._tracer`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from .. import _ptrace
+from .._report import FreezeReport
+from ..errors import FreezePermissionError
+from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat, parse_stat_brief
+from ._base import Journal
+from ._proof import VFORK_WCHAN
+
+__all__ = ["Hold", "Proc", "Task"]
+
+# Every task held by a freeze of this process, and the hold that has it. The kernel names
+# one tracer process (TracerPid), but requests must come from the one thread that attached:
+# another guard of this process holding a task must not be taken for the kernel's doing.
+_HELD: dict[int, Hold] = {}
+
+_EVENTS_NEW_TASK = frozenset(
+    {_ptrace.PTRACE_EVENT_FORK, _ptrace.PTRACE_EVENT_VFORK, _ptrace.PTRACE_EVENT_CLONE}
+)
+
+
+class Proc:
+    """A process of the tree met by the walk (or born during the freeze) and seized."""
+
+    __slots__ = ("denied", "ours", "pid", "ppid", "starttime", "stat", "tasks")
+
+    def __init__(self, pid: int, stat: Stat) -> None:
+        self.pid = pid
+        self.stat = stat
+        self.starttime = stat.starttime
+        self.ppid = stat.ppid
+        # Found in a group stop (T): held like the rest, and stopped again on detach.
+        self.ours = stat.state != "T"
+        self.tasks: list[Task] = []
+        self.denied = ""  # why a thread of it may not be seized (partial_ok lets it go)
+
+
+class Task:
+    """One thread of a :class:`Proc`: the unit ptrace works on."""
+
+    __slots__ = ("done", "proc", "seen_t", "sig", "stopped", "tid", "vfork")
+
+    def __init__(self, tid: int, proc: Proc) -> None:
+        self.tid = tid
+        self.proc = proc
+        self.stopped = False  # in a ptrace-stop we collected: to be detached
+        self.sig = 0  # the signal of a signal-delivery-stop, delivered again on detach
+        self.done = False  # detached, or gone: nothing more to do
+        self.vfork = False  # blocked in vfork behind a child we held: stops once it goes on
+        self.seen_t = False  # seen in a ptrace-stop that waitid did not report
+
+
+class Hold:
+    """The processes and threads a freeze seized (parent-first), and those whose stop has
+    not been collected yet (:attr:`pending`)."""
+
+    def __init__(self, fs: ProcFS, report: FreezeReport, journal: Journal | None) -> None:
+        self.fs = fs
+        self.report = report
+        self.journal = journal
+        self.me = os.getpid()
+        self.procs: list[Proc] = []  # new children come after their parents
+        self.known: dict[int, Proc | None] = {}  # every PID met: None if not held
+        self.tasks: dict[int, Task] = {}
+        self.pending: list[Task] = []  # seized, stop not collected yet
+
+    def seize_threads(self, proc: Proc) -> None:
+        """Seize and interrupt every thread of ``proc``, reading its thread list again until
+        it names none we have not tried (a thread not yet seized may have made one)."""
+        tried: set[int] = set()
+        while not proc.denied:
+            new = [t for t in self.fs.tids(proc.pid) or () if t not in tried]
+            new = [t for t in new if t not in self.tasks]
+            if not new:
+                return
+            new.sort(key=lambda t: t != proc.pid)  # the leader first: it proves the identity
+            for tid in new:
+                tried.add(tid)
+                if not self._seize(proc, tid):
+                    return  # not the process met: none of its threads is ours
+
+    def _seize(self, proc: Proc, tid: int) -> bool:
+        """Seize and interrupt ``tid``; False if ``proc`` turned out not to be the process
+        met (its PID was recycled): nothing of it is held then."""
+        for attempt in range(2):
+            try:
+                _ptrace.seize(tid)
+                break
+            except ProcessLookupError:
+                return True  # gone
+            except FreezePermissionError:
+                # TracerPid names the tracing *thread*: this one (the kernel attached a task
+                # born of one we seized), or another thread of this process (another guard).
+                tracer = _ptrace.tracer_of(tid)
+                if tracer == threading.get_native_id():
+                    break
+                ours = os.path.exists(f"/proc/self/task/{tracer}")
+                if ours or _HELD.get(tid) not in (None, self):
+                    proc.denied = f"PID {tid} is held by another ptrace freeze of this process"
+                    return True
+                stat = self.fs.stat(proc.pid, tid)
+                if stat is None or stat.state in DEAD_STATES or stat.flags & PF_EXITING:
+                    return True  # exiting (ptrace_attach refuses an exiting task with EPERM)
+                if tracer == 0 and attempt == 0:
+                    continue  # a tracer was letting it go: once more
+                proc.denied = _ptrace.permission_reason(tid)
+                return True
+        # Seized: the TID names this task until it is let go (or reaped by us). Identity
+        # before the stop: the leader must still be the process met (a PID recycled since
+        # the listing is a stranger), and a thread must be one of its threads.
+        seized = self.fs.stat(proc.pid, tid)
+        if seized is None or (tid == proc.pid and seized.starttime != proc.starttime):
+            try:
+                _ptrace.detach(tid)
+            except ProcessLookupError:
+                pass
+            return tid != proc.pid
+        self._add(proc, tid)
+        try:
+            _ptrace.interrupt(tid)
+        except ProcessLookupError:
+            pass  # exiting: collecting sees it go
+        return True
+
+    def _add(self, proc: Proc, tid: int) -> None:
+        task = Task(tid, proc)
+        _HELD[tid] = self
+        self.tasks[tid] = task
+        proc.tasks.append(task)
+        self.pending.append(task)
+
+    def _finish(self, task: Task) -> None:
+        """Nothing more to do for ``task``: let go of, or gone."""
+        task.done = True
+        if _HELD.get(task.tid) is self:
+            del _HELD[task.tid]
+
+    def poll(self, task: Task) -> str | None:
+        """Collect ``task``'s stop if it reported one. None if it needs no more waiting
+        (stopped, gone, or blocked in vfork behind a child we hold), else its state."""
+        try:
+            found = os.waitid(os.P_PID, task.tid, os.WSTOPPED | os.WNOHANG | _ptrace.WALL)
+        except ChildProcessError:
+            self._finish(task)  # not a tracee of ours any more: it was reaped
+            return None
+        if found is not None:
+            self._stopped(task, found.si_status)
+            return None
+        pid = task.proc.pid
+        state = self.state(pid, task.tid)
+        if state is None or state in DEAD_STATES:
+            self._reap(task)
+            return None
+        if state == "t":
+            # In a ptrace-stop, ours, with no report: another thread of this process took
+            # it (any thread of the tracer's process may wait for a tracee, ptrace(2); a
+            # waitpid() on a child does), or the stopping task is still setting it up. Seen
+            # so at two looks, it is stopped (its signal, if any, went with the report).
+            if task.seen_t:
+                task.stopped, task.vfork = True, False
+                return None
+            task.seen_t = True
+        if state == "D" and self.fs.wchan(pid, task.tid) in VFORK_WCHAN:
+            # Waiting for its vfork child, which we hold: it cannot run. It reaches its
+            # pending stop once the child goes on (the thaw waits for it then).
+            task.vfork = True
+            if pid not in self.report.blocked_in_vfork:
+                self.report.blocked_in_vfork.append(pid)
+            return None
+        return state
+
+    def _stopped(self, task: Task, status: int) -> None:
+        # si_status of a ptrace-stop: the signal in bits 0-7, the event in bits 8-15.
+        event, sig = status >> 8, status & 0xFF
+        task.stopped, task.vfork = True, False
+        if event in _EVENTS_NEW_TASK:
+            try:
+                self._adopt(task, _ptrace.geteventmsg(task.tid))
+            except ProcessLookupError:
+                pass
+        elif event == 0:
+            task.sig = sig  # a signal-delivery-stop: that signal would be lost otherwise
+        # PTRACE_EVENT_STOP: our interrupt, a group stop (kept on detach), or a new task.
+
+    def _adopt(self, parent: Task, tid: int) -> None:
+        """A task the kernel attached for us (fork, vfork or clone of a tracee)."""
+        if tid in self.tasks:
+            return
+        proc = parent.proc
+        if not os.path.exists(f"/proc/{proc.pid}/task/{tid}"):  # a process, not a thread
+            stat = self.fs.stat(tid)
+            if stat is None:
+                return
+            proc = Proc(tid, stat)
+            proc.ours = True
+            self.known[tid] = proc
+            if self.journal is not None:
+                self.journal.stopping(tid, stat.starttime)
+            self.procs.append(proc)
+        self._add(proc, tid)
+
+    def _reap(self, task: Task) -> None:
+        """Finish a tracee that exited. Its exit is reported to us, the tracer, first: wait
+        for it, so that its real parent hears of it. A process whose real parent is this
+        one is left to be reaped by its owner (a Popen's status is theirs)."""
+        if task.tid != task.proc.pid or task.proc.ppid != self.me:
+            try:
+                found = os.waitid(os.P_PID, task.tid, os.WEXITED | os.WNOHANG | _ptrace.WALL)
+            except ChildProcessError:
+                found = None  # reaped already
+            else:
+                if found is None:
+                    return  # a leader waits for its threads: again later
+        self._finish(task)
+
+    def state(self, pid: int, tid: int) -> str | None:
+        data = self.fs.read(f"{pid}/task/{tid}/stat")
+        return None if data is None else parse_stat_brief(data)[0]
+
+    def release(self, task: Task) -> None:
+        if not task.stopped:
+            self.poll(task)  # collects a stop, or an exit, that happened meanwhile
+            if task.done or not task.stopped:
+                return
+        try:
+            _ptrace.detach(task.tid, task.sig)
+        except ProcessLookupError:
+            # Not in a ptrace-stop any more: SIGKILL wakes a tracee, which is now exiting.
+            task.stopped = False
+            state = self.state(task.proc.pid, task.tid)
+            if state is None or state in DEAD_STATES:
+                self._reap(task)
+            return
+        self._finish(task)
+
+    def linger(self) -> list[Task]:
+        """Let go of what a thaw could not yet; the tasks still left. Called by the thaw,
+        then by the tracer thread while it waits for requests."""
+        left: list[Task] = []
+        for proc in self.procs:
+            for task in proc.tasks:
+                if not task.done:
+                    self.release(task)
+                    if not task.done:
+                        left.append(task)
+        return left

@@ -1,0 +1,330 @@
+"""The ptrace backend: seize every thread of the tree and hold it in a ptrace-stop.
+
+A ptrace-stop is reported to the tracer only (ptrace(2)): the tree's parents get no SIGCHLD
+and no ``waitpid(WUNTRACED)`` report, no SIGCONT is ever sent, so no handler runs. The
+algorithm:
+
+1. *Seize*: walk the tree parent-first; for every thread of a process, PTRACE_SEIZE (with
+   PTRACE_O_TRACECLONE/FORK/VFORK: a thread or child born of a seized task is attached by
+   the kernel and starts in a ptrace-stop, so a fork storm cannot outrun us), then
+   PTRACE_INTERRUPT. Siblings are seized in a batch, as soon as their parent lists them.
+2. *Settle*: before a process's children are read, ``waitid(tid, WSTOPPED | __WALL)``
+   collects the stop of each of its threads, and its thread list is read again (a thread
+   made meanwhile is seized too). A fork in flight when it was seized has completed by
+   then, and every later child is the kernel's to attach: its children are final, and a
+   storm freezes in one pass. A fork or clone event names a new task (PTRACE_GETEVENTMSG);
+   a signal-delivery-stop keeps its signal, delivered again on detach; a group stop is kept
+   by the kernel itself on detach (a process stopped before the freeze stays stopped).
+3. *Re-enumerate*: only the passed-through processes (they run) may have new children;
+   newcomers begin another pass.
+4. *Verify*: every task held shows ``t`` in /proc.
+
+The thaw detaches every task, children first; PTRACE_DETACH resumes it. Every request
+comes from one tracer thread per freeze (the kernel takes requests only from the thread
+that attached), so a thaw works from any thread, a finalizer or an event loop: the step
+generators hand work to that thread and wait on an eventfd. If this process dies, the
+kernel detaches its tracees and they run on.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .._drive import Steps, run_sync
+from .._report import Skip
+from .._tree import ChildrenFiles, ChildrenSource, walk
+from ..errors import (
+    FreezeError,
+    FreezePermissionError,
+    InvalidArgumentError,
+    StopTimeoutError,
+    TreeUnstableError,
+)
+from ..procfs import DEAD_STATES, HELPER_COMM, Stat
+from ._base import Backend, Plan
+from ._hold import Hold, Proc, Task
+from ._signal import _ROOT
+from ._tracer import Tracer
+
+__all__ = ["PtraceBackend"]
+
+#: Longest pause between two looks at tasks that have not reported their stop yet.
+_MAX_BACKOFF = 0.002
+
+
+class PtraceBackend(Backend):
+    name = "ptrace"
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__(plan)
+        self.report.verified_by = "ptrace-stops collected by waitid, /proc task states"
+        self._me = os.getpid()
+        self._hold = Hold(plan.fs, self.report, plan.journal)
+        self._through: list[int] = []
+        self._batched: dict[int, Stat] = {}  # met with its siblings, not visited yet
+        self._listing = _Listing(self)
+        self._deadline = 0.0
+        self._denied: dict[int, str] = {}
+        self._abort = False
+        self._tracer: Tracer | None = None
+
+    # -- what the guard sees -------------------------------------------------------------
+
+    def _held(self, ours: bool) -> list[Proc]:
+        return [p for p in self._hold.procs if p.ours == ours and not p.denied and p.tasks]
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(p.pid for p in self._held(True))
+
+    @property
+    def identities(self) -> tuple[tuple[int, int], ...]:
+        return tuple((p.pid, p.starttime) for p in self._held(True))
+
+    @property
+    def already_stopped(self) -> tuple[tuple[int, int], ...]:
+        return tuple((p.pid, p.starttime) for p in self._held(False))
+
+    def describe(self) -> dict[str, object]:
+        raise InvalidArgumentError("backend", _NO_TOKEN)
+
+    # -- the step generators (any thread) --------------------------------------------------
+
+    def freeze(self) -> Steps[None]:
+        start = time.perf_counter()
+        self._tracer = Tracer(lambda: bool(self._hold.linger()))
+        try:
+            self._tracer.start()
+            yield from self._tracer.steps(self._freeze_work)
+        except BaseException:
+            # Anything, GeneratorExit from a cancelled driver included: let everything go.
+            # A freeze still running in the tracer thread stops at its next look at _abort.
+            self._abort = True
+            run_sync(self.thaw())
+            raise
+        self.report.freeze_seconds = time.perf_counter() - start
+
+    def thaw(self) -> Steps[None]:
+        """Detach every task, children first. Resumable: the tracer thread finishes a thaw
+        even if its caller was interrupted, and a second call finds what is left."""
+        if self._tracer is None or os.getpid() != self._me:
+            return  # never froze, or a forked child: the hold is the parent's
+        t0 = time.perf_counter()
+        yield from self._tracer.steps(self._thaw_work)
+        if self.plan.journal is not None:
+            self.plan.journal.released()
+        self.report.thaw_seconds = time.perf_counter() - t0
+
+    # -- freezing (tracer thread) ----------------------------------------------------------
+
+    def _freeze_work(self) -> None:
+        plan, report = self.plan, self.report
+        clock = time.perf_counter
+        self._deadline = clock() + plan.timeout
+        plan.source.refresh()
+        pending: list[int] = list(plan.starts)
+        while True:
+            report.passes += 1
+            t0 = clock()
+            for _ in walk(pending, self._visit, self._listing):
+                if self._abort:
+                    raise FreezeError("the freeze was abandoned")
+            report.enumerate_seconds += clock() - t0
+            if self._denied and not plan.partial_ok:
+                pids = sorted(self._denied)
+                raise FreezePermissionError(pids, "; ".join(self._denied[p] for p in pids))
+            t0 = clock()
+            self._collect(self._hold.pending)  # tasks born meanwhile, and the walk's last
+            report.verify_seconds += clock() - t0
+            t0 = clock()
+            plan.source.refresh()
+            pending = self._newcomers()
+            report.enumerate_seconds += clock() - t0
+            if not pending:
+                break
+            if report.passes >= plan.max_passes:
+                raise TreeUnstableError(report.passes, pending)
+        for proc in self._hold.procs:
+            if proc.denied:  # partial_ok: threads seized before the refusal go at once
+                for task in proc.tasks:
+                    self._hold.release(task)
+        self._verify()
+        report.stopped = len(self._held(True))
+
+    def _visit(self, pid: int) -> Stat | None:
+        """The walk reached ``pid``: met already with its siblings (see :class:`_Listing`),
+        or a start of the walk. Its stat to walk into its children, or None to prune it."""
+        stat = self._batched.pop(pid, None)
+        return stat if stat is not None else self._meet(pid, None)
+
+    def _meet(self, pid: int, parent: int | None) -> Stat | None:
+        """Meet ``pid`` (listed by ``parent``): skip, pass through, or seize it."""
+        known, plan, report = self._hold.known, self.plan, self.report
+        if pid in known:
+            return None
+        reason = plan.blocked.get(pid)
+        if reason is not None:
+            return self._skip(pid, reason)
+        if pid in plan.passthrough:
+            known[pid] = None
+            self._through.append(pid)
+            return plan.fs.stat(pid) if pid else _ROOT
+        stat = plan.fs.stat(pid)
+        if stat is None or (parent is not None and stat.ppid != parent):
+            return self._skip(pid, Skip.EXITED)  # gone, or its PID reused meanwhile
+        if stat.comm == HELPER_COMM:
+            return self._skip(pid, Skip.SUPERVISOR)  # any guard's watchdog helper
+        if stat.is_kernel_thread:
+            return self._skip(pid, Skip.KERNEL_THREAD)
+        if stat.state in DEAD_STATES and stat.num_threads <= 1:
+            return self._skip(pid, Skip.ZOMBIE)
+        proc = Proc(pid, stat)
+        known[pid] = proc
+        if proc.ours and plan.journal is not None:
+            plan.journal.stopping(pid, stat.starttime)  # recorded before it is seized
+        self._hold.procs.append(proc)
+        t0 = time.perf_counter()
+        self._hold.seize_threads(proc)
+        report.signal_seconds += time.perf_counter() - t0
+        if proc.denied:
+            if not plan.partial_ok:
+                self._denied[pid] = proc.denied
+                return None
+            report.skipped[pid] = Skip.PERMISSION  # its children may be ours
+        elif not proc.tasks:
+            report.skipped[pid] = Skip.EXITED
+            return None
+        elif not proc.ours:
+            report.skipped[pid] = Skip.ALREADY_STOPPED
+        return stat
+
+    def _skip(self, pid: int, reason: Skip) -> Stat | None:
+        self._hold.known[pid] = None
+        self.report.skipped[pid] = reason
+        return None
+
+    def _settle(self, proc: Proc) -> None:
+        """Wait until every thread of ``proc`` stopped, seizing any made meanwhile: its
+        forks are then complete, and the children read next are final (every later child
+        is attached by the kernel)."""
+        while True:
+            count = len(proc.tasks)
+            self._collect(proc.tasks)
+            self._hold.seize_threads(proc)
+            if len(proc.tasks) == count or proc.denied:
+                return
+
+    def _collect(self, tasks: list[Task]) -> None:
+        """Wait until each of ``tasks`` has reported a stop (or exited, or waits in vfork
+        for a child we hold); new tasks appended to the list meanwhile are waited for too."""
+        backoff = 0.0
+        while True:
+            count = len(tasks)
+            late: list[tuple[int, int, str]] = []
+            for task in tasks[:count]:
+                if task.stopped or task.done or task.vfork:
+                    continue
+                state = self._hold.poll(task)
+                if state is not None:
+                    late.append((task.proc.pid, task.tid, state))
+            if not late:
+                if len(tasks) > count:
+                    continue  # born meanwhile (a fork or clone event): wait for them too
+                if tasks is self._hold.pending:
+                    tasks.clear()
+                return
+            if self._abort:
+                raise FreezeError("the freeze was abandoned")
+            if time.perf_counter() > self._deadline and backoff >= _MAX_BACKOFF:
+                raise StopTimeoutError(self.plan.timeout, late)
+            time.sleep(backoff)
+            backoff = min(_MAX_BACKOFF, backoff * 2 if backoff else 0.00002)
+
+    def _newcomers(self) -> list[int]:
+        """Children of passed-through processes (they run, and may have forked since). The
+        children of a seized process were read once it had stopped: they are final."""
+        fs, known, source = self.plan.fs, self._hold.known, self.plan.source
+        found: list[int] = []
+        for pid in self._through:
+            stat = fs.stat(pid) if pid else _ROOT
+            if stat is not None:
+                kids = [c for c in source.children(pid, stat) if c not in known]
+                for kid in kids:
+                    stat = self._meet(kid, pid)
+                    if stat is not None:
+                        self._batched[kid] = stat
+                        found.append(kid)
+        return found
+
+    def _verify(self) -> None:
+        """Every task held shows ``t`` (ptrace-stopped) in /proc."""
+        late: list[tuple[int, int, str]] = []
+        for proc in self._held(True) + self._held(False):
+            for task in proc.tasks:
+                if task.done or not task.stopped:
+                    continue
+                state = self._hold.state(proc.pid, task.tid)
+                if state == "t":
+                    self.report.tasks += 1
+                elif state is not None and state not in DEAD_STATES:
+                    late.append((proc.pid, task.tid, state))
+        if late:
+            raise FreezeError(f"tasks not in a ptrace-stop after the freeze: {late}")
+
+    # -- thawing (tracer thread) -----------------------------------------------------------
+
+    def _thaw_work(self) -> None:
+        for proc in reversed(self._hold.procs):
+            for task in proc.tasks:
+                if not task.done:
+                    self._hold.release(task)
+        # A task killed while held exits at once: wait for it a while. A vfork parent stops
+        # only once its child execs or exits, which may take long: the tracer thread keeps
+        # looking after the thaw returned, and lets each go as soon as it can.
+        deadline = time.perf_counter() + max(1.0, self.plan.timeout)
+        backoff = 0.00002
+        while time.perf_counter() < deadline and any(not t.vfork for t in self._hold.linger()):
+            time.sleep(backoff)
+            backoff = min(_MAX_BACKOFF, backoff * 2)
+        assert self._tracer is not None
+        self._tracer.finished = True
+
+
+class _Listing(ChildrenSource):
+    """The walk's view of children. A seized process is settled first (see
+    :meth:`PtraceBackend._settle`); its new children are then met at once, siblings in a
+    batch, so that each one's stop is on its way while the walk descends into the first."""
+
+    def __init__(self, backend: PtraceBackend) -> None:
+        super().__init__(backend.plan.fs)
+        self._backend = backend
+
+    def children(self, pid: int, stat: Stat) -> list[int]:
+        backend = self._backend
+        source, known = backend.plan.source, backend._hold.known
+        proc = known.get(pid)
+        if proc is not None and not proc.denied:
+            backend._settle(proc)
+            tids = [t.tid for t in proc.tasks if not t.done]
+            if isinstance(source, ChildrenFiles):
+                kids = source.of_threads(pid, tids)
+            else:
+                kids = source.children(pid, stat)
+        else:
+            kids = source.children(pid, stat)
+        fresh: list[int] = []
+        for kid in kids:
+            if kid not in known:
+                kid_stat = backend._meet(kid, pid)
+                if kid_stat is not None:
+                    backend._batched[kid] = kid_stat
+                    fresh.append(kid)
+        return fresh
+
+
+_NO_TOKEN = (
+    "a ptrace freeze cannot be handed to another process (a token or state file): the hold "
+    "belongs to the thread that seized the tree, and ends when this process exits; use "
+    "backend='signal' or 'cgroup' for tokens"
+)

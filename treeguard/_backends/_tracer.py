@@ -1,0 +1,144 @@
+"""One thread that makes every ptrace request of one freeze, and step generators that wait
+for it without blocking.
+
+The kernel accepts ptrace requests for a tracee only from the thread that attached it
+(ptrace(2)); a guard's thaw may come from a finalizer, another thread, or an event loop.
+So each freeze owns a :class:`Tracer` thread, and any thread hands it work through a queue
+and waits for the result as a :class:`~treeguard._drive.Wait` on an eventfd that the
+tracer writes when the work is done: the sync driver polls it, the anyio driver awaits it,
+and neither blocks anything else meanwhile. A caller interrupted while waiting does not
+stop the work: the tracer finishes it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from .._drive import Steps, Wait
+
+__all__ = ["Tracer"]
+
+T = TypeVar("T")
+
+#: How often the tracer thread looks again at tasks a thaw could not let go yet.
+_LINGER_POLL = 0.05
+#: Longest sleep between two looks at a request when no eventfd could be had.
+_POLL = 0.0005
+
+
+class _Request(Generic[T]):
+    """One piece of work for the tracer, and the eventfd that says it is done."""
+
+    def __init__(self, work: Callable[[], T]) -> None:
+        self.work = work
+        self.done = False
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._abandoned = False
+        try:
+            self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        except OSError:
+            self.fd = -1  # out of descriptors: the waiter polls instead
+
+    def run(self) -> None:
+        try:
+            self._value = self.work()
+        except BaseException as err:  # handed to the waiter, who raises it
+            self._error = err
+        with self._lock:
+            # Written under the lock the waiter closes it with: the descriptor is never
+            # written after it was closed (and perhaps reused for another file).
+            self.done = True
+            if self.fd >= 0:
+                if self._abandoned:
+                    os.close(self.fd)
+                    self.fd = -1
+                else:
+                    os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        """The waiter is done with this request: close the eventfd now, or let the tracer
+        close it once the work ends."""
+        with self._lock:
+            if self.fd >= 0:
+                if self.done:
+                    os.close(self.fd)
+                    self.fd = -1
+                else:
+                    self._abandoned = True
+
+    def result(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+class Tracer:
+    """The thread that owns a freeze's tracees, from the first seize to the last detach.
+
+    ``linger`` is called between requests once :attr:`finished` is set (the thaw ran): it
+    lets go of tasks the thaw could not detach yet and says whether any remain. The thread
+    ends when none do.
+    """
+
+    def __init__(self, linger: Callable[[], bool]) -> None:
+        self.finished = False
+        self._linger = linger
+        self._queue: queue.SimpleQueue[_Request[object]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        # A daemon thread: interpreter exit does not wait for it, and it still serves the
+        # thaws that finalizers run at exit (atexit runs before daemon threads stop).
+        self._thread = threading.Thread(target=self._run, name="treeguard-ptrace", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread with every signal blocked: a handler that raises (Ctrl-C) must
+        not land inside threading's own locks, and the thread inherits the mask, so that
+        process-directed signals go to the other threads (pthread_sigmask(3)). A signal
+        that arrived meanwhile is acted on when the mask is restored, after the start."""
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def steps(self, work: Callable[[], T]) -> Steps[T | None]:
+        """Run ``work`` in the tracer thread; its result, or None if the tracer has ended
+        (everything was let go already)."""
+        if threading.get_ident() == self._thread.ident:
+            return work()  # a finalizer that the garbage collector ran in this very thread
+        request: _Request[T] = _Request(work)
+        with self._lock:
+            if self._closed or self._thread.ident is None:  # ended, or never started
+                request.close()
+                return None
+            self._queue.put(request)  # type: ignore[arg-type]
+        try:
+            while not request.done:
+                yield Wait(_LINGER_POLL, request.fd) if request.fd >= 0 else Wait(_POLL)
+        finally:
+            request.close()
+        return request.result()
+
+    def _run(self) -> None:
+        while True:
+            if self.finished:
+                try:
+                    left = self._linger()
+                except Exception:  # never let the thread die: waiters depend on it
+                    left = True
+                with self._lock:
+                    if not left and self._queue.empty():
+                        self._closed = True
+                        return
+            try:
+                request = self._queue.get(timeout=_LINGER_POLL if self.finished else None)
+            except queue.Empty:
+                continue
+            request.run()
