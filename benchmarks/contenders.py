@@ -66,6 +66,8 @@ class TreeguardBackend(TreeguardSignal):
     def __init__(self, backend: str) -> None:
         self.backend = backend
         self.name = f"treeguard {backend}"
+        # A ptrace hold shows every task stopped (t) in /proc, as a signal freeze does.
+        self.kind = "signal" if backend == "ptrace" else "cgroup"
 
     def setup(self, tree: WorkerTree) -> None:
         self.tree = tree
@@ -246,7 +248,7 @@ class CrosvmModel(Contender):
 
 
 def treeguard_backends() -> list[Contender]:
-    """treeguard's cgroup backends that this installation has (none until they land)."""
+    """treeguard's other backends (cgroup, auto, ptrace) that this installation has."""
     try:
         from treeguard._backends import BACKENDS
     except ImportError:  # pragma: no cover
