@@ -8,7 +8,8 @@ the supervisor's exit (or the moment it was told to leave) to the tree running.
 
 The workers outlive a supervisor that dies, so this process becomes a child subreaper for
 the test: orphans are re-parented to it (not to PID 1, which here never reaps) and reaped by
-PID in the teardown. The figures are written to ``/tmp/treeguard-exit-paths.json``.
+PID in the teardown. The figures are printed, and written to ``exit-paths.json`` in the
+session's temporary directory.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from tests import proc
 from tests.conftest import require_root
 from treeguard._watchdog import is_subreaper, set_subreaper
 
-SUMMARY = Path("/tmp/treeguard-exit-paths.json")
 WORKERS = 4  # worker 0 has a thread, worker 1 has worker 2 as its child
 SLOTS_USED = (0, 1, 2, 4, 6)  # counter slots that tick: 2*i (main), 2*i+1 (thread)
 
@@ -222,15 +222,13 @@ def gone_or_zombie(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def summary() -> Iterator[dict[str, float]]:
+def summary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, float]]:
     figures: dict[str, float] = {}
     yield figures
-    old: dict[str, Any] = {}
-    if SUMMARY.exists():
-        old = json.loads(SUMMARY.read_text())
-    old.update(figures)
-    SUMMARY.write_text(json.dumps(old, indent=1, sort_keys=True))
-    print("\ntime from leaving to running (ms):", {k: round(v * 1e3, 2) for k, v in old.items()})
+    out = tmp_path_factory.getbasetemp() / "exit-paths.json"
+    out.write_text(json.dumps(figures, indent=1, sort_keys=True))
+    shown = {k: round(v * 1e3, 2) for k, v in figures.items()}
+    print("\ntime from leaving to running (ms):", shown)
 
 
 @pytest.fixture
@@ -296,7 +294,7 @@ def kill_if_same(pid: int, start_time: int | None, sig: int) -> None:
 
 
 def check_frozen(sup: Supervisor, read: Any) -> None:
-    proc.assert_all_stopped(sup.pids)
+    assert sup.pids and not proc.not_stopped(sup.pids)  # T (signal) or t (ptrace), every task
     assert proc.counters_still(read, 0.001, ticks=5)
     if sup.helper is not None:  # the helper runs, and it is not a frozen process
         assert sup.helper not in sup.pids
@@ -527,3 +525,33 @@ def test_another_supervisors_helper_is_never_stopped(start: Any) -> None:
     finally:
         guard.release()
     check_running(sup, read)
+
+
+# -- the ptrace backend: the kernel lets the tree go when the tracer dies ------------------
+
+
+@pytest.mark.parametrize(
+    "mode", ["normal", "exception", "SIGINT", "gc", "atexit", "os_exit", "SIGKILL", "SIGTERM"]
+)
+def test_every_exit_path_with_ptrace(start: Any, summary: dict[str, float], mode: str) -> None:
+    """No helper is started: the tree runs again through the guard's own release, or, when
+    the supervisor dies, because the kernel detaches every tracee of a dead tracer."""
+    require_root("tracing the workers")
+    script = {"SIGINT": "keyboard_interrupt", "SIGKILL": "die", "SIGTERM": "die"}.get(mode, mode)
+    sup, read = start(script, backend="ptrace", watchdog=True)
+    sup.frozen()
+    assert sup.helper is None  # the kernel is the watchdog
+    check_frozen(sup, read)
+    if mode in ("SIGINT", "SIGKILL", "SIGTERM"):
+        left = time.monotonic()
+        sup.proc.send_signal(getattr(signal, mode))
+    else:
+        sup.tell()
+        left = sup.read()["at"]
+        if mode == "gc":
+            assert sup.read()["event"] == "collected"
+            sup.tell("exit")
+    running = wait_running(sup.pids)
+    sup.proc.wait(timeout=10)
+    check_running(sup, read)
+    record(summary, f"ptrace: {mode}", running - left)
