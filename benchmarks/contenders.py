@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -256,8 +259,87 @@ def treeguard_backends() -> list[Contender]:
     return [TreeguardBackend(name) for name in BACKENDS if name != "signal"]
 
 
+class CFloor(Contender):
+    """benchmarks/floor.c: the floor of a careful signal (or ptrace) freezer, in C. It
+    times its own work (``took``), so the pipe it is driven through is not counted."""
+
+    verifies = True
+
+    def __init__(self, mode: str, exe: str) -> None:
+        self.mode = mode
+        self.exe = exe
+        self.name = f"C floor ({mode})"
+        self.proc: subprocess.Popen[str] | None = None
+        self.took: float | None = None
+
+    def setup(self, tree: WorkerTree) -> None:
+        super().setup(tree)
+        self.proc = subprocess.Popen(
+            [self.exe, self.mode, str(tree.root)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def _say(self, command: str) -> None:
+        assert self.proc is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().split()
+        if answer[:1] != ["ok"]:
+            raise RuntimeError(f"{self.name}: {answer or 'no answer'}")
+        self.took = int(answer[1]) / 1e9
+
+    def freeze(self) -> None:
+        self._say("f")
+
+    def thaw(self) -> None:
+        self._say("t")
+
+    def teardown(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # end of input: it thaws what it holds, then exits
+            self.proc.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()  # a ptrace hold ends with it; a signal freeze is thawed below
+            self.proc.wait()
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self.proc = None
+
+
+_FLOOR_EXE: list[str | None] = []
+
+
+def c_floors() -> list[Contender]:
+    """The C floors, compiled once per run (none, with a note, without a C compiler)."""
+    if not _FLOOR_EXE:
+        cc = shutil.which("cc") or shutil.which("gcc")
+        exe = None
+        if cc is None:
+            print("note: no C compiler: the C floors are not measured")
+        else:
+            out = os.path.join(tempfile.mkdtemp(prefix="treeguard-bench-"), "floor")
+            source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor.c")
+            done = subprocess.run([cc, "-O2", "-o", out, source], capture_output=True, text=True)
+            if done.returncode == 0:
+                exe = out
+            else:
+                print(f"note: the C floors did not build: {done.stderr.strip()[:200]}")
+        _FLOOR_EXE.append(exe)
+    exe = _FLOOR_EXE[0]
+    return [] if exe is None else [CFloor("signal", exe), CFloor("ptrace", exe)]
+
+
 def freezers() -> list[Contender]:
     found: list[Contender] = [TreeguardSignal(), KernelFloor(), PsutilNaive(), CrosvmModel()]
+    found += c_floors()
     if "v2" not in MOUNTS:
         found.remove(found[1])
         print("note: no cgroup v2 mount: the kernel floor is not measured")
