@@ -116,8 +116,12 @@ class Hold:
         # Seized: the TID names this task until it is let go (or reaped by us). Identity
         # before the stop: the leader must still be the process met (a PID recycled since
         # the listing is a stranger), and a thread must be one of its threads.
-        seized = self.fs.stat(proc.pid, tid)
-        if seized is None or (tid == proc.pid and seized.starttime != proc.starttime):
+        if tid == proc.pid:
+            seized = self.fs.stat(proc.pid)
+            mine = seized is not None and seized.starttime == proc.starttime
+        else:  # the leader, seized first, is proven: is this one of its threads?
+            mine = os.path.exists(f"{self.fs.root}/{proc.pid}/task/{tid}")
+        if not mine:
             try:
                 _ptrace.detach(tid)
             except ProcessLookupError:
