@@ -28,6 +28,35 @@ MakeTree = Callable[..., WorkerTree]
 ROOT = str(Path(__file__).resolve().parents[2])
 
 
+def _run_script(
+    tmp_path: Path, text: str, *args: str, namespace: tuple[str, ...] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``text`` as a Python script (given the repository and ``args``); with
+    ``namespace``, in a fresh PID namespace made by ``unshare`` with those extra flags. It
+    must exit 0."""
+    prefix: list[str] = []
+    if namespace is not None:
+        require_root("a PID namespace")
+        unshare = shutil.which("unshare")
+        assert unshare, "util-linux unshare is needed (CI has it)"
+        prefix = [unshare, "--pid", "--fork", *namespace]
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    done = subprocess.run(
+        [*prefix, sys.executable, str(script), ROOT, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _verdict(done: subprocess.CompletedProcess[str]) -> object:
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _running(tree: WorkerTree, *pids: int) -> None:
     """Nothing of ``tree`` is stopped; the main-thread counters of ``pids`` move."""
     proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the tree to run again")
@@ -166,17 +195,7 @@ FORKED = textwrap.dedent(
 
 @pytest.mark.parametrize("watchdog", [False, True])
 def test_a_forked_child_never_thaws(tmp_path: Path, watchdog: bool) -> None:
-    script = tmp_path / "forked.py"
-    script.write_text(FORKED)
-    done = subprocess.run(
-        [sys.executable, str(script), ROOT, "1" if watchdog else "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    verdict = json.loads(done.stdout.strip().splitlines()[-1])
+    verdict = _verdict(_run_script(tmp_path, FORKED, "1" if watchdog else "0"))
     assert verdict == {"release": True, "gc": True, "exit": True, "released": True}, verdict
 
 
@@ -321,35 +340,25 @@ def test_the_snapshot_warns_of_a_relay(relay: Callable[[str], tuple[int, int]]) 
 
 
 def test_a_proc_of_another_namespace_is_refused(tmp_path: Path) -> None:
-    require_root("a PID namespace")
-    unshare = shutil.which("unshare")
-    assert unshare, "util-linux unshare is needed (CI has it)"
-    script = tmp_path / "other_ns.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import sys
-            sys.path.insert(0, sys.argv[1])
-            import treeguard
-            try:
-                treeguard.ProcessesGuard()
-            except treeguard.FreezeError as err:
-                print("refused:", err)
-            else:
-                print("accepted")
-            """
-        )
-    )
-    done = subprocess.run(
-        [unshare, "--pid", "--fork", sys.executable, str(script), ROOT],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    """Without --mount-proc, /proc still shows the parent namespace."""
+    done = _run_script(tmp_path, OTHER_NAMESPACE, namespace=())
     assert done.stdout.startswith("refused:"), done.stdout
     assert "another PID namespace" in done.stdout
+
+
+OTHER_NAMESPACE = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import treeguard
+    try:
+        treeguard.ProcessesGuard()
+    except treeguard.FreezeError as err:
+        print("refused:", err)
+    else:
+        print("accepted")
+    """
+)
 
 
 # -- a zombie root -------------------------------------------------------------------------------
@@ -441,20 +450,7 @@ RECYCLED = textwrap.dedent(
 def test_a_pid_recycled_during_the_freeze_is_a_new_process(tmp_path: Path) -> None:
     """A zombie met by the walk is reaped, and its PID goes to a new child of the (running)
     root while the freeze goes on: the newcomer is another process, and is stopped."""
-    require_root("a PID namespace")
-    unshare = shutil.which("unshare")
-    assert unshare, "util-linux unshare is needed (CI has it)"
-    script = tmp_path / "recycled.py"
-    script.write_text(RECYCLED)
-    done = subprocess.run(
-        [unshare, "--pid", "--fork", "--mount-proc", sys.executable, str(script), ROOT],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    verdict = json.loads(done.stdout.strip().splitlines()[-1])
+    verdict = _verdict(_run_script(tmp_path, RECYCLED, namespace=("--mount-proc",)))
     assert verdict == {
         "recycled": True,
         "b_stopped": True,
