@@ -332,6 +332,23 @@ class ProcessesGuard:
         if interrupt is not None:
             raise interrupt
 
+    def close(self) -> None:
+        """Release (if frozen) and stop this guard's watchdog helper, if it has one.
+
+        Idempotent. The guard may freeze again afterwards; with ``watchdog=True`` that
+        starts a new helper. A guard that is garbage-collected closes itself.
+        """
+        self.release()
+        dog, self._watchdog = self._watchdog, None
+        if dog is not None:
+            dog.close()
+
+    @property
+    def helper_pid(self) -> int | None:
+        """The PID of this guard's watchdog helper while it has one (``watchdog=True`` or
+        ``max_frozen``, from the first freeze until :meth:`close`), else None."""
+        return None if self._watchdog is None else self._watchdog.pid
+
     def snapshot(self) -> TreeSnapshot:
         """A snapshot of the processes this guard froze (consistent while frozen)."""
         from ._snapshot import snapshot_of_guard

@@ -160,3 +160,22 @@ def test_the_report_prints_and_serialises(make_tree: MakeTree) -> None:
     assert "thawed in" in text and "skipped 1 excluded" in text
     data = json.loads(json.dumps(guard.report.to_dict()))
     assert data["stopped"] == 1 and data["skipped"] == {str(tree.pids[1]): "excluded"}
+
+
+def test_close_stops_the_helper_and_a_new_freeze_starts_one(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(2))
+    guard = ProcessesGuard(tree.root, include_root=True, watchdog=True)
+    assert guard.helper_pid is None  # started by the first freeze
+    with guard:
+        first = guard.helper_pid
+        assert first is not None and proc.state(first) not in (None, "Z", "T")
+    guard.close()
+    assert guard.helper_pid is None
+    assert proc.state(first) is None  # exited and reaped
+    with guard:
+        second = guard.helper_pid
+        assert second is not None and second != first
+        proc.assert_all_stopped(tree.pids)
+        guard.close()  # releases too
+        proc.assert_none_stopped(tree.pids)
+    assert proc.state(second) is None

@@ -112,7 +112,7 @@ if mode == "two_guards":  # guard A (options, with its watchdog) freezes worker 
     options.update(root=pids[0], include_root=True)
 guard = ProcessesGuard(**options)
 guard.freeze()
-helper = guard._watchdog.pid if guard._watchdog is not None else None
+helper = guard.helper_pid
 second = []
 if mode == "two_guards":
     # Guard B, without a watchdog, freezes every other descendant: A's helper is one.

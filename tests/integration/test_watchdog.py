@@ -86,7 +86,7 @@ def test_helper_is_never_frozen_and_reused(make_tree: MakeTree) -> None:
     tree = make_tree(wide(4, threads=1))
     guard = ProcessesGuard(watchdog=True)  # every descendant of this process: helper too
     with guard:
-        helper = guard._watchdog.pid if guard._watchdog else -1
+        helper = guard.helper_pid or -1
         assert guard.report.skipped[helper] is Skip.SUPERVISOR
         assert helper not in guard.pids
         assert not proc.stopped([helper])
@@ -95,11 +95,10 @@ def test_helper_is_never_frozen_and_reused(make_tree: MakeTree) -> None:
     for _ in range(3):  # one helper per guard, not per freeze
         with guard:
             proc.assert_all_stopped(tree.pids)
-            assert guard._watchdog is not None and guard._watchdog.pid == helper
+            assert guard.helper_pid == helper
         assert not guard.report.lease_expired
     proc.assert_none_stopped(tree.pids)
-    assert guard._watchdog is not None
-    guard._watchdog.close()
+    guard.close()
     assert reaped(helper)
 
 
@@ -123,8 +122,7 @@ def test_lease_thaws_a_stuck_supervisor(make_tree: MakeTree) -> None:
     assert guard.report.lease_expired
     proc.assert_none_stopped(tree.pids)
     for g in (guard, guard2):
-        assert g._watchdog is not None
-        g._watchdog.close()
+        g.close()
 
 
 @pytest.mark.parametrize("backend", ["signal", "cgroup"])
@@ -161,8 +159,7 @@ def test_lease_running_out_during_the_freeze(request: pytest.FixtureRequest, bac
             assert thawed()
             proc.assert_none_stopped(tree.pids)
     finally:
-        if guard._watchdog is not None:
-            guard._watchdog.close()
+        guard.close()
     assert outcomes
 
 
@@ -192,8 +189,8 @@ def test_sigterm_to_the_helper_thaws_first(make_tree: MakeTree) -> None:
     guard = ProcessesGuard(root=tree.root, include_root=True, watchdog=True)
     guard.freeze()
     try:
-        assert guard._watchdog is not None
-        helper = guard._watchdog.pid
+        helper = guard.helper_pid
+        assert helper is not None
         os.kill(helper, signal.SIGTERM)
         proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the helper to thaw")
         proc.wait_until(
@@ -206,8 +203,7 @@ def test_sigterm_to_the_helper_thaws_first(make_tree: MakeTree) -> None:
         guard.freeze()
     proc.assert_none_stopped(tree.pids)
     assert not guard.frozen
-    assert guard._watchdog is not None
-    guard._watchdog.close()
+    guard.close()
     assert reaped(helper)
 
 
@@ -331,8 +327,8 @@ def test_two_guards_in_one_process(make_tree: MakeTree) -> None:
     a = ProcessesGuard(root=tree_a.root, include_root=True, watchdog=True)
     b = ProcessesGuard()
     with a:
-        assert a._watchdog is not None
-        helper = a._watchdog.pid
+        helper = a.helper_pid
+        assert helper is not None
         with b:
             proc.assert_all_stopped(tree_a.pids + tree_b.pids)
             assert helper not in b.pids
@@ -340,7 +336,7 @@ def test_two_guards_in_one_process(make_tree: MakeTree) -> None:
             assert not proc.stopped([helper])
         assert a._watchdog.alive()
     proc.assert_none_stopped(tree_a.pids + tree_b.pids)
-    a._watchdog.close()
+    a.close()
 
 
 # -- a lease of any length; a helper that died is noticed --------------------------------
@@ -378,8 +374,8 @@ def test_a_helper_killed_while_frozen_is_reported(make_tree: MakeTree) -> None:
     tree = make_tree(wide(2))
     guard = ProcessesGuard(root=tree.root, include_root=True, watchdog=True)
     with guard:
-        assert guard._watchdog is not None
-        helper = guard._watchdog.pid
+        helper = guard.helper_pid
+        assert helper is not None
         os.kill(helper, signal.SIGKILL)  # ours: the test's own guard's helper
         proc.wait_until(lambda: proc.state(helper) in ("Z", None), 10, "the helper to die")
         proc.assert_all_stopped(tree.pids)  # the supervisor still holds the tree
@@ -442,8 +438,8 @@ def test_a_helper_killed_between_freezes_refuses_the_next(make_tree: MakeTree) -
     with guard:
         proc.assert_all_stopped(tree.pids)
     assert not guard.report.watchdog_lost
-    assert guard._watchdog is not None
-    helper = guard._watchdog.pid
+    helper = guard.helper_pid
+    assert helper is not None
     os.kill(helper, signal.SIGKILL)
     proc.wait_until(lambda: proc.state(helper) in ("Z", None), 10, "the helper to die")
     with pytest.raises(WatchdogError, match="gone"):

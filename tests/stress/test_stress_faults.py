@@ -242,8 +242,7 @@ def test_random_deaths_during_freeze_and_thaw(make_tree: MakeTree) -> None:
         killer.pause()
         killer.join()
         guard.release()
-        if guard._watchdog is not None:
-            guard._watchdog.close()
+        guard.close()
     survivors = [p for p in tree.pids if p not in killer.killed]
     proc.assert_none_stopped(tree.pids)
     proc.counters_moving(tree.counters, [tree.pids.index(p) * 8 for p in survivors])
@@ -324,9 +323,7 @@ for mode in ("pidfd", "transient", "identities", "lease"):
         "newcomer_state": state(newcomer),
         "bystander_state": state(bystander),
     }
-    guard.release()
-    if guard._watchdog is not None:
-        guard._watchdog.close()
+    guard.close()
     for pid in (newcomer, bystander):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

@@ -65,19 +65,18 @@ def test_soak_a_thousand_cycles(make_tree: MakeTree) -> None:
             if cycle % 100 == 99:
                 proc.counters_moving(tree.counters, ticking)
             if cycle == 0:
-                assert guard._watchdog is not None
-                helper = guard._watchdog.pid
+                helper = guard.helper_pid
+                assert helper is not None
             if cycle == 49:  # warmed up: the baseline for growth
                 fds, rss = open_fds(), rss_kib()
-        assert guard._watchdog is not None and guard._watchdog.pid == helper  # one helper
+        assert guard.helper_pid == helper  # one helper
         assert open_fds() == fds, "descriptors leaked"
         grown = rss_kib() - rss
         assert grown < 2048, f"RSS grew by {grown} KiB over {CYCLES - 50} cycles"
         assert {pid: proc_starttime(pid) for pid in tree.pids} == identities
     finally:
         guard.release()
-        if guard._watchdog is not None:
-            guard._watchdog.close()
+        guard.close()
     proc.counters_moving(tree.counters, ticking)
     print(f"soak: {CYCLES} cycles, RSS grew {grown} KiB, {fds} descriptors throughout")
     add_figures(soak_cycles=CYCLES, soak_tasks=len(proc.states_of(tree.pids)), soak_rss_kib=grown)
@@ -121,7 +120,7 @@ with WorkerTree(spec, mode="idle") as tree:
             "thaw_ms": guard.report.thaw_seconds * 1e3,
         })
     out["processes"] = len(tree.pids)
-    guard._watchdog.close()
+    guard.close()
 print(json.dumps(out))
 """
 
