@@ -81,7 +81,7 @@ class Stat:
 # accept, and reads the same values from it.
 _STAT_TAIL = re.compile(
     rb" ([A-Za-z]) (-?[0-9]+) (-?[0-9]+) (-?[0-9]+) [^ ]* [^ ]* ([0-9]+)"
-    rb"(?: [^ ]*){10} ([0-9]+) [^ ]* ([0-9]+)(?: |\n?\Z)"
+    rb"(?: [^ ]*){10} ([0-9]+) [^ ]* ([0-9]+)(?: |\n)"
 )
 
 
@@ -137,7 +137,8 @@ def parse_stat(data: bytes | str) -> Stat:
     if space <= 0 or raw[space + 1 : space + 2] != b"(" or close < space + 2:
         raise ProcfsParseError("no 'PID (comm)' prefix", raw)
     rest = raw[close + 1 :]
-    if rest.endswith(b"\n"):
+    ended = rest.endswith(b"\n")
+    if ended:
         rest = rest[:-1]
     if rest[:1] != b" ":
         raise ProcfsParseError("no space after the command name", raw)
@@ -146,6 +147,10 @@ def parse_stat(data: bytes | str) -> Stat:
     fields = rest[1:].split(b" ", 20)
     if len(fields) < 20:
         raise ProcfsParseError(f"only {len(fields)} fields after the command name", raw)
+    if len(fields) == 20 and not ended:
+        # The kernel writes more fields after starttime, and a newline: a line that stops
+        # at starttime was cut short, maybe inside it (a short read).
+        raise ProcfsParseError("the line ends at starttime without a newline (cut short?)", raw)
     state = fields[0]
     if len(state) != 1 or not state.isalpha():
         raise ProcfsParseError("the state is not one letter", raw)

@@ -89,8 +89,8 @@ async def _longest_gap_while_frozen(tree: WorkerTree) -> float:
             assert not late, f"tasks not stopped inside the block: {late}"
             await anyio.sleep(0.005)
         measuring = False
-    assert len(gaps) >= 3
-    return max(gaps)
+    # Too few ticks to judge counts as a stall: the retry below decides, not this run.
+    return max(gaps) if len(gaps) >= 3 else float("inf")
 
 
 async def test_event_loop_runs_while_a_300_process_tree_freezes(make_tree: MakeTree) -> None:

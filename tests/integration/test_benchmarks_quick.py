@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import require_root
+from treeguard.cgroup import discover
 
 RUN = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
 
@@ -28,13 +29,27 @@ def test_quick_mode_runs_and_every_freeze_verifies(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["failures"] == []
     assert report["workloads"], "no workload ran"
+    expected = {
+        "treeguard signal",
+        "treeguard cgroup",
+        "treeguard auto",
+        "treeguard ptrace",
+        "treeguard Cgroup.freeze()",
+        "kernel floor (cgroup v2)",
+        "C floor (signal)",
+        "C floor (ptrace)",
+        "psutil naive (unverified)",
+        "crosvm (model)",
+    }
     for workload in report["workloads"]:
-        for name in ("treeguard signal", "kernel floor (cgroup v2)", "crosvm (model)"):
-            result = workload["contenders"][name]
+        assert set(workload["contenders"]) == expected, workload["workload"]
+        for name, result in workload["contenders"].items():
             # every repetition's freeze and thaw passed the independent check
             assert result["verified"] == report["repetitions"], (workload["workload"], name)
             assert result["freeze_ms"]["n"] == report["repetitions"]
     enumerated = report["enumeration"]["enumerators"]
     assert {"alone", "crowded"} <= set(enumerated["treeguard walk"])
-    # the kernel floor removed its cgroup
-    assert not [p for p in Path("/sys/fs/cgroup/unified").glob("treeguard-bench-*")]
+    # the kernel floor removed its cgroup, wherever the v2 hierarchy is mounted
+    v2 = discover().v2
+    assert v2 is not None, "CI has a cgroup v2 mount"
+    assert not list(Path(v2.mountpoint).glob("treeguard-bench-*"))

@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import treeguard
 from tests import proc
 from tests.conftest import MakeCgroup, require_root, slot
 from treeguard._snapshot import snapshot
@@ -251,11 +253,29 @@ def test_tampered_token_never_signals_another_process(tmp_path: Path) -> None:
 def test_permission_denied_as_another_user(make_tree: MakeTree) -> None:
     """As an unprivileged user, freezing root's tree fails with status 4, nothing stopped.
 
-    The interpreter is not reachable by other users here, so the command line runs in a
-    forked child that drops its privileges, with the same ``main`` (and the system's
-    interpreter for its watchdog helper)."""
+    Neither this checkout nor its interpreter need be reachable by other users (a clone in a
+    private home), so the command line runs in a forked child that drops its privileges and
+    runs a copy of the package in a directory that user may read, with the system's
+    interpreter for its watchdog helper (which needs nothing but the standard library)."""
     require_root("switching to another user")
     tree = make_tree({"children": [{}]}, mode="idle")
+    readable = tempfile.mkdtemp(prefix="treeguard-other-user-")
+    try:
+        os.chmod(readable, 0o755)
+        package = Path(treeguard.__file__).parent
+        shutil.copytree(
+            package, Path(readable) / "treeguard", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        status = _main_as_nobody(readable, ["freeze", str(tree.root), "--", "true"])
+    finally:
+        shutil.rmtree(readable)
+    assert status == 4
+    proc.assert_none_stopped(tree.pids)
+
+
+def _main_as_nobody(path: str, argv: list[str]) -> int:
+    """``treeguard._cli.main(argv)`` in a forked child running as uid 65534, importing the
+    package from ``path``; its exit status."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - reports through the pipe
@@ -267,13 +287,15 @@ def test_permission_denied_as_another_user(make_tree: MakeTree) -> None:
             os.setgroups([])
             os.setresgid(65534, 65534, 65534)
             os.setresuid(65534, 65534, 65534)
+            os.chdir("/")
+            for name in [m for m in sys.modules if m == "treeguard" or m.startswith("treeguard.")]:
+                del sys.modules[name]
+            sys.path.insert(0, path)
             if not os.access(sys.executable, os.X_OK):
-                # The freeze starts a watchdog helper with sys.executable: use an
-                # interpreter this user may run (the helper needs nothing but the stdlib).
                 sys.executable = shutil.which("python3", path="/usr/local/bin:/usr/bin") or ""
             from treeguard._cli import main
 
-            status = main(["freeze", str(tree.root), "--", "true"])
+            status = main(argv)
         finally:
             os.write(wfd, str(status).encode())
             os._exit(0)
@@ -281,8 +303,7 @@ def test_permission_denied_as_another_user(make_tree: MakeTree) -> None:
     with os.fdopen(rfd, "rb") as reader:
         status = int(reader.read())
     os.waitpid(pid, 0)
-    assert status == 4
-    proc.assert_none_stopped(tree.pids)
+    return status
 
 
 def test_demo() -> None:

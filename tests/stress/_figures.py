@@ -1,19 +1,13 @@
-"""The figures the stress suite produces for README's "Safety" section."""
+"""The figures the stress suite produces for README's "Safety" section: printed as each is
+made, and written at the end of the session to ``stress.json`` in pytest's temporary
+directory (see tests/stress/conftest.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
-FIGURES = Path("/tmp/treeguard-stress.json")
+FIGURES: dict[str, float] = {}
 
 
 def add_figures(**figures: float) -> None:
-    """Merge ``figures`` into :data:`FIGURES` (a later run of a test replaces its own)."""
-    old: dict[str, float] = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
-    old.update(figures)
-    tmp = FIGURES.with_suffix(f".{os.getpid()}")
-    tmp.write_text(json.dumps(old, indent=1, sort_keys=True))
-    tmp.replace(FIGURES)
+    """Record ``figures`` (a later run of a test replaces its own) and print them."""
+    FIGURES.update(figures)
     print("\nstress figures:", figures)

@@ -49,6 +49,8 @@ def stat_lines(draw: st.DrawFn) -> StatLine:
     fields = [state, ppid, pgrp, session, tty_nr, tpgid, flags, *faults_and_times, priority, nice]
     fields += [num_threads, itrealvalue, starttime, *tail]
     after = " ".join(str(f) for f in fields).encode()
-    newline = draw(st.booleans())
+    # The kernel ends the line with a newline; a line without one must go on after starttime
+    # (one that stops there may have been cut short inside it).
+    newline = draw(st.booleans()) or not tail
     raw = b"%d (" % pid + comm + b") " + after + (b"\n" if newline else b"")
     return StatLine(pid, comm, state, ppid, pgrp, session, flags, num_threads, starttime, raw)
