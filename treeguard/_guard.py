@@ -170,6 +170,7 @@ class ProcessesGuard:
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._owner = 0  # the process that froze: the only one that may thaw
         self._depth = 0  # nested ``with`` blocks entered on this guard
+        self._portable = False  # set by the token face: another process will thaw
         self._helpers: tuple[int, ...] = ()  # the supervisor's own helper processes
         self._journal: Journal | None = None
         self._want_watchdog = watchdog
@@ -219,6 +220,7 @@ class ProcessesGuard:
             source=children_source(fs),
             journal=self._journal,
             report=FreezeReport(backend=self._backend_name, scope=self._scope),
+            trace_ok=self._max_frozen is None and not self._portable,
         )
 
     def _freeze_steps(self) -> Steps[ProcessesGuard]:

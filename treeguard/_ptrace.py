@@ -186,6 +186,28 @@ def _yama_scope() -> int | None:
         return None  # no Yama in this kernel
 
 
+def refusal(descendants: bool) -> str | None:
+    """Why no ptrace freeze can work here, known before any process is touched (for
+    ``backend="auto"``): Yama's ``ptrace_scope`` and this process's CAP_SYS_PTRACE. None if
+    one may work (the kernel still says per task: another tracer, another user, ...).
+
+    :param descendants: whether the tree is made of this process's descendants (all that
+        Yama's scope 1 lets a process without CAP_SYS_PTRACE trace).
+    """
+    scope = _yama_scope()
+    if scope is None or scope == 0:
+        return None
+    caps = int(_status(os.getpid()).get("CapEff", "0") or "0", 16)
+    privileged = bool(caps >> _CAP_SYS_PTRACE & 1)
+    if scope == 3:
+        return "Yama ptrace_scope is 3: no process may attach with ptrace"
+    if scope == 2 and not privileged:
+        return "Yama ptrace_scope is 2: only a process with CAP_SYS_PTRACE may attach"
+    if scope == 1 and not privileged and not descendants:
+        return "Yama ptrace_scope is 1: only this process's descendants may be traced"
+    return None
+
+
 def permission_reason(tid: int) -> str:
     """Why the kernel refuses to let this process trace ``tid``, as far as /proc tells:
     another tracer, another user, Yama's ``ptrace_scope``, or the process's own settings."""

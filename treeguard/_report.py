@@ -50,6 +50,9 @@ class FreezeReport:
     lease_expired: bool = False
     #: The watchdog helper had died by the release: the freeze ran without its safety net.
     watchdog_lost: bool = False
+    #: ``backend="auto"``: each way of freezing tried before the one that ran, and why it
+    #: was not used (``{"cgroup": "...", "ptrace": "..."}``).
+    declined: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-able data (skip reasons as their strings)."""

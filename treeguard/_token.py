@@ -238,6 +238,7 @@ def freeze(root: Target | None = None, **options: Unpack[FreezeOptions]) -> Toke
             "backend", "a ptrace hold belongs to this process and cannot go in a token"
         )
     guard = new_guard({"root": root, **given})
+    guard._portable = True  # no ptrace hold for auto: it would end with this process
     guard.freeze()
     try:
         backend = guard._backend

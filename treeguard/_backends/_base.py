@@ -35,6 +35,9 @@ class Plan:
     source: ChildrenSource
     journal: Journal | None = None
     report: FreezeReport = field(default_factory=FreezeReport)
+    #: Whether a ptrace hold may serve this freeze: False when another process is to end it
+    #: (a token's holder, a lease's watchdog), since a hold ends only with this process.
+    trace_ok: bool = True
 
     @classmethod
     def bare(cls, *, timeout: float = 1.0, scope: str = "tree", fs: ProcFS | None = None) -> Plan:
