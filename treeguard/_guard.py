@@ -265,7 +265,11 @@ class ProcessesGuard:
         """Thaw what this guard stopped (children first). Idempotent; never raises for a
         process that has gone meanwhile."""
         if self._finalizer is not None and self._finalizer.alive:
-            self._finalizer()
+            assert self._backend is not None
+            # Disarmed only once the thaw is over: a release() cut short (KeyboardInterrupt)
+            # is finished by the next one, since a backend's thaw is resumable.
+            _thaw_now(self._backend)
+            self._finalizer.detach()
             if self._watchdog is not None:
                 self.report.lease_expired = self._watchdog.lease_expired()
 
