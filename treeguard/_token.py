@@ -243,7 +243,8 @@ def freeze(root: Target | None = None, **options: Unpack[FreezeOptions]) -> Toke
     try:
         backend = guard._backend
         assert backend is not None
-        token = Token(backend.name, backend.describe())
+        # The backend that ran (``auto`` names the one it chose): the thaw needs no guess.
+        token = Token(guard.report.backend, backend.describe())
     except BaseException:
         guard.release()
         raise

@@ -538,21 +538,31 @@ class Cgroup:
         from ._guard import check_options
 
         check_options(timeout=timeout, max_passes=1, partial_ok=False)
-        mine = discover().own_directory(self.version)
-        if mine is not None and (mine == self.path or mine.startswith(self.path + "/")):
-            raise CgroupError(self.path, "the calling process is in it and would freeze itself")
+        self._refuse_if_caller_inside("freeze")
         plan = Plan.bare(timeout=float(timeout), scope="cgroup")
         kind = CgroupV2Backend if self.version == 2 else CgroupV1Backend
         backend = kind(plan, self.path)
+        if self._freezer is None:
+            # Kept before the freeze starts: a freeze interrupted after the kernel froze
+            # the cgroup is still ours to thaw. (Frozen by us already: the new freeze
+            # finds it frozen and leaves it to the first one's thaw.)
+            self._freezer = backend
         run_sync(backend.freeze())
-        self._freezer = backend
         return backend.report
 
     def thaw(self) -> None:
-        """Undo :meth:`freeze` (a cgroup frozen before it stays frozen). Idempotent."""
-        backend, self._freezer = self._freezer, None
+        """Undo :meth:`freeze` (a cgroup frozen before it stays frozen). Idempotent, and
+        resumable: a thaw cut short (KeyboardInterrupt) is finished by the next call."""
+        backend = self._freezer
         if backend is not None:
             run_sync(backend.thaw())
+            self._freezer = None  # forgotten only once thawed
+
+    def _refuse_if_caller_inside(self, what: str) -> None:
+        """:raises CgroupError: if the calling process is in this cgroup (or below it)."""
+        mine = discover().own_directory(self.version)
+        if mine is not None and (mine == self.path or mine.startswith(self.path + "/")):
+            raise CgroupError(self.path, f"the calling process is in it and would {what} itself")
 
     # -- cleaning up ------------------------------------------------------------------
 
@@ -565,11 +575,15 @@ class Cgroup:
         children from before (started otherwise, then adopted) are left for it to reap,
         with their exit status.
 
-        :raises CgroupError: if processes remain after ``timeout`` seconds.
+        :raises CgroupError: if the caller is inside it (it would kill itself; nothing is
+            killed then), if processes remain after ``timeout`` seconds, or if this
+            process has fewer than two file descriptors to spare.
         """
         self._kill(None, timeout)
 
     def _kill(self, only: set[int] | None, timeout: float) -> None:
+        if only is None:  # (what spawn() started never holds the caller)
+            self._refuse_if_caller_inside("kill")
         self._thaw_all()
         fs = ProcFS()
         # Listed before this process becomes a subreaper: every child it has now is its own
@@ -605,18 +619,27 @@ class Cgroup:
         PR_SET_PDEATHSIG), which left the cgroup on its own."""
         fds: dict[int, int] = {}
         try:
-            for pid in pids:
-                try:
-                    fds[pid] = os.pidfd_open(pid)
-                except ProcessLookupError:
-                    continue
-                except OSError as err:
-                    if err.errno not in (errno.EMFILE, errno.ENFILE) or len(fds) < 2:
-                        raise
-                    # Out of descriptors: one is given back for the reads below, and the
-                    # rest wait for the next round.
-                    os.close(fds.pop(next(reversed(fds))))
-                    break
+            # The reads below (the listing, then one stat at a time) need one descriptor:
+            # it is held while the pidfds are opened, and given back after, so that a
+            # batch never takes the last one, even a batch that fills the table exactly.
+            try:
+                spare = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as err:
+                raise _out_of_descriptors(self.path, err) from err
+            try:
+                for pid in pids:
+                    try:
+                        fds[pid] = os.pidfd_open(pid)
+                    except ProcessLookupError:
+                        continue
+                    except OSError as err:
+                        if err.errno not in (errno.EMFILE, errno.ENFILE):
+                            raise
+                        if not fds:
+                            raise _out_of_descriptors(self.path, err) from err
+                        break  # the rest wait for the next round
+            finally:
+                os.close(spare)
             # Listed after the pidfds were opened: a PID still listed names the very
             # process its pidfd refers to.
             listed = set(self.pids())
@@ -734,6 +757,14 @@ class Cgroup:
 
     def __repr__(self) -> str:
         return f"<Cgroup v{self.version} {self.path}>"
+
+
+def _out_of_descriptors(path: str, err: OSError) -> CgroupError:
+    return CgroupError(
+        path,
+        f"cannot kill its processes: {err.strerror} (a pidfd and a file to read need two "
+        "free descriptors: close some, or raise RLIMIT_NOFILE)",
+    )
 
 
 def _children_of_self(fs: ProcFS) -> dict[int, int]:

@@ -32,6 +32,7 @@ from treeguard._backends._cgroup import CgroupV2Backend, thaw_cgroup
 from treeguard._drive import Steps, run_async
 from treeguard._watchdog import is_subreaper, set_subreaper
 from treeguard._workers import WorkerTree, chain, demo_spec, wide
+from treeguard._workers import counters_moving as moved
 from treeguard.cgroup import Cgroup, discover, parse_proc_cgroup
 from treeguard.errors import (
     CgroupError,
@@ -254,13 +255,14 @@ def test_refused_and_thawed_when_the_cgroup_holds_an_outsider(
     assert not cg.frozen
     proc.counters_moving(outsider.counters, [slot(0), slot(0, 1)])
     proc.counters_moving(tree.counters, _main_slots(tree))
-    # backend="auto" proves it before freezing: the signal backend runs, the cgroup is
-    # never written.
+    # backend="auto" proves it before freezing: the next way (ptrace, as root) runs, the
+    # cgroup is never written.
     writes = _Writes(os.path.join(cg.path, "cgroup.freeze"))
     try:
         with ProcessesGuard(tree.root, include_root=True, backend="auto") as guard:
-            assert guard.report.backend == "signal"
-            proc.assert_all_stopped(tree.pids)
+            assert guard.report.backend == "ptrace"
+            assert "outside the tree" in guard.report.declined["cgroup"]
+            assert not proc.not_stopped(tree.pids)
         assert not writes.seen()
     finally:
         writes.close()
@@ -277,6 +279,189 @@ def test_refused_and_thawed_when_part_of_the_tree_is_elsewhere(
     with pytest.raises(CgroupError, match=f"in another cgroup: {moved} "):
         ProcessesGuard(tree.root, include_root=True, backend="cgroup").freeze()
     assert not cg.frozen
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_descendant_elsewhere_below_processes_whose_parents_are_known(
+    version: int, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    # A grandchild moved out: every process left in the cgroup has its parent there, so
+    # a census that stops reading once each has one never reads the child's parent's file.
+    cg, other = cgroup(version), cgroup(version)
+    tree = make_tree({"children": [{"children": [{}]}, {}]}, spawn=cg.spawn)
+    moved = tree.pids[2]
+    assert proc.ppid(moved) == tree.pids[1]
+    assert other.adopt([moved]) == [moved]
+    guard = ProcessesGuard(tree.root, include_root=True, backend="cgroup")
+    try:
+        with pytest.raises(CgroupError, match=f"in another cgroup: {moved} "):
+            guard.freeze()
+    finally:
+        guard.release()
+    assert not cg.frozen
+    assert _control(cg) == _THAWED[version]
+    proc.counters_moving(tree.counters, _main_slots(tree))
+    # auto goes on to ptrace (as root), which holds the moved grandchild too.
+    with ProcessesGuard(tree.root, include_root=True, backend="auto") as guard:
+        assert guard.report.backend == "ptrace"
+        assert "cgroup" in guard.report.declined
+        assert proc.state(moved) == "t"
+        assert not proc.not_stopped(tree.pids)
+        assert not cg.frozen
+    proc.assert_none_stopped(tree.pids)
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+_THAWED = {2: "0", 1: "THAWED"}
+
+
+def _control(cg: Cgroup) -> str:
+    """What the cgroup's freezer control file says (``cgroup.freeze``, ``freezer.state``)."""
+    name = "cgroup.freeze" if cg.version == 2 else "freezer.state"
+    return proc.read_text(os.path.join(cg.path, name)).strip()
+
+
+def _thaw_directly(cg: Cgroup) -> None:
+    """Write the thaw to the control file, not through treeguard (a failed test's cleanup:
+    a v1-frozen task does not even act on SIGKILL)."""
+    name = "cgroup.freeze" if cg.version == 2 else "freezer.state"
+    with open(os.path.join(cg.path, name), "w") as f:
+        f.write(_THAWED[cg.version])
+
+
+def _threaded(cg: Cgroup) -> None:
+    with open(os.path.join(cg.path, "cgroup.type"), "w") as f:
+        f.write("threaded")
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_refused_when_a_thread_of_the_tree_lives_in_another_cgroup(
+    version: int, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+) -> None:
+    # v1: any task may be moved on its own (its TID written to another cgroup's tasks);
+    # v2: threads of a process spread over the threaded cgroups below one domain.
+    if version == 2:
+        domain = cgroup(2)
+        cg, other = cgroup(2, parent=domain.path), cgroup(2, parent=domain.path)
+        _threaded(cg)
+        _threaded(other)
+        tasks = "cgroup.threads"
+    else:
+        cg, other = cgroup(1), cgroup(1)
+        tasks = "tasks"
+    tree = make_tree({"threads": 1, "children": [{"threads": 1}]}, spawn=cg.spawn)
+    worker = tree.pids[1]
+    (tid,) = set(proc.task_states(worker)) - {worker}
+    with open(os.path.join(other.path, tasks), "w") as f:
+        f.write(str(tid))
+    thread = [slot(1, 1)]  # the moved thread's counter
+    stays = [slot(0), slot(0, 1), slot(1)]
+
+    def counters(indexes: list[int]) -> Callable[[], list[int]]:
+        return lambda: [tree.counters()[i] for i in indexes]
+
+    # The cgroup frozen as it is: the thread elsewhere runs on. (Frozen while it held
+    # the GIL, the process's main thread would stall it: tried again then.)
+    for _ in range(5):
+        cg.freeze()
+        try:
+            assert proc.counters_still(counters(stays), tree.period)
+            if moved(tree.counters, thread, 1.0):
+                break
+        finally:
+            cg.thaw()
+    else:
+        pytest.fail(f"thread {tid} never ran while its cgroup was frozen")
+    guard = ProcessesGuard(tree.root, include_root=True, backend="cgroup")
+    try:
+        guard.freeze()
+    except CgroupError as err:
+        problem = err.problem
+    else:
+        try:
+            running = not proc.counters_still(counters(thread), tree.period)
+        finally:
+            guard.release()
+        pytest.fail(f"reported frozen while thread {tid} ran on (it did: {running})")
+    assert f"thread {tid} of PID {worker} " in problem
+    assert "another cgroup" in problem
+    assert not guard.frozen
+    assert not cg.frozen and _control(cg) == _THAWED[version]
+    proc.counters_moving(tree.counters, stays + thread)
+    # auto: the same proof before it freezes anything, and the next way (ptrace) instead.
+    with ProcessesGuard(tree.root, include_root=True, backend="auto") as guard:
+        assert guard.report.backend == "ptrace"
+        assert not proc.not_stopped(tree.pids)
+    proc.counters_moving(tree.counters, stays + thread)
+
+
+@pytest.mark.parametrize("version", [2, 1])
+@pytest.mark.parametrize("after_the_write", [False, True])
+def test_a_release_cut_short_is_finished_by_the_next(
+    version: int,
+    after_the_write: bool,
+    cgroup: MakeCgroup,
+    make_tree: Callable[..., WorkerTree],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # KeyboardInterrupt while the thaw is written (before the write, or once it is made):
+    # the cgroup's state is forgotten only after the thaw was written, so the next
+    # release() writes it (again).
+    from treeguard._backends import _cgroup
+
+    cg = cgroup(version)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    guard = ProcessesGuard(backend="cgroup").freeze()
+    real = _cgroup.write_file
+
+    def interrupted(path: str, value: str) -> None:
+        if value == _THAWED[version]:
+            monkeypatch.setattr(_cgroup, "write_file", real)  # once
+            if after_the_write:
+                real(path, value)
+            raise KeyboardInterrupt
+        real(path, value)
+
+    monkeypatch.setattr(_cgroup, "write_file", interrupted)
+    try:
+        # release() holds the interrupt until its thaw, run again, is done; then raises it.
+        with pytest.raises(KeyboardInterrupt):
+            guard.release()
+        assert not guard.frozen
+        assert not cg.frozen and _control(cg) == _THAWED[version]
+        guard.release()  # nothing left to do
+        assert not guard.frozen
+        assert not cg.frozen and _control(cg) == _THAWED[version]
+    finally:
+        _thaw_directly(cg)
+    proc.counters_moving(tree.counters, _main_slots(tree))
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_direct_thaw_cut_short_is_finished_by_the_next(
+    version: int, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree], monkeypatch: Any
+) -> None:
+    from treeguard._backends import _cgroup
+
+    cg = cgroup(version)
+    tree = make_tree({"threads": 1}, spawn=cg.spawn)
+    cg.freeze()
+    real = _cgroup.write_file
+
+    def interrupted(path: str, value: str) -> None:
+        monkeypatch.setattr(_cgroup, "write_file", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_cgroup, "write_file", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cg.thaw()
+        assert cg.frozen
+        cg.thaw()
+        assert not cg.frozen and _control(cg) == _THAWED[version]
+    finally:
+        _thaw_directly(cg)
     proc.counters_moving(tree.counters, _main_slots(tree))
 
 
@@ -510,10 +695,26 @@ def test_auto_picks_the_cgroup_only_for_a_tree_alone_in_a_treeguard_cgroup(
     with ProcessesGuard(inside.root, include_root=True, backend="auto") as guard:
         assert guard.report.backend == "cgroup"
         assert cg.frozen
+        assert guard.report.declined == {}
     outside = make_tree(demo_spec())
+    # Not in a cgroup of its own: ptrace (root may trace), which nothing in the tree sees.
     with ProcessesGuard(outside.root, include_root=True, backend="auto") as guard:
+        assert guard.report.backend == "ptrace"
+        assert set(guard.report.declined) == {"cgroup"}
+        assert {t for p in outside.pids for t in proc.task_states(p).values()} == {"t"}
+    proc.assert_none_stopped(outside.pids)
+    # A hold ends with this process: a lease or a token (thawed elsewhere) gets signals.
+    with ProcessesGuard(outside.root, include_root=True, backend="auto", max_frozen=60) as guard:
         assert guard.report.backend == "signal"
+        assert set(guard.report.declined) == {"cgroup", "ptrace"}
         proc.assert_all_stopped(outside.pids)
+    guard.close()
+    token = treeguard.freeze(outside.root, include_root=True, backend="auto")
+    try:
+        assert token.backend == "signal"
+        proc.assert_all_stopped(outside.pids)
+    finally:
+        treeguard.thaw(token)
     proc.assert_none_stopped(outside.pids)
 
 
@@ -697,21 +898,83 @@ def test_kill_leaves_the_callers_own_children_to_it(cgroup: MakeCgroup) -> None:
         child.stdin.close()
 
 
-def test_kill_with_few_descriptors_left(cgroup: MakeCgroup) -> None:
-    # Out of descriptors, kill() holds fewer pidfds at once and takes more rounds.
+def _open_descriptors() -> set[int]:
+    """This process's open descriptors. The listing's own descriptor is listed too, and
+    closed by the time it returns: fstat() tells it from the rest."""
+    listed = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    open_now = set()
+    for fd in listed:
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        open_now.add(fd)
+    return open_now
+
+
+def _limit_leaving(free: int) -> int:
+    """The RLIMIT_NOFILE that leaves exactly ``free`` descriptors to open."""
+    used = _open_descriptors()
+    return next(n for n in itertools.count() if n - len(used & set(range(n))) == free)
+
+
+@pytest.mark.parametrize("free", [20, 2, 1])
+def test_kill_with_few_descriptors_left(free: int, cgroup: MakeCgroup) -> None:
+    # 20 processes: with 20 descriptors free, a batch of pidfds fills the table exactly
+    # and the listing that follows has none left; with 2, one process is killed a round;
+    # with 1, none can be (a pidfd and a read need two): a clear error, nobody killed.
     cg = cgroup(2)
     children = [cg.spawn(["sleep", "60"]) for _ in range(20)]
     proc.wait_until(lambda: len(cg.pids()) == 20, what="the children inside")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    used = {int(fd) for fd in os.listdir("/proc/self/fd")}
-    limit = next(n for n in itertools.count() if n - len(used & set(range(n))) == 4)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_limit_leaving(free), hard))
     try:
-        cg.kill()
+        if free < 2:
+            with pytest.raises(CgroupError, match="free descriptors"):
+                cg.kill()
+        else:
+            cg.kill()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if free < 2:
+        assert sorted(cg.pids()) == sorted(child.pid for child in children)
+        cg.kill()
     assert cg.pids() == []
     assert all(child.returncode == -signal.SIGKILL for child in children)
+
+
+CALLER_INSIDE = r"""
+import sys
+from treeguard.cgroup import Cgroup
+from treeguard.errors import CgroupError
+cg = Cgroup(sys.argv[1])
+for act in (cg.freeze, cg.kill):
+    try:
+        act()
+        print(act.__name__, "done", flush=True)
+    except CgroupError as err:
+        print(act.__name__, "refused:", err.problem, flush=True)
+"""
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_kill_refuses_like_freeze_when_the_caller_is_inside(
+    version: int, cgroup: MakeCgroup
+) -> None:
+    # The caller is a process spawned into the cgroup (never this test runner).
+    cg = cgroup(version)
+    sleeper = cg.spawn(["sleep", "60"])
+    caller = cg.spawn([sys.executable, "-c", CALLER_INSIDE, cg.path], stdout=subprocess.PIPE)
+    assert caller.stdout is not None
+    with caller.stdout:
+        out, _ = caller.communicate(timeout=60)
+    assert caller.returncode == 0, (caller.returncode, out)
+    assert out.decode().splitlines() == [
+        "freeze refused: the calling process is in it and would freeze itself",
+        "kill refused: the calling process is in it and would kill itself",
+    ]
+    assert proc.state(sleeper.pid) in ("S", "R")  # nobody was killed
+    assert not cg.frozen
 
 
 # -- the watchdog thaws a cgroup freeze ------------------------------------------------

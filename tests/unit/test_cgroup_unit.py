@@ -11,11 +11,12 @@ import pytest
 from treeguard import _backends
 from treeguard._backends import Plan, _cgroup
 from treeguard._backends._cgroup import V1Freezer, V2Freezer
-from treeguard._drive import run_sync
+from treeguard._drive import YIELD, Steps, run_sync
 from treeguard._report import FreezeReport
 from treeguard._tree import ChildrenFiles
 from treeguard.cgroup import Cgroup, Hierarchy, discover, parse_mountinfo, parse_proc_cgroup
 from treeguard.errors import (
+    CgroupError,
     CgroupUnavailableError,
     InvalidArgumentError,
     StopTimeoutError,
@@ -237,23 +238,38 @@ def test_cgroup_payload_validation() -> None:
 
 
 def _census(
-    tmp_path: Path, parents: dict[int, int], threads: dict[int, list[int]], inside: list[int]
+    tmp_path: Path,
+    parents: dict[int, int],
+    threads: dict[int, list[int]],
+    inside: list[int],
+    *,
+    elsewhere: tuple[int, ...] = (),
+    kind: str = "domain",
 ) -> _cgroup._Census:
-    """A census of a fake v2 cgroup holding ``inside`` (with their ``threads``) over a
-    synthetic /proc: ``parents`` maps pid to ppid; children are listed by the main thread
-    of the parent, except those of a parent whose other threads are named in ``threads``
-    (forked from that thread, listed by it only)."""
+    """A census of a fake v2 cgroup (``cgroup.type`` ``kind``) holding ``inside`` (with
+    their ``threads``, but for the TIDs ``elsewhere``) over a synthetic /proc: ``parents``
+    maps pid to ppid; children are listed by the main thread of the parent, except those
+    of a parent whose other threads are named in ``threads`` (forked from its first other
+    thread, listed by it only)."""
     proc = tmp_path / "proc"
     for pid, ppid in parents.items():
-        task = proc / str(pid) / "task" / str(pid)
-        task.mkdir(parents=True)
-        kids = [c for c, p in parents.items() if p == pid and pid not in threads]
-        (task / "children").write_text("".join(f"{c} " for c in kids))
-        stat = f"{pid} (p{pid}) S {ppid} {pid} {pid} 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {pid}\n"
-        (proc / str(pid) / "stat").write_text(stat)
+        others = threads.get(pid, [])
+        kids = "".join(f"{c} " for c, p in parents.items() if p == pid)
+        for tid in [pid, *others]:
+            task = proc / str(pid) / "task" / str(tid)
+            task.mkdir(parents=True)
+            forker = others[0] if others else pid
+            (task / "children").write_text(kids if tid == forker else "")
+            line = f"{tid} (p{pid}) S {ppid} {pid} {pid} 0 -1 0 0 0 0 0 0 0 0 0 20 0 "
+            (task / "stat").write_text(line + f"{1 + len(others)} 0 {pid}\n")
+            if tid != pid:  # /proc/TID names the thread too
+                (proc / str(tid)).symlink_to(proc / str(pid))
+        main = proc / str(pid) / "task" / str(pid) / "stat"
+        (proc / str(pid) / "stat").write_text(main.read_text())
     cg = _fake_v2(tmp_path)
+    (cg / "cgroup.type").write_text(kind + "\n")
     (cg / "cgroup.procs").write_text("".join(f"{p}\n" for p in inside))
-    tids = [t for p in inside for t in [p, *threads.get(p, [])]]
+    tids = [t for p in inside for t in [p, *threads.get(p, [])] if t not in elsewhere]
     (cg / "cgroup.threads").write_text("".join(f"{t}\n" for t in tids))
     fs = ProcFS(str(proc))
     plan = Plan((1,), frozenset({1}), {}, 1.0, 1, False, "tree", fs, ChildrenFiles(fs))
@@ -286,6 +302,25 @@ def test_census_refuses_a_child_of_the_tree_outside_the_cgroup(tmp_path: Path) -
     assert "in another cgroup: 12 (p12)" in (census.problem() or "")
 
 
+def test_census_refuses_a_grandchild_outside_the_cgroup(tmp_path: Path) -> None:
+    # Every process left in the cgroup has its parent there: 13 (below 11) is found only
+    # by reading every children file, not just until each process has a parent.
+    tree = {1: 0, 10: 1, 11: 10, 12: 10, 13: 11}
+    census = _census(tmp_path, tree, {}, [10, 11, 12])
+    assert "in another cgroup: 13 (p13)" in (census.problem() or "")
+
+
+def test_census_refuses_a_thread_in_another_cgroup(tmp_path: Path) -> None:
+    census = _census(tmp_path, TREE, THREADS, [10, 11, 12, 13, 14], elsewhere=(130,))
+    assert census.problem() is None  # a domain cgroup: no thread can be elsewhere
+    census = _census(
+        tmp_path / "t", TREE, THREADS, [10, 11, 12, 13, 14], elsewhere=(130,), kind="threaded"
+    )
+    assert "thread 130 of PID 13 (p13)" in (census.problem() or "")
+    census = _census(tmp_path / "all", TREE, THREADS, [10, 11, 12, 13, 14], kind="threaded")
+    assert census.problem() is None
+
+
 def test_census_refuses_a_process_that_must_keep_running(tmp_path: Path) -> None:
     census = _census(tmp_path, TREE, THREADS, [1, 10, 11, 12, 13, 14])  # the root itself
     assert "outside the tree: the root 1" in (census.problem() or "")
@@ -297,3 +332,122 @@ def test_subtree_includes_child_cgroups(tmp_path: Path) -> None:
     for d, pids in ((top, "1\n"), (top / "a", "2\n3\n"), (top / "a" / "b", "4\n")):
         (d / "cgroup.procs").write_text(pids)
     assert _cgroup.procs_below(str(top)) == [1, 2, 3, 4]
+
+
+# -- a thaw cut short is finished by the next one ------------------------------------------
+
+
+class _Interrupted(Exception):
+    """Stands for the KeyboardInterrupt of a SIGINT handler (raised at any bytecode)."""
+
+
+def _interrupt_once(monkeypatch: pytest.MonkeyPatch, value: str, *, after: bool) -> None:
+    """Make the next write of ``value`` raise, before it is made or once it is made."""
+    real = _cgroup.write_file
+
+    def write(path: str, written: str) -> None:
+        if written != value:
+            real(path, written)
+            return
+        monkeypatch.setattr(_cgroup, "write_file", real)
+        if after:
+            real(path, written)
+        raise _Interrupted
+
+    monkeypatch.setattr(_cgroup, "write_file", write)
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_v2_thaw_cut_short_is_finished_by_the_next(
+    after: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = _fake_v2(tmp_path)
+    (d / "cgroup.events").write_text("populated 1\nfrozen 1\n")  # frozen once written
+    freezer = V2Freezer(str(d))
+    run_sync(freezer.freeze(0.5, FreezeReport()))
+    assert (d / "cgroup.freeze").read_text().strip() == "1"
+    (d / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    _interrupt_once(monkeypatch, "0", after=after)
+    with pytest.raises(_Interrupted):
+        run_sync(freezer.thaw())
+    assert freezer.froze  # not forgotten: the thaw may not have been written
+    run_sync(freezer.thaw())
+    assert (d / "cgroup.freeze").read_text().strip() == "0"
+    assert not freezer.froze
+    run_sync(freezer.thaw())  # idempotent
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_v1_thaw_cut_short_is_finished_by_the_next(
+    after: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = _fake_v1(tmp_path)
+    freezer = V1Freezer(str(d))
+    run_sync(freezer.freeze(0.5, FreezeReport()))
+    assert (d / "freezer.state").read_text().strip() == "FROZEN"
+    _interrupt_once(monkeypatch, "THAWED", after=after)
+    with pytest.raises(_Interrupted):
+        run_sync(freezer.thaw())
+    assert freezer.froze
+    run_sync(freezer.thaw())
+    assert (d / "freezer.state").read_text().strip() == "THAWED"
+    assert not freezer.froze
+
+
+def test_a_thaw_that_cannot_be_written_is_kept_to_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of descriptors (EMFILE) is not "the cgroup is gone": the thaw is not forgotten.
+    d = _fake_v2(tmp_path)
+    (d / "cgroup.events").write_text("populated 1\nfrozen 1\n")
+    freezer = V2Freezer(str(d))
+    run_sync(freezer.freeze(0.5, FreezeReport()))
+    (d / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    real_open = os.open
+
+    def no_descriptors(path: str, flags: int, *args: int) -> int:
+        if path.endswith("cgroup.freeze"):
+            raise OSError(24, "Too many open files")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_descriptors)
+    with pytest.raises(CgroupError, match="Too many open files"):
+        run_sync(freezer.thaw())
+    monkeypatch.setattr(os, "open", real_open)
+    assert freezer.froze
+    run_sync(freezer.thaw())
+    assert (d / "cgroup.freeze").read_text().strip() == "0"
+
+
+def test_a_thaw_of_a_removed_cgroup_is_done(tmp_path: Path) -> None:
+    d = _fake_v2(tmp_path)
+    (d / "cgroup.events").write_text("populated 1\nfrozen 1\n")
+    freezer = V2Freezer(str(d))
+    run_sync(freezer.freeze(0.5, FreezeReport()))
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()
+    run_sync(freezer.thaw())
+    assert not freezer.froze
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_freeze_cut_short_in_its_census_writes_the_thaw_back(
+    version: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The census runs while a thread of its own writes the freeze; an interrupt there
+    # must not let that write land after the thaw (cgroup.freeze must not stay 1).
+    d = _fake_v2(tmp_path) if version == 2 else _fake_v1(tmp_path)
+    freezer = V2Freezer(str(d)) if version == 2 else V1Freezer(str(d))
+    control = d / ("cgroup.freeze" if version == 2 else "freezer.state")
+
+    def census() -> Steps[None]:
+        yield YIELD
+        raise _Interrupted
+
+    monkeypatch.setattr(_cgroup, "_FEW_TASKS", 0)  # written by a thread of its own
+    for _ in range(20):  # the write lands before, during or after the interrupt
+        with pytest.raises(_Interrupted):
+            run_sync(freezer.freeze(0.5, FreezeReport(), meanwhile=census()))
+        assert control.read_text().strip() == ("0" if version == 2 else "THAWED")
+        assert not freezer.froze

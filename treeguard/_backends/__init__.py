@@ -6,8 +6,9 @@ import os
 
 from .._thaw import thaw_identities
 from ..errors import FreezePermissionError, InvalidArgumentError, TokenError
+from ._auto import AutoBackend
 from ._base import Backend, Journal, Plan
-from ._cgroup import AutoBackend, CgroupBackend, thaw_cgroup
+from ._cgroup import CgroupBackend, thaw_cgroup
 from ._ptrace import PtraceBackend
 from ._signal import SignalBackend
 

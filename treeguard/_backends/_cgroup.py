@@ -13,13 +13,17 @@
 without walking the tree: the candidate is the cgroup of the tree's first top process (the
 root's first child, or the root), and the few processes that must keep running (the
 caller, its ancestors, excluded PIDs) are checked to be outside it BEFORE anything is
-frozen. That the candidate holds nothing but the tree is proven from its task list and the
-``children`` files of its processes, read from the top down only until every process in
-it is accounted for (:class:`_Census`): while the kernel freezes the cgroup (the write
-runs in a thread of its own, so this work and an event loop go on meanwhile; for a cgroup
-of a few dozen tasks, right after the write), then once more from the task list when it
-is frozen and can no longer change. A cgroup found to hold other processes is thawed
-again before the error is raised.
+frozen. That the candidate holds the whole tree and nothing else is proven from its task
+list and the ``children`` files of all its tasks, and each process's thread count
+(:class:`_Census`): while the kernel freezes the cgroup (the write runs in a thread of its
+own, so this work and an event loop go on meanwhile; for a cgroup of a few dozen tasks,
+right after the write), then once more from the task list when it is frozen and can no
+longer change. A cgroup found to hold other processes, or to miss part of the tree (a
+descendant or a thread in another cgroup), is thawed again before the error is raised.
+
+An interrupt (KeyboardInterrupt at any bytecode, a cancellation) never leaves the cgroup
+frozen: a freeze cut short writes the thaw back, and a thaw cut short is finished by the
+next one (see :class:`CgroupFreezer`).
 """
 
 from __future__ import annotations
@@ -31,11 +35,10 @@ import itertools
 import os
 import select
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .._drive import YIELD, Steps, Wait
+from .._drive import YIELD, Steps, Wait, run_sync
 from .._report import FreezeReport, Skip
 from .._tree import ChildrenSource, walk
 from ..errors import (
@@ -44,9 +47,9 @@ from ..errors import (
     InvalidArgumentError,
     StopTimeoutError,
 )
-from ..procfs import DEAD_STATES, ProcFS, Stat
+from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat
 from ._base import Backend, Journal, Plan
-from ._signal import _ROOT, SignalBackend
+from ._signal import _ROOT
 
 __all__ = [
     "CgroupBackend",
@@ -54,7 +57,6 @@ __all__ = [
     "CgroupV2Backend",
     "V1Freezer",
     "V2Freezer",
-    "AutoBackend",
     "freezer_for",
     "thaw_cgroup",
 ]
@@ -79,6 +81,8 @@ _SLICE = 0.002
 #: ms; at 1,000 the look costs about 0.05 ms. (At 1 KiB, 150 processes, the two ways were
 #: even, and at 300 the thread won by 0.25 ms.)
 _FEW_TASKS = 256
+#: What a write to a file of a cgroup that was removed fails with.
+_GONE_ERRNOS = (errno.ENOENT, errno.ENODEV, errno.ENOTDIR)
 
 
 class _Events:
@@ -183,7 +187,7 @@ def write_file(path: str, value: str) -> None:
 
 
 class _Writer:
-    """One :func:`write_file` (``job``) in a short-lived thread of its own, started at once.
+    """One :func:`write_file` (``job``) in a short-lived thread of its own.
 
     Writing ``cgroup.freeze`` (or ``freezer.state``) returns only once the kernel has told
     every task of the cgroup to stop: 2.5 ms for 1,000 processes on this machine, 20 ms
@@ -191,61 +195,74 @@ class _Writer:
     census) and an event loop keeps running; ``done_fd`` (an eventfd) turns readable when
     the write is over. The thread is started only when there is a write to make: started
     earlier, to get ready while the cgroup was found, it took the GIL from that work and
-    cost more than it hid (0.1 to 0.4 ms a freeze in A/B runs with 1,000 processes). Without
-    ``thread`` (a small cgroup), or where no thread can be had, the write happens in the
-    caller.
+    cost more than it hid (0.1 to 0.4 ms a freeze in A/B runs with 1,000 processes). Where
+    no thread can be had, the write happens in the caller.
+
+    The write is made while holding ``_mutex``, and not at all once :meth:`close` ran: a
+    thaw that closes the writer first can never be overtaken by a freeze written after it,
+    however the caller was interrupted (the thread may not even have started yet).
     """
 
-    def __init__(self, job: Callable[[], None], *, thread: bool = True) -> None:
+    def __init__(self, job: Callable[[], None]) -> None:
         self.error: BaseException | None = None
         self.seconds = 0.0
-        self.done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.done_fd = -1
         self._job = job
-        self._running = _thread.allocate_lock()
-        self._running.acquire()
-        if not thread:
-            self._run()
-            return
+        self._mutex = _thread.allocate_lock()
+        self._closed = False
+        self._done = False
+
+    def start(self) -> None:
+        """Start the write (in the caller if no thread can be had)."""
+        self.done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             _thread.start_new_thread(self._run, ())
         except RuntimeError:  # no thread to be had (RLIMIT_NPROC, ...)
             self._run()
 
     def _run(self) -> None:
-        t0 = time.perf_counter()
-        try:
-            self._job()
-        except BaseException as err:  # handed to the caller, see _write_during
-            self.error = err
-        finally:
-            self.seconds = time.perf_counter() - t0
-            os.eventfd_write(self.done_fd, 1)
-            self._running.release()
+        with self._mutex:
+            if self._closed:
+                return  # closed before the thread ran: the write must not happen now
+            t0 = time.perf_counter()
+            try:
+                self._job()
+            except BaseException as err:  # handed to the caller, see _write_during
+                self.error = err
+            finally:
+                self.seconds = time.perf_counter() - t0
+                self._done = True
+                os.eventfd_write(self.done_fd, 1)  # under the mutex: close() closes it
 
     @property
     def over(self) -> bool:
-        return not self._running.locked()
+        return self._done
 
     def close(self) -> None:
-        """Wait until the write is over, even through KeyboardInterrupt (re-raised then):
-        nothing may touch the cgroup before it is, or a thaw could land before the freeze.
-        Idempotent; the write's own failure is left in :attr:`error`."""
+        """Wait until the write is over, or make sure it never happens if it has not begun,
+        even through KeyboardInterrupt (re-raised then): nothing may touch the cgroup
+        before, or a thaw could land before the freeze. Idempotent; the write's own
+        failure is left in :attr:`error`."""
         interrupted: BaseException | None = None
         while True:
             try:
-                self._running.acquire()
+                self._mutex.acquire()
                 break
             except BaseException as err:  # noqa: BLE001 - raised below, once it is over
                 interrupted = err
-        self._running.release()
-        if self.done_fd >= 0:
-            os.close(self.done_fd)
-            self.done_fd = -1
+        try:
+            self._closed = True
+            if self.done_fd >= 0:
+                os.close(self.done_fd)
+                self.done_fd = -1
+        finally:
+            self._mutex.release()
         if interrupted is not None:
             raise interrupted
 
 
 def _write_during(
+    freezer: CgroupFreezer,
     job: Callable[[], None],
     meanwhile: Steps[None] | None,
     report: FreezeReport,
@@ -254,9 +271,20 @@ def _write_during(
 ) -> Steps[None]:
     """Make the write ``job`` in a thread while ``meanwhile`` runs here (without ``thread``,
     first the write, then ``meanwhile``); over when both are. The write's failure is raised
-    after ``meanwhile``'s."""
-    writer = _Writer(job, thread=thread)
+    after ``meanwhile``'s. The writer is handed to ``freezer`` before it starts, so that
+    its undo waits for it (see :meth:`CgroupFreezer.settle`)."""
+    if not thread:
+        t0 = time.perf_counter()
+        try:
+            job()
+        finally:
+            report.signal_seconds += time.perf_counter() - t0
+        if meanwhile is not None:
+            yield from meanwhile
+        return
+    writer = freezer.writer = _Writer(job)
     try:
+        writer.start()
         if meanwhile is not None:
             yield from meanwhile
         while not writer.over:
@@ -316,9 +344,31 @@ def _ids(dirs: list[str], name: str) -> set[int]:
     return set(map(int, _listing(dirs, name).split()))
 
 
+def _procs(dirs: list[str], fs: ProcFS | None = None) -> set[int]:
+    """The processes in the cgroups ``dirs`` (``cgroup.procs``).
+
+    A threaded v2 cgroup refuses to list its processes (EOPNOTSUPP: cgroup-v2.rst,
+    "Threads"; a process is in it only through some of its threads): there, each thread of
+    ``cgroup.threads`` stands for its thread group, read from ``/proc/TID/status``.
+    """
+    found: set[int] = set()
+    for d in dirs:
+        try:
+            found |= _ids([d], "cgroup.procs")
+        except OSError as err:
+            if err.errno != errno.EOPNOTSUPP:
+                raise
+            fs = fs or ProcFS()
+            for tid in _ids([d], "cgroup.threads"):
+                status = fs.status(tid)
+                if status is not None and status.get("Tgid", "").isdigit():
+                    found.add(int(status["Tgid"]))
+    return found
+
+
 def procs_below(path: str) -> list[int]:
     """Every process in the cgroup ``path`` and its descendants (``cgroup.procs``)."""
-    return sorted(_ids(_subtree(path), "cgroup.procs"))
+    return sorted(_procs(_subtree(path)))
 
 
 def _unfrozen_tasks(pids: list[int], fs: ProcFS, frozen_shows: str) -> list[tuple[int, int, str]]:
@@ -336,17 +386,27 @@ def _unfrozen_tasks(pids: list[int], fs: ProcFS, frozen_shows: str) -> list[tupl
 
 
 class CgroupFreezer:
-    """Freezes and thaws one cgroup directory; remembers whether it was frozen before."""
+    """Freezes and thaws one cgroup directory; remembers whether it was frozen before.
+
+    The thaw is resumable and idempotent at every point: :attr:`froze` is set before the
+    freeze is written and cleared only once the thaw was written (or the cgroup is gone),
+    so a thaw cut short (KeyboardInterrupt at any bytecode, a write that failed) leaves it
+    set, and the next :meth:`thaw` writes the thaw again. A freeze written by a thread of its
+    own is waited for first (:meth:`settle`), so that it never lands after the thaw.
+    """
 
     version = 0
     control = ""
+    #: What the control file says when thawed.
+    thawed = ""
 
     def __init__(self, path: str, fs: ProcFS | None = None, journal: Journal | None = None) -> None:
         self.path = path
         self.fs = fs or ProcFS()
         self.journal = journal  # the watchdog's, told before the freeze is written
         self.was_frozen = False
-        self.froze = False  # this freezer wrote the freeze (and so must undo it)
+        self.froze = False  # this freezer wrote (or is writing) the freeze: it must undo it
+        self.writer: _Writer | None = None  # the thread writing the freeze, if any
         self._inode: int | None = None
 
     @property
@@ -370,6 +430,59 @@ class CgroupFreezer:
         """
         if self.journal is not None:
             self.journal.freezing_cgroup(self.version, self.path, self.inode)
+
+    def settle(self) -> None:
+        """Wait until the thread writing the freeze (if any) is over, or make sure it never
+        writes: after this, nothing but this process's own calls writes the control file."""
+        if self.writer is not None:
+            self.writer.close()
+
+    def write_control(self, value: str) -> None:
+        """Write ``value`` to the control file; a cgroup that is gone counts as written
+        (nothing is frozen there any more).
+
+        :raises CgroupError: if the write failed otherwise (out of descriptors, ...): the
+            caller keeps its state, so that the write is tried again.
+        """
+        try:
+            self._write(value)
+        except CgroupError as err:
+            cause = err.__cause__
+            if not (isinstance(cause, OSError) and cause.errno in _GONE_ERRNOS):
+                raise
+
+    def _write(self, value: str) -> None:
+        write_file(self.file(self.control), value)
+
+    def undo(self) -> None:
+        """Write the thaw if this freezer froze the cgroup; forget that only once written.
+
+        :raises CgroupError: if the thaw could not be written (:attr:`froze` stays set).
+        """
+        self.settle()
+        if self.froze:
+            self.write_control(self.thawed)
+            self.froze = False
+
+    def thaw(self, timeout: float = 1.0) -> Steps[None]:
+        """Undo this freezer's freeze (nothing if it did not freeze): write the thaw, then
+        wait for the kernel to confirm it. Resumable and idempotent.
+
+        :raises CgroupError: if the thaw could not be written (call again to retry).
+        """
+        if not self.froze:
+            return  # not ours to thaw (it was frozen before us, or never frozen)
+        self.undo()
+        # Thawing is immediate in the kernel (v2: cgroup_do_freeze; v1: freezer_change_state
+        # thaws every task before the write returns); waiting only confirms it. A cgroup
+        # that is gone, or still frozen by an ancestor, is fine.
+        try:
+            yield from self._wait_for(self.thawed, time.perf_counter() + timeout)
+        except CgroupError:
+            pass
+
+    def _wait_for(self, want: str, deadline: float) -> Steps[bool]:
+        raise NotImplementedError
 
     def _lease_check(self) -> None:
         """:raises WatchdogError: if the watchdog's lease ran out (it thawed the cgroup)."""
@@ -413,11 +526,12 @@ class CgroupFreezer:
         ``meanwhile`` (if any) while the kernel is at work. On any failure, thawed again."""
         raise NotImplementedError
 
-    def thaw(self, timeout: float = 1.0) -> Steps[None]:
-        raise NotImplementedError
-
     def is_frozen(self) -> bool:
         raise NotImplementedError
+
+    def threads_may_be_elsewhere(self) -> bool:
+        """Whether a process in this cgroup may have threads in another cgroup."""
+        return True  # v1: any task may be moved on its own (freezer-subsystem.rst)
 
     #: The file listing the cgroup's tasks (threads); every cgroup lists its processes
     #: in ``cgroup.procs``.
@@ -430,6 +544,7 @@ class V2Freezer(CgroupFreezer):
     version = 2
     control = "cgroup.freeze"
     tasks_file = "cgroup.threads"
+    thawed = "0"
 
     def events(self) -> dict[str, str]:
         text = read_file(self.file("cgroup.events"))
@@ -439,6 +554,12 @@ class V2Freezer(CgroupFreezer):
 
     def is_frozen(self) -> bool:
         return self.events().get("frozen") == "1"
+
+    def threads_may_be_elsewhere(self) -> bool:
+        # Only within a threaded subtree may the threads of a process be in different
+        # cgroups; a "domain threaded" cgroup is the root of one and holds it whole.
+        kind = read_file(self.file("cgroup.type"))
+        return kind is not None and kind.strip() == "threaded"
 
     def _wait_for(self, want: str, deadline: float) -> Steps[bool]:
         """Wait until ``frozen`` reads ``want``; False at the deadline."""
@@ -481,10 +602,10 @@ class V2Freezer(CgroupFreezer):
         try:
             if not self.was_frozen:
                 self._announce()
-                self.froze = True
-                path = self.file("cgroup.freeze")
-                job = functools.partial(write_file, path, "1")
-                yield from _write_during(job, meanwhile, report, thread=not self.has_few_tasks())
+                self.froze = True  # before the write: an interrupted freeze is undone
+                job = functools.partial(write_file, self.file("cgroup.freeze"), "1")
+                thread = not self.has_few_tasks()
+                yield from _write_during(self, job, meanwhile, report, thread=thread)
             elif meanwhile is not None:
                 yield from meanwhile
             t0 = time.perf_counter()
@@ -494,29 +615,11 @@ class V2Freezer(CgroupFreezer):
                 pids = procs_below(self.path)
                 raise StopTimeoutError(timeout, _unfrozen_tasks(pids, self.fs, "STtZXI"))
         except BaseException:
-            # A failed or cancelled freeze writes the thaw back (runc's half-frozen bug).
-            self._undo()
+            # A failed or cancelled freeze writes the thaw back (runc's half-frozen bug:
+            # cgroup.freeze must not stay 1); if even that is cut short, froze stays set.
+            self.undo()
             raise
         report.verified_by = f"cgroup v2: {self.file('cgroup.events')} says frozen 1"
-
-    def _undo(self) -> None:
-        if self.froze:
-            self.froze = False
-            try:
-                write_file(self.file("cgroup.freeze"), "0")
-            except CgroupError:
-                pass  # removed meanwhile: nothing is frozen there any more
-
-    def thaw(self, timeout: float = 1.0) -> Steps[None]:
-        if not self.froze:
-            return  # not ours to thaw (it was frozen before us, or never frozen)
-        self._undo()
-        # Unfreezing is immediate in the kernel (cgroup_do_freeze); waiting for "frozen 0"
-        # only confirms it. A cgroup that is gone or still frozen by an ancestor is fine.
-        try:
-            yield from self._wait_for("0", time.perf_counter() + timeout)
-        except CgroupError:
-            pass
 
 
 class V1Freezer(CgroupFreezer):
@@ -524,6 +627,7 @@ class V1Freezer(CgroupFreezer):
 
     version = 1
     control = "freezer.state"
+    thawed = "THAWED"
 
     def state(self) -> str:
         text = read_file(self.file("freezer.state"))
@@ -533,6 +637,9 @@ class V1Freezer(CgroupFreezer):
 
     def set_state(self, value: str) -> None:
         write_file(self.file("freezer.state"), value)
+
+    def _write(self, value: str) -> None:
+        self.set_state(value)  # which tests replace, to watch what is written
 
     def is_frozen(self) -> bool:
         return self.state() == "FROZEN"
@@ -555,7 +662,7 @@ class V1Freezer(CgroupFreezer):
             elif meanwhile is not None:
                 yield from meanwhile
         except BaseException:
-            self._undo()
+            self.undo()
             raise
         report.verified_by = f"cgroup v1: {self.file('freezer.state')} says FROZEN"
 
@@ -570,10 +677,11 @@ class V1Freezer(CgroupFreezer):
         if not self.was_frozen:
             self._announce()
         for attempt in range(_V1_ATTEMPTS):
-            self.froze = not self.was_frozen
+            self.froze = not self.was_frozen  # before the write: an interrupt undoes it
             if attempt == 0:
                 job = functools.partial(self.set_state, "FROZEN")
-                yield from _write_during(job, meanwhile, report, thread=not self.has_few_tasks())
+                thread = not self.has_few_tasks()
+                yield from _write_during(self, job, meanwhile, report, thread=thread)
             else:
                 t0 = time.perf_counter()
                 self.set_state("FROZEN")
@@ -590,7 +698,7 @@ class V1Freezer(CgroupFreezer):
                 yield YIELD
         pids = procs_below(self.path)
         late = _unfrozen_tasks(pids, self.fs, "DTtZXI")
-        self._undo()
+        self.undo()
         raise StopTimeoutError(timeout, late)
 
     def _wait_for(self, want: str, deadline: float) -> Steps[bool]:
@@ -605,23 +713,6 @@ class V1Freezer(CgroupFreezer):
             yield Wait(backoff)
             backoff = min(backoff * 2, _V1_MAX_BACKOFF)
         return True
-
-    def _undo(self) -> None:
-        if self.froze:
-            self.froze = False
-            try:
-                self.set_state("THAWED")
-            except CgroupError:
-                pass
-
-    def thaw(self, timeout: float = 1.0) -> Steps[None]:
-        if not self.froze:
-            return
-        self._undo()
-        try:
-            yield from self._wait_for("THAWED", time.perf_counter() + timeout)
-        except CgroupError:
-            pass
 
 
 def freezer_for(
@@ -646,8 +737,6 @@ def thaw_cgroup(version: int, path: str, inode: int | None = None) -> int:
             return 0
     except CgroupError:  # gone (CgroupUnavailableError included)
         return 0
-    from .._drive import run_sync
-
     run_sync(freezer.thaw())
     return 1
 
@@ -839,23 +928,30 @@ class _Members:
         never pauses)."""
         changed = self.look()
         if changed is not None:
-            self.procs = _ids(changed[0], "cgroup.procs")
+            self.procs = _procs(changed[0], self.freezer.fs)
         yield from ()
 
 
 class _Census(_Members):
-    """Who a cgroup holds, and the proof that it holds nothing but the tree entered at ``top``.
+    """Who a cgroup holds, and the proof that it holds nothing but the whole tree entered
+    at ``top``.
 
-    Every process in it must be a top process or have its parent in it: going up from any
-    of them then ends at a top process, so it descends from the root. Parents are learnt
-    from the ``children`` files (proc(5)) of the processes in it, read breadth-first from
-    the top only until every process has its parent: a tree of 1,000 processes under one
-    parent costs one read. A child a process forked from another thread, or since its
-    parent's file was read, is asked for its ppid instead.
+    The tree is walked completely: the ``children`` file (proc(5)) of every task in the
+    cgroup is read, each thread's, since a thread lists only the children it forked. So
+    every child of a process in the cgroup is seen, and one that lives in another cgroup
+    (moved there), which the freeze would leave running, makes the census refuse. Every
+    process in it must be a top process or have its parent in it: going up from any of
+    them then ends at a top process, so it descends from the root. A child forked since
+    its parent's file was read is asked for its ppid instead.
 
-    A child found (on the way) to live in another cgroup is part of the tree the freeze
-    would miss: refused too. Children of the processes never read are not looked for:
-    a process born in a cgroup stays in it unless someone moves it.
+    The files are read while the kernel freezes the cgroup; once it is frozen, only the
+    tasks new since then are read (see :class:`_Members`). A process moved out of the
+    cgroup by someone else during those milliseconds is not seen: nothing else moves one
+    (a process born in a cgroup stays in it).
+
+    Threads are counted too: a process whose thread lives in another cgroup (a v1 freezer
+    cgroup, or a threaded v2 cgroup) would run on in that thread, so each process's thread
+    count is compared with the tasks the cgroup lists (:meth:`_threads_elsewhere`).
     """
 
     def __init__(self, freezer: CgroupFreezer, top: frozenset[int], plan: Plan) -> None:
@@ -863,55 +959,47 @@ class _Census(_Members):
         self.top = top
         self.plan = plan
         self.parent: dict[int, int] = {}  # child -> parent, for the processes in the cgroup
-        self._kids: dict[int, list[int]] = {}  # the children files read
+        self._kids: dict[int, list[int]] = {}  # the children files read, by TID
+        self._tids: set[int] = set()  # the tasks the cgroup listed at the last look
         self._orphans: set[int] = set()  # processes in it whose parent is not known yet
         #: Set by :meth:`problem`: what is wrong is only that top processes of the tree
         #: are in other cgroups (a candidate chosen from one of them may be too narrow).
         self.tops_elsewhere = False
 
     def survey(self) -> Steps[None]:
-        """List the cgroup and learn the parent of each process in it (what is not
-        known yet). The task list is read first: if a later survey reads the same list,
-        what was learnt still holds (see :class:`_Members`)."""
+        """List the cgroup and read the ``children`` file of each task not read yet. The
+        task list is read first: if a later survey reads the same list, what was learnt
+        still holds (see :class:`_Members`)."""
         changed = self.look()
         if changed is None:
             return
         dirs, tasks = changed
+        tids = self._tids = set(map(int, tasks.split()))
+        yield from self._read_children(tids)
+        files = self._kids
+        parent = {kid: tid for tid in tids for kid in files[tid]}
         # In the usual tree every task is a process of its own: the task list stands
-        # for the process list until, below the top, a task is left without a parent.
-        procs = set(map(int, tasks.split()))
-        orphans = procs - self.top - self.parent.keys()
-        if self.parent:  # a parent that exited since: its children were re-parented
-            orphans |= {p for p, q in self.parent.items() if q not in procs and p in procs}
-        queue = deque(sorted(self.top & procs))
-        yield from self._descend(queue, procs, orphans, len(queue))
-        if orphans:  # threads, or processes whose parent is further down (or elsewhere)
-            procs = _ids(dirs, "cgroup.procs")
-            orphans &= procs
-            yield from self._descend(queue, procs, orphans, len(procs))
-        self.procs, self._orphans = procs, orphans
+        # for the process list unless, below the top, a task is nobody's child (a thread,
+        # or a process whose parent is not in the cgroup).
+        procs = tids
+        if not tids <= self.top.union(parent):
+            procs = _procs(dirs, self.plan.fs)
+        # A child forked by a secondary thread is listed under that thread's TID: its
+        # parent process is learnt from its ppid (see problem()), like an orphan's.
+        self.parent = {kid: tid for kid, tid in parent.items() if kid in procs and tid in procs}
+        self._orphans = procs - self.top - self.parent.keys()
+        self.procs = procs
 
-    def _descend(
-        self, queue: deque[int], members: set[int], orphans: set[int], reads: int
-    ) -> Steps[None]:
-        """Read ``children`` files breadth-first (at most ``reads``) while some process
-        of ``members`` has no known parent."""
-        parent, files, fs = self.parent, self._kids, self.plan.fs
+    def _read_children(self, tids: set[int]) -> Steps[None]:
+        """Read the ``children`` file of each task of ``tids`` not read yet, pausing every
+        :data:`_SLICE` seconds. ``/proc/TID`` names a secondary thread too."""
+        files, fs = self._kids, self.plan.fs
         next_slice = time.perf_counter() + _SLICE
-        while queue and orphans and reads > 0:
-            pid = queue.popleft()
-            if pid not in members:
-                continue
-            kids = files.get(pid)
-            if kids is None:
-                reads -= 1
-                kids = files[pid] = fs.children(pid, pid) or []
-                parent.update(dict.fromkeys(kids, pid))
-                orphans.difference_update(kids)
-                if time.perf_counter() > next_slice:
-                    yield YIELD
-                    next_slice = time.perf_counter() + _SLICE
-            queue.extend(kids)
+        for tid in tids - files.keys():
+            files[tid] = fs.children(tid, tid) or []
+            if time.perf_counter() > next_slice:
+                yield YIELD
+                next_slice = time.perf_counter() + _SLICE
 
     def problem(self) -> str | None:
         """What is wrong with what :meth:`survey` found, ``None`` if nothing: run once
@@ -948,7 +1036,47 @@ class _Census(_Members):
                 f"processes of the tree are in another cgroup: {_describe_pids(outside, fs)}"
                 " (moved there?); freezing it would leave them running (use backend='signal')"
             )
+        elsewhere = self._threads_elsewhere()
+        if elsewhere:
+            shown = ", ".join(
+                f"thread {tid} of PID {_describe_pids([pid], fs)}" for pid, tid in elsewhere[:10]
+            )
+            return (
+                f"threads of the tree are in another cgroup: {shown}"
+                + (" ..." if len(elsewhere) > 10 else "")
+                + "; freezing it would leave them running (use backend='signal')"
+            )
         return None
+
+    def _threads_elsewhere(self) -> list[tuple[int, int]]:
+        """``(pid, tid)`` of the live threads of processes in the cgroup that it does not
+        list: each runs on while the cgroup is frozen.
+
+        Every task the cgroup lists belongs to a process it lists, so the threads of those
+        processes add up to the tasks listed exactly when none is elsewhere: one stat read
+        per process, and the threads are looked at one by one only if the sum is larger.
+        A thread that is exiting (it left its cgroup already) does not count. In a v2
+        cgroup that is not threaded no thread can be elsewhere (cgroup-v2.rst, "Threads":
+        the threads of a process spread only within a threaded subtree, below its domain).
+        """
+        if not self.freezer.threads_may_be_elsewhere():
+            return []
+        fs, tids = self.plan.fs, self._tids
+        stats = [(pid, st) for pid in sorted(self.procs) if (st := fs.stat(pid)) is not None]
+        if sum(st.num_threads for _, st in stats) <= len(tids):
+            return []
+        found: list[tuple[int, int]] = []
+        for pid, st in stats:
+            if st.num_threads <= 1 and pid in tids:
+                continue
+            for tid in fs.tids(pid) or ():
+                if tid in tids:
+                    continue
+                task = fs.stat(pid, tid)
+                if task is None or task.state in DEAD_STATES or task.flags & PF_EXITING:
+                    continue
+                found.append((pid, tid))
+        return found
 
     def parent_first(self) -> list[int]:
         """The processes found, parents before children, from the parents learnt (no
@@ -1024,6 +1152,16 @@ class CgroupBackend(Backend):
         return self._census
 
     def freeze(self) -> Steps[None]:
+        try:
+            yield from self._freeze()
+        except BaseException:
+            # Whatever cut the freeze short (an interrupt between two steps too), the
+            # cgroup is thawed before this raises; a thaw itself cut short is finished by
+            # the next thaw() (the freezer keeps its state until the thaw is written).
+            run_sync(self._thaw_cgroup())
+            raise
+
+    def _freeze(self) -> Steps[None]:
         report = self.report
         start = time.perf_counter()
         whole = False
@@ -1071,14 +1209,10 @@ class CgroupBackend(Backend):
         report.passes = max(report.passes, 1)
         t0 = time.perf_counter()
         # Frozen: nothing forks or exits now, so what the cgroup holds is final; the
-        # census reads the task list once more and learns only what is new.
-        try:
-            yield from members.survey()
-            problem = None if census is None else census.problem()
-        except BaseException:
-            for _ in self.thaw():
-                pass
-            raise
+        # census reads the task list once more and learns only what is new. (Should this
+        # fail, freeze() thaws.)
+        yield from members.survey()
+        problem = None if census is None else census.problem()
         report.enumerate_seconds += time.perf_counter() - t0
         self._procs = members.procs
         report.stopped = len(self._procs)
@@ -1161,66 +1295,3 @@ class CgroupV1Backend(CgroupBackend):
 
     def __init__(self, plan: Plan, path: str) -> None:
         super().__init__(plan, path)
-
-
-class AutoBackend(Backend):
-    """The cgroup backend for a tree alone in a treeguard-made cgroup, else the signal one.
-
-    Unlike ``backend="cgroup"``, it proves the tree alone in the cgroup before freezing
-    (it has the signal backend to fall back on, so it never freezes a cgroup to learn
-    that it may not).
-    """
-
-    name = "auto"
-
-    def __init__(self, plan: Plan) -> None:
-        super().__init__(plan)
-        self._inner: Backend | None = None
-
-    def freeze(self) -> Steps[None]:
-        plan = self.plan
-        t0 = time.perf_counter()
-        inner: Backend | None = None
-        target: Target | None = None
-        try:
-            target = find_target(plan)
-        except CgroupError:
-            target = None
-        if target is not None and os.path.basename(target.path).startswith(OWN_PREFIX):
-            cgroup = CgroupBackend(plan)
-            census = cgroup._aim(target)
-            yield from census.survey()
-            if census.problem() is None:
-                inner = cgroup
-        found = time.perf_counter()
-        if inner is None:
-            plan.report.skipped.clear()  # the signal backend reports its own walk
-            inner = SignalBackend(plan)
-        self._inner = inner
-        yield from inner.freeze()
-        if isinstance(inner, CgroupBackend):
-            plan.report.enumerate_seconds += found - t0
-        plan.report.freeze_seconds = time.perf_counter() - t0
-
-    def thaw(self) -> Steps[None]:
-        if self._inner is not None:
-            yield from self._inner.thaw()
-
-    @property
-    def pids(self) -> tuple[int, ...]:
-        return () if self._inner is None else self._inner.pids
-
-    @property
-    def identities(self) -> tuple[tuple[int, int], ...]:
-        return () if self._inner is None else self._inner.identities
-
-    @property
-    def already_stopped(self) -> tuple[tuple[int, int], ...]:
-        return () if self._inner is None else self._inner.already_stopped
-
-    def detach(self) -> None:
-        if self._inner is not None:
-            self._inner.detach()
-
-    def describe(self) -> dict[str, object]:
-        return {} if self._inner is None else self._inner.describe()
