@@ -22,9 +22,10 @@ from ._checks import (
 from ._drive import Steps, run_sync
 from ._report import FreezeReport, Skip
 from ._snapshot import TreeSnapshot
+from ._subreaper import set_subreaper
 from ._tree import ancestors, children_source
 from ._types import BackendName, Scope, Target
-from ._watchdog import Watchdog, helper_pids, set_subreaper
+from ._watchdog import Watchdog, helper_pids
 from .errors import FreezeError, InvalidArgumentError, WatchdogError
 from .procfs import ProcFS
 

@@ -15,8 +15,8 @@ import pytest
 
 from tests.conftest import require_root
 from treeguard import cgroup
+from treeguard._subreaper import is_subreaper, set_subreaper
 from treeguard._tree import ancestors
-from treeguard._watchdog import is_subreaper, set_subreaper
 from treeguard.procfs import ProcFS, Stat
 
 

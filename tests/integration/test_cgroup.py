@@ -30,7 +30,7 @@ from treeguard import ProcessesGuard
 from treeguard._backends import Plan, thaw_described, validate_described
 from treeguard._backends._cgroup import CgroupV2Backend, thaw_cgroup
 from treeguard._drive import Steps, run_async
-from treeguard._watchdog import is_subreaper, set_subreaper
+from treeguard._subreaper import is_subreaper, set_subreaper
 from treeguard._workers import WorkerTree, chain, demo_spec, wide
 from treeguard._workers import counters_moving as moved
 from treeguard.cgroup import Cgroup, discover, parse_proc_cgroup

@@ -22,11 +22,11 @@ from tests import proc
 from tests.conftest import MakeCgroup, require_root, slot
 from treeguard._snapshot import snapshot
 from treeguard._statefile import parse_state
+from treeguard._subreaper import is_subreaper, set_subreaper
 from treeguard._thaw import pidfd_inode
 from treeguard._token import Token
 from treeguard._token import freeze as freeze_token
 from treeguard._token import thaw as thaw_token
-from treeguard._watchdog import is_subreaper, set_subreaper
 from treeguard._workers import WorkerTree, wide
 from treeguard.procfs import HELPER_COMM
 

@@ -31,7 +31,7 @@ import pytest
 
 from tests import proc
 from tests.conftest import require_root
-from treeguard._watchdog import is_subreaper, set_subreaper
+from treeguard._subreaper import is_subreaper, set_subreaper
 
 WORKERS = 4  # worker 0 has a thread, worker 1 has worker 2 as its child
 SLOTS_USED = (0, 1, 2, 4, 6)  # counter slots that tick: 2*i (main), 2*i+1 (thread)

@@ -20,8 +20,9 @@ import pytest
 
 from tests import proc
 from treeguard import ProcessesGuard, Skip
+from treeguard._subreaper import is_subreaper, set_subreaper
 from treeguard._thaw import has_pidfs, pidfd_inode
-from treeguard._watchdog import Watchdog, helper_pids, is_subreaper, set_subreaper
+from treeguard._watchdog import Watchdog, helper_pids
 from treeguard._workers import WorkerTree, wide
 from treeguard.errors import WatchdogError
 from treeguard.procfs import HELPER_COMM
@@ -225,7 +226,7 @@ def test_journal_refuses_after_expiry(dog: Watchdog) -> None:
 SUBREAPER = r"""
 import json, os, sys, time
 from treeguard import ProcessesGuard
-from treeguard._watchdog import is_subreaper
+from treeguard._subreaper import is_subreaper
 guard = ProcessesGuard(subreaper=sys.argv[1] == "1")
 r, w = os.pipe()
 middle = os.fork()
