@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -771,3 +772,13 @@ def test_partial_ok_skips_what_may_not_be_signalled(make_tree: MakeTree) -> None
     assert (refused, skipped, nothing) == (125, 7, 7)
     assert not os.path.exists(state)
     proc.assert_none_stopped(tree.pids)
+
+
+def test_readme_lists_the_exit_statuses_of_help() -> None:
+    """README's tables of exit statuses and ``--help`` name the same codes."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## See a tree, freeze it around a command")[1].split("\n## ")[0]
+    rows = {int(m) for m in re.findall(r"^\| (\d+) \|", section, re.MULTILINE)}
+    helped = run("--help").stdout.split("exit status:")[1]
+    listed = {int(m) for m in re.findall(r"^  (\d+) ", helped, re.MULTILINE)}
+    assert rows == listed == {0, 1, 2, 3, 4, 5, 6, 7, 8, 125, 126, 127, 141}
