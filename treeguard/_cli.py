@@ -304,7 +304,20 @@ def _cmd_tree(args: argparse.Namespace) -> int:
 
     snap = snapshot(args.pid, include_root=True)
     # JSON escapes every control character itself; render() escapes names (see printable).
-    print(snap.to_json(indent=2) if args.json else snap.render())
+    if args.json:
+        print(snap.to_json(indent=2))
+        return EXIT_OK
+    from ._cli_status import in_frozen_cgroups
+
+    # A frozen cgroup's tasks show S or D, which reads as running: say what holds them.
+    # render() draws one line per record first, in order (names have no newline left).
+    lines = snap.render().split("\n")
+    live = [r.identity for r in snap.records if r.reason not in ("zombie", "kernel thread")]
+    frozen = in_frozen_cgroups(live)
+    for i, record in enumerate(snap.records):
+        if record.pid in frozen:
+            lines[i] += "  frozen by its cgroup"
+    print("\n".join(lines))
     return EXIT_OK
 
 

@@ -88,7 +88,9 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 def _kind(token: Token) -> str:
     """``signal`` or ``cgroup``: what froze (``auto`` chose one of them)."""
-    return "cgroup" if "was_frozen" in token.payload else "signal"
+    from ._backends import _kind as kind
+
+    return kind(token.backend, token.payload)
 
 
 def _nothing_stopped(token: Token, report: FreezeReport) -> str | None:

@@ -24,10 +24,12 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ._statefile import PauseState
     from .procfs import ProcFS
 
-__all__ = ["StatusReport", "pid_status", "state_status"]
+__all__ = ["StatusReport", "in_frozen_cgroups", "pid_status", "state_status"]
 
 Identity = tuple[int, int, int]
 
@@ -180,8 +182,21 @@ def _check(fs: ProcFS, identity: Identity, cgroups: _Cgroups | None) -> ProcessS
     return ProcessStatus(pid, held)
 
 
+def in_frozen_cgroups(identities: Iterable[tuple[int, int]]) -> set[int]:
+    """The PIDs of the processes ``(pid, starttime)`` held by their frozen cgroup now."""
+    from .procfs import ProcFS
+
+    cgroups = _Cgroups(ProcFS())
+    return {
+        pid
+        for pid, starttime in identities
+        if _check(cgroups.fs, (pid, starttime, 0), cgroups).held == "cgroup"
+    }
+
+
 def pid_status(pid: int) -> StatusReport:
-    """The status of the tree rooted at ``pid`` (zombies left out: they hold nothing)."""
+    """The status of the tree rooted at ``pid`` (zombies and kernel threads left out:
+    nothing of theirs can be frozen)."""
     from ._snapshot import snapshot
     from .procfs import ProcFS
 
@@ -190,7 +205,7 @@ def pid_status(pid: int) -> StatusReport:
     cgroups = _Cgroups(fs)
     report = StatusReport()
     for record in snap:
-        if record.state in ("Z", "X"):
+        if record.state in ("Z", "X") or record.reason in ("zombie", "kernel thread"):
             continue
         report.processes.append(_check(fs, (record.pid, record.starttime, 0), cgroups))
     ways = sorted({p.held for p in report.processes if p.held not in (None, "gone")})
@@ -210,8 +225,13 @@ def state_status(state: PauseState, mtime: float) -> StatusReport:
     report = StatusReport(since=mtime, completed=token is not None)
     identities: list[Identity] = list(state.stopped)
     cgroup: tuple[int, str, int] | None = state.cgroups[-1] if state.cgroups else None
-    report.backend = token.backend if token is not None else ("cgroup" if cgroup else "signal")
-    if token is not None and token.backend == "cgroup":
+    kind = "cgroup" if cgroup else "signal"
+    if token is not None:
+        from ._backends import _kind
+
+        kind = _kind(token.backend, token.payload)  # what an ``auto`` pause chose
+    report.backend = kind
+    if token is not None and kind == "cgroup":
         payload = token.payload
         cgroup = (int(payload["version"]), str(payload["path"]), int(payload["inode"]))
     elif token is not None:

@@ -706,6 +706,7 @@ def test_pause_with_the_cgroup_backend_reports_and_refuses(
     assert "with the cgroup backend" in result.stdout
     assert run("resume", "--state", str(state)).returncode == 0
     assert not cg.frozen
+    assert "frozen by its cgroup" not in run("tree", str(tree.root)).stdout
     # A cgroup frozen already (by someone else): nothing to pause, and it stays frozen.
     cg.freeze()
     try:
@@ -713,6 +714,9 @@ def test_pause_with_the_cgroup_backend_reports_and_refuses(
         assert_clean_error(result, 7, "was frozen already")
         assert not state.exists()
         assert cg.frozen
+        # tree says what holds them (their tasks show S, which reads as running).
+        drawn = run("tree", str(tree.root)).stdout.splitlines()[: len(tree.pids)]
+        assert all(line.endswith("  frozen by its cgroup") for line in drawn), drawn
     finally:
         cg.thaw()
 

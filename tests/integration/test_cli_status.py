@@ -109,6 +109,14 @@ def test_status_of_a_cgroup_pause(
     assert run("resume", "--state", str(state)).returncode == 0
     assert not cg.frozen
     assert status(str(tree.root))[0] == 8
+    # backend auto chooses the cgroup (the tree is alone in a treeguard cgroup): status
+    # says what froze.
+    result = run("pause", "--backend", "auto", str(tree.root), "--state", str(state))
+    assert result.returncode == 0 and "with the cgroup backend" in result.stdout, result
+    code, data = status("--state", str(state))
+    assert code == 0 and data["backend"] == "cgroup" and data["cgroup"]["frozen"], data
+    assert run("resume", "--state", str(state)).returncode == 0
+    assert not cg.frozen
 
 
 def test_status_of_a_lease(make_tree: MakeTree, tmp_path: Path, paused_cleanup: list[Path]) -> None:
