@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 from ._backends import BACKENDS
 from ._cli_freeze import CannotRun, cmd_freeze
 from ._cli_pause import NothingToPause, cmd_pause, cmd_resume
+from ._cli_status import cmd_status, cmd_tree
 from .errors import (
     FreezeError,
     FreezePermissionError,
@@ -78,6 +79,7 @@ FLAGS = {
     "max_frozen": "--max-frozen",
     "partial_ok": "--partial-ok",
     "backend": "--backend",
+    "path": "--cgroup",
 }
 
 
@@ -202,7 +204,15 @@ def _parser() -> _Parser:
     tree.add_argument("--json", action="store_true", help="print the JSON snapshot (schema 1)")
 
     def freeze_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("pid", type=_pid, metavar="PID", help="root of the tree (frozen too)")
+        p.add_argument(
+            "pid", nargs="?", type=_pid, metavar="PID", help="root of the tree (frozen too)"
+        )
+        p.add_argument(
+            "--cgroup",
+            metavar="PATH",
+            help="instead of a tree: freeze this cgroup directory whole (a service's, a "
+            "container's); not one that holds treeguard",
+        )
         p.add_argument(
             "--exclude",
             type=_pid,
@@ -214,7 +224,7 @@ def _parser() -> _Parser:
         p.add_argument(
             "--backend",
             choices=BACKENDS,
-            default="signal",
+            default=None,
             help="how to freeze (default: signal)",
         )
         p.add_argument(
@@ -238,7 +248,7 @@ def _parser() -> _Parser:
         "helper thaws it if treeguard itself dies (kill -9; with --backend ptrace the "
         "kernel does).",
         usage=f"treeguard freeze [-h] [--exclude PID] [--backend {{{','.join(BACKENDS)}}}] "
-        "[--timeout S] [--partial-ok] PID -- CMD [ARGS ...]",
+        "[--timeout S] [--partial-ok] {PID | --cgroup PATH} -- CMD [ARGS ...]",
     )
     parser.commands["freeze"].usage_status = EXIT_OWN
     freeze_options(freeze)
@@ -299,49 +309,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run()
 
 
-def _cmd_tree(args: argparse.Namespace) -> int:
-    from ._snapshot import snapshot
-
-    snap = snapshot(args.pid, include_root=True)
-    # JSON escapes every control character itself; render() escapes names (see printable).
-    if args.json:
-        print(snap.to_json(indent=2))
-        return EXIT_OK
-    from ._cli_status import in_frozen_cgroups
-
-    # A frozen cgroup's tasks show S or D, which reads as running: say what holds them.
-    # render() draws one line per record first, in order (names have no newline left).
-    lines = snap.render().split("\n")
-    live = [r.identity for r in snap.records if r.reason not in ("zombie", "kernel thread")]
-    frozen = in_frozen_cgroups(live)
-    for i, record in enumerate(snap.records):
-        if record.pid in frozen:
-            lines[i] += "  frozen by its cgroup"
-    print("\n".join(lines))
-    return EXIT_OK
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    from ._cli_status import pid_status, state_status
-
-    if args.state is not None:
-        from ._statefile import parse_state, read_checked
-
-        data, info = read_checked(args.state)
-        report = state_status(parse_state(data), info.st_mtime)
-    else:
-        report = pid_status(args.pid)
-    print(report.to_json() if args.json else report.render())
-    return EXIT_OK if report.frozen else EXIT_NOT_FROZEN
-
-
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": _cmd_demo,
-    "tree": _cmd_tree,
+    "tree": cmd_tree,
     "freeze": cmd_freeze,
     "pause": cmd_pause,
     "resume": cmd_resume,
-    "status": _cmd_status,
+    "status": cmd_status,
 }
 
 

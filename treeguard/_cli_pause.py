@@ -7,7 +7,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import FreezeError, FrozenInterrupt, InvalidArgumentError
 
@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from ._report import FreezeReport
     from ._statefile import PauseState, StateJournal
     from ._token import Token
+    from .cgroup import Cgroup
 
-__all__ = ["INTERRUPTS", "NothingToPause", "cmd_pause", "cmd_resume"]
+__all__ = ["INTERRUPTS", "NothingToPause", "cgroup_only", "cmd_pause", "cmd_resume"]
 
 #: Signals that usually end the CLI: never while a tree is half frozen or a token unsaved.
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -35,9 +36,76 @@ class NothingToPause(FreezeError):
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    from ._guard import ProcessesGuard
     from ._statefile import StateJournal, create_exclusive
 
+    hold = _cgroup_hold(args) if args.cgroup is not None else _guard_hold(args)
+    path: str = args.state
+    fd = create_exclusive(path)
+    # No handler may interrupt the freeze half way, and the default action of SIGTERM would
+    # leave a tree stopped with an unfinished state file: block the interrupting signals
+    # until the token is safely on disk, then act on one that arrived meanwhile
+    # (pthread_sigmask(3)). SIGKILL is left to the journal and the watchdog.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        report, token = _pause(hold, StateJournal(fd), args.max_frozen)
+    except BaseException:
+        os.close(fd)
+        fd = -1
+        os.unlink(path)  # we created it just now, exclusively; nothing is left stopped
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    lease = "" if args.max_frozen is None else f" (thawed in {args.max_frozen:g} s if not)"
+    skipped = f", skipped {len(report.skipped)}" if report.skipped else ""
+    what = f"in cgroup {args.cgroup}" if args.cgroup else f"at and below PID {args.pid}"
+    print(
+        f"treeguard: froze {report.stopped} process(es) ({report.tasks} tasks) {what} "
+        f"with the {_kind(token)} backend{skipped}; "
+        f"resume with: treeguard resume --state {path}{lease}"
+    )
+    return 0
+
+
+class _Hold(Protocol):
+    """What a pause freezes: a guard's tree, or a cgroup given by path."""
+
+    def freeze(self, journal: StateJournal) -> FreezeReport: ...
+    def release(self) -> None: ...
+    def token(self) -> Token: ...
+    def detach(self) -> None: ...
+
+
+class _GuardHold:
+    def __init__(self, guard: ProcessesGuard) -> None:
+        self.guard = guard
+
+    def freeze(self, journal: StateJournal) -> FreezeReport:
+        self.guard._journal = journal  # the guard's journal hook: the state file, the helper
+        self.guard.freeze()
+        return self.guard.report
+
+    def release(self) -> None:
+        self.guard.release()
+
+    def token(self) -> Token:
+        from ._token import Token
+
+        backend = self.guard._backend
+        assert backend is not None
+        return Token(backend.name, backend.describe())
+
+    def detach(self) -> None:
+        self.guard._detach()  # the state file owns the freeze now
+
+
+def _guard_hold(args: argparse.Namespace) -> _GuardHold:
+    from ._guard import ProcessesGuard
+
+    if args.pid is None:
+        raise InvalidArgumentError("PID", "give the root of the tree, or --cgroup PATH")
+    args.backend = args.backend or "signal"
     if args.backend == "ptrace":
         # A ptrace hold belongs to the thread that seized the tree and ends when it exits
         # (ptrace(2): a dead tracer's tracees are detached), so it cannot outlive pause.
@@ -57,33 +125,68 @@ def cmd_pause(args: argparse.Namespace) -> int:
     }
     # Validate everything before the state file exists and before any process is touched.
     ProcessesGuard(**options, max_frozen=args.max_frozen)
-    guard = ProcessesGuard(**options)
-    path: str = args.state
-    fd = create_exclusive(path)
-    # No handler may interrupt the freeze half way, and the default action of SIGTERM would
-    # leave a tree stopped with an unfinished state file: block the interrupting signals
-    # until the token is safely on disk, then act on one that arrived meanwhile
-    # (pthread_sigmask(3)). SIGKILL is left to the journal and the watchdog.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
-    try:
-        report, token = _pause(guard, StateJournal(fd), args.max_frozen)
-    except BaseException:
-        os.close(fd)
-        fd = -1
-        os.unlink(path)  # we created it just now, exclusively; nothing is left stopped
-        raise
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    lease = "" if args.max_frozen is None else f" (thawed in {args.max_frozen:g} s if not)"
-    skipped = f", skipped {len(report.skipped)}" if report.skipped else ""
-    print(
-        f"treeguard: froze {report.stopped} process(es) ({report.tasks} tasks) at and below "
-        f"PID {args.pid} with the {_kind(token)} backend{skipped}; "
-        f"resume with: treeguard resume --state {path}{lease}"
-    )
-    return 0
+    return _GuardHold(ProcessesGuard(**options))
+
+
+class _CgroupHold:
+    """A cgroup frozen whole by :meth:`Cgroup.freeze` (and its checks), journaled first."""
+
+    def __init__(self, cgroup: Cgroup, timeout: float) -> None:
+        self.cgroup = cgroup
+        self.timeout = timeout
+        self.inode = os.stat(cgroup.path).st_ino  # which cgroup: never reused
+
+    def freeze(self, journal: StateJournal) -> FreezeReport:
+        cg = self.cgroup
+        if cg.frozen:
+            raise NothingToPause(f"the cgroup {cg.path} was frozen already")
+        journal.freezing_cgroup(cg.version, cg.path, self.inode)  # the file, then the helper
+        return cg.freeze(timeout=self.timeout)
+
+    def release(self) -> None:
+        self.cgroup.thaw()
+
+    def token(self) -> Token:
+        from ._token import Token
+
+        cg = self.cgroup
+        return Token(
+            "cgroup",
+            {"version": cg.version, "path": cg.path, "inode": self.inode, "was_frozen": False},
+        )
+
+    def detach(self) -> None:
+        pass  # a Cgroup thaws only when told to (thaw(), or leaving its ``with`` block)
+
+
+def _cgroup_hold(args: argparse.Namespace) -> _CgroupHold:
+    from ._checks import check_seconds
+    from .cgroup import Cgroup
+
+    cgroup_only(args)
+    check_seconds("timeout", args.timeout)
+    if args.max_frozen is not None:
+        check_seconds("max_frozen", args.max_frozen)
+    return _CgroupHold(Cgroup(args.cgroup), args.timeout)
+
+
+def cgroup_only(args: argparse.Namespace) -> None:
+    """--cgroup names what to freeze: not with PID or the options of a tree."""
+    if args.pid is not None:
+        raise InvalidArgumentError("--cgroup", "give PID or --cgroup PATH, not both")
+    given = [
+        flag
+        for flag, on in (
+            ("--exclude", args.exclude),
+            ("--backend", args.backend),
+            ("--partial-ok", args.partial_ok),
+        )
+        if on
+    ]
+    if given:
+        raise InvalidArgumentError(
+            "--cgroup", f"freezes the cgroup whole: {', '.join(given)} do not apply"
+        )
 
 
 def _kind(token: Token) -> str:
@@ -108,12 +211,11 @@ def _nothing_stopped(token: Token, report: FreezeReport) -> str | None:
 
 
 def _pause(
-    guard: ProcessesGuard, journal: StateJournal, max_frozen: float | None
+    hold: _Hold, journal: StateJournal, max_frozen: float | None
 ) -> tuple[FreezeReport, Token]:
-    """Freeze with ``journal`` and a watchdog, leave the tree frozen, and hand the lease (if
-    any) to the helper. Whatever it raises, nothing is left stopped."""
+    """Freeze with ``journal`` and a watchdog, leave it frozen, and hand the lease (if any)
+    to the helper. Whatever it raises, nothing is left stopped."""
     from ._thaw import pidfd_inode
-    from ._token import Token
     from ._watchdog import Watchdog
     from .errors import WatchdogError
     from .procfs import ProcFS
@@ -121,19 +223,16 @@ def _pause(
     dog = Watchdog.start()  # its PID is blocked by every guard of this process
     try:
         journal.inner = dog.journal
-        guard._journal = journal  # the guard's journal hook: the state file, then the helper
         dog.arm(max_frozen)
-        guard.freeze()
+        report = hold.freeze(journal)
         try:
             if dog.lease_expired():
                 raise WatchdogError(
                     f"the lease (--max-frozen {max_frozen}) ran out before the freeze "
                     "completed; everything was thawed: raise it"
                 )
-            backend = guard._backend
-            assert backend is not None
-            token = Token(backend.name, backend.describe())
-            why = _nothing_stopped(token, guard.report)
+            token = hold.token()
+            why = _nothing_stopped(token, report)
             if why is not None:
                 raise NothingToPause(why)
             journal.completed(token)
@@ -154,10 +253,9 @@ def _pause(
             else:
                 dog.journal.released()  # frozen on purpose: the helper must not thaw it
         except BaseException:
-            guard.release()
+            hold.release()
             raise
-        report = guard.report
-        guard._detach()  # the state file owns the freeze now
+        hold.detach()
         return report, token
     finally:
         dog.close()  # a no-op once handed over

@@ -1,4 +1,5 @@
-"""``treeguard status``: is a paused tree (or the tree below a PID) frozen now, and how?
+"""``treeguard status``: is a paused tree (or the tree below a PID) frozen now, and how? Also
+``treeguard tree``, which marks the processes a frozen cgroup holds.
 
 Nothing is signalled or written: each process is read through /proc while a pidfd names it,
 and only after its identity (pidfs inode, else start time) matched (see
@@ -15,6 +16,7 @@ cgroup-v1/freezer-subsystem.rst):
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -29,7 +31,14 @@ if TYPE_CHECKING:
     from ._statefile import PauseState
     from .procfs import ProcFS
 
-__all__ = ["StatusReport", "in_frozen_cgroups", "pid_status", "state_status"]
+__all__ = [
+    "StatusReport",
+    "cmd_status",
+    "cmd_tree",
+    "in_frozen_cgroups",
+    "pid_status",
+    "state_status",
+]
 
 Identity = tuple[int, int, int]
 
@@ -269,3 +278,38 @@ def _helper_running(fs: ProcFS, identity: Identity) -> bool:
         return stat is not None and stat.comm == HELPER_COMM and stat.state != "Z"
     finally:
         close_pidfd(fd)
+
+
+# -- the subcommands ---------------------------------------------------------------------
+
+
+def cmd_tree(args: argparse.Namespace) -> int:
+    from ._snapshot import snapshot
+
+    snap = snapshot(args.pid, include_root=True)
+    # JSON escapes every control character itself; render() escapes names (see printable).
+    if args.json:
+        print(snap.to_json(indent=2))
+        return 0
+    # A frozen cgroup's tasks show S or D, which reads as running: say what holds them.
+    # render() draws one line per record first, in order (names have no newline left).
+    lines = snap.render().split("\n")
+    live = [r.identity for r in snap.records if r.reason not in ("zombie", "kernel thread")]
+    frozen = in_frozen_cgroups(live)
+    for i, record in enumerate(snap.records):
+        if record.pid in frozen:
+            lines[i] += "  frozen by its cgroup"
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.state is not None:
+        from ._statefile import parse_state, read_checked
+
+        data, info = read_checked(args.state)
+        report = state_status(parse_state(data), info.st_mtime)
+    else:
+        report = pid_status(args.pid)
+    print(report.to_json() if args.json else report.render())
+    return 0 if report.frozen else 8  # see the EPILOG of treeguard._cli

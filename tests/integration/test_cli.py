@@ -786,3 +786,82 @@ def test_readme_lists_the_exit_statuses_of_help() -> None:
     helped = run("--help").stdout.split("exit status:")[1]
     listed = {int(m) for m in re.findall(r"^  (\d+) ", helped, re.MULTILINE)}
     assert rows == listed == {0, 1, 2, 3, 4, 5, 6, 7, 8, 125, 126, 127, 141}
+
+
+# -- an existing cgroup, frozen whole -------------------------------------------------------
+
+
+def test_freeze_and_pause_a_cgroup_by_path(
+    make_tree: MakeTree, cgroup: MakeCgroup, tmp_path: Path, paused_cleanup: list[Path]
+) -> None:
+    cg = cgroup(2)
+    tree = make_tree(SPEC, spawn=cg.spawn)
+    events = os.path.join(cg.path, "cgroup.events")
+    check = f"import sys; sys.exit(7 if 'frozen 1' in open({events!r}).read() else 1)"
+    result = run("freeze", "--cgroup", cg.path, "--", sys.executable, "-c", check)
+    assert result.returncode == 7, result.stderr
+    assert not cg.frozen
+    state = tmp_path / "paused.json"
+    paused_cleanup.append(state)
+    result = run("pause", "--cgroup", cg.path, "--state", str(state))
+    assert result.returncode == 0, result.stderr
+    assert f"froze 4 process(es) (6 tasks) in cgroup {cg.path}" in result.stdout
+    assert cg.frozen
+    assert proc.counters_still(tree.counters, tree.period)
+    journal = parse_state(state.read_bytes())
+    assert journal.cgroups == [(2, cg.path, os.stat(cg.path).st_ino)]  # before the freeze
+    assert journal.token is not None and journal.token.backend == "cgroup"
+    # Frozen already: nothing to pause.
+    again = tmp_path / "again.json"
+    assert_clean_error(run("pause", "--cgroup", cg.path, "--state", str(again)), 7, "frozen")
+    assert not again.exists()
+    result = run("resume", "--state", str(state))
+    assert result.returncode == 0, result.stderr
+    assert not cg.frozen
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "text"),
+    [
+        (("freeze", "--cgroup", "{cg}", "{root}", "--", "true"), 125, "--cgroup: give PID or"),
+        (("freeze", "--cgroup", "{cg}", "--exclude", "{root}", "--", "true"), 125, "--exclude"),
+        (("pause", "--cgroup", "{cg}", "--backend", "signal", "--state", "{tmp}/s"), 2, "--ba"),
+        (("pause", "--cgroup", "{tmp}", "--state", "{tmp}/s"), 1, "not a non-root"),
+        (("freeze", "--cgroup", "{tmp}", "--", "true"), 125, "not a non-root"),
+        (("pause", "--state", "{tmp}/s"), 2, "PID: give the root of the tree, or --cgroup"),
+        (("pause", "--cgroup", "{cg}", "--state", "{tmp}/s", "--timeout", "0"), 2, "--timeout"),
+    ],
+)
+def test_cgroup_by_path_errors(
+    make_tree: MakeTree,
+    cgroup: MakeCgroup,
+    tmp_path: Path,
+    args: tuple[str, ...],
+    status: int,
+    text: str,
+) -> None:
+    cg = cgroup(2)
+    tree = make_tree({}, spawn=cg.spawn, mode="idle")
+    result = run(*(a.format(cg=cg.path, root=tree.root, tmp=tmp_path) for a in args))
+    assert_clean_error(result, status, text)
+    assert not cg.frozen and not (tmp_path / "s").exists()
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_freeze_of_a_cgroup_killed_is_thawed(
+    make_tree: MakeTree, cgroup: MakeCgroup, orphans: list[int]
+) -> None:
+    cg = cgroup(2)
+    tree = make_tree({"children": [{}]}, spawn=cg.spawn)
+    cmd = [sys.executable, "-c", "import time; time.sleep(120)"]
+    cli = subprocess.Popen([*_script(), "freeze", "--cgroup", cg.path, "--", *cmd])
+    try:
+        proc.wait_until(lambda: len(proc.children(cli.pid)) == 2, 30, "CMD to start")
+        orphans += proc.children(cli.pid)
+        assert cg.frozen
+    finally:
+        cli.kill()  # no handler, no finalizer: only the helper can thaw now
+        cli.wait()
+    proc.wait_until(lambda: not cg.frozen, 10, "the helper to thaw the cgroup")
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
