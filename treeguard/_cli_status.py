@@ -182,8 +182,12 @@ def _check(fs: ProcFS, identity: Identity, cgroups: _Cgroups | None) -> ProcessS
     try:
         held = _held(fs, pid, cgroups is not None and cgroups.frozen(pid))
         # Read while the pidfd names it: if it still exists now, the PID was its own
-        # throughout (pidfd_send_signal(2) with signal 0 delivers nothing).
-        signal.pidfd_send_signal(fd, 0)
+        # throughout (pidfd_send_signal(2) with signal 0 delivers nothing; EPERM, another
+        # user's process, still says it exists).
+        try:
+            signal.pidfd_send_signal(fd, 0)
+        except PermissionError:
+            pass
     except ProcessLookupError:
         return ProcessStatus(pid, "gone")
     finally:

@@ -771,9 +771,12 @@ def test_partial_ok_skips_what_may_not_be_signalled(make_tree: MakeTree) -> None
         )
         state = f"/tmp/treeguard-{os.getpid()}-partial.json"  # nobody may create it
         nothing = _main_as_nobody(readable, ["pause", "--partial-ok", root, "--state", state])
+        # Looking needs no permission to signal: tree and status work (running: 8).
+        looked = _main_as_nobody(readable, ["tree", root])
+        running = _main_as_nobody(readable, ["status", root])
     finally:
         shutil.rmtree(readable)
-    assert (refused, skipped, nothing) == (125, 7, 7)
+    assert (refused, skipped, nothing, looked, running) == (125, 7, 7, 0, 8)
     assert not os.path.exists(state)
     proc.assert_none_stopped(tree.pids)
 
