@@ -1,8 +1,11 @@
 """The ``treeguard`` command line: ``demo``, ``tree``, ``freeze``, ``pause``, ``resume``,
 ``status``.
 
-Every subcommand goes through the library's public faces (:class:`ProcessesGuard`,
-:func:`treeguard.snapshot`, tokens); nothing here freezes or reads /proc by itself.
+Every subcommand goes through the library's faces (:class:`ProcessesGuard`,
+:class:`~treeguard.cgroup.Cgroup`, :func:`treeguard.snapshot`, tokens, the state file, the
+identity checks of :mod:`treeguard._thaw`); nothing here signals a process of the tree
+itself (only CMD, and the helper of a lease that `resume` ends).
+``_cli_freeze``, ``_cli_pause`` and ``_cli_status`` hold the subcommands.
 Errors are one line on stderr and a distinct exit status (see :data:`EPILOG`); ``freeze``
 passes CMD's status through, so its own failures use 125..127 as ``timeout(1)`` and
 ``env(1)`` do.
