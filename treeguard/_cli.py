@@ -1,23 +1,31 @@
-"""The ``treeguard`` command line: ``demo``, ``tree``, ``freeze``, ``pause``, ``resume``.
+"""The ``treeguard`` command line: ``demo``, ``tree``, ``freeze``, ``pause``, ``resume``,
+``status``.
 
-Every subcommand goes through the library's public faces (:class:`ProcessesGuard`,
-:func:`treeguard.snapshot`, tokens); nothing here freezes or reads /proc by itself.
-Errors are one line on stderr and a distinct exit status (see :data:`EPILOG`).
+Every subcommand goes through the library's faces (:class:`ProcessesGuard`,
+:class:`~treeguard.cgroup.Cgroup`, :func:`treeguard.snapshot`, tokens, the state file, the
+identity checks of :mod:`treeguard._thaw`); nothing here signals a process of the tree
+itself (only CMD, and the helper of a lease that `resume` ends).
+``_cli_freeze``, ``_cli_pause`` and ``_cli_status`` hold the subcommands.
+Errors are one line on stderr and a distinct exit status (see :data:`EPILOG`); ``freeze``
+passes CMD's status through, so its own failures use 125..127 as ``timeout(1)`` and
+``env(1)`` do.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
-import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from ._backends import BACKENDS
+from ._cli_freeze import CannotRun, cmd_freeze
+from ._cli_pause import NothingToPause, cmd_pause, cmd_resume
+from ._cli_status import cmd_status, cmd_tree
 from .errors import (
     FreezeError,
     FreezePermissionError,
@@ -30,10 +38,6 @@ from .errors import (
     TreeUnstableError,
 )
 
-if TYPE_CHECKING:
-    from ._guard import ProcessesGuard
-    from ._statefile import PauseState, StateJournal
-
 __all__ = ["main"]
 
 EXIT_OK = 0
@@ -43,11 +47,15 @@ EXIT_NO_PROCESS = 3
 EXIT_PERMISSION = 4
 EXIT_UNSTABLE = 5  # a task did not stop in time, or the tree kept forking
 EXIT_STATE = 6  # unsafe state file or invalid token
-EXIT_NOT_FOUND = 127  # CMD could not be run (as shells report it)
+EXIT_NOTHING = 7  # pause: the tree is frozen already
+EXIT_NOT_FROZEN = 8  # status: not (wholly) frozen now
+EXIT_PIPE = 128 + signal.SIGPIPE  # stdout closed early: what a shell shows for `ps | head`
+# freeze: timeout(1), env(1) and POSIX shells use these; CMD rarely exits with them.
+EXIT_OWN = 125  # treeguard freeze itself failed (CMD did not run, or its status is lost)
 
 EPILOG = """\
 exit status:
-  0    success (freeze: CMD succeeded)
+  0    success (status: the tree is frozen)
   1    any other failure (a demo check failed; the cgroup backend cannot be used here)
   2    bad arguments
   3    no such process
@@ -55,13 +63,27 @@ exit status:
   5    timeout or unstable tree (a task did not stop, or processes kept forking);
        nothing was left stopped
   6    unsafe state file (symlink, not yours, writable by others, exists) or bad token
-  127  CMD could not be started
-  N    freeze: CMD's own exit status; 128+S when CMD died of signal S, or when
-       treeguard was interrupted by signal S (the tree was thawed)
+  7    pause: nothing to stop (the tree is frozen already); no state file was written
+  8    status: the tree is not frozen now (running, partly frozen, or gone)
+  141  the output was closed early (tree --json | head)
+freeze PID -- CMD exits with CMD's status (128+S when CMD died of signal S, or when
+treeguard was interrupted by signal S: the tree was thawed), or with:
+  125  treeguard freeze itself failed (any of 1..6 above; the reason is on stderr)
+  126  CMD was found but cannot be executed
+  127  CMD was not found
 """
 
-#: Signals that usually end the CLI: never while a tree is half frozen or a token unsaved.
-_INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: The command line's name for each option of :class:`ProcessesGuard`.
+FLAGS = {
+    "root": "PID",
+    "include_root": "PID",
+    "exclude": "--exclude",
+    "timeout": "--timeout",
+    "max_frozen": "--max-frozen",
+    "partial_ok": "--partial-ok",
+    "backend": "--backend",
+    "path": "--cgroup",
+}
 
 
 def _status_of(err: BaseException) -> int:
@@ -70,6 +92,8 @@ def _status_of(err: BaseException) -> int:
         return EXIT_STATE
     if isinstance(err, InvalidArgumentError):
         return EXIT_USAGE
+    if isinstance(err, NothingToPause):
+        return EXIT_NOTHING
     if isinstance(err, NoSuchProcessError):
         return EXIT_NO_PROCESS
     if isinstance(err, FreezePermissionError | PermissionError):
@@ -77,6 +101,13 @@ def _status_of(err: BaseException) -> int:
     if isinstance(err, StopTimeoutError | TreeUnstableError | TimeoutError):
         return EXIT_UNSTABLE
     return EXIT_FAILED
+
+
+def _describe(err: BaseException) -> str:
+    """The error's message, naming command-line flags rather than Python options."""
+    if isinstance(err, InvalidArgumentError):
+        return f"{FLAGS.get(err.name, err.name)}: {err.problem}"
+    return str(err)
 
 
 def _pid(text: str) -> int:
@@ -96,20 +127,58 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
 
 
-def _parser() -> argparse.ArgumentParser:
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("treeguard")
+    except metadata.PackageNotFoundError:  # run from a source tree, not installed
+        from . import __version__
+
+        return __version__
+
+
+class _Version(argparse.Action):
+    """``--version``, the package's metadata read only when asked (argparse's own action
+    wants the string up front)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(f"treeguard {_version()}")
+        parser.exit()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the status of a usage error chosen per subcommand (``freeze``: 125)."""
+
+    usage_status = EXIT_USAGE
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, _Parser] = {}  # the subcommands' parsers, by name
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(self.usage_status, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> _Parser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="treeguard",
         description="Freeze a whole process tree, prove every task stopped, always thaw it.",
         epilog=EPILOG,
         formatter_class=fmt,
     )
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(
         name: str, helptext: str, description: str, usage: str | None = None
     ) -> argparse.ArgumentParser:
-        return sub.add_parser(
+        made = sub.add_parser(
             name,
             help=helptext,
             description=textwrap.fill(description, 78),
@@ -117,6 +186,9 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=fmt,
             usage=usage,
         )
+        assert isinstance(made, _Parser)  # add_subparsers makes them of the parent's class
+        parser.commands[name] = made
+        return made
 
     add(
         "demo",
@@ -135,7 +207,15 @@ def _parser() -> argparse.ArgumentParser:
     tree.add_argument("--json", action="store_true", help="print the JSON snapshot (schema 1)")
 
     def freeze_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("pid", type=_pid, metavar="PID", help="root of the tree (frozen too)")
+        p.add_argument(
+            "pid", nargs="?", type=_pid, metavar="PID", help="root of the tree (frozen too)"
+        )
+        p.add_argument(
+            "--cgroup",
+            metavar="PATH",
+            help="instead of a tree: freeze this cgroup directory whole (a service's, a "
+            "container's); not one that holds treeguard",
+        )
         p.add_argument(
             "--exclude",
             type=_pid,
@@ -147,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--backend",
             choices=BACKENDS,
-            default="signal",
+            default=None,
             help="how to freeze (default: signal)",
         )
         p.add_argument(
@@ -157,16 +237,23 @@ def _parser() -> argparse.ArgumentParser:
             metavar="S",
             help="seconds the freeze may take (default: 1)",
         )
+        p.add_argument(
+            "--partial-ok",
+            action="store_true",
+            help="skip (and report) processes that may not be signalled instead of failing",
+        )
 
     freeze = add(
         "freeze",
         "freeze a tree while a command runs",
         "Freeze the tree rooted at PID (PID included), run CMD, thaw, and exit with CMD's "
         "status. Ctrl-C, SIGTERM or SIGHUP during CMD still thaw the tree, and a watchdog "
-        "helper thaws it if treeguard itself dies (kill -9).",
+        "helper thaws it if treeguard itself dies (kill -9; with --backend ptrace the "
+        "kernel does).",
         usage=f"treeguard freeze [-h] [--exclude PID] [--backend {{{','.join(BACKENDS)}}}] "
-        "[--timeout S] PID -- CMD [ARGS ...]",
+        "[--timeout S] [--partial-ok] {PID | --cgroup PATH} -- CMD [ARGS ...]",
     )
+    parser.commands["freeze"].usage_status = EXIT_OWN
     freeze_options(freeze)
 
     pause = add(
@@ -177,7 +264,9 @@ def _parser() -> argparse.ArgumentParser:
         "process is recorded in the state file before it is stopped, so that `resume` also "
         "undoes a pause that was cut short; a pause killed while it freezes is thawed by its "
         "watchdog helper. With --max-frozen, that helper stays and thaws the tree when the "
-        "lease runs out (`resume` before then stops it).",
+        "lease runs out (`resume` before then stops it). A tree with nothing left to stop "
+        "(frozen already) is refused. Not with --backend ptrace (its hold ends with "
+        "treeguard).",
     )
     freeze_options(pause)
     pause.add_argument("--state", required=True, metavar="FILE", help="state file to create")
@@ -197,6 +286,20 @@ def _parser() -> argparse.ArgumentParser:
         "whose start time differs from the record is never signalled.",
     )
     resume.add_argument("--state", required=True, metavar="FILE", help="state file to read")
+
+    status = add(
+        "status",
+        "tell whether a paused tree (or a PID's tree) is frozen now",
+        "Tell whether the tree a state file records (--state), or the tree rooted at PID, "
+        "is frozen now, by which backend (signal: tasks stopped; ptrace: tasks in tracing "
+        "stop; cgroup: its cgroup frozen), since when (the state file's time), and whether "
+        "the lease's helper still runs. Exit status 0 if frozen, 8 if not. Nothing is "
+        "signalled; each process is checked by its identity, not its PID alone.",
+    )
+    which = status.add_mutually_exclusive_group(required=True)
+    which.add_argument("pid", nargs="?", type=_pid, metavar="PID", help="root of a tree")
+    which.add_argument("--state", metavar="FILE", help="state file written by pause")
+    status.add_argument("--json", action="store_true", help="print JSON (schema 1)")
     return parser
 
 
@@ -209,245 +312,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run()
 
 
-def _cmd_tree(args: argparse.Namespace) -> int:
-    from ._snapshot import snapshot
-
-    snap = snapshot(args.pid, include_root=True)
-    # JSON escapes every control character itself; render() escapes names (see printable).
-    print(snap.to_json(indent=2) if args.json else snap.render())
-    return EXIT_OK
-
-
-@contextmanager
-def _interrupts_ignored() -> Iterator[None]:
-    """Ignore SIGINT, SIGTERM and SIGHUP while cleaning up in bounded time."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _INTERRUPTS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _end_child(child: subprocess.Popen[bytes], signum: int) -> None:
-    """Pass ``signum`` on to CMD and wait for it (never leave it orphaned)."""
-    with _interrupts_ignored():
-        if child.poll() is None:
-            try:
-                child.send_signal(signum)
-            except ProcessLookupError:
-                pass
-            try:
-                child.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-
-
-def _cmd_freeze(args: argparse.Namespace) -> int:
-    from ._freezethaw import freezethaw
-
-    cmd: list[str] = args.cmd
-    if not cmd:
-        raise InvalidArgumentError("CMD", "give the command to run after '--'")
-    started: list[subprocess.Popen[bytes]] = []
-
-    def run_cmd() -> int:
-        try:
-            started.append(subprocess.Popen(cmd))
-        except OSError as err:
-            raise _CannotRun(cmd[0], err.strerror or str(err)) from None
-        return started[0].wait()
-
-    # freezethaw holds SIGINT, SIGTERM and SIGHUP back while CMD runs, thaws, and then hands
-    # them to these handlers, which end CMD with the same signal (and treeguard with 128+N).
-    # The watchdog thaws when nothing of treeguard can run any more (SIGKILL, a crash).
-    def interrupted(signum: int, frame: object) -> None:
-        raise FrozenInterrupt(signum)
-
-    ending = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, interrupted) for sig in ending}
-    try:
-        status = freezethaw(
-            run_cmd,
-            root=args.pid,
-            include_root=True,
-            exclude=args.exclude,
-            backend=args.backend,
-            timeout=args.timeout,
-            watchdog=True,
-        )
-    except FrozenInterrupt as interrupt:
-        if started:
-            _end_child(started[0], interrupt.signum)
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 128 - status if status < 0 else status
-
-
-class _CannotRun(Exception):
-    def __init__(self, cmd: str, why: str) -> None:
-        super().__init__(f"cannot run {cmd!r}: {why}")
-
-
-def _cmd_pause(args: argparse.Namespace) -> int:
-    from ._guard import ProcessesGuard
-    from ._statefile import StateJournal, create_exclusive
-
-    options = {
-        "root": args.pid,
-        "include_root": True,
-        "exclude": args.exclude,
-        "backend": args.backend,
-        "timeout": args.timeout,
-    }
-    # Validate everything before the state file exists and before any process is touched.
-    ProcessesGuard(**options, max_frozen=args.max_frozen)
-    guard = ProcessesGuard(**options)
-    path: str = args.state
-    fd = create_exclusive(path)
-    # No handler may interrupt the freeze half way, and the default action of SIGTERM would
-    # leave a tree stopped with an unfinished state file: block the interrupting signals
-    # until the token is safely on disk, then act on one that arrived meanwhile
-    # (pthread_sigmask(3)). SIGKILL is left to the journal and the watchdog.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
-    try:
-        count = _pause(guard, StateJournal(fd), args.max_frozen)
-    except BaseException:
-        os.close(fd)
-        fd = -1
-        os.unlink(path)  # we created it just now, exclusively; nothing is left stopped
-        raise
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    lease = "" if args.max_frozen is None else f" (thawed in {args.max_frozen:g} s if not)"
-    print(
-        f"treeguard: froze {count} process(es) at and below PID {args.pid}; "
-        f"resume with: treeguard resume --state {path}{lease}"
-    )
-    return EXIT_OK
-
-
-def _pause(guard: ProcessesGuard, journal: StateJournal, max_frozen: float | None) -> int:
-    """Freeze with ``journal`` and a watchdog, leave the tree frozen, and hand the lease (if
-    any) to the helper. Whatever it raises, nothing is left stopped."""
-    from ._thaw import pidfd_inode
-    from ._token import Token
-    from ._watchdog import Watchdog
-    from .errors import WatchdogError
-    from .procfs import ProcFS
-
-    dog = Watchdog.start()  # its PID is blocked by every guard of this process
-    try:
-        journal.inner = dog.journal
-        guard._journal = journal  # the guard's journal hook: the state file, then the helper
-        dog.arm(max_frozen)
-        guard.freeze()
-        try:
-            if dog.lease_expired():
-                raise WatchdogError(
-                    f"the lease (--max-frozen {max_frozen}) ran out before the freeze "
-                    "completed; everything was thawed: raise it"
-                )
-            backend = guard._backend
-            assert backend is not None
-            token = Token(backend.name, backend.describe())
-            journal.completed(token)
-            arrived = sorted(signal.sigpending() & set(_INTERRUPTS))
-            if arrived:
-                signal.sigtimedwait(arrived, 0)  # consume it: the pause is undone
-                raise FrozenInterrupt(arrived[0])
-            if max_frozen is not None:
-                # Recorded before it is handed the tree, so that `resume` can stop it.
-                fd = os.pidfd_open(dog.pid)  # our child, not reaped: the PID is its own
-                try:
-                    stat = ProcFS().stat(dog.pid)
-                    assert stat is not None
-                    journal.helper((dog.pid, stat.starttime, pidfd_inode(fd)))
-                finally:
-                    os.close(fd)
-                dog.hand_over()
-            else:
-                dog.journal.released()  # frozen on purpose: the helper must not thaw it
-        except BaseException:
-            guard.release()
-            raise
-        count = len(guard.pids)
-        guard._detach()  # the state file owns the freeze now
-        return count
-    finally:
-        dog.close()  # a no-op once handed over
-
-
-def _cmd_resume(args: argparse.Namespace) -> int:
-    from ._statefile import parse_state, read_checked, remove_checked
-
-    path: str = args.state
-    data, info = read_checked(path)
-    failed = _undo(parse_state(data))
-    if failed:
-        # Left in place: run resume again once they may be signalled (as their owner).
-        shown = ",".join(map(str, failed))
-        print(f"treeguard: error: cannot resume PID(s) {shown} (not permitted)", file=sys.stderr)
-        return EXIT_PERMISSION
-    remove_checked(path, info)
-    return EXIT_OK
-
-
-def _undo(state: PauseState) -> list[int]:
-    """Thaw what a state file records (idempotent); stop a lease's helper. Returns the PIDs
-    that could not be signalled."""
-    from . import _token
-    from ._backends._cgroup import thaw_cgroup
-    from ._thaw import thaw_identities
-
-    token = state.token
-    if token is not None and (state.version == 1 or "stopped" not in token.payload):
-        # A version 1 file has nothing else; a cgroup's token knows whether the cgroup was
-        # frozen before the pause (then it stays so).
-        _token.thaw(token)
-    elif token is None:
-        for version, path, inode in state.cgroups:  # cut short: we wrote each freeze
-            thaw_cgroup(version, path, inode)
-    # Every process journaled, whether or not the pause got to stop it (the journal is
-    # written first); children first, each checked by its identity before the signal.
-    failed = thaw_identities(state.stopped)[1]
-    if state.helper is not None:
-        _stop_helper(*state.helper)
-    return failed
-
-
-def _stop_helper(pid: int, starttime: int, inode: int) -> None:
-    """SIGKILL the helper of a lease: the tree is thawed, its late thaw could only resume
-    processes someone stopped since. Only that very process, and only a treeguard helper."""
-    from ._thaw import close_pidfd, open_identity
-    from .procfs import HELPER_COMM, ProcFS
-
-    fs = ProcFS()
-    fd = open_identity(pid, starttime, inode, fs)
-    if fd < 0:
-        return  # gone: the lease ran out (it thawed), or it was stopped already
-    try:
-        stat = fs.stat(pid)
-        if stat is not None and stat.comm == HELPER_COMM:
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    finally:
-        close_pidfd(fd)
-
-
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": _cmd_demo,
-    "tree": _cmd_tree,
-    "freeze": _cmd_freeze,
-    "pause": _cmd_pause,
-    "resume": _cmd_resume,
+    "tree": cmd_tree,
+    "freeze": cmd_freeze,
+    "pause": cmd_pause,
+    "resume": cmd_resume,
+    "status": cmd_status,
 }
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; everything after the first ``--`` is CMD, options included (split
+    off before argparse sees it: argparse.REMAINDER would also swallow treeguard's own
+    options after PID)."""
+    cmd: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, cmd = argv[:at], argv[at + 1 :]
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "freeze" and extra and not cmd:
+        given = list(argv)
+        for word in extra:  # argparse keeps the order; options may follow the words
+            given.remove(word)
+        shown = shlex.join([*given, "--", *extra])
+        parser.commands["freeze"].error(
+            f"unexpected {shlex.join(extra)!r}: did you mean `treeguard {shown}`? (CMD "
+            "comes after '--')"
+        )
+    if extra:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    if cmd and args.command != "freeze":
+        parser.error(f"'--' is only for 'treeguard freeze', not '{args.command}'")
+    args.cmd = cmd
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -455,31 +354,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     :param argv: the arguments (default: ``sys.argv[1:]``).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # Everything after the first "--" is CMD, options included: split it off before argparse
-    # sees it (argparse.REMAINDER would also swallow treeguard's own options after PID).
-    cmd: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, cmd = argv[:at], argv[at + 1 :]
-    args = _parser().parse_args(argv)
-    if cmd and args.command != "freeze":
-        _parser().error(f"'--' is only for 'treeguard freeze', not '{args.command}'")
-    args.cmd = cmd
+    args = _parse(list(sys.argv[1:] if argv is None else argv))
+    try:
+        status = _run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`tree --json | head`): stop quietly, as `ps` does. Python
+        # ignores SIGPIPE, so the write failed with EPIPE (signal(7)); the rest of the
+        # output goes nowhere, so that the flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run one subcommand; turn its failure into one line on stderr and an exit status."""
+    own = args.command == "freeze"  # CMD's status passes through: its own are 125..127
     try:
         return _COMMANDS[args.command](args)
     except FrozenInterrupt as err:  # the tree was thawed before this propagated
         print(f"treeguard: {err}", file=sys.stderr)
         return 128 + err.signum
-    except _CannotRun as err:
+    except CannotRun as err:
         print(f"treeguard: error: {err}", file=sys.stderr)
-        return EXIT_NOT_FOUND
-    except FreezeError as err:
-        print(f"treeguard: error: {err}", file=sys.stderr)
-        return _status_of(err)
+        return err.status
     except KeyboardInterrupt:
         print("treeguard: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
-    except OSError as err:
-        print(f"treeguard: error: {err}", file=sys.stderr)
-        return _status_of(err)
+    except BrokenPipeError:
+        raise
+    except (FreezeError, OSError) as err:
+        print(f"treeguard: error: {_describe(err)}", file=sys.stderr)
+        return EXIT_OWN if own else _status_of(err)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import stat
@@ -58,7 +60,7 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], status: int, te
     assert lines and lines[-1].startswith(("treeguard: error:", "treeguard ")), result.stderr
     assert text in lines[-1], result.stderr
     assert "Traceback" not in result.stderr
-    if status != 2:  # argparse prints its usage line before the error
+    if not result.stderr.startswith("usage: "):  # argparse prints one before the error
         assert len(lines) == 1, result.stderr
 
 
@@ -133,25 +135,97 @@ def test_signal_during_cmd_still_thaws(make_tree: MakeTree, sig: signal.Signals)
     ("args", "status", "text"),
     [
         (("tree", "4194304"), 3, "no such process"),
-        (("freeze", "4194304", "--", "true"), 3, "no such process"),
-        (("freeze", "1", "--timeout", "0", "--", "true"), 2, "timeout"),
-        (("freeze", "{root}"), 2, "CMD"),
+        (("pause", "4194304", "--state", "{tmp}/s"), 3, "no such process"),
+        (("status", "4194304"), 3, "no such process"),
         (("tree", "x"), 2, "not a PID"),
+        (("pause", "{root}", "--state", "{tmp}/s", "--timeout", "0"), 2, "--timeout: must"),
+        (("pause", "{root}", "--state", "{tmp}/s", "--exclude", "99999999"), 2, "--exclude:"),
+        # freeze passes CMD's status through: its own failures are 125, as timeout(1)'s.
+        (("freeze", "4194304", "--", "true"), 125, "no such process"),
+        (("freeze", "1", "--timeout", "0", "--", "true"), 125, "--timeout: must"),
+        (("freeze", "{root}", "--exclude", "99999999", "--", "true"), 125, "--exclude:"),
+        (("freeze", "{root}"), 125, "CMD"),
+        (("freeze", "x", "--", "true"), 125, "not a PID"),
+        (("freeze", "{root}", "--bogus", "--", "true"), 125, "unrecognized arguments"),
         (("freeze", "{root}", "--", "/nonexistent/cmd"), 127, "cannot run"),
+        (("freeze", "{root}", "--", "{tmp}/not-executable"), 126, "Permission denied"),
+        (("freeze", "{root}", "--", "{tmp}"), 126, "cannot run"),
     ],
 )
-def test_errors(make_tree: MakeTree, args: tuple[str, ...], status: int, text: str) -> None:
+def test_errors(
+    make_tree: MakeTree, tmp_path: Path, args: tuple[str, ...], status: int, text: str
+) -> None:
     tree = make_tree({}, mode="idle")
-    result = run(*(a.format(root=tree.root) for a in args))
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)  # no execute bit: execve(2) says EACCES, even to root
+    result = run(*(a.format(root=tree.root, tmp=tmp_path) for a in args))
     assert_clean_error(result, status, text)
+    # Python's option names (timeout=, max_frozen=) never show: the flags do.
+    assert not any(f"{name}:" in result.stderr for name in ("max_frozen", "partial_ok", "root"))
+    assert "error: timeout:" not in result.stderr and "error: exclude:" not in result.stderr
+    assert not (tmp_path / "s").exists()
     proc.assert_none_stopped(tree.pids)
 
 
+def test_exit_status_125_is_cmds_own_when_it_runs(make_tree: MakeTree) -> None:
+    tree = make_tree({}, mode="idle")
+    result = run("freeze", str(tree.root), "--", "sh", "-c", "exit 125")
+    assert result.returncode == 125 and result.stderr == "", result
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = run("--version")
+    assert result.returncode == 0, result
+    assert result.stdout.strip() == f"treeguard {version('treeguard')}"
+
+
+def test_forgotten_double_dash_gets_a_hint(make_tree: MakeTree) -> None:
+    tree = make_tree({}, mode="idle")
+    root = str(tree.root)
+    result = run("freeze", root, "sleep", "5", "--timeout", "2")
+    assert_clean_error(
+        result, 125, f"did you mean `treeguard freeze {root} --timeout 2 -- sleep 5`"
+    )
+    # The usage of freeze, not the top-level one.
+    assert result.stderr.startswith("usage: treeguard freeze "), result.stderr
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_tree_json_into_a_closed_pipe_exits_quietly() -> None:
+    """`treeguard tree --json | head -1` stops quietly as ps does: no traceback, no error
+    line, the status a shell shows for a process ended by SIGPIPE (128 + 13)."""
+    rfd, wfd = os.pipe()
+    os.close(rfd)  # the reader is gone before anything is written: every write is EPIPE
+    try:
+        result = subprocess.run(
+            [*_script(), "tree", "1", "--json"],
+            stdout=wfd,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(wfd)
+    assert result.returncode == 141 and result.stderr == "", result
+    # With a reader that stops after the first line (head -1), the same.
+    shell = f"{shlex.join([*_script(), 'tree', '1', '--json'])} 2>&1 | head -1"
+    piped = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", shell], capture_output=True, text=True, timeout=60
+    )
+    assert piped.stdout == "{\n" and piped.returncode in (0, 141), piped
+
+
 def test_help_for_every_subcommand() -> None:
-    for sub in ("", "demo", "tree", "freeze", "pause", "resume"):
-        result = run(*([sub] if sub else []), "--help")
-        assert result.returncode == 0, result.stderr
-        assert "exit status:" in result.stdout and "6    unsafe state file" in result.stdout
+    for sub in ("", "demo", "tree", "freeze", "pause", "resume", "status"):
+        for flag in ("--help", "-h"):
+            result = run(*([sub] if sub else []), flag)
+            assert result.returncode == 0, result.stderr
+            assert "exit status:" in result.stdout and "6    unsafe state file" in result.stdout
+            for status in ("7    pause", "8    status", "125  treeguard freeze", "126  CMD"):
+                assert status in result.stdout, result.stdout
     result = subprocess.run(
         [sys.executable, "-m", "treeguard", "tree", "--help"], capture_output=True, text=True
     )
@@ -269,7 +343,7 @@ def test_permission_denied_as_another_user(make_tree: MakeTree) -> None:
         status = _main_as_nobody(readable, ["freeze", str(tree.root), "--", "true"])
     finally:
         shutil.rmtree(readable)
-    assert status == 4
+    assert status == 125  # freeze: its own failure (4 in the other subcommands)
     proc.assert_none_stopped(tree.pids)
 
 
@@ -592,3 +666,205 @@ def test_resume_checks_pidfs_inodes(tmp_path: Path) -> None:
     finally:
         victim.kill()
         victim.wait()
+
+
+# -- pause refuses what it cannot hold; backends and --partial-ok ---------------------------
+
+
+def test_pause_of_a_tree_frozen_already_fails(
+    make_tree: MakeTree, tmp_path: Path, paused_cleanup: list[Path]
+) -> None:
+    """Every process stopped by someone else: nothing to stop, no state file (which would
+    resume nothing), status 7; the processes stay as they were."""
+    tree = make_tree(SPEC, mode="idle")
+    for pid in tree.pids:
+        os.kill(pid, signal.SIGSTOP)  # our own tree: "someone else" stops it
+    try:
+        proc.wait_until(lambda: not proc.not_stopped(tree.pids), 10, "the tree to stop")
+        state = tmp_path / "paused.json"
+        paused_cleanup.append(state)
+        result = run("pause", str(tree.root), "--state", str(state))
+        assert_clean_error(result, 7, "nothing to pause: every process was stopped already")
+        assert not state.exists()
+        proc.assert_all_stopped(tree.pids)
+    finally:
+        for pid in tree.pids:
+            os.kill(pid, signal.SIGCONT)
+    proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the tree to run")
+
+
+def test_pause_with_the_cgroup_backend_reports_and_refuses(
+    make_tree: MakeTree, cgroup: MakeCgroup, tmp_path: Path, paused_cleanup: list[Path]
+) -> None:
+    cg = cgroup(2)
+    tree = make_tree(SPEC, spawn=cg.spawn, mode="idle")  # 4 processes, 6 tasks
+    state = tmp_path / "paused.json"
+    paused_cleanup.append(state)
+    result = run("pause", "--backend", "cgroup", str(tree.root), "--state", str(state))
+    assert result.returncode == 0, result.stderr
+    assert "froze 4 process(es) (6 tasks)" in result.stdout, result.stdout
+    assert "with the cgroup backend" in result.stdout
+    assert run("resume", "--state", str(state)).returncode == 0
+    assert not cg.frozen
+    assert "frozen by its cgroup" not in run("tree", str(tree.root)).stdout
+    # A cgroup frozen already (by someone else): nothing to pause, and it stays frozen.
+    cg.freeze()
+    try:
+        result = run("pause", "--backend", "cgroup", str(tree.root), "--state", str(state))
+        assert_clean_error(result, 7, "was frozen already")
+        assert not state.exists()
+        assert cg.frozen
+        # tree says what holds them (their tasks show S, which reads as running).
+        drawn = run("tree", str(tree.root)).stdout.splitlines()[: len(tree.pids)]
+        assert all(line.endswith("  frozen by its cgroup") for line in drawn), drawn
+    finally:
+        cg.thaw()
+
+
+def test_pause_with_ptrace_is_refused(make_tree: MakeTree, tmp_path: Path) -> None:
+    tree = make_tree({}, mode="idle")
+    state = tmp_path / "paused.json"
+    result = run("pause", "--backend", "ptrace", str(tree.root), "--state", str(state))
+    assert_clean_error(result, 2, "--backend: ptrace cannot pause: a ptrace hold ends when")
+    assert "treeguard freeze --backend ptrace PID -- CMD" in result.stderr
+    assert not state.exists()
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_freeze_with_ptrace_runs_cmd_while_held(make_tree: MakeTree) -> None:
+    tree = make_tree(SPEC)
+    # Every task in tracing stop ("t"), traced by a thread of treeguard (CMD's parent).
+    check = (
+        "import os, sys\n"
+        f"pids = {tree.pids!r}\n"
+        "tasks = [(p, t) for p in pids for t in os.listdir(f'/proc/{p}/task')]\n"
+        "states = {open(f'/proc/{p}/task/{t}/stat', 'rb').read().rsplit(b')', 1)[1][1:2]"
+        " for p, t in tasks}\n"
+        "def field(p, name):\n"
+        "    return next(l.split()[1] for l in open(f'/proc/{p}/status') if l.startswith(name))\n"
+        "tracers = {field(field(p, 'TracerPid:'), 'Tgid:') for p in pids}\n"
+        "sys.exit(7 if states == {b't'} and tracers == {str(os.getppid())} else 1)\n"
+    )
+    result = run("freeze", "--backend", "ptrace", str(tree.root), "--", sys.executable, "-c", check)
+    assert result.returncode == 7, result.stderr
+    proc.assert_none_stopped(tree.pids)
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+
+
+def test_partial_ok_skips_what_may_not_be_signalled(make_tree: MakeTree) -> None:
+    """As another user, root's tree may not be signalled: freeze fails (125) without
+    --partial-ok, and runs CMD with every process skipped with it; pause refuses a tree
+    it could stop nothing of (7). Nothing is stopped."""
+    require_root("switching to another user")
+    tree = make_tree({"children": [{}]}, mode="idle")
+    root = str(tree.root)
+    readable = tempfile.mkdtemp(prefix="treeguard-other-user-")
+    try:
+        os.chmod(readable, 0o755)
+        package = Path(treeguard.__file__).parent
+        shutil.copytree(
+            package, Path(readable) / "treeguard", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        refused = _main_as_nobody(readable, ["freeze", root, "--", "true"])
+        skipped = _main_as_nobody(
+            readable, ["freeze", "--partial-ok", root, "--", "sh", "-c", "exit 7"]
+        )
+        state = f"/tmp/treeguard-{os.getpid()}-partial.json"  # nobody may create it
+        nothing = _main_as_nobody(readable, ["pause", "--partial-ok", root, "--state", state])
+        # Looking needs no permission to signal: tree and status work (running: 8).
+        looked = _main_as_nobody(readable, ["tree", root])
+        running = _main_as_nobody(readable, ["status", root])
+    finally:
+        shutil.rmtree(readable)
+    assert (refused, skipped, nothing, looked, running) == (125, 7, 7, 0, 8)
+    assert not os.path.exists(state)
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_readme_lists_the_exit_statuses_of_help() -> None:
+    """README's tables of exit statuses and ``--help`` name the same codes."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## See a tree, freeze it around a command")[1].split("\n## ")[0]
+    rows = {int(m) for m in re.findall(r"^\| (\d+) \|", section, re.MULTILINE)}
+    helped = run("--help").stdout.split("exit status:")[1]
+    listed = {int(m) for m in re.findall(r"^  (\d+) ", helped, re.MULTILINE)}
+    assert rows == listed == {0, 1, 2, 3, 4, 5, 6, 7, 8, 125, 126, 127, 141}
+
+
+# -- an existing cgroup, frozen whole -------------------------------------------------------
+
+
+def test_freeze_and_pause_a_cgroup_by_path(
+    make_tree: MakeTree, cgroup: MakeCgroup, tmp_path: Path, paused_cleanup: list[Path]
+) -> None:
+    cg = cgroup(2)
+    tree = make_tree(SPEC, spawn=cg.spawn)
+    events = os.path.join(cg.path, "cgroup.events")
+    check = f"import sys; sys.exit(7 if 'frozen 1' in open({events!r}).read() else 1)"
+    result = run("freeze", "--cgroup", cg.path, "--", sys.executable, "-c", check)
+    assert result.returncode == 7, result.stderr
+    assert not cg.frozen
+    state = tmp_path / "paused.json"
+    paused_cleanup.append(state)
+    result = run("pause", "--cgroup", cg.path, "--state", str(state))
+    assert result.returncode == 0, result.stderr
+    assert f"froze 4 process(es) (6 tasks) in cgroup {cg.path}" in result.stdout
+    assert cg.frozen
+    assert proc.counters_still(tree.counters, tree.period)
+    journal = parse_state(state.read_bytes())
+    assert journal.cgroups == [(2, cg.path, os.stat(cg.path).st_ino)]  # before the freeze
+    assert journal.token is not None and journal.token.backend == "cgroup"
+    # Frozen already: nothing to pause.
+    again = tmp_path / "again.json"
+    assert_clean_error(run("pause", "--cgroup", cg.path, "--state", str(again)), 7, "frozen")
+    assert not again.exists()
+    result = run("resume", "--state", str(state))
+    assert result.returncode == 0, result.stderr
+    assert not cg.frozen
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "text"),
+    [
+        (("freeze", "--cgroup", "{cg}", "{root}", "--", "true"), 125, "--cgroup: give PID or"),
+        (("freeze", "--cgroup", "{cg}", "--exclude", "{root}", "--", "true"), 125, "--exclude"),
+        (("pause", "--cgroup", "{cg}", "--backend", "signal", "--state", "{tmp}/s"), 2, "--ba"),
+        (("pause", "--cgroup", "{tmp}", "--state", "{tmp}/s"), 1, "not a non-root"),
+        (("freeze", "--cgroup", "{tmp}", "--", "true"), 125, "not a non-root"),
+        (("pause", "--state", "{tmp}/s"), 2, "PID: give the root of the tree, or --cgroup"),
+        (("pause", "--cgroup", "{cg}", "--state", "{tmp}/s", "--timeout", "0"), 2, "--timeout"),
+    ],
+)
+def test_cgroup_by_path_errors(
+    make_tree: MakeTree,
+    cgroup: MakeCgroup,
+    tmp_path: Path,
+    args: tuple[str, ...],
+    status: int,
+    text: str,
+) -> None:
+    cg = cgroup(2)
+    tree = make_tree({}, spawn=cg.spawn, mode="idle")
+    result = run(*(a.format(cg=cg.path, root=tree.root, tmp=tmp_path) for a in args))
+    assert_clean_error(result, status, text)
+    assert not cg.frozen and not (tmp_path / "s").exists()
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_freeze_of_a_cgroup_killed_is_thawed(
+    make_tree: MakeTree, cgroup: MakeCgroup, orphans: list[int]
+) -> None:
+    cg = cgroup(2)
+    tree = make_tree({"children": [{}]}, spawn=cg.spawn)
+    cmd = [sys.executable, "-c", "import time; time.sleep(120)"]
+    cli = subprocess.Popen([*_script(), "freeze", "--cgroup", cg.path, "--", *cmd])
+    try:
+        proc.wait_until(lambda: len(proc.children(cli.pid)) == 2, 30, "CMD to start")
+        orphans += proc.children(cli.pid)
+        assert cg.frozen
+    finally:
+        cli.kill()  # no handler, no finalizer: only the helper can thaw now
+        cli.wait()
+    proc.wait_until(lambda: not cg.frozen, 10, "the helper to thaw the cgroup")
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
