@@ -273,9 +273,10 @@ def _write_during(
     thread: bool,
 ) -> Steps[None]:
     """Make the write ``job`` in a thread while ``meanwhile`` runs here (without ``thread``,
-    first the write, then ``meanwhile``); over when both are. The write's failure is raised
-    after ``meanwhile``'s. The writer is handed to ``freezer`` before it starts, so that
-    its undo waits for it (see :meth:`CgroupFreezer.settle`)."""
+    first the write, whose failure is raised at once, then ``meanwhile``); over when both
+    are. A write made by the thread fails after ``meanwhile`` did. The writer is handed to
+    ``freezer`` before it starts, so that its undo waits for it (see
+    :meth:`CgroupFreezer.settle`)."""
     if not thread:
         t0 = time.perf_counter()
         try:
