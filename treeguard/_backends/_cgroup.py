@@ -198,9 +198,12 @@ class _Writer:
     cost more than it hid (0.1 to 0.4 ms a freeze in A/B runs with 1,000 processes). Where
     no thread can be had, the write happens in the caller.
 
-    The write is made while holding ``_mutex``, and not at all once :meth:`close` ran: a
-    thaw that closes the writer first can never be overtaken by a freeze written after it,
-    however the caller was interrupted (the thread may not even have started yet).
+    Whoever comes first, the thread about to write or :meth:`close`, claims the writer (one
+    ``dict.setdefault``, which nothing can interrupt half way): once closed, a thread that
+    had not begun never writes, and one that had is waited for. So a thaw that closes the
+    writer first is never overtaken by the freeze, however the caller was interrupted (the
+    thread may not even have started). The caller never holds a lock here: an interrupt
+    anywhere leaves nothing for the next call to wait on.
     """
 
     def __init__(self, job: Callable[[], None]) -> None:
@@ -208,8 +211,7 @@ class _Writer:
         self.seconds = 0.0
         self.done_fd = -1
         self._job = job
-        self._mutex = _thread.allocate_lock()
-        self._closed = False
+        self._claim: dict[str, str] = {}
         self._done = False
 
     def start(self) -> None:
@@ -218,25 +220,29 @@ class _Writer:
         try:
             _thread.start_new_thread(self._run, ())
         except RuntimeError:  # no thread to be had (RLIMIT_NPROC, ...)
-            self._run()
+            if self._claim.setdefault("by", "caller") == "caller":
+                t0 = time.perf_counter()
+                try:
+                    self._job()
+                finally:
+                    self.seconds = time.perf_counter() - t0
 
     def _run(self) -> None:
-        with self._mutex:
-            if self._closed:
-                return  # closed before the thread ran: the write must not happen now
-            t0 = time.perf_counter()
-            try:
-                self._job()
-            except BaseException as err:  # handed to the caller, see _write_during
-                self.error = err
-            finally:
-                self.seconds = time.perf_counter() - t0
-                self._done = True
-                os.eventfd_write(self.done_fd, 1)  # under the mutex: close() closes it
+        if self._claim.setdefault("by", "thread") != "thread":
+            return  # closed before this thread ran: the write must not happen now
+        t0 = time.perf_counter()
+        try:
+            self._job()
+        except BaseException as err:  # handed to the caller, see _write_during
+            self.error = err
+        finally:
+            self.seconds = time.perf_counter() - t0
+            os.eventfd_write(self.done_fd, 1)
+            self._done = True  # last: close() closes done_fd once it reads this
 
     @property
     def over(self) -> bool:
-        return self._done
+        return self._done or self._claim.get("by") == "caller"
 
     def close(self) -> None:
         """Wait until the write is over, or make sure it never happens if it has not begun,
@@ -244,19 +250,15 @@ class _Writer:
         before, or a thaw could land before the freeze. Idempotent; the write's own
         failure is left in :attr:`error`."""
         interrupted: BaseException | None = None
-        while True:
-            try:
-                self._mutex.acquire()
-                break
-            except BaseException as err:  # noqa: BLE001 - raised below, once it is over
-                interrupted = err
-        try:
-            self._closed = True
-            if self.done_fd >= 0:
-                os.close(self.done_fd)
-                self.done_fd = -1
-        finally:
-            self._mutex.release()
+        if self._claim.setdefault("by", "caller") == "thread":
+            while not self._done:
+                try:
+                    select.select([self.done_fd], [], [], _RECHECK)
+                except BaseException as err:  # noqa: BLE001 - raised below, once it is over
+                    interrupted = err
+        fd, self.done_fd = self.done_fd, -1
+        if fd >= 0:
+            os.close(fd)
         if interrupted is not None:
             raise interrupted
 
@@ -270,9 +272,10 @@ def _write_during(
     thread: bool,
 ) -> Steps[None]:
     """Make the write ``job`` in a thread while ``meanwhile`` runs here (without ``thread``,
-    first the write, then ``meanwhile``); over when both are. The write's failure is raised
-    after ``meanwhile``'s. The writer is handed to ``freezer`` before it starts, so that
-    its undo waits for it (see :meth:`CgroupFreezer.settle`)."""
+    first the write, whose failure is raised at once, then ``meanwhile``); over when both
+    are. A write made by the thread fails after ``meanwhile`` did. The writer is handed to
+    ``freezer`` before it starts, so that its undo waits for it (see
+    :meth:`CgroupFreezer.settle`)."""
     if not thread:
         t0 = time.perf_counter()
         try:
