@@ -302,7 +302,7 @@ def _undo(state: PauseState) -> list[int]:
 def _stop_helper(pid: int, starttime: int, inode: int) -> None:
     """SIGKILL the helper of a lease: the tree is thawed, its late thaw could only resume
     processes someone stopped since. Only that very process, and only a treeguard helper."""
-    from ._thaw import close_pidfd, open_identity
+    from ._thaw import close_fd, open_identity
     from .procfs import HELPER_COMM, ProcFS
 
     fs = ProcFS()
@@ -316,4 +316,4 @@ def _stop_helper(pid: int, starttime: int, inode: int) -> None:
     except ProcessLookupError:
         pass
     finally:
-        close_pidfd(fd)
+        close_fd(fd)

@@ -173,7 +173,7 @@ def cgroup_frozen(version: int, path: str, inode: int | None = None) -> bool:
 
 def _check(fs: ProcFS, identity: Identity, cgroups: _Cgroups | None) -> ProcessStatus:
     """The status of the process ``identity``; ``gone`` if its PID names another now."""
-    from ._thaw import close_pidfd, open_identity
+    from ._thaw import close_fd, open_identity
 
     pid, starttime, inode = identity
     fd = open_identity(pid, starttime, inode, fs)
@@ -191,7 +191,7 @@ def _check(fs: ProcFS, identity: Identity, cgroups: _Cgroups | None) -> ProcessS
     except ProcessLookupError:
         return ProcessStatus(pid, "gone")
     finally:
-        close_pidfd(fd)
+        close_fd(fd)
     return ProcessStatus(pid, held)
 
 
@@ -271,7 +271,7 @@ def state_status(state: PauseState, mtime: float) -> StatusReport:
 
 
 def _helper_running(fs: ProcFS, identity: Identity) -> bool:
-    from ._thaw import close_pidfd, open_identity
+    from ._thaw import close_fd, open_identity
     from .procfs import HELPER_COMM
 
     fd = open_identity(*identity, fs)
@@ -281,7 +281,7 @@ def _helper_running(fs: ProcFS, identity: Identity) -> bool:
         stat = fs.stat(identity[0])
         return stat is not None and stat.comm == HELPER_COMM and stat.state != "Z"
     finally:
-        close_pidfd(fd)
+        close_fd(fd)
 
 
 # -- the subcommands ---------------------------------------------------------------------

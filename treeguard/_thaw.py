@@ -25,9 +25,10 @@ from collections.abc import Iterable
 from .procfs import ProcFS
 
 __all__ = [
-    "close_pidfd",
+    "close_fd",
     "has_pidfs",
     "keep_reserve",
+    "open_file",
     "open_identity",
     "open_pidfd",
     "pidfd_inode",
@@ -103,8 +104,25 @@ def open_pidfd(pid: int) -> int:
         return os.pidfd_open(pid)
 
 
-def close_pidfd(fd: int) -> None:
-    """Close a pidfd from :func:`open_pidfd` and take the reserve back if it was spent."""
+def open_file(path: str, flags: int) -> int:
+    """``os.open(path, flags)``, spending the reserve descriptors when the table is full (a
+    thaw's write to a cgroup control file); close it with :func:`close_fd`."""
+    try:
+        return os.open(path, flags)
+    except OSError as err:
+        if err.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        with _reserve_lock:
+            if not _reserve:
+                raise
+            while _reserve:
+                os.close(_reserve.pop())
+        return os.open(path, flags)
+
+
+def close_fd(fd: int) -> None:
+    """Close a descriptor from :func:`open_pidfd` or :func:`open_file`, and take the
+    reserve back if it was spent."""
     os.close(fd)
     if len(_reserve) < _RESERVE:
         keep_reserve()
@@ -127,14 +145,14 @@ def open_identity(pid: int, starttime: int, inode: int = 0, fs: ProcFS | None = 
             # descriptor, unlike the stat read below).
             if os.fstat(fd).st_ino == inode:
                 return fd
-            close_pidfd(fd)
+            close_fd(fd)
             return -1
         stat = (fs or ProcFS()).stat(pid)
         if stat is None or stat.starttime != starttime:
-            close_pidfd(fd)
+            close_fd(fd)
             return -1  # the PID now names another process: never signal it
     except BaseException:
-        close_pidfd(fd)
+        close_fd(fd)
         raise
     return fd
 
@@ -159,7 +177,7 @@ def signal_identity(
     except ProcessLookupError:
         return False
     finally:
-        close_pidfd(fd)
+        close_fd(fd)
 
 
 def thaw_identities(

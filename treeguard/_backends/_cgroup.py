@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from .._drive import YIELD, Steps, Wait, run_sync
 from .._report import FreezeReport, Skip
+from .._thaw import close_fd, keep_reserve, open_file
 from .._tree import ChildrenSource, walk
 from ..errors import (
     CgroupError,
@@ -99,7 +100,7 @@ class _Events:
 
     def __init__(self, path: str) -> None:
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = open_file(path, os.O_RDONLY | os.O_CLOEXEC)  # a thaw's wait too
         except (FileNotFoundError, NotADirectoryError):
             self.fd = -1
         self._epoll: select.epoll | None = None
@@ -139,14 +140,14 @@ class _Events:
             self._epoll.close()
             self._epoll = None
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            close_fd(fd)
 
 
 def read_file(path: str) -> str | None:
     """A cgroup file's content, or ``None`` if it (or its cgroup) is gone."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_file(path, os.O_RDONLY | os.O_CLOEXEC)  # a thaw's wait reads too
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
@@ -160,7 +161,7 @@ def read_file(path: str) -> str | None:
             return None
         raise
     finally:
-        os.close(fd)
+        close_fd(fd)
 
 
 def write_file(path: str, value: str) -> None:
@@ -171,11 +172,12 @@ def write_file(path: str, value: str) -> None:
     :raises CgroupError: if the write fails otherwise (gone, read-only, not permitted).
     """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        # A thaw must not fail for want of a descriptor: the reserve is spent if need be.
+        fd = open_file(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
         try:
             os.write(fd, value.encode())
         finally:
-            os.close(fd)
+            close_fd(fd)
     except ProcessLookupError:
         raise
     except OSError as err:
@@ -1155,6 +1157,7 @@ class CgroupBackend(Backend):
         return self._census
 
     def freeze(self) -> Steps[None]:
+        keep_reserve()  # before the freeze: its thaw must never lack a descriptor
         try:
             yield from self._freeze()
         except BaseException:
