@@ -91,6 +91,10 @@ def alarm() -> Iterator[Callable[[float], None]]:
         signal.signal(signal.SIGALRM, previous)
 
 
+# An interrupt that lands while the garbage collector runs some other object's finalizer
+# (a Popen's __del__) is printed by Python as "Exception ignored", not raised: that trial
+# then tests an uninterrupted call, and the report of it is no failure of ours.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("where", ["freeze", "release"])
 def test_an_interrupt_anywhere_leaves_nothing_stopped(
     make_tree: MakeTree, alarm: Callable[[float], None], where: str
