@@ -50,10 +50,21 @@ def test_thawed_at_teardown_even_when_the_test_fails(pytester: pytest.Pytester) 
         def test_bad_target(treeguard_freeze):
             with pytest.raises(ValueError, match="subprocess.Popen"):
                 treeguard_freeze("not a process")
+
+        def test_option_typo(treeguard_freeze):
+            import treeguard
+            proc = subprocess.Popen(["sleep", "60"])
+            try:
+                # the same error as every other face, naming the options; nothing frozen
+                with pytest.raises(treeguard.InvalidArgumentError, match="tmeout"):
+                    treeguard_freeze(proc, tmeout=1.0)
+            finally:
+                proc.kill()
+                proc.wait()
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(failed=1, passed=1)
+    result.assert_outcomes(failed=1, passed=2)
     result.stdout.fnmatch_lines(["*the test fails while the tree is frozen*"])
     pid, state = (pytester.path / "state-at-teardown").read_text().split()
     assert state in "SR", f"PID {pid} was left in state {state} after the failing test"
