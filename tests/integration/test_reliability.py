@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import resource
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -342,6 +344,84 @@ def test_a_job_control_relay_is_not_left_stopped(
             if where != "inside":  # the relay reacts to its child's stop: let it do so
                 proc.wait_until(lambda: proc.stopped([relay_pid]), 5, f"{kind} to relay")
         proc.wait_until(lambda: _relay_settled(relay_pid, child), 5, f"{kind} to run on")
+
+
+@pytest.fixture
+def interactive_shell() -> Iterator[tuple[Callable[[bytes], bytes], int, int]]:
+    """An interactive bash on a pseudo-terminal (its controlling terminal: job control on)
+    that reports a job's change of state at once (``set -b``), with one background job;
+    ``(say, bash, job)`` where ``say(line)`` types a line and returns all bash printed since
+    the last call, up to its next prompt."""
+    setsid = shutil.which("setsid")
+    assert setsid, "util-linux setsid is needed (CI has it)"
+    master, slave = os.openpty()
+    env = {"PS1": "PROMPT$ ", "PATH": os.environ["PATH"], "TERM": "dumb"}
+    bash = subprocess.Popen(
+        [setsid, "-c", "bash", "--norc", "--noprofile", "-i"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+
+    def until_prompt() -> bytes:
+        out = b""
+        deadline = time.monotonic() + 10
+        while not out.endswith(b"PROMPT$ "):
+            assert time.monotonic() < deadline, f"no prompt from bash: {out!r}"
+            if select.select([master], [], [], 0.1)[0]:
+                out += os.read(master, 4096)
+        return out
+
+    def say(line: bytes) -> bytes:
+        os.write(master, line + b"\n")
+        return until_prompt()
+
+    try:
+        until_prompt()
+        say(b"set -b")
+        say(b"sleep 600 &")
+        proc.wait_until(lambda: proc.children(bash.pid), 10, "the job to start")
+        yield say, bash.pid, proc.children(bash.pid)[0]
+    finally:
+        for kid in proc.children(bash.pid):
+            os.kill(kid, signal.SIGKILL)
+        bash.kill()
+        bash.wait()
+        os.close(master)
+
+
+@pytest.mark.parametrize(
+    ("backend", "where", "seen"),
+    [
+        ("signal", "inside", False),
+        ("ptrace", "inside", False),
+        ("ptrace", "outside", False),
+        ("signal", "outside", True),  # the control: a shell outside sees a signal freeze
+    ],
+)
+def test_an_interactive_shell_reports_no_stop(
+    interactive_shell: tuple[Callable[[bytes], bytes], int, int],
+    backend: str,
+    where: str,
+    seen: bool,
+) -> None:
+    """bash -i waits for its jobs with WUNTRACED and reports one that stops. Frozen with
+    the shell (signals: the shell first, resumed last) or by ptrace, it sees nothing."""
+    require_root("tracing the shell's job")
+    say, bash, job = interactive_shell
+    root = bash if where == "inside" else job
+    printed = b""
+    for _ in range(5):
+        with ProcessesGuard(root, include_root=True, backend=backend):
+            assert not proc.not_stopped([bash, job] if where == "inside" else [job])
+        if where == "outside" and backend == "signal":
+            # the shell takes the report in when it runs: wait until it has
+            proc.wait_until(lambda: proc.state(bash) == "S", 5, "the shell to wait again")
+        printed += say(b"jobs")
+    assert (b"Stopped" in printed) == seen, printed
+    assert printed.count(b"Running") >= 5
 
 
 def test_the_snapshot_warns_of_a_relay(relay: Callable[[str], tuple[int, int]]) -> None:
