@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ptrace.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -206,6 +207,11 @@ int main(int argc, char **argv) {
         return 2;
     }
     mode_ptrace = !strcmp(argv[1], "ptrace");
+    struct rlimit files; /* one pidfd per process: as many as the hard limit allows */
+    if (getrlimit(RLIMIT_NOFILE, &files) == 0) {
+        files.rlim_cur = files.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &files);
+    }
     root = atoi(argv[2]);
     setvbuf(stdout, NULL, _IOLBF, 0);
     char line[16];
