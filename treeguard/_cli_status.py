@@ -303,6 +303,10 @@ def cmd_tree(args: argparse.Namespace) -> int:
     for i, record in enumerate(snap.records):
         if record.pid in frozen:
             lines[i] += "  frozen by its cgroup"
+    unnoticed = snap.unnoticed_by()
+    lines.append(
+        "a freeze it would not notice: " + "; ".join(f"{b} ({why})" for b, why in unnoticed.items())
+    )
     print("\n".join(lines))
     return 0
 

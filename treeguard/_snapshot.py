@@ -324,6 +324,20 @@ class TreeSnapshot:
         """The snapshot as JSON (schema 1, documented in :mod:`treeguard._snapshot`)."""
         return json.dumps(self.to_dict(), indent=indent)
 
+    def unnoticed_by(self) -> dict[str, str]:
+        """The backends whose freeze nothing in this tree would notice, each with its
+        condition. The signal backend is there only if no process has a warning that says
+        it would notice (a SIGCONT or SIGCHLD handler, a job-control relay, a tracer); ptrace
+        only if no process is traced already (and this process may trace, which the kernel
+        decides per task); the cgroup freezer always, for a tree alone in its cgroup."""
+        kinds = {w["kind"] for w in self.warnings}
+        found: dict[str, str] = {"cgroup": "when the tree is alone in a cgroup of its own"}
+        if "traced" not in kinds:
+            found["ptrace"] = "where this process may trace every process of it"
+        if not kinds & {"catches SIGCONT", "catches SIGCHLD", "job-control relay", "traced"}:
+            found["signal"] = "no process of it handles SIGCONT or SIGCHLD or relays a stop"
+        return found
+
     def render(self) -> str:
         """A pstree-like drawing: one line per process with its state and thread count,
         then one line per warning and the consistency."""

@@ -868,3 +868,12 @@ def test_freeze_of_a_cgroup_killed_is_thawed(
         cli.wait()
     proc.wait_until(lambda: not cg.frozen, 10, "the helper to thaw the cgroup")
     proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+
+
+def test_tree_says_which_freeze_the_tree_would_not_notice(make_tree: MakeTree) -> None:
+    tree = make_tree({"children": [{}]}, mode="idle")  # workers that handle no SIGCONT
+    result = run("tree", str(tree.root))
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.splitlines()[-1]
+    assert last.startswith("a freeze it would not notice: cgroup (")
+    assert "ptrace (" in last

@@ -244,3 +244,20 @@ def test_printable(name: str, shown: str) -> None:
 @given(st.text())
 def test_printable_leaves_nothing_unprintable(name: str) -> None:
     assert printable(name).isprintable()
+
+
+def test_which_backends_the_tree_would_not_notice() -> None:
+    def snap(record: ProcessRecord) -> TreeSnapshot:
+        return TreeSnapshot(
+            root=record.pid,
+            include_root=True,
+            records=(record,),
+            consistent=True,
+            consistency="two passes agree",
+        )
+
+    assert set(snap(_rec(20, 0)).unnoticed_by()) == {"cgroup", "ptrace", "signal"}
+    relay = dataclasses.replace(_rec(21, 0), name="su")
+    assert set(snap(relay).unnoticed_by()) == {"cgroup", "ptrace"}
+    assert set(snap(_rec(22, 0, caught=("SIGCONT",))).unnoticed_by()) == {"cgroup", "ptrace"}
+    assert set(snap(_rec(23, 0, tracer=7)).unnoticed_by()) == {"cgroup"}
