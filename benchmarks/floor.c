@@ -89,7 +89,11 @@ static int children_of(int pid, int *kids, int nkids) {
         snprintf(path, sizeof path, "/proc/%d/task/%d/children", pid, t[i]);
         int fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0) continue;
-        ssize_t len = read(fd, buf, sizeof buf - 1);
+        /* seq_file hands out a page at a time: read to the end */
+        ssize_t len = 0, got;
+        while (len < (ssize_t)sizeof buf - 1 &&
+               (got = read(fd, buf + len, sizeof buf - 1 - len)) > 0)
+            len += got;
         close(fd);
         if (len <= 0) continue;
         buf[len] = 0;
