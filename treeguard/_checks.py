@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 
 from .errors import FreezeError, InvalidArgumentError, NoSuchProcessError
 from .procfs import ProcFS
 
 __all__ = [
     "MAX_SECONDS",
+    "SCOPES",
+    "check_guard",
     "PID_MAX_LIMIT",
     "as_pid",
     "check_options",
@@ -128,3 +131,72 @@ def as_pid(name: str, value: object) -> int:
     elif getattr(value, "exitcode", None) is not None:  # a joined multiprocessing.Process
         raise NoSuchProcessError(pid)
     return pid
+
+
+#: What a freeze covers: the tree below a root, or the caller's whole PID namespace.
+SCOPES = ("tree", "namespace")
+
+
+def check_guard(
+    *,
+    root: object,
+    include_root: object,
+    exclude: object,
+    timeout: object,
+    max_passes: object,
+    partial_ok: object,
+    scope: object,
+    backend: object,
+    backends: tuple[str, ...],
+    watchdog: object,
+    max_frozen: object,
+    subreaper: object,
+) -> tuple[int | None, tuple[int, ...], bool]:
+    """Check every option of :class:`~treeguard.ProcessesGuard` before anything runs.
+
+    :returns: the root's PID (None: the caller), the excluded PIDs, and whether a watchdog
+        helper is wanted (a lease asks for one; ptrace, whose watchdog is the kernel, never).
+    :raises InvalidArgumentError: if an option is of the wrong type or out of range.
+    :raises NoSuchProcessError: if ``root`` or an ``exclude`` names no process.
+    """
+    root_pid = None if root is None else as_pid("root", root)
+    if isinstance(exclude, str | bytes) or not isinstance(exclude, Iterable):
+        raise InvalidArgumentError("exclude", "must be an iterable of PIDs")
+    excluded = tuple(as_pid("exclude", pid) for pid in exclude)
+    check_options(timeout=timeout, max_passes=max_passes, partial_ok=partial_ok)
+    if not isinstance(include_root, bool):
+        raise InvalidArgumentError("include_root", "must be True or False")
+    if scope not in SCOPES:
+        raise InvalidArgumentError("scope", f"must be one of {SCOPES}, not {scope!r}")
+    if scope == "namespace" and root is not None:
+        raise InvalidArgumentError("root", "scope='namespace' covers the whole namespace")
+    if include_root:
+        if root_pid is None or root_pid == os.getpid():
+            raise InvalidArgumentError("include_root", "the calling process cannot freeze itself")
+        if root_pid == 1:
+            raise InvalidArgumentError("include_root", "PID 1 is never frozen")
+    for flag, value in (("watchdog", watchdog), ("subreaper", subreaper)):
+        if not isinstance(value, bool):
+            raise InvalidArgumentError(flag, f"must be True or False, not {value!r}")
+    if max_frozen is not None:
+        check_seconds("max_frozen", max_frozen)
+        watchdog = True  # the lease is kept by the watchdog
+    if backend not in backends:
+        raise InvalidArgumentError("backend", f"must be one of {backends}, not {backend!r}")
+    if backend == "ptrace":
+        if max_frozen is not None:
+            raise InvalidArgumentError(
+                "max_frozen",
+                "a ptrace hold cannot be ended from another process (SIGCONT does not "
+                "wake a traced task): use the signal or cgroup backend for a lease",
+            )
+        # The kernel is a ptrace hold's watchdog: it lets every tracee go when this
+        # process dies. A helper would add nothing but a visible SIGCONT.
+        watchdog = False
+    fs = ProcFS()
+    check_proc(fs)
+    if root_pid is not None:
+        check_process("root", root_pid, fs, zombie_ok=False)
+    for pid in excluded:  # a typo must not leave the real monitor to be frozen
+        check_process("exclude", pid, fs)
+    return root_pid, excluded, bool(watchdog)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import os
 import select
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["SLICE", "YIELD", "Slices", "Steps", "Wait", "run_async", "run_sync"]
+__all__ = ["SLICE", "YIELD", "Slices", "Steps", "Wait", "run_async", "run_sync", "run_to_end"]
 
 T = TypeVar("T")
 
@@ -76,6 +76,28 @@ def run_sync(steps: Steps[T]) -> T:
         return done.value  # type: ignore[no-any-return]
     finally:
         steps.close()
+
+
+def run_to_end(make: Callable[[], Steps[None]]) -> BaseException | None:
+    """Run the resumable steps ``make()`` makes to their end, through interrupts.
+
+    An exception that lands in them (``KeyboardInterrupt``, one raised by a signal handler)
+    does not stop them: a fresh ``make()`` resumes where they stopped, and the first such
+    exception is returned once they are done, for the caller to raise. Steps that fail twice
+    in a row with an error of their own (or an interrupt storm, 100 times) raise it: the
+    caller keeps its state for a later try.
+    """
+    interrupt: BaseException | None = None
+    failures = 0
+    while True:
+        try:
+            run_sync(make())
+            return interrupt
+        except BaseException as err:
+            interrupt = interrupt or err
+            failures += 1
+            if (failures >= 2 and not isinstance(err, KeyboardInterrupt)) or failures >= 100:
+                raise interrupt from None
 
 
 async def run_async(steps: Steps[T]) -> T:

@@ -13,13 +13,13 @@ from ._backends import BACKENDS, Backend, Journal, Plan, create
 from ._checks import (
     PID_MAX_LIMIT,
     as_pid,
+    check_guard,
     check_options,
     check_pid,
     check_proc,
     check_process,
-    check_seconds,
 )
-from ._drive import Steps, run_sync
+from ._drive import Steps, run_sync, run_to_end
 from ._report import FreezeReport, Skip
 from ._snapshot import TreeSnapshot
 from ._subreaper import set_subreaper
@@ -37,8 +37,6 @@ __all__ = [
     "freeze_child_processes",
     "new_guard",
 ]
-
-SCOPES = ("tree", "namespace")
 
 
 def new_guard(options: dict[str, Any]) -> ProcessesGuard:
@@ -114,48 +112,20 @@ class ProcessesGuard:
         max_frozen: float | None = None,
         subreaper: bool = False,
     ) -> None:
-        root_pid = None if root is None else as_pid("root", root)
-        if isinstance(exclude, str | bytes) or not isinstance(exclude, Iterable):
-            raise InvalidArgumentError("exclude", "must be an iterable of PIDs")
-        excluded = tuple(as_pid("exclude", pid) for pid in exclude)
-        check_options(timeout=timeout, max_passes=max_passes, partial_ok=partial_ok)
-        if not isinstance(include_root, bool):
-            raise InvalidArgumentError("include_root", "must be True or False")
-        if scope not in SCOPES:
-            raise InvalidArgumentError("scope", f"must be one of {SCOPES}, not {scope!r}")
-        if scope == "namespace" and root is not None:
-            raise InvalidArgumentError("root", "scope='namespace' covers the whole namespace")
-        if include_root:
-            if root_pid is None or root_pid == os.getpid():
-                raise InvalidArgumentError(
-                    "include_root", "the calling process cannot freeze itself"
-                )
-            if root_pid == 1:
-                raise InvalidArgumentError("include_root", "PID 1 is never frozen")
-        for flag, value in (("watchdog", watchdog), ("subreaper", subreaper)):
-            if not isinstance(value, bool):
-                raise InvalidArgumentError(flag, f"must be True or False, not {value!r}")
-        if max_frozen is not None:
-            check_seconds("max_frozen", max_frozen)
-            watchdog = True  # the lease is kept by the watchdog
-        if backend not in BACKENDS:
-            raise InvalidArgumentError("backend", f"must be one of {BACKENDS}, not {backend!r}")
-        if backend == "ptrace":
-            if max_frozen is not None:
-                raise InvalidArgumentError(
-                    "max_frozen",
-                    "a ptrace hold cannot be ended from another process (SIGCONT does not "
-                    "wake a traced task): use the signal or cgroup backend for a lease",
-                )
-            # The kernel is a ptrace hold's watchdog: it lets every tracee go when this
-            # process dies. A helper would add nothing but a visible SIGCONT.
-            watchdog = False
-        fs = ProcFS()
-        check_proc(fs)
-        if root_pid is not None:
-            check_process("root", root_pid, fs, zombie_ok=False)
-        for pid in excluded:  # a typo must not leave the real monitor to be frozen
-            check_process("exclude", pid, fs)
+        root_pid, excluded, watchdog = check_guard(
+            root=root,
+            include_root=include_root,
+            exclude=exclude,
+            timeout=timeout,
+            max_passes=max_passes,
+            partial_ok=partial_ok,
+            scope=scope,
+            backend=backend,
+            backends=BACKENDS,
+            watchdog=watchdog,
+            max_frozen=max_frozen,
+            subreaper=subreaper,
+        )
         self._root = root_pid
         # A process object (psutil.Process) is asked again at each freeze whether its PID
         # still names it.
@@ -316,21 +286,7 @@ class ProcessesGuard:
         backend = self._backend
         if backend is None or not self.frozen:
             return
-        interrupt: BaseException | None = None
-        failures = 0
-        while True:
-            try:
-                run_sync(backend.thaw())
-                break
-            except BaseException as err:
-                # An interrupt is retried; a thaw that fails twice in a row is left armed
-                # for the next call (it resumes where it stopped).
-                interrupt = interrupt or err
-                failures += 1
-                if failures >= 2 and not isinstance(err, KeyboardInterrupt):
-                    raise interrupt from None
-                if failures >= 100:  # an interrupt storm: keep the state, say so
-                    raise interrupt from None
+        interrupt = run_to_end(backend.thaw)
         self._disarm()  # forgotten only after the thaw ran to its end
         if interrupt is not None:
             raise interrupt

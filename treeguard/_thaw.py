@@ -20,7 +20,7 @@ import os
 import select
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .procfs import ProcFS
 
@@ -85,14 +85,14 @@ def keep_reserve() -> None:
                 return
 
 
-def open_pidfd(pid: int) -> int:
-    """``pidfd_open(pid)``, spending the reserve descriptors when the table is full.
+def _opening(opener: Callable[[], int]) -> int:
+    """``opener()``, and once more after spending the reserve if the table was full.
 
-    :raises ProcessLookupError: if there is no such process.
-    :raises OSError: EMFILE/ENFILE if even the reserve is spent (another thread took it).
+    :raises OSError: EMFILE/ENFILE if even the reserve is spent (another thread took it),
+        and whatever else ``opener`` raises.
     """
     try:
-        return os.pidfd_open(pid)
+        return opener()
     except OSError as err:
         if err.errno not in (errno.EMFILE, errno.ENFILE):
             raise
@@ -101,23 +101,22 @@ def open_pidfd(pid: int) -> int:
                 raise
             while _reserve:
                 os.close(_reserve.pop())
-        return os.pidfd_open(pid)
+        return opener()
+
+
+def open_pidfd(pid: int) -> int:
+    """``pidfd_open(pid)``, spending the reserve descriptors when the table is full; close
+    it with :func:`close_fd`.
+
+    :raises ProcessLookupError: if there is no such process.
+    """
+    return _opening(lambda: os.pidfd_open(pid))
 
 
 def open_file(path: str, flags: int) -> int:
     """``os.open(path, flags)``, spending the reserve descriptors when the table is full (a
     thaw's write to a cgroup control file); close it with :func:`close_fd`."""
-    try:
-        return os.open(path, flags)
-    except OSError as err:
-        if err.errno not in (errno.EMFILE, errno.ENFILE):
-            raise
-        with _reserve_lock:
-            if not _reserve:
-                raise
-            while _reserve:
-                os.close(_reserve.pop())
-        return os.open(path, flags)
+    return _opening(lambda: os.open(path, flags))
 
 
 def close_fd(fd: int) -> None:

@@ -12,9 +12,37 @@ import select
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
-from .procfs import ProcFS, Stat
+from ._report import Skip
+from .procfs import DEAD_STATES, HELPER_COMM, ProcFS, Stat
 
-__all__ = ["ChildrenFiles", "ChildrenSource", "PpidScan", "ancestors", "children_source", "walk"]
+__all__ = [
+    "ROOT",
+    "ChildrenFiles",
+    "ChildrenSource",
+    "PpidScan",
+    "ancestors",
+    "children_source",
+    "unfreezable",
+    "walk",
+]
+
+#: The stat of PID 0, which stands for the roots of the PID namespace in a walk.
+ROOT = Stat(
+    pid=0, comm=b"", state="S", ppid=0, pgrp=0, session=0, flags=0, num_threads=1, starttime=0
+)
+
+
+def unfreezable(stat: Stat) -> Skip | None:
+    """Why a process met by a walk is never to be frozen, by any backend, if it is not: a
+    kernel thread (no user space), a zombie (it cannot run), a treeguard watchdog helper (of
+    this process or another: the one that would thaw)."""
+    if stat.is_kernel_thread:
+        return Skip.KERNEL_THREAD
+    if stat.state in DEAD_STATES and stat.num_threads <= 1:
+        return Skip.ZOMBIE
+    if stat.comm == HELPER_COMM:
+        return Skip.SUPERVISOR
+    return None
 
 
 class ChildrenSource:

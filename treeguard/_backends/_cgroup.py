@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from .._drive import YIELD, Steps, Wait, run_sync
 from .._report import FreezeReport, Skip
 from .._thaw import close_fd, keep_reserve, open_file
-from .._tree import ChildrenSource, walk
+from .._tree import ROOT, ChildrenSource, unfreezable, walk
 from ..errors import (
     CgroupError,
     CgroupUnavailableError,
@@ -50,7 +50,6 @@ from ..errors import (
 )
 from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat
 from ._base import Backend, Journal, Plan
-from ._signal import _ROOT
 
 __all__ = [
     "CgroupBackend",
@@ -780,14 +779,13 @@ def _top(plan: Plan) -> list[int]:
             report.skipped[pid] = reason
             return None
         if pid in plan.passthrough:
-            return fs.stat(pid) if pid else _ROOT
+            return fs.stat(pid) if pid else ROOT
         stat = fs.stat(pid)
         if stat is None:
             return None
-        if stat.is_kernel_thread:
-            report.skipped[pid] = Skip.KERNEL_THREAD
-        elif stat.state in DEAD_STATES and stat.num_threads <= 1:
-            report.skipped[pid] = Skip.ZOMBIE
+        skip = unfreezable(stat)
+        if skip is not None:
+            report.skipped[pid] = skip
         else:
             top.append(pid)
         return None
@@ -1106,7 +1104,7 @@ class _Known(ChildrenSource):
 def _parent_first(tops: list[int], kids: dict[int, list[int]], fs: ProcFS) -> list[int]:
     """The processes below ``tops`` in ``kids``, parents before children (the core walk
     over a map built already)."""
-    return list(walk(tops, lambda pid: _ROOT, _Known(fs, kids)))
+    return list(walk(tops, lambda pid: ROOT, _Known(fs, kids)))
 
 
 def _by_ppid(stats: dict[int, Stat], fs: ProcFS) -> list[int]:

@@ -33,7 +33,7 @@ import time
 
 from .._drive import Steps, run_sync
 from .._report import Skip
-from .._tree import ChildrenFiles, ChildrenSource, walk
+from .._tree import ROOT, ChildrenFiles, ChildrenSource, unfreezable, walk
 from ..errors import (
     FreezeError,
     FreezePermissionError,
@@ -41,10 +41,9 @@ from ..errors import (
     StopTimeoutError,
     TreeUnstableError,
 )
-from ..procfs import DEAD_STATES, HELPER_COMM, Stat
+from ..procfs import DEAD_STATES, Stat
 from ._base import Backend, Plan
 from ._hold import Hold, Proc, Task
-from ._signal import _ROOT
 from ._tracer import Tracer
 
 __all__ = ["PtraceBackend"]
@@ -169,16 +168,13 @@ class PtraceBackend(Backend):
         if pid in plan.passthrough:
             known[pid] = None
             self._through.append(pid)
-            return plan.fs.stat(pid) if pid else _ROOT
+            return plan.fs.stat(pid) if pid else ROOT
         stat = plan.fs.stat(pid)
         if stat is None or (parent is not None and stat.ppid != parent):
             return self._skip(pid, Skip.EXITED)  # gone, or its PID reused meanwhile
-        if stat.comm == HELPER_COMM:
-            return self._skip(pid, Skip.SUPERVISOR)  # any guard's watchdog helper
-        if stat.is_kernel_thread:
-            return self._skip(pid, Skip.KERNEL_THREAD)
-        if stat.state in DEAD_STATES and stat.num_threads <= 1:
-            return self._skip(pid, Skip.ZOMBIE)
+        reason = unfreezable(stat)  # a kernel thread, a zombie, any guard's helper
+        if reason is not None:
+            return self._skip(pid, reason)
         proc = Proc(pid, stat)
         known[pid] = proc
         if proc.ours and plan.journal is not None:
@@ -247,7 +243,7 @@ class PtraceBackend(Backend):
         fs, known, source = self.plan.fs, self._hold.known, self.plan.source
         found: list[int] = []
         for pid in self._through:
-            stat = fs.stat(pid) if pid else _ROOT
+            stat = fs.stat(pid) if pid else ROOT
             if stat is not None:
                 kids = [c for c in source.children(pid, stat) if c not in known]
                 for kid in kids:

@@ -32,9 +32,8 @@ import time
 from .._drive import YIELD, Slices, Steps, Wait
 from .._report import Skip
 from .._thaw import keep_reserve, pidfd_inode
-from .._tree import ChildrenFiles
+from .._tree import ROOT, ChildrenFiles, unfreezable
 from ..errors import FreezePermissionError, StopTimeoutError, TreeUnstableError
-from ..procfs import DEAD_STATES, HELPER_COMM, Stat
 from ._base import Backend, Plan
 from ._pidfds import (
     Entry,
@@ -166,7 +165,7 @@ class SignalBackend(Backend):
                 yield YIELD
         fs, source = self.plan.fs, self.plan.source
         for pid in self._through_now:  # running: read again at the end of the round too
-            stat = fs.stat(pid) if pid else _ROOT
+            stat = fs.stat(pid) if pid else ROOT
             if stat is not None:
                 children += ((kid, pid) for kid in source.children(pid, stat))
         self._through_now = []
@@ -215,7 +214,7 @@ class SignalBackend(Backend):
                 return None
             return self._skip(pid, Skip.EXITED, fd)
         self._met[pid] = identity  # a PID met again as another process is met anew
-        skip = _unfreezable(stat)
+        skip = unfreezable(stat) or (Skip.TRACED if stat.state == "t" else None)
         if skip is not None:
             if statfd >= 0:
                 close(statfd)
@@ -276,7 +275,7 @@ class SignalBackend(Backend):
         plan = self.plan
         found: list[tuple[int, int | None]] = []
         for pid in self._through:
-            stat = plan.fs.stat(pid) if pid else _ROOT
+            stat = plan.fs.stat(pid) if pid else ROOT
             if stat is not None:
                 found += ((kid, pid) for kid in plan.source.children(pid, stat))
         fresh = []
@@ -394,24 +393,6 @@ class SignalBackend(Backend):
             release(self._entries.pop())
         while self._foreign:
             release(self._foreign.pop())
-
-
-_ROOT = Stat(
-    pid=0, comm=b"", state="S", ppid=0, pgrp=0, session=0, flags=0, num_threads=1, starttime=0
-)
-
-
-def _unfreezable(stat: Stat) -> Skip | None:
-    """Why a process met by the walk is not to be stopped, if it is not."""
-    if stat.is_kernel_thread:
-        return Skip.KERNEL_THREAD
-    if stat.state in DEAD_STATES and stat.num_threads <= 1:
-        return Skip.ZOMBIE
-    if stat.comm == HELPER_COMM:
-        return Skip.SUPERVISOR  # a treeguard watchdog, of this process or another
-    if stat.state == "t":
-        return Skip.TRACED
-    return None
 
 
 def _traced_reason(plan: Plan, pid: int) -> str:
