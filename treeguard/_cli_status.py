@@ -130,14 +130,14 @@ class _Cgroups:
     """Whether the cgroup of a process is frozen, each cgroup read once."""
 
     def __init__(self, fs: ProcFS) -> None:
-        from .cgroup import hierarchies
+        from ._mounts import hierarchies
 
         self.fs = fs
         self.v2, self.v1 = hierarchies(fs)
         self._seen: dict[tuple[int, str], bool] = {}
 
     def frozen(self, pid: int) -> bool:
-        from .cgroup import cgroup_paths
+        from ._mounts import cgroup_paths
 
         data = self.fs.read(f"{pid}/cgroup")
         if data is None:

@@ -310,9 +310,9 @@ class ProcessesGuard:
 
     def snapshot(self) -> TreeSnapshot:
         """A snapshot of the processes this guard froze (consistent while frozen)."""
-        from ._snapshot import snapshot_of_guard
+        from ._snapshot import snapshot_of_freeze
 
-        return snapshot_of_guard(self)
+        return snapshot_of_freeze(self.identities, self.already_stopped, self.report, self.frozen)
 
     @property
     def frozen(self) -> bool:

@@ -49,15 +49,13 @@ import signal
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, final
+from typing import Any, final
 
+from ._report import FreezeReport
 from ._tree import ancestors, children_source, walk
 from ._types import Target
 from .errors import InvalidArgumentError, NoSuchProcessError
 from .procfs import DEAD_STATES, STOPPED_STATES, ProcFS, Stat
-
-if TYPE_CHECKING:
-    from ._guard import ProcessesGuard
 
 __all__ = [
     "REASONS",
@@ -71,7 +69,7 @@ __all__ = [
     "printable",
     "signal_name",
     "snapshot",
-    "snapshot_of_guard",
+    "snapshot_of_freeze",
 ]
 
 #: Version of the JSON layout of :meth:`TreeSnapshot.to_json`.
@@ -583,18 +581,24 @@ def snapshot(
     )
 
 
-def snapshot_of_guard(guard: ProcessesGuard) -> TreeSnapshot:
-    """The snapshot of what ``guard`` froze (and found stopped already), parents first.
+def snapshot_of_freeze(
+    identities: tuple[tuple[int, int], ...],
+    already_stopped: tuple[tuple[int, int], ...],
+    report: FreezeReport,
+    frozen: bool,
+) -> TreeSnapshot:
+    """The snapshot of what a freeze stopped (``identities``, parents first) and found
+    stopped already, as :meth:`ProcessesGuard.snapshot` asks for it.
 
-    Consistent when the guard is frozen and every one of its processes is still the same
+    Consistent when the freeze holds and every one of its processes is still the same
     process and stopped: nothing could have changed between the reads.
     """
     fs = ProcFS()
     reader = _Reader(fs)
-    wanted = dict(guard.identities)
-    wanted.update(guard.already_stopped)
-    order = {pid: i for i, pid in enumerate(guard.pids)}
-    for pid, _ in guard.already_stopped:
+    wanted = dict(identities)
+    wanted.update(already_stopped)
+    order = {pid: i for i, (pid, _) in enumerate(identities)}
+    for pid, _ in already_stopped:
         order.setdefault(pid, len(order))
     stats: dict[int, Stat] = {}
     vanished: list[tuple[int, int]] = []
@@ -622,10 +626,10 @@ def snapshot_of_guard(guard: ProcessesGuard) -> TreeSnapshot:
         stack += [(kid, depth + 1) for kid in reversed(kids.get(pid, ()))]
     # A parent waiting for its stopped vfork child stays in D but cannot run (the guard
     # classified it): it does not make the snapshot inconsistent.
-    in_vfork = set(guard.report.blocked_in_vfork)
-    # Only the signal backend leaves tasks in T; a cgroup-frozen task shows S (cgroup-v2.rst),
-    # and the cgroup backend verified the freeze through the cgroup's own state.
-    by_signal = guard.report.backend == "signal"
+    in_vfork = set(report.blocked_in_vfork)
+    # The signal and ptrace backends leave tasks in T or t; a cgroup-frozen task shows S
+    # (cgroup-v2.rst), and the cgroup backend verified the freeze through the cgroup itself.
+    by_signal = report.backend in ("signal", "ptrace")
     running = [
         r
         for r in records
@@ -637,7 +641,7 @@ def snapshot_of_guard(guard: ProcessesGuard) -> TreeSnapshot:
             for t in r.threads
         )
     ]
-    if not guard.frozen:
+    if not frozen:
         consistency, consistent = "not frozen", False
     elif vanished or running:
         consistency, consistent = "changed", False

@@ -133,7 +133,7 @@ def test_the_mount_table_is_read_again_when_it_changes() -> None:
     out = _run(
         """
         import ctypes, os
-        from treeguard import cgroup
+        from treeguard import _mounts as cgroup
         from treeguard.procfs import ProcFS
         libc = ctypes.CDLL(None, use_errno=True)
         MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from .._mounts import discover
 from .._thaw import thaw_identities
 from ..errors import FreezePermissionError, InvalidArgumentError, TokenError
 from ._auto import AutoBackend
@@ -115,7 +116,6 @@ def _validate_cgroup(payload: dict[str, object]) -> None:
         raise TokenError(f"payload['path'] must be an absolute path, not {path!r}")
     if os.path.normpath(path) != path:
         raise TokenError(f"payload['path'] must be a normalized path, not {path!r}")
-    from ..cgroup import discover
 
     found = discover()
     hierarchy = found.v2 if version == 2 else found.freezer

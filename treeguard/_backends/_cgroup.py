@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._drive import YIELD, Steps, Wait, run_sync
+from .._mounts import cgroup_paths, hierarchies
 from .._report import FreezeReport, Skip
 from .._thaw import close_fd, keep_reserve, open_file
 from .._tree import ROOT, ChildrenSource, unfreezable, walk
@@ -845,7 +846,6 @@ def find_target(plan: Plan, *, whole: bool = False) -> Target | None:
     :raises CgroupUnavailableError: if no cgroup hierarchy is mounted.
     :raises CgroupError: if no cgroup can hold the tree alone (saying why), nothing frozen.
     """
-    from ..cgroup import cgroup_paths, hierarchies
 
     top = _top(plan)
     if not top:
