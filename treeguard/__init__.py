@@ -12,7 +12,7 @@ from ._snapshot import ProcessRecord as ProcessRecord
 from ._snapshot import SignalState as SignalState
 from ._snapshot import ThreadRecord as ThreadRecord
 from ._snapshot import TreeSnapshot as TreeSnapshot
-from ._snapshot import snapshot as snapshot
+from ._snapshot_read import snapshot as snapshot
 from ._token import Token as Token
 from ._token import freeze as freeze
 from ._token import thaw as thaw

@@ -210,7 +210,7 @@ def in_frozen_cgroups(identities: Iterable[tuple[int, int]]) -> set[int]:
 def pid_status(pid: int) -> StatusReport:
     """The status of the tree rooted at ``pid`` (zombies and kernel threads left out:
     nothing of theirs can be frozen)."""
-    from ._snapshot import snapshot
+    from ._snapshot_read import snapshot
     from .procfs import ProcFS
 
     fs = ProcFS()
@@ -288,7 +288,7 @@ def _helper_running(fs: ProcFS, identity: Identity) -> bool:
 
 
 def cmd_tree(args: argparse.Namespace) -> int:
-    from ._snapshot import snapshot
+    from ._snapshot_read import snapshot
 
     snap = snapshot(args.pid, include_root=True)
     # JSON escapes every control character itself; render() escapes names (see printable).

@@ -310,7 +310,7 @@ class ProcessesGuard:
 
     def snapshot(self) -> TreeSnapshot:
         """A snapshot of the processes this guard froze (consistent while frozen)."""
-        from ._snapshot import snapshot_of_freeze
+        from ._snapshot_read import snapshot_of_freeze
 
         return snapshot_of_freeze(self.identities, self.already_stopped, self.report, self.frozen)
 

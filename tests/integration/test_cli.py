@@ -22,7 +22,7 @@ import pytest
 import treeguard
 from tests import proc
 from tests.conftest import MakeCgroup, require_root, slot
-from treeguard._snapshot import snapshot
+from treeguard._snapshot_read import snapshot
 from treeguard._statefile import parse_state
 from treeguard._subreaper import is_subreaper, set_subreaper
 from treeguard._thaw import pidfd_inode

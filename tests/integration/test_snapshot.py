@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-import treeguard._snapshot as snapshot_module
+import treeguard._snapshot_read as snapshot_module
 from tests import proc
 from tests.conftest import require_root
 from treeguard import ProcessesGuard
-from treeguard._snapshot import snapshot
+from treeguard._snapshot_read import snapshot
 from treeguard._workers import WorkerTree
 from treeguard.errors import InvalidArgumentError, NoSuchProcessError
 

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_backends._auto",
         },
     ),
-    ("services", {"_watchdog", "_helper", "_snapshot", "_workers"}),
+    ("services", {"_watchdog", "_helper", "_snapshot", "_snapshot_read", "_workers"}),
     ("core", {"_guard"}),
     (
         "faces",

@@ -19,7 +19,7 @@ from .._report import FreezeReport
 from ..procfs import DEAD_STATES, ProcFS, parse_stat, parse_stat_brief
 from ._pidfds import Entry
 
-__all__ = ["GONE", "SETTLED", "TRACED", "VFORK_WCHAN", "Look", "look"]
+__all__ = ["GONE", "SETTLED", "TRACED", "VFORK_WCHAN", "Look", "look", "traced_reason"]
 
 #: Where a task waits while its vfork child has not exec'd or exited (kernel/fork.c).
 VFORK_WCHAN = frozenset({"kernel_clone", "_do_fork", "do_fork"})
@@ -83,3 +83,12 @@ def look(entry: Entry, fs: ProcFS, report: FreezeReport) -> Look | object:
             continue
         late.append((pid, tid, state))
     return Look(late, len(tasks))
+
+
+def traced_reason(fs: ProcFS, pid: int) -> str:
+    """Why a process held by a tracer (``t``) cannot be frozen by signals, naming the tracer."""
+    tracer = (fs.status(pid) or {}).get("TracerPid", "?")
+    return (
+        f"traced by PID {tracer} (a debugger or strace): a traced process runs whenever its "
+        "tracer lets it, so it cannot be proven stopped; detach the tracer"
+    )

@@ -47,7 +47,7 @@ from ._pidfds import (
     release_pidfd,
     resignal,
 )
-from ._proof import GONE, TRACED, Look, look
+from ._proof import GONE, TRACED, Look, look, traced_reason
 from ._relays import Watchers
 
 __all__ = ["SignalBackend"]
@@ -151,7 +151,7 @@ class SignalBackend(Backend):
             raise FreezePermissionError(self._denied)
         if self._traced_pids:
             raise FreezePermissionError(
-                self._traced_pids, reason=_traced_reason(self.plan, self._traced_pids[0])
+                self._traced_pids, reason=traced_reason(self.plan.fs, self._traced_pids[0])
             )
         t0 = clock()
         yield from self._wait_stopped(met, deadline)
@@ -346,7 +346,7 @@ class SignalBackend(Backend):
         lets it, so it cannot be proven stopped. Refused, or skipped with ``partial_ok``
         (the thaw still sends the SIGCONT that undoes our SIGSTOP)."""
         if not self.plan.partial_ok:
-            raise FreezePermissionError([entry.pid], reason=_traced_reason(self.plan, entry.pid))
+            raise FreezePermissionError([entry.pid], reason=traced_reason(self.plan.fs, entry.pid))
         entry.settled = entry.traced = True
         self.report.skipped[entry.pid] = Skip.TRACED
         return []
@@ -393,12 +393,3 @@ class SignalBackend(Backend):
             release(self._entries.pop())
         while self._foreign:
             release(self._foreign.pop())
-
-
-def _traced_reason(plan: Plan, pid: int) -> str:
-    status = plan.fs.status(pid) or {}
-    tracer = status.get("TracerPid", "?")
-    return (
-        f"traced by PID {tracer} (a debugger or strace): a traced process runs whenever its "
-        "tracer lets it, so it cannot be proven stopped; detach the tracer"
-    )
