@@ -5,6 +5,7 @@ a /proc of another PID namespace). Every check reads /proc through tests/proc.py
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -150,6 +151,7 @@ def test_a_full_descriptor_table_does_not_stop_the_thaw(
     tree = make_tree(wide(200), mode="idle", **({"spawn": spawn} if spawn else {}))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     filler: list[int] = []
+    gc.collect()  # earlier tests' garbage holds descriptors of its own
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
     try:
         guard = ProcessesGuard(

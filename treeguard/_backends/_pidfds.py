@@ -19,6 +19,7 @@ from ..errors import FreezeError
 from ..procfs import Stat
 
 __all__ = [
+    "OUT_OF_DESCRIPTORS",
     "Entry",
     "budget",
     "close",
@@ -34,11 +35,22 @@ __all__ = [
 _held = 0  # descriptors (pidfds, stat files) held by all guards of this process
 
 
+#: What a freeze that ran out of descriptors says (it thawed what it had stopped).
+OUT_OF_DESCRIPTORS = "out of file descriptors while freezing: raise RLIMIT_NOFILE"
+
+
 def budget() -> int:
+    """How many descriptors the freezes of this process may hold: what they hold already,
+    and half of what is free now beyond a margin (the other half, and the margin, stay
+    for everything else the supervisor does)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 1 << 20
-    return max(0, soft - 64) // 2  # leave half for everything else the supervisor does
+    try:
+        in_use = len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
+    except OSError:
+        in_use = soft
+    return _held + max(0, soft - in_use - 32) // 2
 
 
 class Entry:
@@ -98,9 +110,7 @@ def open_pidfd(pid: int) -> int | None:
         return None
     except OSError as err:
         if err.errno in (errno.EMFILE, errno.ENFILE):
-            raise FreezeError(
-                "out of file descriptors while freezing: raise RLIMIT_NOFILE"
-            ) from err
+            raise FreezeError(OUT_OF_DESCRIPTORS) from err
         raise
     _held += 1
     return fd

@@ -26,6 +26,7 @@ set that relay a stop, resumed after the thaw). A process met is known by its id
 
 from __future__ import annotations
 
+import errno
 import signal
 import time
 
@@ -33,9 +34,10 @@ from .._drive import YIELD, Slices, Steps, Wait
 from .._report import Skip
 from .._thaw import keep_reserve, pidfd_inode
 from .._tree import ROOT, ChildrenFiles, unfreezable
-from ..errors import FreezePermissionError, StopTimeoutError, TreeUnstableError
+from ..errors import FreezeError, FreezePermissionError, StopTimeoutError, TreeUnstableError
 from ._base import Backend, Plan
 from ._pidfds import (
+    OUT_OF_DESCRIPTORS,
     Entry,
     budget,
     close,
@@ -125,11 +127,13 @@ class SignalBackend(Backend):
                     yield YIELD
             report.stopped = len(self.pids)
             report.freeze_seconds = clock() - start
-        except BaseException:
+        except BaseException as err:
             # Anything, GeneratorExit from a cancelled driver included: leave nothing stopped.
             # (Interrupted in its turn, the thaw resumes on the guard's next release().)
             for _ in self.thaw():
                 pass
+            if isinstance(err, OSError) and err.errno in (errno.EMFILE, errno.ENFILE):
+                raise FreezeError(OUT_OF_DESCRIPTORS) from err
             raise
 
     def _generation(
