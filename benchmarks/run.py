@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import checks  # noqa: E402
 import contenders  # noqa: E402
+import storms  # noqa: E402
 
 from treeguard import ProcessesGuard  # noqa: E402
 from treeguard._workers import WorkerTree, chain, wide  # noqa: E402
@@ -385,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     extras: dict[str, Callable[[], Result | None]] = {
         "async_gap": lambda: run_async_gap(args.quick),
         "watchdog": lambda: run_watchdog(args.quick, reps),
+        "fork_storm": lambda: storms.run_storm(args.quick),
+        "supervisor_death": lambda: storms.run_supervisor_death(args.quick),
     }
     for key, fn in extras.items():
         print(f"… {key}", flush=True)
@@ -420,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name:32} {v['alone']['median']:.3f} ms -> {v['crowded']['median']:.3f} ms"
             f"  ({v['ratio']:.2f}x)"
         )
-    for key in ("supervisor", "async_gap", "watchdog"):
+    for key in ("supervisor", "async_gap", "watchdog", "fork_storm", "supervisor_death"):
         if extra.get(key):
             print(f"{key}: {extra[key]}")
     if plot(results, os.path.join(args.out, "latency.png")):

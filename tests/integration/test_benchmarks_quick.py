@@ -47,6 +47,12 @@ def test_quick_mode_runs_and_every_freeze_verifies(tmp_path: Path) -> None:
             # every repetition's freeze and thaw passed the independent check
             assert result["verified"] == report["repetitions"], (workload["workload"], name)
             assert result["freeze_ms"]["n"] == report["repetitions"]
+    storm = report["extra"]["fork_storm"]
+    for backend in ("signal", "ptrace"):  # every freeze of the storm held, or gave up cleanly
+        assert storm[backend]["held"] + storm[backend]["unstable"] == storm[backend]["attempts"]
+    assert storm["ptrace"]["held"] == storm["ptrace"]["attempts"]  # the kernel catches forks
+    for backend, death in report["extra"]["supervisor_death"].items():
+        assert death["resumed"] == death["runs"], backend  # the tree ran again every time
     enumerated = report["enumeration"]["enumerators"]
     assert {"alone", "crowded"} <= set(enumerated["treeguard walk"])
     # the kernel floor removed its cgroup, wherever the v2 hierarchy is mounted

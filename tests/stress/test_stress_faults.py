@@ -23,7 +23,7 @@ from tests import proc
 from tests.conftest import require_root
 from tests.stress._figures import add_figures
 from treeguard import ProcessesGuard
-from treeguard._workers import WorkerTree, wide
+from treeguard._workers import STORM, WorkerTree, wide
 from treeguard.errors import FreezeError, TreeUnstableError
 
 pytestmark = pytest.mark.slow
@@ -34,50 +34,6 @@ MakeTree = Callable[..., WorkerTree]
 ATTEMPTS = 40  # freezes of each storm
 
 # -- fork storm ----------------------------------------------------------------------------
-
-STORM = r"""
-import ctypes, os, signal, sys, time
-libc = ctypes.CDLL(None)
-libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive the test
-stormers, depth = int(sys.argv[1]), int(sys.argv[2])
-signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
-
-def chain(level):
-    # A short-lived process that forks one child, waits for it and exits: a chain of
-    # `depth` processes that keeps appearing and vanishing.
-    if level < depth:
-        pid = os.fork()
-        if pid == 0:
-            chain(level + 1)
-        try:
-            os.waitpid(pid, 0)  # with SIGCHLD ignored: returns (ECHILD) once it exited
-        except ChildProcessError:
-            pass
-    os._exit(0)
-
-def storm():
-    libc.prctl(1, signal.SIGKILL)
-    while True:  # as fast as it can
-        if os.fork() == 0:
-            chain(1)
-
-pids = []
-for _ in range(stormers):
-    pid = os.fork()
-    if pid == 0:
-        storm()
-    pids.append(pid)
-print(" ".join(map(str, pids)), flush=True)
-sys.stdin.readline()
-for pid in pids:
-    os.kill(pid, signal.SIGKILL)
-# Their chains finish by themselves (each waits for its own child); wait until all are gone.
-while True:
-    with open(f"/proc/self/task/{os.getpid()}/children") as f:
-        if not f.read().split():
-            break
-    time.sleep(0.001)
-"""
 
 
 def descendants(pid: int) -> list[int]:
