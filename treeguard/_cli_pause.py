@@ -280,7 +280,7 @@ def _undo(state: PauseState) -> list[int]:
     """Thaw what a state file records (idempotent); stop a lease's helper. Returns the PIDs
     that could not be signalled."""
     from . import _token
-    from ._backends._cgroup import thaw_cgroup
+    from ._backends._freezers import thaw_cgroup
     from ._thaw import thaw_identities
 
     token = state.token

@@ -159,7 +159,7 @@ class _Cgroups:
 
 def cgroup_frozen(version: int, path: str, inode: int | None = None) -> bool:
     """Whether the cgroup at ``path`` is frozen (False if gone, or another cgroup now)."""
-    from ._backends._cgroup import freezer_for
+    from ._backends._freezers import freezer_for
     from .errors import CgroupError
 
     freezer = freezer_for(version, path)
@@ -257,7 +257,7 @@ def state_status(state: PauseState, mtime: float) -> StatusReport:
         frozen = exists and cgroup_frozen(version, path, inode)
         report.cgroup = {"version": version, "path": path, "exists": exists, "frozen": frozen}
         report.frozen = frozen
-        from ._backends._cgroup import procs_below
+        from ._cgroupfs import procs_below
 
         pids = procs_below(path) if frozen else []
         report.processes = [ProcessStatus(p, "cgroup") for p in pids]

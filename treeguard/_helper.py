@@ -59,7 +59,7 @@ class _Helper:
         self.thaw_cgroup: Callable[[int, str, int | None], int] | None = None
 
     def load(self) -> None:
-        from ._backends._cgroup import thaw_cgroup
+        from ._backends._freezers import thaw_cgroup
         from ._thaw import has_pidfs, thaw_identities
 
         has_pidfs()  # learned now, not when the thaw is short of descriptors

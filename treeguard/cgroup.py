@@ -30,15 +30,9 @@ from types import TracebackType
 from typing import Any, final
 
 from ._backends import Plan
-from ._backends._cgroup import (
-    CgroupV1Backend,
-    CgroupV2Backend,
-    freezer_for,
-    parse_keyed,
-    procs_below,
-    read_file,
-    write_file,
-)
+from ._backends._cgroup import CgroupV1Backend, CgroupV2Backend
+from ._backends._freezers import freezer_for
+from ._cgroupfs import parse_keyed, procs_below, read_file, write_file
 from ._drive import run_sync
 from ._mounts import (
     Discovery,

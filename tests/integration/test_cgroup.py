@@ -28,7 +28,8 @@ from tests import proc
 from tests.conftest import MakeCgroup, require_root, slot, zombie_children
 from treeguard import ProcessesGuard
 from treeguard._backends import Plan, thaw_described, validate_described
-from treeguard._backends._cgroup import CgroupV2Backend, thaw_cgroup
+from treeguard._backends._cgroup import CgroupV2Backend
+from treeguard._backends._freezers import thaw_cgroup
 from treeguard._drive import Steps, run_async
 from treeguard._subreaper import is_subreaper, set_subreaper
 from treeguard._workers import WorkerTree, chain, demo_spec, wide
@@ -408,22 +409,22 @@ def test_a_release_cut_short_is_finished_by_the_next(
     # KeyboardInterrupt while the thaw is written (before the write, or once it is made):
     # the cgroup's state is forgotten only after the thaw was written, so the next
     # release() writes it (again).
-    from treeguard._backends import _cgroup
+    from treeguard._backends import _freezers
 
     cg = cgroup(version)
     tree = make_tree(demo_spec(), spawn=cg.spawn)
     guard = ProcessesGuard(backend="cgroup").freeze()
-    real = _cgroup.write_file
+    real = _freezers.write_file
 
     def interrupted(path: str, value: str) -> None:
         if value == _THAWED[version]:
-            monkeypatch.setattr(_cgroup, "write_file", real)  # once
+            monkeypatch.setattr(_freezers, "write_file", real)  # once
             if after_the_write:
                 real(path, value)
             raise KeyboardInterrupt
         real(path, value)
 
-    monkeypatch.setattr(_cgroup, "write_file", interrupted)
+    monkeypatch.setattr(_freezers, "write_file", interrupted)
     try:
         # release() holds the interrupt until its thaw, run again, is done; then raises it.
         with pytest.raises(KeyboardInterrupt):
@@ -442,18 +443,18 @@ def test_a_release_cut_short_is_finished_by_the_next(
 def test_a_direct_thaw_cut_short_is_finished_by_the_next(
     version: int, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree], monkeypatch: Any
 ) -> None:
-    from treeguard._backends import _cgroup
+    from treeguard._backends import _freezers
 
     cg = cgroup(version)
     tree = make_tree({"threads": 1}, spawn=cg.spawn)
     cg.freeze()
-    real = _cgroup.write_file
+    real = _freezers.write_file
 
     def interrupted(path: str, value: str) -> None:
-        monkeypatch.setattr(_cgroup, "write_file", real)
+        monkeypatch.setattr(_freezers, "write_file", real)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_cgroup, "write_file", interrupted)
+    monkeypatch.setattr(_freezers, "write_file", interrupted)
     try:
         with pytest.raises(KeyboardInterrupt):
             cg.thaw()
@@ -515,12 +516,12 @@ def test_the_event_loop_runs_while_the_kernel_freezes(
     # The write to cgroup.freeze (milliseconds for a big cgroup) happens in a thread of its
     # own. Here it is held until a task of the event loop lets it go: a freeze that blocked
     # the loop would never see that task run, and its write would give up.
-    from treeguard._backends import _cgroup
+    from treeguard._backends import _freezers
 
     cg = cgroup(2)
     tree = make_tree(demo_spec(), spawn=cg.spawn)
-    monkeypatch.setattr(_cgroup, "_FEW_TASKS", 8)  # a tree this small is written to in place
-    real_write = _cgroup.write_file
+    monkeypatch.setattr(_freezers, "_FEW_TASKS", 8)  # a tree this small is written to in place
+    real_write = _freezers.write_file
 
     async def freeze_while_the_loop_runs() -> None:
         writing, go_on = threading.Event(), threading.Event()
@@ -536,14 +537,14 @@ def test_the_event_loop_runs_while_the_kernel_freezes(
             assert await anyio.to_thread.run_sync(writing.wait, 10)
             go_on.set()
 
-        monkeypatch.setattr(_cgroup, "write_file", held_write)
+        monkeypatch.setattr(_freezers, "write_file", held_write)
         async with anyio.create_task_group() as tg:
             tg.start_soon(let_it_go)
             async with treeguard.guard(root=tree.root, include_root=True, backend="cgroup") as g:
                 assert cg.frozen
                 assert g.report.stopped == tree.size
                 assert proc.counters_still(tree.counters, tree.period)
-        monkeypatch.setattr(_cgroup, "write_file", real_write)
+        monkeypatch.setattr(_freezers, "write_file", real_write)
         assert not cg.frozen
 
     for backend in ("asyncio", "trio"):
@@ -563,13 +564,14 @@ def test_who_writes_the_freeze(
     # For many tasks a thread of its own writes, so that the census runs meanwhile; for a
     # cgroup with few tasks, or where no thread can be had (RLIMIT_NPROC, ...), the caller
     # does. The same small tree counts as many tasks when a list of 8 bytes is too long.
-    from treeguard._backends import _cgroup
+    from treeguard import _cgroupfs
+    from treeguard._backends import _freezers
 
     cg = cgroup(version)
     tree = make_tree(demo_spec(), spawn=cg.spawn)
     if case != "few tasks":
-        monkeypatch.setattr(_cgroup, "_FEW_TASKS", 8)
-    real_write = _cgroup.write_file
+        monkeypatch.setattr(_freezers, "_FEW_TASKS", 8)
+    real_write = _freezers.write_file
     writers: list[int] = []
     refused: list[int] = []
 
@@ -581,9 +583,9 @@ def test_who_writes_the_freeze(
         refused.append(1)
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(_cgroup, "write_file", recorded_write)
+    monkeypatch.setattr(_freezers, "write_file", recorded_write)
     if case == "no thread to be had":
-        monkeypatch.setattr(_cgroup._thread, "start_new_thread", no_thread)
+        monkeypatch.setattr(_cgroupfs._thread, "start_new_thread", no_thread)
     with ProcessesGuard(root=tree.root, include_root=True, backend="cgroup") as guard:
         assert cg.frozen
         assert guard.report.stopped == tree.size
@@ -596,10 +598,10 @@ def test_who_writes_the_freeze(
 
 
 def test_a_cgroup_with_cgroups_below_is_not_counted_as_few_tasks(cgroup: MakeCgroup) -> None:
-    from treeguard._backends import _cgroup
+    from treeguard._backends import _freezers
 
     cg = cgroup(2)
-    freezer = _cgroup.V2Freezer(cg.path)
+    freezer = _freezers.V2Freezer(cg.path)
     assert freezer.has_few_tasks()
     below = os.path.join(cg.path, "below")
     os.mkdir(below)
@@ -612,23 +614,24 @@ def test_a_cgroup_with_cgroups_below_is_not_counted_as_few_tasks(cgroup: MakeCgr
 def test_the_wait_is_woken_by_the_change_of_cgroup_events(cgroup: MakeCgroup) -> None:
     # The kernel's notification wakes the waiter (POLLPRI, seen through epoll), and the
     # waiter's read clears it: no change missed, no wake-up without one.
-    from treeguard._backends import _cgroup
+    from treeguard import _cgroupfs
+    from treeguard._backends import _freezers
 
     cg = cgroup(2)
-    events = _cgroup._Events(os.path.join(cg.path, "cgroup.events"))
+    events = _cgroupfs._Events(os.path.join(cg.path, "cgroup.events"))
     try:
         assert events.read() == {"populated": "0", "frozen": "0"}
         fd = events.ready_fd()
         assert fd is not None
         assert not select.select([fd], [], [], 0)[0]
-        _cgroup.write_file(os.path.join(cg.path, "cgroup.freeze"), "1")  # empty: frozen at once
+        _freezers.write_file(os.path.join(cg.path, "cgroup.freeze"), "1")  # empty: frozen at once
         assert select.select([fd], [], [], 5.0)[0]
         fields = events.read()
         assert fields is not None and fields["frozen"] == "1"
         assert not select.select([fd], [], [], 0)[0]
     finally:
         events.close()
-        _cgroup.write_file(os.path.join(cg.path, "cgroup.freeze"), "0")
+        _freezers.write_file(os.path.join(cg.path, "cgroup.freeze"), "0")
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -637,10 +640,10 @@ def test_an_event_loop_is_woken_by_the_change_of_cgroup_events(
 ) -> None:
     # The cgroup freezes once the wait has begun; the event loop's wait must end because
     # the descriptor turned ready, not at the (here 30 s) re-read.
-    from treeguard._backends import _cgroup
+    from treeguard._backends import _freezers
 
     cg = cgroup(2)
-    monkeypatch.setattr(_cgroup, "_RECHECK", 30.0)
+    monkeypatch.setattr(_freezers, "_RECHECK", 30.0)
     control = os.path.join(cg.path, "cgroup.freeze")
     ready_at_wake: list[bool] = []
 
@@ -649,7 +652,7 @@ def test_an_event_loop_is_woken_by_the_change_of_cgroup_events(
         try:
             while True:
                 if wait.fd is not None and not ready_at_wake:
-                    _cgroup.write_file(control, "1")  # empty: frozen at once
+                    _freezers.write_file(control, "1")  # empty: frozen at once
                 yield wait
                 if wait.fd is not None:
                     ready_at_wake.append(bool(select.select([wait.fd], [], [], 0)[0]))
@@ -658,14 +661,14 @@ def test_an_event_loop_is_woken_by_the_change_of_cgroup_events(
             return done.value
 
     async def main() -> bool:
-        steps = _cgroup.V2Freezer(cg.path)._wait_for("1", time.perf_counter() + 60)
+        steps = _freezers.V2Freezer(cg.path)._wait_for("1", time.perf_counter() + 60)
         return await run_async(freezing_once_waiting(steps))
 
     try:
         assert anyio.run(main, backend=backend)
         assert ready_at_wake == [True]
     finally:
-        _cgroup.write_file(control, "0")
+        _freezers.write_file(control, "0")
 
 
 def test_a_deep_tree_is_proven_level_by_level(

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from treeguard import _backends
-from treeguard._backends import Plan, _cgroup
-from treeguard._backends._cgroup import V1Freezer, V2Freezer
+from treeguard import _backends, _cgroupfs
+from treeguard._backends import Plan, _freezers
+from treeguard._backends import _census as census_module
+from treeguard._backends._freezers import V1Freezer, V2Freezer
 from treeguard._drive import YIELD, Steps, run_sync
 from treeguard._report import FreezeReport
 from treeguard._tree import ChildrenFiles
@@ -167,7 +168,7 @@ def test_v1_stuck_freezing_is_retried_then_thawed(tmp_path: Path) -> None:
     freezer = _StuckV1(str(d))
     with pytest.raises(StopTimeoutError):
         run_sync(freezer.freeze(0.08, FreezeReport()))
-    assert freezer.written.count("FROZEN") == _cgroup._V1_ATTEMPTS
+    assert freezer.written.count("FROZEN") == _freezers._V1_ATTEMPTS
     assert freezer.written[-1] == "THAWED"
     assert (d / "freezer.state").read_text().strip() == "THAWED"
 
@@ -245,7 +246,7 @@ def _census(
     *,
     elsewhere: tuple[int, ...] = (),
     kind: str = "domain",
-) -> _cgroup._Census:
+) -> census_module._Census:
     """A census of a fake v2 cgroup (``cgroup.type`` ``kind``) holding ``inside`` (with
     their ``threads``, but for the TIDs ``elsewhere``) over a synthetic /proc: ``parents``
     maps pid to ppid; children are listed by the main thread of the parent, except those
@@ -273,7 +274,7 @@ def _census(
     (cg / "cgroup.threads").write_text("".join(f"{t}\n" for t in tids))
     fs = ProcFS(str(proc))
     plan = Plan((1,), frozenset({1}), {}, 1.0, 1, False, "tree", fs, ChildrenFiles(fs))
-    census = _cgroup._Census(V2Freezer(str(cg), fs), frozenset({10}), plan)
+    census = census_module._Census(V2Freezer(str(cg), fs), frozenset({10}), plan)
     run_sync(census.survey())
     return census
 
@@ -331,7 +332,7 @@ def test_subtree_includes_child_cgroups(tmp_path: Path) -> None:
     (top / "a" / "b").mkdir(parents=True)
     for d, pids in ((top, "1\n"), (top / "a", "2\n3\n"), (top / "a" / "b", "4\n")):
         (d / "cgroup.procs").write_text(pids)
-    assert _cgroup.procs_below(str(top)) == [1, 2, 3, 4]
+    assert _cgroupfs.procs_below(str(top)) == [1, 2, 3, 4]
 
 
 # -- a thaw cut short is finished by the next one ------------------------------------------
@@ -343,18 +344,18 @@ class _Interrupted(Exception):
 
 def _interrupt_once(monkeypatch: pytest.MonkeyPatch, value: str, *, after: bool) -> None:
     """Make the next write of ``value`` raise, before it is made or once it is made."""
-    real = _cgroup.write_file
+    real = _freezers.write_file
 
     def write(path: str, written: str) -> None:
         if written != value:
             real(path, written)
             return
-        monkeypatch.setattr(_cgroup, "write_file", real)
+        monkeypatch.setattr(_freezers, "write_file", real)
         if after:
             real(path, written)
         raise _Interrupted
 
-    monkeypatch.setattr(_cgroup, "write_file", write)
+    monkeypatch.setattr(_freezers, "write_file", write)
 
 
 @pytest.mark.parametrize("after", [False, True])
@@ -445,7 +446,7 @@ def test_a_freeze_cut_short_in_its_census_writes_the_thaw_back(
         yield YIELD
         raise _Interrupted
 
-    monkeypatch.setattr(_cgroup, "_FEW_TASKS", 0)  # written by a thread of its own
+    monkeypatch.setattr(_freezers, "_FEW_TASKS", 0)  # written by a thread of its own
     for _ in range(20):  # the write lands before, during or after the interrupt
         with pytest.raises(_Interrupted):
             run_sync(freezer.freeze(0.5, FreezeReport(), meanwhile=census()))

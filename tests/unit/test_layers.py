@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "treeguard"
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"errors", "_report", "_types", "_drive"}),
     ("kernel", {"procfs", "_checks", "_ptrace", "_subreaper"}),
-    ("facts", {"_thaw", "_tree", "_mounts", "_journal"}),
+    ("facts", {"_thaw", "_tree", "_mounts", "_journal", "_cgroupfs"}),
     (
         "backends",
         {
@@ -26,6 +26,8 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_backends._relays",
             "_backends._signal",
             "_backends._cgroup",
+            "_backends._freezers",
+            "_backends._census",
             "_backends._hold",
             "_backends._tracer",
             "_backends._ptrace",
@@ -122,6 +124,6 @@ def test_no_import_cycle() -> None:
 def test_the_imports_are_read() -> None:
     # A check of the reader itself: edges that exist, lazy and relative ones included.
     assert {"_backends", "_checks", "_drive"} <= GRAPH["_guard"]
-    assert "_backends._cgroup" in GRAPH["_helper"]  # imported inside a method
+    assert "_backends._freezers" in GRAPH["_helper"]  # imported inside a method
     assert "_ptrace" in GRAPH["_backends._auto"]  # ``from .. import _ptrace``
     assert "_cli" in GRAPH["__main__"]

@@ -9,7 +9,8 @@ from .._thaw import thaw_identities
 from ..errors import FreezePermissionError, InvalidArgumentError, TokenError
 from ._auto import AutoBackend
 from ._base import Backend, Journal, Plan
-from ._cgroup import CgroupBackend, thaw_cgroup
+from ._cgroup import CgroupBackend
+from ._freezers import thaw_cgroup
 from ._ptrace import PtraceBackend
 from ._signal import SignalBackend
 

@@ -21,12 +21,14 @@ import os
 import time
 
 from .. import _ptrace
+from .._cgroupfs import OWN_PREFIX
 from .._drive import Steps
 from .._report import FreezeReport
 from .._tree import ancestors
 from ..errors import CgroupError, FreezePermissionError
 from ._base import Backend, Plan
-from ._cgroup import OWN_PREFIX, CgroupBackend, find_target
+from ._census import find_target
+from ._cgroup import CgroupBackend
 from ._ptrace import PtraceBackend
 from ._signal import SignalBackend
 

@@ -1,0 +1,398 @@
+"""Finding the cgroup of a tree, and proving it holds exactly the tree: the census.
+
+The candidate is the cgroup of the tree's first top process (the root's first child, or the
+root), and the few processes that must keep running (the caller, its ancestors, excluded
+PIDs) are checked to be outside it BEFORE anything is frozen. That the candidate holds the
+whole tree and nothing else is proven from its task list, the ``children`` files of all its
+tasks, and each process's thread count (:class:`_Census`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+
+from .._cgroupfs import _SLICE, _listing, _procs, _subtree
+from .._drive import YIELD, Steps
+from .._mounts import cgroup_paths, hierarchies
+from .._report import Skip
+from .._tree import ROOT, ChildrenSource, unfreezable, walk
+from ..errors import (
+    CgroupError,
+    CgroupUnavailableError,
+)
+from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat
+from ._base import Plan
+from ._freezers import CgroupFreezer
+
+__all__ = ["Target", "find_target"]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The cgroup that holds a tree, and the tree's top processes (where it enters it).
+
+    ``whole`` says the cgroup was chosen from every top process; otherwise from the first
+    one, and the census finds out whether the others are in it too.
+    """
+
+    version: int
+    path: str
+    top: frozenset[int]
+    whole: bool = True
+
+
+def _top(plan: Plan) -> list[int]:
+    """The tree's topmost processes: the core walk from the plan's starts, descending only
+    through the processes walked through but never stopped (the root, the caller's
+    ancestors). Every other process of the tree descends from one of them."""
+    fs, report = plan.fs, plan.report
+    top: list[int] = []
+    seen: set[int] = set()
+
+    def visit(pid: int) -> Stat | None:
+        if pid in seen:
+            return None
+        seen.add(pid)
+        reason = plan.blocked.get(pid)
+        if reason is not None:
+            report.skipped[pid] = reason
+            return None
+        if pid in plan.passthrough:
+            return fs.stat(pid) if pid else ROOT
+        stat = fs.stat(pid)
+        if stat is None:
+            return None
+        skip = unfreezable(stat)
+        if skip is not None:
+            report.skipped[pid] = skip
+        else:
+            top.append(pid)
+        return None
+
+    plan.source.refresh()
+    for _ in walk(plan.starts, visit, plan.source):
+        pass
+    return top
+
+
+def _describe_pids(pids: list[int], fs: ProcFS) -> str:
+    shown = []
+    for pid in pids[:10]:
+        st = fs.stat(pid)
+        shown.append(f"{pid} ({st.name})" if st else str(pid))
+    return ", ".join(shown) + (" ..." if len(pids) > 10 else "")
+
+
+def _refusal(inside: list[int], plan: Plan) -> str:
+    """Why a cgroup holding ``inside`` (processes that must keep running) cannot be frozen."""
+    fs = plan.fs
+    excluded = [p for p in inside if plan.blocked.get(p) is Skip.EXCLUDED]
+    roots = [p for p in inside if p in plan.starts and p != os.getpid()]
+    callers = [p for p in inside if p not in excluded and p not in roots]
+    if callers:
+        return (
+            f"the calling process, its ancestors or helpers ({_describe_pids(callers, fs)}) "
+            "are in it: freezing it would freeze the caller; spawn the tree into a cgroup "
+            "of its own (treeguard.cgroup.Cgroup.create)"
+        )
+    if excluded:
+        return (
+            f"excluded PID(s) {_describe_pids(excluded, fs)} are in it, and a cgroup freezes "
+            "all its processes: move the monitor out of the cgroup or use backend='signal'"
+        )
+    return (
+        f"it also holds processes outside the tree: the root {_describe_pids(roots, fs)}, "
+        "which is not frozen without include_root=True (pass it, or use backend='signal')"
+    )
+
+
+def _common_parent(paths: list[str]) -> str:
+    common = os.path.commonpath(paths)
+    return common if common.startswith("/") else "/"
+
+
+def find_target(plan: Plan, *, whole: bool = False) -> Target | None:
+    """The cgroup that holds the plan's tree; ``None`` if the tree has no processes.
+
+    The candidate is the cgroup of the tree's first top process, or with ``whole`` the
+    closest common cgroup of them all (the freezer is hierarchical): a thousand children
+    of the root need one ``/proc/PID/cgroup`` read, not a thousand. Only the few processes
+    that must keep running are checked here (the caller, its ancestors, the root unless
+    included, excluded PIDs: one read each); that the candidate holds exactly the tree is
+    proven by :class:`_Census`.
+
+    :raises CgroupUnavailableError: if no cgroup hierarchy is mounted.
+    :raises CgroupError: if no cgroup can hold the tree alone (saying why), nothing frozen.
+    """
+
+    top = _top(plan)
+    if not top:
+        return None
+    fs = plan.fs
+    v2, freezer = hierarchies(fs)
+    if v2 is None and freezer is None:
+        raise CgroupUnavailableError(
+            f"{fs.root}/self/mountinfo", "neither cgroup v2 nor a v1 freezer is mounted"
+        )
+    guarded = sorted(p for p in {*plan.passthrough, *plan.blocked} if p > 0)
+    whole = whole or len(top) == 1
+    problems: list[str] = []
+    for version, hierarchy in ((2, v2), (1, freezer)):
+        if hierarchy is None:
+            continue
+        key = "" if version == 2 else "freezer"
+        kind = "cgroup v2" if version == 2 else "v1 freezer cgroup"
+
+        def cgroup_of(pid: int, key: str = key) -> str | None:
+            data = fs.read(f"{pid}/cgroup")
+            return None if data is None else cgroup_paths(data).get(key)
+
+        known = (r for r in map(cgroup_of, top) if r is not None)
+        rels = list(known) if whole else list(itertools.islice(known, 1))
+        if not rels:
+            continue
+        rel = _common_parent(rels)
+        path = hierarchy.directory(rel)
+        if rel == "/" or path is None:
+            problems.append(
+                f"the tree is in the root {kind}"
+                + (
+                    " (it spans cgroups whose only common ancestor is the root)"
+                    * (len(set(rels)) > 1)
+                )
+                + ", which cannot be frozen"
+            )
+            continue
+        inside = []
+        for pid in guarded:
+            theirs = cgroup_of(pid)
+            if theirs is not None and (theirs == rel or theirs.startswith(rel + "/")):
+                inside.append(pid)
+        if not inside:
+            return Target(version, path, frozenset(top), whole)
+        problems.append(f"{kind} {path}: {_refusal(inside, plan)}")
+    raise CgroupError(
+        f"of the tree of PID {plan.starts[0] if plan.starts else '?'}",
+        "no cgroup holds this tree alone, so backend='cgroup' cannot freeze it ("
+        + "; ".join(problems or ["its processes are in no cgroup hierarchy this process sees"])
+        + ")",
+    )
+
+
+class _Members:
+    """What a cgroup (with the cgroups below it) holds: its processes, and how many tasks.
+
+    Looked at while the kernel freezes the cgroup, then once more when it is frozen: if the
+    task list reads the same, no task was born, died or moved in between, and so no process
+    either (each has a task in the list), so the second look costs one read.
+    """
+
+    def __init__(self, freezer: CgroupFreezer) -> None:
+        self.freezer = freezer
+        self.procs: set[int] = set()
+        self.tasks = 0
+        self._seen: tuple[list[str], bytes] | None = None
+
+    def look(self) -> tuple[list[str], bytes] | None:
+        """Read the task list: the cgroups and the list if it changed since the last
+        look, ``None`` if it did not."""
+        dirs = _subtree(self.freezer.path)
+        tasks = _listing(dirs, self.freezer.tasks_file)
+        if (dirs, tasks) == self._seen:
+            return None
+        self._seen = dirs, tasks
+        self.tasks = tasks.count(b"\n")
+        return dirs, tasks
+
+    def survey(self) -> Steps[None]:
+        """Learn what the cgroup holds now; steps, like the census's survey (this one
+        never pauses)."""
+        changed = self.look()
+        if changed is not None:
+            self.procs = _procs(changed[0], self.freezer.fs)
+        yield from ()
+
+
+class _Census(_Members):
+    """Who a cgroup holds, and the proof that it holds nothing but the whole tree entered
+    at ``top``.
+
+    The tree is walked completely: the ``children`` file (proc(5)) of every task in the
+    cgroup is read, each thread's, since a thread lists only the children it forked. So
+    every child of a process in the cgroup is seen, and one that lives in another cgroup
+    (moved there), which the freeze would leave running, makes the census refuse. Every
+    process in it must be a top process or have its parent in it: going up from any of
+    them then ends at a top process, so it descends from the root. A child forked since
+    its parent's file was read is asked for its ppid instead.
+
+    The files are read while the kernel freezes the cgroup; once it is frozen, only the
+    tasks new since then are read (see :class:`_Members`). A process moved out of the
+    cgroup by someone else during those milliseconds is not seen: nothing else moves one
+    (a process born in a cgroup stays in it).
+
+    Threads are counted too: a process whose thread lives in another cgroup (a v1 freezer
+    cgroup, or a threaded v2 cgroup) would run on in that thread, so each process's thread
+    count is compared with the tasks the cgroup lists (:meth:`_threads_elsewhere`).
+    """
+
+    def __init__(self, freezer: CgroupFreezer, top: frozenset[int], plan: Plan) -> None:
+        super().__init__(freezer)
+        self.top = top
+        self.plan = plan
+        self.parent: dict[int, int] = {}  # child -> parent, for the processes in the cgroup
+        self._kids: dict[int, list[int]] = {}  # the children files read, by TID
+        self._tids: set[int] = set()  # the tasks the cgroup listed at the last look
+        self._orphans: set[int] = set()  # processes in it whose parent is not known yet
+        #: Set by :meth:`problem`: what is wrong is only that top processes of the tree
+        #: are in other cgroups (a candidate chosen from one of them may be too narrow).
+        self.tops_elsewhere = False
+
+    def survey(self) -> Steps[None]:
+        """List the cgroup and read the ``children`` file of each task not read yet. The
+        task list is read first: if a later survey reads the same list, what was learnt
+        still holds (see :class:`_Members`)."""
+        changed = self.look()
+        if changed is None:
+            return
+        dirs, tasks = changed
+        tids = self._tids = set(map(int, tasks.split()))
+        yield from self._read_children(tids)
+        files = self._kids
+        parent = {kid: tid for tid in tids for kid in files[tid]}
+        # In the usual tree every task is a process of its own: the task list stands
+        # for the process list unless, below the top, a task is nobody's child (a thread,
+        # or a process whose parent is not in the cgroup).
+        procs = tids
+        if not tids <= self.top.union(parent):
+            procs = _procs(dirs, self.plan.fs)
+        # A child forked by a secondary thread is listed under that thread's TID: its
+        # parent process is learnt from its ppid (see problem()), like an orphan's.
+        self.parent = {kid: tid for kid, tid in parent.items() if kid in procs and tid in procs}
+        self._orphans = procs - self.top - self.parent.keys()
+        self.procs = procs
+
+    def _read_children(self, tids: set[int]) -> Steps[None]:
+        """Read the ``children`` file of each task of ``tids`` not read yet, pausing every
+        :data:`_SLICE` seconds. ``/proc/TID`` names a secondary thread too."""
+        files, fs = self._kids, self.plan.fs
+        next_slice = time.perf_counter() + _SLICE
+        for tid in tids - files.keys():
+            files[tid] = fs.children(tid, tid) or []
+            if time.perf_counter() > next_slice:
+                yield YIELD
+                next_slice = time.perf_counter() + _SLICE
+
+    def problem(self) -> str | None:
+        """What is wrong with what :meth:`survey` found, ``None`` if nothing: run once
+        frozen (nothing forks or exits then)."""
+        plan, procs, parent = self.plan, self.procs, self.parent
+        fs = plan.fs
+        kept = plan.passthrough | plan.blocked.keys()
+        moved_in = sorted(procs & kept)
+        if moved_in:  # since find_target looked
+            return _refusal(moved_in, plan)
+        foreign = []
+        for pid in sorted(self._orphans):
+            st = fs.stat(pid)
+            if st is not None and st.ppid in procs:
+                parent[pid] = st.ppid
+            elif st is not None and st.state not in DEAD_STATES:
+                foreign.append(pid)
+        self._orphans = set()
+        if foreign:
+            return (
+                f"it also holds processes outside the tree: {_describe_pids(foreign, fs)}; "
+                "freezing it stops them too (use backend='signal')"
+            )
+        outside = []
+        for pid in sorted(set().union(self.top, *self._kids.values()) - procs - kept):
+            st = fs.stat(pid)
+            if st is None or st.state in DEAD_STATES or st.is_kernel_thread:
+                continue  # a zombie is in no cgroup.procs
+            if pid in self.top or st.ppid in procs:
+                outside.append(pid)
+        if outside:
+            self.tops_elsewhere = all(pid in self.top for pid in outside)
+            return (
+                f"processes of the tree are in another cgroup: {_describe_pids(outside, fs)}"
+                " (moved there?); freezing it would leave them running (use backend='signal')"
+            )
+        elsewhere = self._threads_elsewhere()
+        if elsewhere:
+            shown = ", ".join(
+                f"thread {tid} of PID {_describe_pids([pid], fs)}" for pid, tid in elsewhere[:10]
+            )
+            return (
+                f"threads of the tree are in another cgroup: {shown}"
+                + (" ..." if len(elsewhere) > 10 else "")
+                + "; freezing it would leave them running (use backend='signal')"
+            )
+        return None
+
+    def _threads_elsewhere(self) -> list[tuple[int, int]]:
+        """``(pid, tid)`` of the live threads of processes in the cgroup that it does not
+        list: each runs on while the cgroup is frozen.
+
+        Every task the cgroup lists belongs to a process it lists, so the threads of those
+        processes add up to the tasks listed exactly when none is elsewhere: one stat read
+        per process, and the threads are looked at one by one only if the sum is larger.
+        A thread that is exiting (it left its cgroup already) does not count. In a v2
+        cgroup that is not threaded no thread can be elsewhere (cgroup-v2.rst, "Threads":
+        the threads of a process spread only within a threaded subtree, below its domain).
+        """
+        if not self.freezer.threads_may_be_elsewhere():
+            return []
+        fs, tids = self.plan.fs, self._tids
+        stats = [(pid, st) for pid in sorted(self.procs) if (st := fs.stat(pid)) is not None]
+        if sum(st.num_threads for _, st in stats) <= len(tids):
+            return []
+        found: list[tuple[int, int]] = []
+        for pid, st in stats:
+            if st.num_threads <= 1 and pid in tids:
+                continue
+            for tid in fs.tids(pid) or ():
+                if tid in tids:
+                    continue
+                task = fs.stat(pid, tid)
+                if task is None or task.state in DEAD_STATES or task.flags & PF_EXITING:
+                    continue
+                found.append((pid, tid))
+        return found
+
+    def parent_first(self) -> list[int]:
+        """The processes found, parents before children, from the parents learnt (no
+        read): once :meth:`problem` found nothing, each has its parent among them."""
+        kids: dict[int, list[int]] = {}
+        for pid in sorted(self.procs - self.top):
+            kids.setdefault(self.parent.get(pid, 0), []).append(pid)  # 0: it died meanwhile
+        return _parent_first(sorted(self.top & self.procs), kids, self.plan.fs)
+
+
+class _Known(ChildrenSource):
+    """Children from a map built already (the order of a frozen cgroup's processes)."""
+
+    def __init__(self, fs: ProcFS, kids: dict[int, list[int]]) -> None:
+        super().__init__(fs)
+        self.kids = kids
+
+    def children(self, pid: int, stat: Stat) -> list[int]:
+        return list(self.kids.get(pid, ()))
+
+
+def _parent_first(tops: list[int], kids: dict[int, list[int]], fs: ProcFS) -> list[int]:
+    """The processes below ``tops`` in ``kids``, parents before children (the core walk
+    over a map built already)."""
+    return list(walk(tops, lambda pid: ROOT, _Known(fs, kids)))
+
+
+def _by_ppid(stats: dict[int, Stat], fs: ProcFS) -> list[int]:
+    """The processes of ``stats`` parents first, by their ppids."""
+    kids: dict[int, list[int]] = {}
+    tops: list[int] = []
+    for pid in sorted(stats, key=lambda p: (stats[p].starttime, p)):
+        ppid = stats[pid].ppid
+        (kids.setdefault(ppid, []) if ppid in stats else tops).append(pid)
+    return _parent_first(tops, kids, fs)
