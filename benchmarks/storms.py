@@ -16,21 +16,7 @@ import checks
 
 from treeguard import ProcessesGuard, TreeUnstableError
 from treeguard._subreaper import is_subreaper, set_subreaper
-from treeguard._workers import STORM
-
-
-def _descendants(pid: int) -> list[int]:
-    found, stack = [], [pid]
-    while stack:
-        for tid in checks.task_states(stack.pop()):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except OSError:
-                continue
-            found += kids
-            stack += kids
-    return found
+from treeguard._workers import STORM, descendants
 
 
 def run_storm(quick: bool) -> dict[str, Any]:
@@ -59,7 +45,7 @@ def run_storm(quick: bool) -> dict[str, Any]:
                     continue
                 try:
                     times.append(time.perf_counter() - t0)
-                    tree = [storm.pid, *_descendants(storm.pid)]
+                    tree = [storm.pid, *descendants(storm.pid)]
                     if not checks.not_stopped(tree):
                         held += 1
                 finally:

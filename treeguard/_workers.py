@@ -34,7 +34,16 @@ from typing import Any
 from ._thaw import signal_identity
 from .procfs import ProcFS
 
-__all__ = ["STORM", "WorkerTree", "chain", "counters_moving", "counters_still", "demo_spec", "wide"]
+__all__ = [
+    "STORM",
+    "WorkerTree",
+    "descendants",
+    "chain",
+    "counters_moving",
+    "counters_still",
+    "demo_spec",
+    "wide",
+]
 
 #: A fork storm, for the stress tests and the benchmarks: ``python -c STORM STORMERS DEPTH``
 #: forks STORMERS processes that fork short-lived chains of DEPTH processes as fast as they
@@ -391,3 +400,26 @@ def _wait_dead(pid: int, starttime: int, *, zombie_ok: bool, timeout: float = 10
 
     if not poll_until(dead, timeout):
         raise TimeoutError(f"worker {pid} did not exit within {timeout} s")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid`` now, from the ``children`` file of each thread (a child
+    forked by a secondary thread is listed only there); for tests and benchmarks, which
+    check the core's work with a reader of their own."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        parent = stack.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:  # gone (ENOENT), or going (ESRCH)
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            stack += kids
+    return found

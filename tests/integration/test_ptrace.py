@@ -24,7 +24,7 @@ from tests import proc
 from tests.conftest import require_root, slot
 from treeguard import ProcessesGuard, Skip
 from treeguard._drive import run_sync
-from treeguard._workers import SLOTS, WorkerTree, demo_spec, wide
+from treeguard._workers import SLOTS, WorkerTree, demo_spec, descendants, wide
 
 MakeTree = Callable[..., WorkerTree]
 SPEC = {  # threads, grandchildren, a child forked by a secondary thread
@@ -469,20 +469,6 @@ sys.stdin.readline()
 """
 
 
-def _descendants(pid: int) -> list[int]:
-    found, stack = [], [pid]
-    while stack:
-        for tid in proc.task_states(stack.pop()):
-            try:
-                with open(f"/proc/{tid}/task/{tid}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except OSError:
-                continue
-            found += kids
-            stack += kids
-    return found
-
-
 def test_fork_storm_freezes() -> None:
     storm = subprocess.Popen(
         [sys.executable, "-c", STORM], stdin=subprocess.PIPE, stdout=subprocess.PIPE
@@ -496,11 +482,11 @@ def test_fork_storm_freezes() -> None:
                 root=storm.pid, include_root=True, backend="ptrace", timeout=10, max_passes=1
             )
             with guard:
-                tree = [storm.pid, *_descendants(storm.pid)]
+                tree = [storm.pid, *descendants(storm.pid)]
                 late = {k: s for k, s in proc.states_of(tree).items() if s not in "tZX"}
                 assert not late, f"running while frozen: {late}"
                 assert len(guard.pids) >= 4
-            proc.wait_until(lambda: not proc.stopped([storm.pid, *_descendants(storm.pid)]), 10)
+            proc.wait_until(lambda: not proc.stopped([storm.pid, *descendants(storm.pid)]), 10)
     finally:
         storm.kill()  # PDEATHSIG takes the storm with it
         storm.wait()

@@ -23,7 +23,7 @@ from tests import proc
 from tests.conftest import require_root
 from tests.stress._figures import add_figures
 from treeguard import ProcessesGuard
-from treeguard._workers import STORM, WorkerTree, wide
+from treeguard._workers import STORM, WorkerTree, descendants, wide
 from treeguard.errors import FreezeError, TreeUnstableError
 
 pytestmark = pytest.mark.slow
@@ -34,25 +34,6 @@ MakeTree = Callable[..., WorkerTree]
 ATTEMPTS = 40  # freezes of each storm
 
 # -- fork storm ----------------------------------------------------------------------------
-
-
-def descendants(pid: int) -> list[int]:
-    found, stack = [], [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:  # gone (ENOENT), or going (ESRCH)
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except OSError:
-                continue
-            found += kids
-            stack += kids
-    return found
 
 
 @pytest.fixture
