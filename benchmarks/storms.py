@@ -15,8 +15,8 @@ from typing import Any
 import checks
 
 from treeguard import ProcessesGuard, TreeUnstableError
+from treeguard._storms import STORM, descendants
 from treeguard._subreaper import is_subreaper, set_subreaper
-from treeguard._workers import STORM, descendants
 
 
 def run_storm(quick: bool) -> dict[str, Any]:

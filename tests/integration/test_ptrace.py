@@ -24,7 +24,8 @@ from tests import proc
 from tests.conftest import require_root, slot
 from treeguard import ProcessesGuard, Skip
 from treeguard._drive import run_sync
-from treeguard._workers import SLOTS, WorkerTree, demo_spec, descendants, wide
+from treeguard._storms import descendants
+from treeguard._workers import SLOTS, WorkerTree, demo_spec, wide
 
 MakeTree = Callable[..., WorkerTree]
 SPEC = {  # threads, grandchildren, a child forked by a secondary thread

@@ -23,7 +23,8 @@ from tests import proc
 from tests.conftest import require_root
 from tests.stress._figures import add_figures
 from treeguard import ProcessesGuard
-from treeguard._workers import STORM, WorkerTree, descendants, wide
+from treeguard._storms import STORM, descendants
+from treeguard._workers import WorkerTree, wide
 from treeguard.errors import FreezeError, TreeUnstableError
 
 pytestmark = pytest.mark.slow

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_backends._auto",
         },
     ),
-    ("services", {"_watchdog", "_helper", "_snapshot", "_snapshot_read", "_workers"}),
+    ("services", {"_watchdog", "_helper", "_snapshot", "_snapshot_read", "_workers", "_storms"}),
     ("core", {"_guard"}),
     (
         "faces",
