@@ -18,11 +18,9 @@ work alike.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import secrets
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +30,7 @@ from typing import Any, final
 from ._backends import Plan
 from ._backends._cgroup import CgroupV1Backend, CgroupV2Backend
 from ._backends._freezers import freezer_for
+from ._cgroup_kill import kill_members
 from ._cgroupfs import parse_keyed, procs_below, read_file, write_file
 from ._drive import run_sync
 from ._mounts import (
@@ -49,7 +48,7 @@ from .errors import (
     InvalidArgumentError,
     NoSuchProcessError,
 )
-from .procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat
+from .procfs import ProcFS, Stat
 
 __all__ = [
     "Cgroup",
@@ -60,10 +59,6 @@ __all__ = [
     "parse_proc_cgroup",
 ]
 
-_PR_SET_CHILD_SUBREAPER = 36
-_PR_GET_CHILD_SUBREAPER = 37
-#: How many processes :meth:`Cgroup.kill` holds pidfds for at once (one listing each).
-_KILL_BATCH = 256
 PREFIX = "treeguard-"
 
 
@@ -369,114 +364,7 @@ class Cgroup:
         if only is None:  # (what spawn() started never holds the caller)
             self._refuse_if_caller_inside("kill")
         self._thaw_all()
-        fs = ProcFS()
-        # Listed before this process becomes a subreaper: every child it has now is its own
-        # (or the caller's adoptee, if it was a subreaper already), to be reaped by it.
-        own = _children_of_self(fs)
-        libc = ctypes.CDLL(None, use_errno=True)
-        before = ctypes.c_int(0)
-        libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(before))
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)
-        killed: dict[int, int] = {}
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                left = [p for p in self.pids() if only is None or p in only]
-                if not left:
-                    break
-                for i in range(0, len(left), _KILL_BATCH):
-                    self._kill_some(left[i : i + _KILL_BATCH], fs, killed)
-                self._reap(killed, own, fs)
-                if time.monotonic() > deadline:
-                    raise CgroupError(self.path, f"processes survived SIGKILL: {left[:20]}")
-                time.sleep(0.0005)
-            while not self._reap(killed, own, fs):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.0005)
-        finally:
-            libc.prctl(_PR_SET_CHILD_SUBREAPER, before.value)
-
-    def _kill_some(self, pids: list[int], fs: ProcFS, killed: dict[int, int]) -> None:
-        """SIGKILL those of ``pids`` still in this cgroup, and remember each (in ``killed``)
-        to reap if it becomes our zombie child: also one dying already (with its parent,
-        PR_SET_PDEATHSIG), which left the cgroup on its own."""
-        fds: dict[int, int] = {}
-        try:
-            # The reads below (the listing, then one stat at a time) need one descriptor:
-            # it is held while the pidfds are opened, and given back after, so that a
-            # batch never takes the last one, even a batch that fills the table exactly.
-            try:
-                spare = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as err:
-                raise _out_of_descriptors(self.path, err) from err
-            try:
-                for pid in pids:
-                    try:
-                        fds[pid] = os.pidfd_open(pid)
-                    except ProcessLookupError:
-                        continue
-                    except OSError as err:
-                        if err.errno not in (errno.EMFILE, errno.ENFILE):
-                            raise
-                        if not fds:
-                            raise _out_of_descriptors(self.path, err) from err
-                        break  # the rest wait for the next round
-            finally:
-                os.close(spare)
-            # Listed after the pidfds were opened: a PID still listed names the very
-            # process its pidfd refers to.
-            listed = set(self.pids())
-            for pid, fd in fds.items():
-                # Read after the listing: a process leaves the cgroup when it exits only
-                # after PF_EXITING is set, so one not listed any more shows here whether it
-                # is dying or was moved out (alive: not ours to kill or reap).
-                stat = fs.stat(pid)
-                if stat is None:
-                    continue
-                dying = stat.state in DEAD_STATES or bool(stat.flags & PF_EXITING)
-                if not (pid in listed or dying):
-                    continue
-                killed[pid] = stat.starttime
-                if not dying:
-                    try:
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-
-    def _reap(self, killed: dict[int, int], own: dict[int, int], fs: ProcFS) -> bool:
-        """Reap the zombies among ``killed`` that became our children while killing (not
-        those of ``own``, which were children already); True once every one is gone, or
-        dead and the caller's to reap."""
-        me = os.getpid()
-        spawned = {p.pid: p for p in self._spawned}
-        done = True
-        for pid, starttime in list(killed.items()):
-            popen = spawned.get(pid)
-            if popen is not None:
-                if popen.poll() is None:
-                    done = False
-                else:
-                    del killed[pid]
-                continue
-            stat = fs.stat(pid)
-            if stat is None or stat.starttime != starttime:
-                del killed[pid]
-                continue
-            if own.get(pid) == starttime:
-                if stat.state != "Z":
-                    done = False
-                continue
-            if stat.state == "Z" and stat.ppid == me:
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            done = False
-        return done
+        kill_members(self.path, self.pids, self._spawned, only, timeout)
 
     def _thaw_all(self) -> None:
         self.thaw()
@@ -541,26 +429,6 @@ class Cgroup:
 
     def __repr__(self) -> str:
         return f"<Cgroup v{self.version} {self.path}>"
-
-
-def _out_of_descriptors(path: str, err: OSError) -> CgroupError:
-    return CgroupError(
-        path,
-        f"cannot kill its processes: {err.strerror} (a pidfd and a file to read need two "
-        "free descriptors: close some, or raise RLIMIT_NOFILE)",
-    )
-
-
-def _children_of_self(fs: ProcFS) -> dict[int, int]:
-    """This process's children (PID -> starttime), read the way the core walk reads them."""
-    from ._tree import children_source
-
-    me = fs.stat(os.getpid())
-    assert me is not None  # this process
-    source = children_source(fs)
-    source.refresh()
-    kids = source.children(me.pid, me)
-    return {pid: st.starttime for pid in kids if (st := fs.stat(pid)) is not None}
 
 
 def _rmdir(path: str, deadline: float) -> None:

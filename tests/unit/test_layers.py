@@ -38,7 +38,16 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("core", {"_guard"}),
     (
         "faces",
-        {"_token", "_async", "_freezethaw", "pytest_plugin", "_demo", "cgroup", "_statefile"},
+        {
+            "_token",
+            "_async",
+            "_freezethaw",
+            "pytest_plugin",
+            "_demo",
+            "cgroup",
+            "_cgroup_kill",
+            "_statefile",
+        },
     ),
     ("cli", {"_cli", "_cli_freeze", "_cli_pause", "_cli_status", "__main__", ""}),
 ]
