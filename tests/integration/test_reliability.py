@@ -128,8 +128,10 @@ def test_an_interrupt_anywhere_leaves_nothing_stopped(
         alarm(0)
         guard.release()  # finishes what an interrupt cut short; a no-op otherwise
         assert not guard.frozen
-        late = proc.stopped(tree.pids)
-        assert not late, f"trial {i} (after {delay * 1e3:.2f} ms) left {late} stopped"
+        # (a wake-up may be queued on another CPU for a moment; a task left stopped stays so)
+        proc.wait_until(
+            lambda: not proc.stopped(tree.pids), 5, f"trial {i} ({delay * 1e3:.2f} ms) to run"
+        )
     assert landed, "no interrupt landed inside the call: the trial tested nothing"
     _running(tree)
 
