@@ -409,22 +409,22 @@ def test_a_release_cut_short_is_finished_by_the_next(
     # KeyboardInterrupt while the thaw is written (before the write, or once it is made):
     # the cgroup's state is forgotten only after the thaw was written, so the next
     # release() writes it (again).
-    from treeguard._backends import _freezers
+    from treeguard._backends import _freezer_base
 
     cg = cgroup(version)
     tree = make_tree(demo_spec(), spawn=cg.spawn)
     guard = ProcessesGuard(backend="cgroup").freeze()
-    real = _freezers.write_file
+    real = _freezer_base.write_file
 
     def interrupted(path: str, value: str) -> None:
         if value == _THAWED[version]:
-            monkeypatch.setattr(_freezers, "write_file", real)  # once
+            monkeypatch.setattr(_freezer_base, "write_file", real)  # once
             if after_the_write:
                 real(path, value)
             raise KeyboardInterrupt
         real(path, value)
 
-    monkeypatch.setattr(_freezers, "write_file", interrupted)
+    monkeypatch.setattr(_freezer_base, "write_file", interrupted)
     try:
         # release() holds the interrupt until its thaw, run again, is done; then raises it.
         with pytest.raises(KeyboardInterrupt):
@@ -443,18 +443,18 @@ def test_a_release_cut_short_is_finished_by_the_next(
 def test_a_direct_thaw_cut_short_is_finished_by_the_next(
     version: int, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree], monkeypatch: Any
 ) -> None:
-    from treeguard._backends import _freezers
+    from treeguard._backends import _freezer_base
 
     cg = cgroup(version)
     tree = make_tree({"threads": 1}, spawn=cg.spawn)
     cg.freeze()
-    real = _freezers.write_file
+    real = _freezer_base.write_file
 
     def interrupted(path: str, value: str) -> None:
-        monkeypatch.setattr(_freezers, "write_file", real)
+        monkeypatch.setattr(_freezer_base, "write_file", real)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_freezers, "write_file", interrupted)
+    monkeypatch.setattr(_freezer_base, "write_file", interrupted)
     try:
         with pytest.raises(KeyboardInterrupt):
             cg.thaw()
@@ -516,12 +516,12 @@ def test_the_event_loop_runs_while_the_kernel_freezes(
     # The write to cgroup.freeze (milliseconds for a big cgroup) happens in a thread of its
     # own. Here it is held until a task of the event loop lets it go: a freeze that blocked
     # the loop would never see that task run, and its write would give up.
-    from treeguard._backends import _freezers
+    from treeguard._backends import _freezer_base
 
     cg = cgroup(2)
     tree = make_tree(demo_spec(), spawn=cg.spawn)
-    monkeypatch.setattr(_freezers, "_FEW_TASKS", 8)  # a tree this small is written to in place
-    real_write = _freezers.write_file
+    monkeypatch.setattr(_freezer_base, "_FEW_TASKS", 8)  # a tree this small is written to in place
+    real_write = _freezer_base.write_file
 
     async def freeze_while_the_loop_runs() -> None:
         writing, go_on = threading.Event(), threading.Event()
@@ -537,14 +537,14 @@ def test_the_event_loop_runs_while_the_kernel_freezes(
             assert await anyio.to_thread.run_sync(writing.wait, 10)
             go_on.set()
 
-        monkeypatch.setattr(_freezers, "write_file", held_write)
+        monkeypatch.setattr(_freezer_base, "write_file", held_write)
         async with anyio.create_task_group() as tg:
             tg.start_soon(let_it_go)
             async with treeguard.guard(root=tree.root, include_root=True, backend="cgroup") as g:
                 assert cg.frozen
                 assert g.report.stopped == tree.size
                 assert proc.counters_still(tree.counters, tree.period)
-        monkeypatch.setattr(_freezers, "write_file", real_write)
+        monkeypatch.setattr(_freezer_base, "write_file", real_write)
         assert not cg.frozen
 
     for backend in ("asyncio", "trio"):
@@ -565,13 +565,13 @@ def test_who_writes_the_freeze(
     # cgroup with few tasks, or where no thread can be had (RLIMIT_NPROC, ...), the caller
     # does. The same small tree counts as many tasks when a list of 8 bytes is too long.
     from treeguard import _cgroupfs
-    from treeguard._backends import _freezers
+    from treeguard._backends import _freezer_base
 
     cg = cgroup(version)
     tree = make_tree(demo_spec(), spawn=cg.spawn)
     if case != "few tasks":
-        monkeypatch.setattr(_freezers, "_FEW_TASKS", 8)
-    real_write = _freezers.write_file
+        monkeypatch.setattr(_freezer_base, "_FEW_TASKS", 8)
+    real_write = _freezer_base.write_file
     writers: list[int] = []
     refused: list[int] = []
 
@@ -583,7 +583,7 @@ def test_who_writes_the_freeze(
         refused.append(1)
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(_freezers, "write_file", recorded_write)
+    monkeypatch.setattr(_freezer_base, "write_file", recorded_write)
     if case == "no thread to be had":
         monkeypatch.setattr(_cgroupfs._thread, "start_new_thread", no_thread)
     with ProcessesGuard(root=tree.root, include_root=True, backend="cgroup") as guard:
@@ -615,7 +615,6 @@ def test_the_wait_is_woken_by_the_change_of_cgroup_events(cgroup: MakeCgroup) ->
     # The kernel's notification wakes the waiter (POLLPRI, seen through epoll), and the
     # waiter's read clears it: no change missed, no wake-up without one.
     from treeguard import _cgroupfs
-    from treeguard._backends import _freezers
 
     cg = cgroup(2)
     events = _cgroupfs._Events(os.path.join(cg.path, "cgroup.events"))
@@ -624,14 +623,14 @@ def test_the_wait_is_woken_by_the_change_of_cgroup_events(cgroup: MakeCgroup) ->
         fd = events.ready_fd()
         assert fd is not None
         assert not select.select([fd], [], [], 0)[0]
-        _freezers.write_file(os.path.join(cg.path, "cgroup.freeze"), "1")  # empty: frozen at once
+        _cgroupfs.write_file(os.path.join(cg.path, "cgroup.freeze"), "1")  # empty: frozen at once
         assert select.select([fd], [], [], 5.0)[0]
         fields = events.read()
         assert fields is not None and fields["frozen"] == "1"
         assert not select.select([fd], [], [], 0)[0]
     finally:
         events.close()
-        _freezers.write_file(os.path.join(cg.path, "cgroup.freeze"), "0")
+        _cgroupfs.write_file(os.path.join(cg.path, "cgroup.freeze"), "0")
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -640,10 +639,11 @@ def test_an_event_loop_is_woken_by_the_change_of_cgroup_events(
 ) -> None:
     # The cgroup freezes once the wait has begun; the event loop's wait must end because
     # the descriptor turned ready, not at the (here 30 s) re-read.
-    from treeguard._backends import _freezers
+    from treeguard import _cgroupfs
+    from treeguard._backends import _freezer_v2, _freezers
 
     cg = cgroup(2)
-    monkeypatch.setattr(_freezers, "_RECHECK", 30.0)
+    monkeypatch.setattr(_freezer_v2, "_RECHECK", 30.0)
     control = os.path.join(cg.path, "cgroup.freeze")
     ready_at_wake: list[bool] = []
 
@@ -652,7 +652,7 @@ def test_an_event_loop_is_woken_by_the_change_of_cgroup_events(
         try:
             while True:
                 if wait.fd is not None and not ready_at_wake:
-                    _freezers.write_file(control, "1")  # empty: frozen at once
+                    _cgroupfs.write_file(control, "1")  # empty: frozen at once
                 yield wait
                 if wait.fd is not None:
                     ready_at_wake.append(bool(select.select([wait.fd], [], [], 0)[0]))
@@ -668,7 +668,7 @@ def test_an_event_loop_is_woken_by_the_change_of_cgroup_events(
         assert anyio.run(main, backend=backend)
         assert ready_at_wake == [True]
     finally:
-        _freezers.write_file(control, "0")
+        _cgroupfs.write_file(control, "0")
 
 
 def test_a_deep_tree_is_proven_level_by_level(

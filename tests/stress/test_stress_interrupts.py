@@ -31,7 +31,7 @@ from tests import proc
 from tests.conftest import MakeCgroup, require_root, slot
 from tests.stress._figures import add_figures
 from treeguard import ProcessesGuard
-from treeguard._backends import _freezers
+from treeguard._backends import _freezer_base
 from treeguard._workers import WorkerTree
 from treeguard.cgroup import Cgroup
 
@@ -167,12 +167,12 @@ def test_interrupted_freeze_and_release_leave_nothing_stopped(
     rng = random.Random(17)
     landed = {"freeze": 0, "release": 0}
     thawed_by_freeze = 0
-    few_tasks = _freezers._FEW_TASKS
+    few_tasks = _freezer_base._FEW_TASKS
     try:
         for trial in range(TRIALS):
             # Both ways of writing the freeze: in the caller (a cgroup of few tasks) and
             # by a thread of its own while the census runs.
-            monkeypatch.setattr(_freezers, "_FEW_TASKS", few_tasks if trial % 4 < 2 else 0)
+            monkeypatch.setattr(_freezer_base, "_FEW_TASKS", few_tasks if trial % 4 < 2 else 0)
             guard = new_guard()
             try:
                 if trial % 2 == 0:

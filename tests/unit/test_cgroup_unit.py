@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from treeguard import _backends, _cgroupfs
-from treeguard._backends import Plan, _freezers
+from treeguard._backends import Plan, _freezer_base, _freezer_v1
 from treeguard._backends import _census as census_module
 from treeguard._backends._freezers import V1Freezer, V2Freezer
 from treeguard._drive import YIELD, Steps, run_sync
@@ -168,7 +168,7 @@ def test_v1_stuck_freezing_is_retried_then_thawed(tmp_path: Path) -> None:
     freezer = _StuckV1(str(d))
     with pytest.raises(StopTimeoutError):
         run_sync(freezer.freeze(0.08, FreezeReport()))
-    assert freezer.written.count("FROZEN") == _freezers._V1_ATTEMPTS
+    assert freezer.written.count("FROZEN") == _freezer_v1._V1_ATTEMPTS
     assert freezer.written[-1] == "THAWED"
     assert (d / "freezer.state").read_text().strip() == "THAWED"
 
@@ -344,18 +344,18 @@ class _Interrupted(Exception):
 
 def _interrupt_once(monkeypatch: pytest.MonkeyPatch, value: str, *, after: bool) -> None:
     """Make the next write of ``value`` raise, before it is made or once it is made."""
-    real = _freezers.write_file
+    real = _freezer_base.write_file
 
     def write(path: str, written: str) -> None:
         if written != value:
             real(path, written)
             return
-        monkeypatch.setattr(_freezers, "write_file", real)
+        monkeypatch.setattr(_freezer_base, "write_file", real)
         if after:
             real(path, written)
         raise _Interrupted
 
-    monkeypatch.setattr(_freezers, "write_file", write)
+    monkeypatch.setattr(_freezer_base, "write_file", write)
 
 
 @pytest.mark.parametrize("after", [False, True])
@@ -446,7 +446,7 @@ def test_a_freeze_cut_short_in_its_census_writes_the_thaw_back(
         yield YIELD
         raise _Interrupted
 
-    monkeypatch.setattr(_freezers, "_FEW_TASKS", 0)  # written by a thread of its own
+    monkeypatch.setattr(_freezer_base, "_FEW_TASKS", 0)  # written by a thread of its own
     for _ in range(20):  # the write lands before, during or after the interrupt
         with pytest.raises(_Interrupted):
             run_sync(freezer.freeze(0.5, FreezeReport(), meanwhile=census()))

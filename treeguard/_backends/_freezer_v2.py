@@ -1,0 +1,112 @@
+"""The cgroup v2 freezer (Documentation/admin-guide/cgroup-v2.rst, "Core Interface Files"):
+writing ``1`` to ``cgroup.freeze`` freezes the cgroup and its descendants; ``cgroup.events``
+says ``frozen 1`` once every task is frozen, and a change of that file raises POLLPRI on its
+open descriptors (kernfs_notify), so the wait needs no sleep loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+from .._cgroupfs import (
+    _RECHECK,
+    _Events,
+    _unfrozen_tasks,
+    parse_keyed,
+    procs_below,
+    read_file,
+)
+from .._drive import Steps, Wait
+from .._report import FreezeReport
+from ..errors import (
+    CgroupError,
+    StopTimeoutError,
+)
+from ._freezer_base import CgroupFreezer, _write_during
+
+__all__ = ["V2Freezer"]
+
+
+class V2Freezer(CgroupFreezer):
+    """``cgroup.freeze`` / ``cgroup.events``, waited for by poll (POLLPRI)."""
+
+    version = 2
+    control = "cgroup.freeze"
+    tasks_file = "cgroup.threads"
+    thawed = "0"
+
+    def events(self) -> dict[str, str]:
+        text = read_file(self.file("cgroup.events"))
+        if text is None:
+            raise CgroupError(self.path, "the cgroup was removed while freezing")
+        return parse_keyed(text)
+
+    def is_frozen(self) -> bool:
+        return self.events().get("frozen") == "1"
+
+    def threads_may_be_elsewhere(self) -> bool:
+        # Only within a threaded subtree may the threads of a process be in different
+        # cgroups; a "domain threaded" cgroup is the root of one and holds it whole.
+        kind = read_file(self.file("cgroup.type"))
+        return kind is not None and kind.strip() == "threaded"
+
+    def _wait_for(self, want: str, deadline: float) -> Steps[bool]:
+        """Wait until ``frozen`` reads ``want``; False at the deadline."""
+        watch = _Events(self.file("cgroup.events"))
+        backoff = 0.00005
+        try:
+            while True:
+                fields = watch.read()
+                if fields is None:
+                    raise CgroupError(self.path, "the cgroup was removed while freezing")
+                if fields.get("frozen") == want:
+                    return True  # usually at once: the kernel is done when the write returns
+                if want == "1":
+                    self._lease_check()
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return False
+                fd = watch.ready_fd()
+                if fd is not None:
+                    # Never trust the event alone: the file is re-read after every wake-up.
+                    yield Wait(min(left, _RECHECK), fd)
+                else:
+                    yield Wait(min(left, backoff))
+                    backoff = min(backoff * 2, _RECHECK)
+        finally:
+            watch.close()
+
+    def freeze(
+        self,
+        timeout: float,
+        report: FreezeReport,
+        meanwhile: Steps[None] | None = None,
+    ) -> Steps[None]:
+        start = time.perf_counter()
+        state = read_file(self.file("cgroup.freeze"))
+        if state is None:
+            self.check()  # says what is missing
+            raise CgroupError(self.path, "the cgroup was removed")
+        self.was_frozen = state.strip() == "1"
+        try:
+            if not self.was_frozen:
+                self._announce()
+                self.froze = True  # before the write: an interrupted freeze is undone
+                job = functools.partial(self.put, "cgroup.freeze", "1")
+                thread = not self.has_few_tasks()
+                yield from _write_during(self, job, meanwhile, report, thread=thread)
+            elif meanwhile is not None:
+                yield from meanwhile
+            t0 = time.perf_counter()
+            done = yield from self._wait_for("1", start + timeout)
+            report.verify_seconds += time.perf_counter() - t0
+            if not done:
+                pids = procs_below(self.path)
+                raise StopTimeoutError(timeout, _unfrozen_tasks(pids, self.fs, "STtZXI"))
+        except BaseException:
+            # A failed or cancelled freeze writes the thaw back (runc's half-frozen bug:
+            # cgroup.freeze must not stay 1); if even that is cut short, froze stays set.
+            self.undo()
+            raise
+        report.verified_by = f"cgroup v2: {self.file('cgroup.events')} says frozen 1"
