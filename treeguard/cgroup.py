@@ -30,8 +30,8 @@ from typing import Any, final
 from ._backends import Plan
 from ._backends._cgroup import CgroupV1Backend, CgroupV2Backend
 from ._backends._freezers import freezer_for
-from ._cgroup_kill import kill_members
-from ._cgroupfs import parse_keyed, procs_below, read_file, write_file
+from ._cgroup_members import adopt_into, kill_members
+from ._cgroupfs import parse_keyed, procs_below, read_file
 from ._drive import run_sync
 from ._mounts import (
     Discovery,
@@ -46,9 +46,8 @@ from .errors import (
     CgroupError,
     CgroupUnavailableError,
     InvalidArgumentError,
-    NoSuchProcessError,
 )
-from .procfs import ProcFS, Stat
+from .procfs import ProcFS
 
 __all__ = [
     "Cgroup",
@@ -224,10 +223,8 @@ class Cgroup:
         return proc
 
     def adopt(self, pids: Iterable[int], *, max_passes: int = 10) -> list[int]:
-        """Move processes, each with its whole tree of descendants, into this cgroup.
-
-        A process forked while the tree moves may be born outside; the tree is walked
-        again until a walk finds nothing of it outside.
+        """Move processes, each with its whole tree of descendants, into this cgroup; a
+        process forked while the tree moves is caught by walking the tree again.
 
         :returns: the PIDs moved.
         :raises InvalidArgumentError: if a PID is malformed, or is the caller or one of
@@ -236,50 +233,7 @@ class Cgroup:
         :raises CgroupError: if the tree kept forking outside for ``max_passes`` walks, or
             a process could not be moved.
         """
-        from ._checks import check_pid
-        from ._tree import ancestors, children_source, walk
-
-        if isinstance(pids, int) or not isinstance(pids, Iterable):
-            raise InvalidArgumentError("pids", "must be an iterable of PIDs")
-        starts = [check_pid("pids", p) for p in pids]
-        fs = ProcFS()
-        me = os.getpid()
-        forbidden = {me, *ancestors(fs)}
-        for pid in starts:
-            if pid in forbidden:
-                raise InvalidArgumentError(
-                    "pids", f"PID {pid} is the caller or its ancestor: its tree holds the caller"
-                )
-            if fs.stat(pid) is None:
-                raise NoSuchProcessError(pid)
-        procs = os.path.join(self.path, "cgroup.procs")
-        source = children_source(fs)
-        moved: list[int] = []
-        inside: set[int] = set()
-        outside: list[int] = []
-
-        def visit(pid: int) -> Stat | None:
-            stat = fs.stat(pid)
-            if stat is None or pid == me:
-                return None
-            if pid not in inside:
-                outside.append(pid)
-                try:
-                    write_file(procs, str(pid))
-                    moved.append(pid)
-                except ProcessLookupError:
-                    return None
-            return stat
-
-        for _ in range(max_passes):
-            inside = set(self.pids())
-            outside.clear()
-            source.refresh()
-            for _ in walk(starts, visit, source):
-                pass
-            if not outside:
-                return moved
-        raise CgroupError(self.path, f"the tree kept forking outside for {max_passes} walks")
+        return adopt_into(self.path, self.pids, pids, max_passes)
 
     # -- looking --------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "pytest_plugin",
             "_demo",
             "cgroup",
-            "_cgroup_kill",
+            "_cgroup_members",
             "_statefile",
         },
     ),

@@ -1,6 +1,6 @@
-"""Killing what a cgroup holds: :meth:`treeguard.cgroup.Cgroup.kill`'s work, identity-checked
-(a PID still listed after its pidfd was opened names that very process) and reaping what
-it makes this process's child."""
+"""Moving processes into a cgroup (:meth:`Cgroup.adopt`) and killing what it holds
+(:meth:`Cgroup.kill`: identity-checked, a PID still listed after its pidfd was opened names
+that very process, and reaping what it makes this process's child)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,77 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from ._cgroupfs import write_file
+from ._checks import check_pid
 from ._subreaper import is_subreaper, set_subreaper
-from .errors import CgroupError
-from .procfs import DEAD_STATES, PF_EXITING, ProcFS
+from ._tree import ancestors, children_source, walk
+from .errors import CgroupError, InvalidArgumentError, NoSuchProcessError
+from .procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat
 
-__all__ = ["kill_members"]
+__all__ = ["adopt_into", "kill_members"]
 
 #: How many processes are held by pidfds at once (one listing each).
 _KILL_BATCH = 256
+
+
+def adopt_into(
+    path: str, list_pids: Callable[[], list[int]], pids: Iterable[int], max_passes: int
+) -> list[int]:
+    """Move processes, each with its whole tree, into the cgroup at ``path`` (which
+    ``list_pids()`` lists), as :meth:`Cgroup.adopt` does: the trees are walked again until
+    a walk finds nothing of them outside.
+
+    :returns: the PIDs moved.
+    :raises InvalidArgumentError: if a PID is malformed, or is the caller or one of its
+        ancestors (whose tree holds the caller).
+    :raises NoSuchProcessError: if a PID does not exist.
+    :raises CgroupError: if the tree kept forking outside for ``max_passes`` walks, or a
+        process could not be moved.
+    """
+    if isinstance(pids, int) or not isinstance(pids, Iterable):
+        raise InvalidArgumentError("pids", "must be an iterable of PIDs")
+    starts = [check_pid("pids", p) for p in pids]
+    fs = ProcFS()
+    me = os.getpid()
+    forbidden = {me, *ancestors(fs)}
+    for pid in starts:
+        if pid in forbidden:
+            raise InvalidArgumentError(
+                "pids", f"PID {pid} is the caller or its ancestor: its tree holds the caller"
+            )
+        if fs.stat(pid) is None:
+            raise NoSuchProcessError(pid)
+    procs = os.path.join(path, "cgroup.procs")
+    source = children_source(fs)
+    moved: list[int] = []
+    inside: set[int] = set()
+    outside: list[int] = []
+
+    def visit(pid: int) -> Stat | None:
+        stat = fs.stat(pid)
+        if stat is None or pid == me:
+            return None
+        if pid not in inside:
+            outside.append(pid)
+            try:
+                write_file(procs, str(pid))
+                moved.append(pid)
+            except ProcessLookupError:
+                return None
+        return stat
+
+    for _ in range(max_passes):
+        inside = set(list_pids())
+        outside.clear()
+        source.refresh()
+        for _ in walk(starts, visit, source):
+            pass
+        if not outside:
+            return moved
+    raise CgroupError(path, f"the tree kept forking outside for {max_passes} walks")
 
 
 def kill_members(
@@ -170,7 +230,6 @@ def _out_of_descriptors(path: str, err: OSError) -> CgroupError:
 
 def _children_of_self(fs: ProcFS) -> dict[int, int]:
     """This process's children (PID -> starttime), read the way the core walk reads them."""
-    from ._tree import children_source
 
     me = fs.stat(os.getpid())
     assert me is not None  # this process
