@@ -571,6 +571,17 @@ def test_pause_killed_while_freezing_is_thawed_by_its_helper(
     proc.assert_none_stopped(tree.pids)
 
 
+def pause_with_lease(root: int, state: Path, seconds: str) -> int:
+    """``treeguard pause ROOT --max-frozen SECONDS``; the lease helper's PID, checked by
+    the name every helper takes."""
+    result = run("pause", str(root), "--state", str(state), "--max-frozen", seconds)
+    assert result.returncode == 0, result.stderr
+    recorded = parse_state(state.read_bytes()).helper
+    assert recorded is not None
+    assert comm(recorded[0]) == HELPER_COMM
+    return recorded[0]
+
+
 def test_pause_with_a_lease(
     make_tree: MakeTree, tmp_path: Path, orphans: list[int], paused_cleanup: list[Path]
 ) -> None:
@@ -579,12 +590,7 @@ def test_pause_with_a_lease(
     # A lease that runs out: the helper, which outlived the command line, thaws.
     state = tmp_path / "lease.json"
     paused_cleanup.append(state)
-    result = run("pause", str(tree.root), "--state", str(state), "--max-frozen", "3")
-    assert result.returncode == 0, result.stderr
-    recorded = parse_state(state.read_bytes()).helper
-    assert recorded is not None
-    helper = recorded[0]
-    assert comm(helper) == HELPER_COMM
+    helper = pause_with_lease(tree.root, state, "3")
     orphans.append(helper)
     proc.assert_all_stopped(tree.pids)
     proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the lease to thaw")
@@ -595,14 +601,9 @@ def test_pause_with_a_lease(
     # Resumed before the lease runs out: resume thaws and stops the helper.
     state = tmp_path / "resumed.json"
     paused_cleanup.append(state)
-    result = run("pause", str(tree.root), "--state", str(state), "--max-frozen", "600")
-    assert result.returncode == 0, result.stderr
-    recorded = parse_state(state.read_bytes()).helper
-    assert recorded is not None
-    helper = recorded[0]
+    helper = pause_with_lease(tree.root, state, "600")
     orphans.append(helper)
     proc.assert_all_stopped(tree.pids)
-    assert comm(helper) == HELPER_COMM
     proc.wait_until(lambda: proc.state(helper) == "S", 10, "the helper to wait for its lease")
     result = run("resume", "--state", str(state))
     assert result.returncode == 0, result.stderr

@@ -15,7 +15,6 @@ from tests import proc
 from tests.conftest import MakeCgroup
 from tests.integration import test_cli
 from tests.integration.test_cli import SPEC, MakeTree, assert_clean_error, run
-from treeguard._statefile import parse_state
 
 paused_cleanup = test_cli.paused_cleanup  # a fixture: resumes what a test left paused
 
@@ -123,15 +122,12 @@ def test_status_of_a_lease(make_tree: MakeTree, tmp_path: Path, paused_cleanup: 
     tree = make_tree({}, mode="idle")
     state = tmp_path / "lease.json"
     paused_cleanup.append(state)
-    result = run("pause", str(tree.root), "--state", str(state), "--max-frozen", "600")
-    assert result.returncode == 0, result.stderr
-    recorded = parse_state(state.read_bytes()).helper
-    assert recorded is not None
+    helper = test_cli.pause_with_lease(tree.root, state, "600")
     code, data = status("--state", str(state))
-    assert code == 0 and data["lease"] == {"helper": recorded[0], "running": True}
-    assert f"lease: helper PID {recorded[0]} running" in run("status", "--state", str(state)).stdout
+    assert code == 0 and data["lease"] == {"helper": helper, "running": True}
+    assert f"lease: helper PID {helper} running" in run("status", "--state", str(state)).stdout
     assert run("resume", "--state", str(state)).returncode == 0
-    proc.wait_until(lambda: proc.state(recorded[0]) in ("Z", None), 10, "resume to end it")
+    proc.wait_until(lambda: proc.state(helper) in ("Z", None), 10, "resume to end it")
 
 
 def test_status_checks_identity_not_pid(tmp_path: Path) -> None:
