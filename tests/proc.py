@@ -73,7 +73,12 @@ def assert_all_stopped(pids: Iterable[int]) -> None:
         assert psutil.Process(pid).status() == psutil.STATUS_STOPPED, pid
 
 
-def assert_none_stopped(pids: Iterable[int]) -> None:
+def assert_none_stopped(pids: Iterable[int], timeout: float = 5.0) -> None:
+    """No task of ``pids`` is stopped. Polled for up to ``timeout`` seconds: a SIGCONT's
+    wake-up may be queued on another CPU for a moment after it was sent, while a task left
+    stopped stays so."""
+    pids = list(pids)
+    poll_until(lambda: not stopped(pids), timeout)
     left = stopped(pids)
     assert not left, f"tasks still stopped: {left}"
 
