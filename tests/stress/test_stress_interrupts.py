@@ -22,6 +22,7 @@ import signal
 import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from types import FrameType
 
@@ -120,20 +121,34 @@ def _check_running(tree: WorkerTree, cg: Cgroup | None, when: str) -> None:
     proc.counters_moving(tree.counters, _main_slots(tree))
 
 
-def _median_seconds(new_guard: Callable[[], ProcessesGuard], runs: int = 9) -> tuple[float, float]:
-    """How long a freeze and a release take (medians), each by a new guard as in a trial."""
-    freezes, releases = [], []
-    for _ in range(runs):
-        guard = new_guard()
+class Lengths:
+    """How long a freeze and a release take now: the medians of the last few that ran to
+    their end. The machine's load changes during 300 trials (other tests, other jobs), so
+    the delays follow it instead of a single measure taken at the start."""
+
+    def __init__(self, new_guard: Callable[[], ProcessesGuard], runs: int = 9) -> None:
+        self.seen: dict[str, deque[float]] = {p: deque(maxlen=15) for p in ("freeze", "release")}
+        for _ in range(runs):
+            guard = new_guard()
+            t0 = time.perf_counter()
+            try:
+                guard.freeze()
+                t1 = time.perf_counter()
+            finally:
+                guard.release()
+            self.seen["freeze"].append(t1 - t0)
+            self.seen["release"].append(time.perf_counter() - t1)
+
+    def median(self, phase: str) -> float:
+        return statistics.median(self.seen[phase])
+
+    def run(self, alarm: Alarm, phase: str, op: Callable[[], object], delay: float) -> bool:
+        """``alarm.run(op, delay)``, remembering how long ``op`` took if it was not cut."""
         t0 = time.perf_counter()
-        try:
-            guard.freeze()
-            t1 = time.perf_counter()
-        finally:
-            guard.release()
-        freezes.append(t1 - t0)
-        releases.append(time.perf_counter() - t1)
-    return statistics.median(freezes), statistics.median(releases)
+        hit = alarm.run(op, delay)
+        if not hit:
+            self.seen[phase].append(time.perf_counter() - t0)
+        return hit
 
 
 def _thaw_directly(cg: Cgroup) -> None:
@@ -163,7 +178,7 @@ def test_interrupted_freeze_and_release_leave_nothing_stopped(
         rescue = threading.Timer(TIMEOUT - 30, _thaw_directly, (cg,))
         rescue.daemon = True
         rescue.start()
-    freeze_s, release_s = _median_seconds(new_guard)
+    lengths = Lengths(new_guard)
     rng = random.Random(17)
     landed = {"freeze": 0, "release": 0}
     thawed_by_freeze = 0
@@ -177,8 +192,8 @@ def test_interrupted_freeze_and_release_leave_nothing_stopped(
             try:
                 if trial % 2 == 0:
                     phase = "freeze"
-                    delay = rng.uniform(1e-6, SPREAD * freeze_s)
-                    hit = alarm.run(guard.freeze, delay)
+                    delay = rng.uniform(1e-6, SPREAD * lengths.median(phase))
+                    hit = lengths.run(alarm, phase, guard.freeze, delay)
                     if hit and not guard.frozen:
                         # The freeze raised: everything it stopped so far runs again.
                         thawed_by_freeze += 1
@@ -187,8 +202,8 @@ def test_interrupted_freeze_and_release_leave_nothing_stopped(
                 else:
                     phase = "release"
                     guard.freeze()
-                    delay = rng.uniform(1e-6, SPREAD * release_s)
-                    hit = alarm.run(guard.release, delay)
+                    delay = rng.uniform(1e-6, SPREAD * lengths.median(phase))
+                    hit = lengths.run(alarm, phase, guard.release, delay)
                 landed[phase] += hit
             finally:
                 guard.release()  # finishes whatever the interrupt cut short
@@ -208,7 +223,7 @@ def test_interrupted_freeze_and_release_leave_nothing_stopped(
             f"interrupts_{backend}_in_release": landed["release"],
             f"interrupts_{backend}_freeze_raised_thawed": thawed_by_freeze,
             f"interrupts_{backend}_left_stopped": 0,
-            f"interrupts_{backend}_freeze_ms": round(freeze_s * 1e3, 3),
-            f"interrupts_{backend}_release_ms": round(release_s * 1e3, 3),
+            f"interrupts_{backend}_freeze_ms": round(lengths.median("freeze") * 1e3, 3),
+            f"interrupts_{backend}_release_ms": round(lengths.median("release") * 1e3, 3),
         }
     )
