@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "treeguard"
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"errors", "_report", "_types", "_drive"}),
     ("kernel", {"procfs", "_checks", "_ptrace", "_subreaper"}),
-    ("facts", {"_thaw", "_tree", "_mounts", "_journal", "_cgroupfs"}),
+    ("facts", {"_thaw", "_tree", "_mounts", "_delegation", "_journal", "_cgroupfs"}),
     (
         "backends",
         {
