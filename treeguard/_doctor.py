@@ -188,8 +188,8 @@ def _backends(d: Diagnosis) -> dict[str, Backend]:
     else:
         cgroup = Backend(
             False,
-            "no cgroup v2 or v1 freezer is mounted (mount one, or run where cgroups are "
-            f"delegated: `{SYSTEMD_SCOPE}`)",
+            "cgroup v2 and the v1 freezer are not mounted (mount one, or run where cgroups "
+            f"are delegated: `{SYSTEMD_SCOPE}`)",
         )
     order = [
         *(["cgroup for a tree alone in a cgroup made by Cgroup.create()"] * cgroup.available),
