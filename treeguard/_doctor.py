@@ -97,7 +97,10 @@ class Diagnosis:
             ro = ", read-only" if facts.read_only else ""
             lines.append(f"  {name:<10} at {facts.mountpoint}{ro}; own cgroup {facts.own or '?'}")
             if facts.create_in is not None:
-                lines.append(f"  {'':<10} Cgroup.create() makes cgroups in {facts.create_in}")
+                where = " (the root cgroup)" if facts.create_in == facts.mountpoint else ""
+                lines.append(
+                    f"  {'':<10} Cgroup.create() makes cgroups in {facts.create_in}{where}"
+                )
             else:
                 lines.append(f"  {'':<10} Cgroup.create() cannot: {facts.why_not}")
         lines.append("backends")
@@ -162,13 +165,17 @@ def diagnose(fs: ProcFS | None = None) -> Diagnosis:
 
 
 def _backends(d: Diagnosis) -> dict[str, Backend]:
-    whose = "any process" if d.uid == 0 and not d.user_namespace else f"processes of uid {d.uid}"
+    # Root's capabilities reach only as far as its user namespace (user_namespaces(7)).
+    if d.uid != 0:
+        whose = f"processes of uid {d.uid}"
+    else:
+        whose = "any process of this user namespace" if d.user_namespace else "any process"
     signal = Backend(True, f"SIGSTOP/SIGCONT, for {whose}")
     why_ptrace = _ptrace.refusal(descendants=True)
     if why_ptrace is not None:
         ptrace = Backend(False, why_ptrace)
     elif d.cap_sys_ptrace:
-        ptrace = Backend(True, "seizes every thread; for any process it may trace")
+        ptrace = Backend(True, f"seizes every thread; for {whose} (CAP_SYS_PTRACE)")
     elif d.yama_scope == 1:
         ptrace = Backend(True, "seizes every thread; for this process's own descendants")
     else:

@@ -16,6 +16,8 @@ RUN = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
 
 def test_quick_mode_runs_and_every_freeze_verifies(tmp_path: Path) -> None:
     require_root("the kernel floor (a cgroup v2 of its own)")
+    mine = discover().own_directory(2)
+    before = set(os.listdir(mine)) if mine is not None else set()
     done = subprocess.run(
         [sys.executable, str(RUN), "--quick", "--out", str(tmp_path)],
         capture_output=True,
@@ -55,7 +57,12 @@ def test_quick_mode_runs_and_every_freeze_verifies(tmp_path: Path) -> None:
         assert death["resumed"] == death["runs"], backend  # the tree ran again every time
     enumerated = report["enumeration"]["enumerators"]
     assert {"alone", "crowded"} <= set(enumerated["treeguard walk"])
-    # the kernel floor removed its cgroup, wherever the v2 hierarchy is mounted
-    v2 = discover().v2
-    assert v2 is not None, "CI has a cgroup v2 mount"
-    assert not list(Path(v2.mountpoint).glob("treeguard-bench-*"))
+    # the kernel floor removed its cgroup, wherever the v2 hierarchy is mounted (found in
+    # mountinfo: /sys/fs/cgroup on a pure v2 host), and so did every Cgroup.create() of
+    # the run, below this process's own cgroup
+    found = discover()
+    assert found.v2 is not None, "CI has a cgroup v2 mount"
+    own = found.own_directory(2)
+    assert own is not None
+    assert not list(Path(found.v2.mountpoint).glob("treeguard-bench-*"))
+    assert not [p for p in os.listdir(own) if p.startswith("treeguard-") and p not in before]

@@ -253,6 +253,12 @@ def test_cli(tree: WorkerTree, tmp_path: Path) -> None:
     assert held.returncode == 0, held.stderr
     assert set(held.stdout.split()) == {"T"}  # CMD saw every task of the tree stopped
     _running(tree)
+    # A backend the tree cannot have here: one line saying why, and the tree runs on.
+    refused = cli("freeze", str(tree.root), "--backend", "cgroup", "--", "true")
+    assert refused.returncode == 125
+    assert refused.stderr.startswith("treeguard: error: cgroup ")
+    assert refused.stderr.count("\n") == 1, refused.stderr  # never a traceback
+    _running(tree)
     state = str(tmp_path / "paused.json")
     assert cli("pause", str(tree.root), "--state", state).returncode == 0
     try:
