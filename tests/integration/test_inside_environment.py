@@ -222,6 +222,13 @@ def test_cgroup_of_its_own(doctor: dict[str, Any], make_tree: Callable[..., Work
                 _frozen(tree, "cgroup")
             assert not cg.frozen
             _running(tree)
+
+        async def hold() -> None:
+            async with treeguard.guard(tree.root, include_root=True, backend="cgroup"):
+                assert cg.frozen
+
+        anyio.run(hold, backend="trio")
+        assert not cg.frozen
         token = treeguard.freeze(tree.root, include_root=True, backend="cgroup")
         assert cg.frozen
         treeguard.thaw(treeguard.Token.from_json(token.to_json()))
