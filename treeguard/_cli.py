@@ -1,11 +1,11 @@
 """The ``treeguard`` command line: ``demo``, ``tree``, ``freeze``, ``pause``, ``resume``,
-``status``.
+``status``, ``doctor``.
 
 Every subcommand goes through the library's faces (:class:`ProcessesGuard`,
 :class:`~treeguard.cgroup.Cgroup`, :func:`treeguard.snapshot`, tokens, the state file, the
 identity checks of :mod:`treeguard._thaw`); nothing here signals a process of the tree
 itself (only CMD, and the helper of a lease that `resume` ends).
-``_cli_freeze``, ``_cli_pause`` and ``_cli_status`` hold the subcommands.
+``_cli_freeze``, ``_cli_pause``, ``_cli_status`` and ``_cli_doctor`` hold the subcommands.
 Errors are one line on stderr and a distinct exit status (see :data:`EPILOG`); ``freeze``
 passes CMD's status through, so its own failures use 125..127 as ``timeout(1)`` and
 ``env(1)`` do.
@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ._backends import BACKENDS
+from ._cli_doctor import cmd_doctor
+from ._cli_doctor import register as add_doctor
 from ._cli_freeze import CannotRun, cmd_freeze
 from ._cli_pause import NothingToPause, cmd_pause, cmd_resume
 from ._cli_status import cmd_status, cmd_tree
@@ -300,6 +302,7 @@ def _parser() -> _Parser:
     which.add_argument("pid", nargs="?", type=_pid, metavar="PID", help="root of a tree")
     which.add_argument("--state", metavar="FILE", help="state file written by pause")
     status.add_argument("--json", action="store_true", help="print JSON (schema 1)")
+    add_doctor(add)
     return parser
 
 
@@ -319,6 +322,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "pause": cmd_pause,
     "resume": cmd_resume,
     "status": cmd_status,
+    "doctor": cmd_doctor,
 }
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "cgroup_paths",
     "discover",
     "hierarchies",
+    "layout",
     "parse_mountinfo",
     "parse_proc_cgroup",
     "version_of",
@@ -160,6 +161,22 @@ def hierarchies(fs: ProcFS) -> tuple[Hierarchy | None, Hierarchy | None]:
     if fs.root == "/proc":
         return _hierarchies(_MOUNTS.read())
     return _hierarchies(fs.read("self/mountinfo", 65536) or b"")
+
+
+def layout(fs: ProcFS | None = None) -> str:
+    """Which cgroup filesystems this mount namespace shows: ``"v2"``, ``"v1"``, ``"hybrid"``
+    (v1 controllers and v2 side by side) or ``"none"``; any v1 controller counts, not only
+    the freezer."""
+    fs = fs or ProcFS()
+    data = _MOUNTS.read() if fs.root == "/proc" else fs.read("self/mountinfo", 65536) or b""
+    types = set()
+    for line in data.decode("utf-8", "surrogateescape").splitlines():
+        after = line.partition(" - ")[2].split()
+        if after and after[0] in ("cgroup", "cgroup2"):
+            types.add(after[0])
+    if types == {"cgroup", "cgroup2"}:
+        return "hybrid"
+    return "v2" if "cgroup2" in types else "v1" if "cgroup" in types else "none"
 
 
 class _MountTable:

@@ -34,10 +34,12 @@ __all__ = [
     "detach",
     "error",
     "geteventmsg",
+    "has_cap_sys_ptrace",
     "interrupt",
     "permission_reason",
     "seize",
     "tracer_of",
+    "yama_scope",
 ]
 
 # Requests (include/uapi/linux/ptrace.h).
@@ -178,12 +180,19 @@ def tracer_of(tid: int) -> int:
     return int(value) if value.isdigit() else 0
 
 
-def _yama_scope() -> int | None:
+def yama_scope() -> int | None:
+    """Yama's ``ptrace_scope`` (0 to 3), ``None`` if this kernel has no Yama."""
     try:
         with open("/proc/sys/kernel/yama/ptrace_scope", "rb") as f:
             return int(f.read().strip())
     except (OSError, ValueError):
         return None  # no Yama in this kernel
+
+
+def has_cap_sys_ptrace() -> bool:
+    """Whether this process holds CAP_SYS_PTRACE (in its user namespace)."""
+    caps = int(_status(os.getpid()).get("CapEff", "0") or "0", 16)
+    return bool(caps >> _CAP_SYS_PTRACE & 1)
 
 
 def refusal(descendants: bool) -> str | None:
@@ -194,11 +203,10 @@ def refusal(descendants: bool) -> str | None:
     :param descendants: whether the tree is made of this process's descendants (all that
         Yama's scope 1 lets a process without CAP_SYS_PTRACE trace).
     """
-    scope = _yama_scope()
+    scope = yama_scope()
     if scope is None or scope == 0:
         return None
-    caps = int(_status(os.getpid()).get("CapEff", "0") or "0", 16)
-    privileged = bool(caps >> _CAP_SYS_PTRACE & 1)
+    privileged = has_cap_sys_ptrace()
     if scope == 3:
         return "Yama ptrace_scope is 3: no process may attach with ptrace"
     if scope == 2 and not privileged:
@@ -222,15 +230,14 @@ def permission_reason(tid: int) -> str:
         )
     if not status:
         return f"PID {tid} is gone"
-    caps = int(_status(os.getpid()).get("CapEff", "0") or "0", 16)
-    privileged = bool(caps >> _CAP_SYS_PTRACE & 1)
+    privileged = has_cap_sys_ptrace()
     uids = status.get("Uid", "").split()
     if not privileged and uids and any(int(u) != os.geteuid() for u in uids[:3]):
         return (
             f"PID {tid} belongs to uid {uids[0]}, not to this process's (uid {os.geteuid()}); "
             "tracing another user's process needs CAP_SYS_PTRACE"
         )
-    scope = _yama_scope()
+    scope = yama_scope()
     if scope == 3:
         return "Yama ptrace_scope is 3: no process may attach with ptrace until reboot"
     if scope == 2 and not privileged:

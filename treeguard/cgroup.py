@@ -32,6 +32,7 @@ from ._backends._cgroup import CgroupV1Backend, CgroupV2Backend
 from ._backends._freezers import freezer_for
 from ._cgroup_members import adopt_into, kill_members
 from ._cgroupfs import parse_keyed, procs_below, read_file
+from ._delegation import parent_for
 from ._drive import run_sync
 from ._mounts import (
     Discovery,
@@ -59,23 +60,6 @@ __all__ = [
 ]
 
 PREFIX = "treeguard-"
-
-
-def _writable_parent(hierarchy: Hierarchy, candidates: list[str | None]) -> str:
-    if hierarchy.read_only:
-        raise CgroupUnavailableError(
-            hierarchy.mountpoint,
-            "the cgroup hierarchy is mounted read-only here (a container without cgroup "
-            "delegation?): remount it read-write or run where cgroups are delegated",
-        )
-    for path in candidates:
-        if path is not None and os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK):
-            return path
-    raise CgroupUnavailableError(
-        next((p for p in candidates if p), hierarchy.mountpoint),
-        "no cgroup this process may create a child in: run as root, or in a delegated "
-        "subtree (for example: systemd-run --user --scope -p Delegate=yes ...)",
-    )
 
 
 @final
@@ -121,7 +105,7 @@ class Cgroup:
 
         :param version: 2 or 1 (v1 freezer); default: v2 when mounted, else v1.
         :param parent: the cgroup directory to create it in; default: the caller's own
-            cgroup if writable, else the hierarchy's root.
+            cgroup (a delegated subtree; the hierarchy's root only for a caller in it).
         :param name: the new directory's name (must start with ``treeguard-`` for
             ``backend="auto"`` to pick it).
         :param kill_on_exit: on leaving the ``with`` block, kill every process in it, not
@@ -129,7 +113,8 @@ class Cgroup:
         :param procfs: where /proc is (for tests).
         :raises InvalidArgumentError: if an argument is malformed.
         :raises CgroupUnavailableError: if no such hierarchy is mounted, it is read-only,
-            or this process may not create a cgroup in it (the message says what is missing).
+            or this process may not create a cgroup in its own cgroup or ``parent`` (the
+            message says what to do: run as root or in a delegated subtree).
         """
         if version not in (None, 1, 2):
             raise InvalidArgumentError("version", f"must be 1, 2 or None, not {version!r}")
@@ -162,10 +147,7 @@ class Cgroup:
                 raise CgroupUnavailableError(
                     parent, f"not in the cgroup v{version} hierarchy mounted at {mount}"
                 )
-            candidates: list[str | None] = [parent]
-        else:
-            candidates = [found.own_directory(version), hierarchy.mountpoint]
-        chosen = _writable_parent(hierarchy, candidates)
+        chosen = parent_for(found, hierarchy, parent)
         path = os.path.join(chosen, name)
         try:
             os.mkdir(path, 0o755)

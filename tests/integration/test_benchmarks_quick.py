@@ -16,6 +16,8 @@ RUN = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
 
 def test_quick_mode_runs_and_every_freeze_verifies(tmp_path: Path) -> None:
     require_root("the kernel floor (a cgroup v2 of its own)")
+    mine = discover().own_directory(2)
+    before = set(os.listdir(mine)) if mine is not None else set()
     with subprocess.Popen(
         [sys.executable, str(RUN), "--quick", "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
@@ -60,8 +62,12 @@ def test_quick_mode_runs_and_every_freeze_verifies(tmp_path: Path) -> None:
         assert death["resumed"] == death["runs"], backend  # the tree ran again every time
     enumerated = report["enumeration"]["enumerators"]
     assert {"alone", "crowded"} <= set(enumerated["treeguard walk"])
-    # the kernel floor removed its cgroup (named after the run's PID: other runs may be
-    # at work), wherever the v2 hierarchy is mounted
-    v2 = discover().v2
-    assert v2 is not None, "CI has a cgroup v2 mount"
-    assert not (Path(v2.mountpoint) / f"treeguard-bench-floor-{bench.pid}").exists()
+    # the kernel floor removed its cgroup (named after the run's PID: other runs may be at
+    # work), wherever the v2 hierarchy is mounted (found in mountinfo: /sys/fs/cgroup on a
+    # pure v2 host), and so did every Cgroup.create() of the run, below this process's own
+    found = discover()
+    assert found.v2 is not None, "CI has a cgroup v2 mount"
+    own = found.own_directory(2)
+    assert own is not None
+    assert not (Path(found.v2.mountpoint) / f"treeguard-bench-floor-{bench.pid}").exists()
+    assert not [p for p in os.listdir(own) if p.startswith("treeguard-") and p not in before]

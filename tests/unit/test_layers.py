@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "treeguard"
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"errors", "_report", "_types", "_drive"}),
     ("kernel", {"procfs", "_checks", "_ptrace", "_subreaper"}),
-    ("facts", {"_thaw", "_tree", "_mounts", "_journal", "_cgroupfs"}),
+    ("facts", {"_thaw", "_tree", "_mounts", "_delegation", "_journal", "_cgroupfs"}),
     (
         "backends",
         {
@@ -37,7 +37,10 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_backends._auto",
         },
     ),
-    ("services", {"_watchdog", "_helper", "_snapshot", "_snapshot_read", "_workers", "_storms"}),
+    (
+        "services",
+        {"_watchdog", "_helper", "_snapshot", "_snapshot_read", "_workers", "_storms", "_doctor"},
+    ),
     ("core", {"_guard"}),
     (
         "faces",
@@ -52,7 +55,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_statefile",
         },
     ),
-    ("cli", {"_cli", "_cli_freeze", "_cli_pause", "_cli_status", "__main__", ""}),
+    ("cli", {"_cli", "_cli_freeze", "_cli_pause", "_cli_status", "_cli_doctor", "__main__", ""}),
 ]
 
 
