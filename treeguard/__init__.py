@@ -5,51 +5,48 @@ cheap: a program that only reaches the CLI, the pytest plugin or one name does n
 the backends, anyio and the rest.
 """
 
-import importlib
+import importlib as _importlib
 
 from ._version import __version__ as __version__
 
-# typing.TYPE_CHECKING without importing typing (a type checker takes any TYPE_CHECKING as
-# true): what a type checker and an IDE see; at run time, __getattr__ below imports them.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from . import cgroup as cgroup
-    from ._async import AsyncGuard as AsyncGuard
-    from ._async import guard as guard
-    from ._freezethaw import freezethaw as freezethaw
-    from ._guard import ProcessesGuard as ProcessesGuard
-    from ._guard import freeze_child_processes as freeze_child_processes
-    from ._report import FreezeReport as FreezeReport
-    from ._report import Skip as Skip
-    from ._snapshot import ProcessRecord as ProcessRecord
-    from ._snapshot import SignalState as SignalState
-    from ._snapshot import ThreadRecord as ThreadRecord
-    from ._snapshot import TreeSnapshot as TreeSnapshot
-    from ._snapshot_read import snapshot as snapshot
-    from ._token import Token as Token
-    from ._token import freeze as freeze
-    from ._token import thaw as thaw
-    from ._types import BackendName as BackendName
-    from ._types import FreezeOptions as FreezeOptions
-    from ._types import GuardOptions as GuardOptions
-    from ._types import HasPid as HasPid
-    from ._types import Options as Options
-    from ._types import Scope as Scope
-    from ._types import Target as Target
-    from .errors import CgroupError as CgroupError
-    from .errors import CgroupUnavailableError as CgroupUnavailableError
-    from .errors import FreezeError as FreezeError
-    from .errors import FreezePermissionError as FreezePermissionError
-    from .errors import FrozenInterrupt as FrozenInterrupt
-    from .errors import InvalidArgumentError as InvalidArgumentError
-    from .errors import NoSuchProcessError as NoSuchProcessError
-    from .errors import ProcfsParseError as ProcfsParseError
-    from .errors import StateFileError as StateFileError
-    from .errors import StopTimeoutError as StopTimeoutError
-    from .errors import TokenError as TokenError
-    from .errors import TreeUnstableError as TreeUnstableError
-    from .errors import WatchdogError as WatchdogError
-del TYPE_CHECKING
+__all__ = [
+    "AsyncGuard",
+    "BackendName",
+    "CgroupError",
+    "CgroupUnavailableError",
+    "FreezeError",
+    "FreezeOptions",
+    "FreezePermissionError",
+    "FreezeReport",
+    "FrozenInterrupt",
+    "GuardOptions",
+    "HasPid",
+    "InvalidArgumentError",
+    "NoSuchProcessError",
+    "Options",
+    "ProcessRecord",
+    "ProcessesGuard",
+    "ProcfsParseError",
+    "Scope",
+    "SignalState",
+    "Skip",
+    "StateFileError",
+    "StopTimeoutError",
+    "Target",
+    "ThreadRecord",
+    "Token",
+    "TokenError",
+    "TreeSnapshot",
+    "TreeUnstableError",
+    "WatchdogError",
+    "cgroup",
+    "freeze",
+    "freeze_child_processes",
+    "freezethaw",
+    "guard",
+    "snapshot",
+    "thaw",
+]
 
 #: Where each public name lives; ``None``: the name is the module itself.
 _HOMES = {
@@ -93,23 +90,66 @@ _HOMES = {
     "cgroup": None,
 }
 
-__all__ = sorted(_HOMES)
+# typing.TYPE_CHECKING without importing typing (a type checker takes any TYPE_CHECKING as
+# true). A type checker sees the imports, and no __getattr__: a misspelt name is an error
+# for it; at run time, __getattr__ imports each name on first use.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from . import cgroup as cgroup
+    from ._async import AsyncGuard as AsyncGuard
+    from ._async import guard as guard
+    from ._freezethaw import freezethaw as freezethaw
+    from ._guard import ProcessesGuard as ProcessesGuard
+    from ._guard import freeze_child_processes as freeze_child_processes
+    from ._report import FreezeReport as FreezeReport
+    from ._report import Skip as Skip
+    from ._snapshot import ProcessRecord as ProcessRecord
+    from ._snapshot import SignalState as SignalState
+    from ._snapshot import ThreadRecord as ThreadRecord
+    from ._snapshot import TreeSnapshot as TreeSnapshot
+    from ._snapshot_read import snapshot as snapshot
+    from ._token import Token as Token
+    from ._token import freeze as freeze
+    from ._token import thaw as thaw
+    from ._types import BackendName as BackendName
+    from ._types import FreezeOptions as FreezeOptions
+    from ._types import GuardOptions as GuardOptions
+    from ._types import HasPid as HasPid
+    from ._types import Options as Options
+    from ._types import Scope as Scope
+    from ._types import Target as Target
+    from .errors import CgroupError as CgroupError
+    from .errors import CgroupUnavailableError as CgroupUnavailableError
+    from .errors import FreezeError as FreezeError
+    from .errors import FreezePermissionError as FreezePermissionError
+    from .errors import FrozenInterrupt as FrozenInterrupt
+    from .errors import InvalidArgumentError as InvalidArgumentError
+    from .errors import NoSuchProcessError as NoSuchProcessError
+    from .errors import ProcfsParseError as ProcfsParseError
+    from .errors import StateFileError as StateFileError
+    from .errors import StopTimeoutError as StopTimeoutError
+    from .errors import TokenError as TokenError
+    from .errors import TreeUnstableError as TreeUnstableError
+    from .errors import WatchdogError as WatchdogError
+else:
+
+    def __getattr__(name: str) -> object:
+        """Import a public name on first use, and keep it in the package's namespace."""
+        home = _HOMES.get(name, "")
+        if home == "":
+            raise AttributeError(f"module 'treeguard' has no attribute {name!r}")
+        module = _importlib.import_module(f"{__name__}.{home or name}")
+        obj = module if home is None else getattr(module, name)
+        if home is not None and getattr(obj, "__module__", "").startswith("treeguard."):
+            try:  # users see treeguard.Name (and pickle finds it there), as anyio does
+                obj.__module__ = "treeguard"
+            except (AttributeError, TypeError):  # a type alias (Literal, Union): read-only
+                pass
+        globals()[name] = obj
+        return obj
 
 
-def __getattr__(name: str) -> object:
-    """Import a public name on first use, and keep it in the package's namespace."""
-    home = _HOMES.get(name, "")
-    if home == "":
-        raise AttributeError(f"module 'treeguard' has no attribute {name!r}")
-    module = importlib.import_module(f"{__name__}.{home or name}")
-    obj = module if home is None else getattr(module, name)
-    if home is not None and getattr(obj, "__module__", "").startswith("treeguard."):
-        try:  # users see treeguard.Name (and pickle finds it there), as anyio does
-            obj.__module__ = "treeguard"
-        except (AttributeError, TypeError):  # a type alias (Literal, Union): read-only
-            pass
-    globals()[name] = obj
-    return obj
+del TYPE_CHECKING
 
 
 def __dir__() -> list[str]:

@@ -98,6 +98,7 @@ def test_every_public_name_is_there_and_says_treeguard() -> None:
         obj = getattr(treeguard, name)
         if isinstance(obj, (type, types.FunctionType)):  # not the type aliases, not cgroup
             assert obj.__module__ == "treeguard", name
+    assert set(treeguard.__all__) == set(treeguard._HOMES)  # each name has a home
     assert set(treeguard.__all__) <= set(dir(treeguard))
     assert {"__version__", "__all__"} <= set(dir(treeguard))
     typo = "ProcesGuard"
