@@ -1,43 +1,13 @@
-"""treeguard: freeze a whole process tree, prove it stopped, and always thaw it."""
+"""treeguard: freeze a whole process tree, prove it stopped, and always thaw it.
 
-from . import cgroup as cgroup
-from ._async import AsyncGuard as AsyncGuard
-from ._async import guard as guard
-from ._freezethaw import freezethaw as freezethaw
-from ._guard import ProcessesGuard as ProcessesGuard
-from ._guard import freeze_child_processes as freeze_child_processes
-from ._report import FreezeReport as FreezeReport
-from ._report import Skip as Skip
-from ._snapshot import ProcessRecord as ProcessRecord
-from ._snapshot import SignalState as SignalState
-from ._snapshot import ThreadRecord as ThreadRecord
-from ._snapshot import TreeSnapshot as TreeSnapshot
-from ._snapshot_read import snapshot as snapshot
-from ._token import Token as Token
-from ._token import freeze as freeze
-from ._token import thaw as thaw
-from ._types import BackendName as BackendName
-from ._types import FreezeOptions as FreezeOptions
-from ._types import GuardOptions as GuardOptions
-from ._types import HasPid as HasPid
-from ._types import Options as Options
-from ._types import Scope as Scope
-from ._types import Target as Target
-from .errors import CgroupError as CgroupError
-from .errors import CgroupUnavailableError as CgroupUnavailableError
-from .errors import FreezeError as FreezeError
-from .errors import FreezePermissionError as FreezePermissionError
-from .errors import FrozenInterrupt as FrozenInterrupt
-from .errors import InvalidArgumentError as InvalidArgumentError
-from .errors import NoSuchProcessError as NoSuchProcessError
-from .errors import ProcfsParseError as ProcfsParseError
-from .errors import StateFileError as StateFileError
-from .errors import StopTimeoutError as StopTimeoutError
-from .errors import TokenError as TokenError
-from .errors import TreeUnstableError as TreeUnstableError
-from .errors import WatchdogError as WatchdogError
+The public names are imported on first use (PEP 562), so that ``import treeguard`` stays
+cheap: a program that only reaches the CLI, the pytest plugin or one name does not pay for
+the backends, anyio and the rest.
+"""
 
-__version__ = "0.1.0"
+import importlib as _importlib
+
+from ._version import __version__ as __version__
 
 __all__ = [
     "AsyncGuard",
@@ -78,13 +48,109 @@ __all__ = [
     "thaw",
 ]
 
-for _name in __all__:
-    _obj = globals()[_name]
-    if not isinstance(_obj, type(cgroup)) and getattr(_obj, "__module__", "").startswith(
-        "treeguard."
-    ):
-        try:
-            _obj.__module__ = "treeguard"
-        except (AttributeError, TypeError):
-            pass
-del _name, _obj
+#: Where each public name lives; ``None``: the name is the module itself.
+_HOMES = {
+    "AsyncGuard": "_async",
+    "guard": "_async",
+    "freezethaw": "_freezethaw",
+    "ProcessesGuard": "_guard",
+    "freeze_child_processes": "_guard",
+    "FreezeReport": "_report",
+    "Skip": "_report",
+    "ProcessRecord": "_snapshot",
+    "SignalState": "_snapshot",
+    "ThreadRecord": "_snapshot",
+    "TreeSnapshot": "_snapshot",
+    "snapshot": "_snapshot_read",
+    "Token": "_token",
+    "freeze": "_token",
+    "thaw": "_token",
+    **dict.fromkeys(
+        ["BackendName", "FreezeOptions", "GuardOptions", "HasPid", "Options", "Scope", "Target"],
+        "_types",
+    ),
+    **dict.fromkeys(
+        [
+            "CgroupError",
+            "CgroupUnavailableError",
+            "FreezeError",
+            "FreezePermissionError",
+            "FrozenInterrupt",
+            "InvalidArgumentError",
+            "NoSuchProcessError",
+            "ProcfsParseError",
+            "StateFileError",
+            "StopTimeoutError",
+            "TokenError",
+            "TreeUnstableError",
+            "WatchdogError",
+        ],
+        "errors",
+    ),
+    "cgroup": None,
+}
+
+# typing.TYPE_CHECKING without importing typing (a type checker takes any TYPE_CHECKING as
+# true). A type checker sees the imports, and no __getattr__: a misspelt name is an error
+# for it; at run time, __getattr__ imports each name on first use.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from . import cgroup as cgroup
+    from ._async import AsyncGuard as AsyncGuard
+    from ._async import guard as guard
+    from ._freezethaw import freezethaw as freezethaw
+    from ._guard import ProcessesGuard as ProcessesGuard
+    from ._guard import freeze_child_processes as freeze_child_processes
+    from ._report import FreezeReport as FreezeReport
+    from ._report import Skip as Skip
+    from ._snapshot import ProcessRecord as ProcessRecord
+    from ._snapshot import SignalState as SignalState
+    from ._snapshot import ThreadRecord as ThreadRecord
+    from ._snapshot import TreeSnapshot as TreeSnapshot
+    from ._snapshot_read import snapshot as snapshot
+    from ._token import Token as Token
+    from ._token import freeze as freeze
+    from ._token import thaw as thaw
+    from ._types import BackendName as BackendName
+    from ._types import FreezeOptions as FreezeOptions
+    from ._types import GuardOptions as GuardOptions
+    from ._types import HasPid as HasPid
+    from ._types import Options as Options
+    from ._types import Scope as Scope
+    from ._types import Target as Target
+    from .errors import CgroupError as CgroupError
+    from .errors import CgroupUnavailableError as CgroupUnavailableError
+    from .errors import FreezeError as FreezeError
+    from .errors import FreezePermissionError as FreezePermissionError
+    from .errors import FrozenInterrupt as FrozenInterrupt
+    from .errors import InvalidArgumentError as InvalidArgumentError
+    from .errors import NoSuchProcessError as NoSuchProcessError
+    from .errors import ProcfsParseError as ProcfsParseError
+    from .errors import StateFileError as StateFileError
+    from .errors import StopTimeoutError as StopTimeoutError
+    from .errors import TokenError as TokenError
+    from .errors import TreeUnstableError as TreeUnstableError
+    from .errors import WatchdogError as WatchdogError
+else:
+
+    def __getattr__(name: str) -> object:
+        """Import a public name on first use, and keep it in the package's namespace."""
+        home = _HOMES.get(name, "")
+        if home == "":
+            raise AttributeError(f"module 'treeguard' has no attribute {name!r}")
+        module = _importlib.import_module(f"{__name__}.{home or name}")
+        obj = module if home is None else getattr(module, name)
+        if home is not None and getattr(obj, "__module__", "").startswith("treeguard."):
+            try:  # users see treeguard.Name (and pickle finds it there), as anyio does
+                obj.__module__ = "treeguard"
+            except (AttributeError, TypeError):  # a type alias (Literal, Union): read-only
+                pass
+        globals()[name] = obj
+        return obj
+
+
+del TYPE_CHECKING
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -7,10 +7,9 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._cgroupfs import write_file
 from ._checks import check_pid
@@ -18,6 +17,9 @@ from ._subreaper import is_subreaper, set_subreaper
 from ._tree import ancestors, children_source, walk
 from .errors import CgroupError, InvalidArgumentError, NoSuchProcessError
 from .procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat
+
+if TYPE_CHECKING:
+    import subprocess
 
 __all__ = ["adopt_into", "kill_members"]
 

@@ -28,6 +28,7 @@ from ._cli_doctor import register as add_doctor
 from ._cli_freeze import CannotRun, cmd_freeze
 from ._cli_pause import NothingToPause, cmd_pause, cmd_resume
 from ._cli_status import cmd_status, cmd_tree
+from ._version import __version__
 from .errors import (
     FreezeError,
     FreezePermissionError,
@@ -129,26 +130,15 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
 
 
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("treeguard")
-    except metadata.PackageNotFoundError:  # run from a source tree, not installed
-        from . import __version__
-
-        return __version__
-
-
 class _Version(argparse.Action):
-    """``--version``, the package's metadata read only when asked (argparse's own action
-    wants the string up front)."""
+    """``--version``: the version the package defines once (``_version``; the build reads
+    it too)."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
-        print(f"treeguard {_version()}")
+        print(f"treeguard {__version__}")
         parser.exit()
 
 

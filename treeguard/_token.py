@@ -15,7 +15,6 @@ recompute it), so the starttime check at thaw time is what actually protects oth
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
@@ -67,6 +66,13 @@ def _key_problem(what: str, keys: set[str], expected: frozenset[str]) -> str:
 def _canonical(backend: str, payload: dict[str, Any]) -> str:
     body = {"format": FORMAT, "version": VERSION, "backend": backend, "payload": payload}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _digest(text: str) -> str:
+    # hashlib loads OpenSSL: imported when a token is written or read, not with the package.
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -149,7 +155,7 @@ class Token:
     def to_json(self) -> str:
         """The token as one line of JSON (format, version, backend, payload, digest)."""
         body = json.loads(self._text)
-        body["digest"] = hashlib.sha256(self._text.encode()).hexdigest()
+        body["digest"] = _digest(self._text)
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -189,7 +195,7 @@ class Token:
         if not isinstance(digest, str):
             raise TokenError("digest must be a string")
         token = cls(body["backend"], body["payload"])
-        expected = hashlib.sha256(token._text.encode()).hexdigest()
+        expected = _digest(token._text)
         if digest != expected:
             raise TokenError("digest mismatch: the token was modified or damaged")
         return token

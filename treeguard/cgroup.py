@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 from ._backends import Plan
 from ._backends._cgroup import CgroupV1Backend, CgroupV2Backend
@@ -49,6 +47,9 @@ from .errors import (
     InvalidArgumentError,
 )
 from .procfs import ProcFS
+
+if TYPE_CHECKING:
+    import subprocess
 
 __all__ = [
     "Cgroup",
@@ -119,7 +120,7 @@ class Cgroup:
         if version not in (None, 1, 2):
             raise InvalidArgumentError("version", f"must be 1, 2 or None, not {version!r}")
         if name is None:
-            name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+            name = f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
         if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
             raise InvalidArgumentError("name", f"must be a plain directory name, not {name!r}")
         if not isinstance(kill_on_exit, bool):
@@ -185,6 +186,8 @@ class Cgroup:
 
         :raises CgroupError: if the child could not enter the cgroup (nothing runs then).
         """
+        import subprocess  # only spawn needs it: not loaded with the package
+
         procs = os.path.join(self.path, "cgroup.procs")
         theirs: Callable[[], object] | None = popen_kwargs.pop("preexec_fn", None)
 

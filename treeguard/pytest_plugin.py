@@ -16,12 +16,12 @@ Every guard the fixture made is released at teardown, even when the test failed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
-from ._checks import as_pid
-from ._guard import ProcessesGuard, new_guard
+if TYPE_CHECKING:
+    from ._guard import ProcessesGuard
 
 __all__ = ["FreezeTree", "treeguard_freeze"]
 
@@ -49,6 +49,11 @@ def treeguard_freeze() -> Iterator[FreezeTree]:
     - nothing: every descendant of the test process (for example a pool's workers), minus
       ``exclude``.
     """
+    # Imported here, not with the plugin: pytest loads the plugin in every session of a
+    # project that has treeguard installed, and only a test that uses the fixture needs it.
+    from ._checks import as_pid
+    from ._guard import new_guard
+
     guards: list[ProcessesGuard] = []
 
     def freeze(target: int | _HasPid | None = None, **options: Any) -> ProcessesGuard:

@@ -1,17 +1,15 @@
 """The API without traps: one meaning for the first argument of every face, process objects
 wherever a process is taken, nested ``with`` blocks, a report that means the same on every
-face, and option types that a user's type checker enforces."""
+face. (That option mistakes are type errors for a user's type checker is checked by mypy on
+tests/typing/consumer.py.)"""
 
 from __future__ import annotations
 
 import multiprocessing
-import os
 import subprocess
 import sys
-import textwrap
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import anyio
 import psutil
@@ -113,40 +111,6 @@ def test_the_report_means_the_same_on_every_face(make_tree: MakeTree) -> None:
     with ProcessesGuard(tree.root, include_root=True) as guard:
         assert len(guard.pids) == len(tree.pids)
     assert guard.pids == () and guard.report.stopped == len(tree.pids)
-
-
-CONSUMER = textwrap.dedent(
-    """
-    import treeguard
-
-    treeguard.ProcessesGuard(backend="cgroups")
-    treeguard.ProcessesGuard(scope="galaxy")
-    treeguard.ProcessesGuard(tmeout=1.0)
-    treeguard.guard(backend="sigstop")
-    treeguard.guard(tmeout=1.0)
-    treeguard.freeze(watchdog=True)
-    treeguard.freezethaw(lambda a: a, 1, tmeout=1.0)
-    treeguard.freezethaw(lambda a: a, "one", "two")
-    ok: treeguard.AsyncGuard = treeguard.guard(os_pid := 1, monitor_pid=2, backend="cgroup")
-    """
-)
-
-
-def test_a_type_checker_catches_option_mistakes(tmp_path: Path) -> None:
-    consumer = tmp_path / "consumer.py"
-    consumer.write_text(CONSUMER)
-    done = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(consumer)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=tmp_path,
-        env={**os.environ, "MYPYPATH": str(Path(treeguard.__file__).parents[1])},
-    )
-    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
-    lines = {int(line.split(":")[1]) for line in errors}
-    assert lines == {4, 5, 6, 7, 8, 9, 10, 11}, done.stdout
 
 
 def test_the_report_prints_and_serialises(make_tree: MakeTree) -> None:

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "treeguard"
 
 #: Lowest first. A module may import from its own layer and every layer below it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"errors", "_report", "_types", "_drive"}),
+    ("base", {"errors", "_report", "_types", "_drive", "_version"}),
     ("kernel", {"procfs", "_checks", "_ptrace", "_subreaper"}),
     ("facts", {"_thaw", "_tree", "_mounts", "_delegation", "_journal", "_cgroupfs"}),
     (
@@ -142,3 +142,5 @@ def test_the_imports_are_read() -> None:
     assert "_backends._freezers" in GRAPH["_helper"]  # imported inside a method
     assert "_ptrace" in GRAPH["_backends._auto"]  # ``from .. import _ptrace``
     assert "_cli" in GRAPH["__main__"]
+    assert "_guard" in GRAPH["pytest_plugin"]  # imported inside the fixture
+    assert {"_guard", "_async", "errors", "cgroup"} <= GRAPH[""]  # for type checking only
