@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -216,3 +217,19 @@ def test_status_of_real_pauses(
         wrong = copy.deepcopy(document)
         change(wrong)
         assert_invalid("status-1", wrong)
+
+
+# -- the documentation's samples ----------------------------------------------------------
+
+
+def test_the_samples_on_the_formats_page_are_valid() -> None:
+    page = Path(__file__).resolve().parents[2] / "docs" / "formats.md"
+    blocks = re.findall(r"^```json\n(.*?)^```$", page.read_text(), re.S | re.M)
+    kinds = []
+    for block in blocks:
+        document = json.loads(block)
+        kind = "token-1" if "format" in document else "status-1" if "state" in document else None
+        kind = kind or "snapshot-1"
+        assert_valid(kind, document)
+        kinds.append(kind)
+    assert sorted(kinds) == sorted(NAMES)
