@@ -263,7 +263,8 @@ class TreeSnapshot:
             if rec.reason:
                 line += f"  not freezable: {rec.reason}"
             if rec.cmdline:
-                shown = printable(" ".join(rec.cmdline))
+                # Cut before escaping: a command line may be megabytes long.
+                shown = printable(" ".join(rec.cmdline)[: CMDLINE_SHOWN + 1])
                 if len(shown) > CMDLINE_SHOWN:
                     shown = shown[: CMDLINE_SHOWN - 3] + "..."
                 line += f"  cmd: {shown}"

@@ -9,7 +9,9 @@ import os
 import pwd
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from tests import proc
 from tests.conftest import require_root
@@ -156,3 +158,16 @@ def test_tree_command_shows_memory_and_command_lines(make_tree: MakeTree) -> Non
     assert data["memory"]["pss"] == sum(p["pss"] for p in data["processes"])
     # Nothing in the tree was stopped to read it.
     assert not proc.stopped(tree.pids)
+
+
+def test_the_describe_benchmark_runs() -> None:
+    """benchmarks/describe.py --quick: every variant timed on a real tree."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "describe.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=100
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    values = dict(line.rsplit(None, 1) for line in done.stdout.splitlines())
+    assert values["processes"] == "100"
+    for key in ("walk only ms", "described ms", "described, PSS ms", "treeguard tree ms"):
+        assert float(values[key]) > 0
