@@ -76,6 +76,17 @@ def _size(n: int) -> str:
     return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
+def _shown(cmdline: tuple[str, ...]) -> str:
+    """The first line of a command line, at most :data:`CMDLINE_SHOWN` characters, safe to
+    print (an argument may be a whole script, ``python -c``, ``sh -c``)."""
+    first, newline, _ = " ".join(cmdline).partition("\n")
+    # Cut before escaping: a command line may be megabytes long.
+    shown = printable(first[: CMDLINE_SHOWN + 1])
+    if len(shown) > CMDLINE_SHOWN:
+        return shown[: CMDLINE_SHOWN - 3] + "..."
+    return shown + "..." if newline else shown
+
+
 def _pairs(values: object) -> tuple[tuple[int, int], ...]:
     if not isinstance(values, list):
         raise TypeError(f"expected a list of [pid, starttime], not {values!r}")
@@ -263,11 +274,7 @@ class TreeSnapshot:
             if rec.reason:
                 line += f"  not freezable: {rec.reason}"
             if rec.cmdline:
-                # Cut before escaping: a command line may be megabytes long.
-                shown = printable(" ".join(rec.cmdline)[: CMDLINE_SHOWN + 1])
-                if len(shown) > CMDLINE_SHOWN:
-                    shown = shown[: CMDLINE_SHOWN - 3] + "..."
-                line += f"  cmd: {shown}"
+                line += f"  cmd: {_shown(rec.cmdline)}"
             lines.append(line)
         for w in self.warnings:
             lines.append(f"warning: PID {w['pid']} {w['detail']} ({w['kind']})")

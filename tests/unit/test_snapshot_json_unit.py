@@ -135,3 +135,9 @@ def test_render_escapes_and_shortens_a_command_line() -> None:
     assert len(line.split("  cmd: ")[1]) == CMDLINE_SHOWN
     assert "\x1b" not in line
     assert json.loads(snap.to_json())["processes"][0]["cmdline"][1] == "a" * 300
+
+
+def test_render_shows_the_first_line_of_a_script() -> None:
+    rec = dataclasses.replace(_rec(5, 0), cmdline=("python3", "-c", "\nimport os\nos.pause()"))
+    snap = TreeSnapshot(5, True, (rec,), True, "two passes agree")
+    assert snap.render().splitlines()[0].endswith("  cmd: python3 -c ...")
