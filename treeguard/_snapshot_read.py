@@ -253,7 +253,10 @@ def snapshot_of_freeze(
 
     Consistent when the freeze holds and every one of its processes is still the same
     process and stopped: nothing could have changed between the reads.
+
+    :raises InvalidArgumentError: if ``describe`` or ``pss`` is not True or False.
     """
+    _flags(describe=describe, pss=pss)
     fs = ProcFS()
     reader = _Reader(fs)
     wanted = dict(identities)

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests import proc
 from tests.conftest import require_root
 from tests.integration.test_cli import run
@@ -20,6 +22,7 @@ from treeguard import ProcessesGuard
 from treeguard._describe import describe
 from treeguard._snapshot_read import snapshot
 from treeguard._workers import WorkerTree
+from treeguard.errors import InvalidArgumentError
 from treeguard.procfs import ProcFS
 
 MakeTree = Callable[..., WorkerTree]
@@ -171,3 +174,15 @@ def test_the_describe_benchmark_runs() -> None:
     assert values["processes"] == "100"
     for key in ("walk only ms", "described ms", "described, PSS ms", "treeguard tree ms"):
         assert float(values[key]) > 0
+
+
+def test_options_that_are_not_booleans_are_refused(make_tree: MakeTree) -> None:
+    tree = make_tree({}, mode="idle")
+    for options in ({"describe": "yes"}, {"pss": 1}, {"describe": None}):
+        with pytest.raises(InvalidArgumentError, match="must be True or False"):
+            snapshot(tree.root, **options)
+    with ProcessesGuard(tree.root, include_root=True) as guard:
+        with pytest.raises(InvalidArgumentError, match="pss"):
+            guard.snapshot(pss="no")  # type: ignore[arg-type]
+        proc.assert_all_stopped(tree.pids)
+    proc.assert_none_stopped(tree.pids)
