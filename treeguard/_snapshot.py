@@ -154,8 +154,8 @@ class TreeSnapshot:
     def memory(self) -> dict[str, Any]:
         """The tree's memory in bytes, summed over the processes whose value was read:
         ``rss`` (a page several processes share counts once for each), ``pss`` (a shared
-        page divided among its sharers: the sum is what the tree holds); either ``None``
-        when no process's value was read. ``unread`` lists the processes with user memory
+        page divided among its sharers: a page shared only inside the tree counts once);
+        either ``None`` when no process's value was read. ``unread`` lists the processes with user memory
         (not zombies or kernel threads) left out of a sum: their RSS, or their PSS when
         PSS was read, could not be read."""
         live = [r for r in self.records if r.reason not in ("zombie", "kernel thread")]

@@ -64,12 +64,15 @@ def test_a_frozen_tree_described(make_tree: MakeTree) -> None:
             assert record.cmdline == _cmdline(pid) and record.cmdline
             assert record.user == pwd.getpwuid(os.geteuid()).pw_name
             assert record.rss == _rss(pid) and record.rss > 0
-            assert record.pss == _pss(pid) and 0 < record.pss <= record.rss
+            # A shared page's share changes with its sharers machine-wide (another
+            # interpreter starting maps the same libraries), frozen or not: close, not equal.
+            assert record.pss is not None and 0 < record.pss <= record.rss
+            assert abs(record.pss - _pss(pid)) <= record.pss // 10
             assert record.cpu_user == int(fields[11]) / TICKS  # utime, stime (proc(5))
             assert record.cpu_system == int(fields[12]) / TICKS
         memory = snap.memory
         assert memory["rss"] == sum(_rss(pid) for pid in tree.pids)
-        assert memory["pss"] == sum(_pss(pid) for pid in tree.pids)
+        assert memory["pss"] == sum(r.pss for r in snap if r.pss is not None)
         assert memory["unread"] == []
         assert json.loads(snap.to_json())["memory"] == memory
         # Asked for less, read less.
