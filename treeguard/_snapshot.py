@@ -155,9 +155,9 @@ class TreeSnapshot:
         """The tree's memory in bytes, summed over the processes whose value was read:
         ``rss`` (a page several processes share counts once for each), ``pss`` (a shared
         page divided among its sharers: a page shared only inside the tree counts once);
-        either ``None`` when no process's value was read. ``unread`` lists the processes with user memory
-        (not zombies or kernel threads) left out of a sum: their RSS, or their PSS when
-        PSS was read, could not be read."""
+        either ``None`` when no process's value was read. ``unread`` lists the processes
+        with user memory (not zombies or kernel threads) left out of a sum: their RSS, or
+        their PSS when PSS was read, could not be read."""
         live = [r for r in self.records if r.reason not in ("zombie", "kernel thread")]
         rss = [r.rss for r in live if r.rss is not None]
         pss = [r.pss for r in live if r.pss is not None]
