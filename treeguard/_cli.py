@@ -192,11 +192,18 @@ def _parser() -> _Parser:
     tree = add(
         "tree",
         "show the tree below a process, with states and signal state",
-        "Show the processes below PID (PID included) with their state, thread count and "
-        "warnings for the signal freezer. Nothing is signalled.",
+        "Show the processes below PID (PID included) with their state, thread count, "
+        "resident memory (RSS) and command line, the tree's total, and warnings for the "
+        "signal freezer. Nothing is signalled.",
     )
     tree.add_argument("pid", nargs="?", type=_pid, default=1, metavar="PID", help="default: 1")
     tree.add_argument("--json", action="store_true", help="print the JSON snapshot (schema 1)")
+    tree.add_argument(
+        "--pss",
+        action="store_true",
+        help="also read each process's proportional set size (shared pages divided among "
+        "their sharers; slower: the kernel walks each process's mappings)",
+    )
 
     def freeze_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(

@@ -214,7 +214,7 @@ def pid_status(pid: int) -> StatusReport:
     from .procfs import ProcFS
 
     fs = ProcFS()
-    snap = snapshot(pid, include_root=True)
+    snap = snapshot(pid, include_root=True, describe=False)  # held or not: states suffice
     cgroups = _Cgroups(fs)
     report = StatusReport()
     for record in snap:
@@ -290,7 +290,7 @@ def _helper_running(fs: ProcFS, identity: Identity) -> bool:
 def cmd_tree(args: argparse.Namespace) -> int:
     from ._snapshot_read import snapshot
 
-    snap = snapshot(args.pid, include_root=True)
+    snap = snapshot(args.pid, include_root=True, pss=args.pss)
     # JSON escapes every control character itself; render() escapes names (see printable).
     if args.json:
         print(snap.to_json(indent=2))

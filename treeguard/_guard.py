@@ -308,11 +308,25 @@ class ProcessesGuard:
         ``max_frozen``, from the first freeze until :meth:`close`), else None."""
         return None if self._watchdog is None else self._watchdog.pid
 
-    def snapshot(self) -> TreeSnapshot:
-        """A snapshot of the processes this guard froze (consistent while frozen)."""
+    def snapshot(self, *, describe: bool = True, pss: bool = False) -> TreeSnapshot:
+        """A snapshot of the processes this guard froze (consistent while frozen).
+
+        :param describe: also read what each process is (command line, user, RSS, CPU
+            times), after the states: see :func:`treeguard.snapshot`.
+        :param pss: also read each process's proportional set size (what a copy of the
+            tree's memory takes: ``snapshot.memory["pss"]``); slower.
+        :raises InvalidArgumentError: if an option is not True or False.
+        """
         from ._snapshot_read import snapshot_of_freeze
 
-        return snapshot_of_freeze(self.identities, self.already_stopped, self.report, self.frozen)
+        return snapshot_of_freeze(
+            self.identities,
+            self.already_stopped,
+            self.report,
+            self.frozen,
+            describe=describe,
+            pss=pss,
+        )
 
     @property
     def frozen(self) -> bool:

@@ -12,44 +12,34 @@ a running tree is enumerated twice, as the kernel's checkpoint code counts twice
 two passes disagree the snapshot is marked inconsistent and :attr:`TreeSnapshot.difference`
 says which processes appeared or vanished in between.
 
-JSON schema (``TreeSnapshot.to_json()``, ``"schema": 1``; fields are only ever added)::
+Description: each record also says what the process is (command line, user, memory, CPU
+time), read through psutil after the walk (see :mod:`treeguard._describe`); a value that
+could not be read is ``None``.
 
-    {
-      "schema": 1,
-      "root": int | null,            # the PID the walk started at (null: from a guard)
-      "include_root": bool,
-      "taken_at": float,             # seconds since the epoch
-      "consistent": bool,
-      "consistency": str,            # "frozen", "two passes agree", "changed", "not frozen"
-      "difference": {"appeared": [[pid, starttime], ...], "vanished": [[pid, starttime], ...]},
-      "processes": [                 # depth-first pre-order, parents first
-        {
-          "pid": int, "tgid": int, "ppid": int, "depth": int,   # depth 0: a top record
-          "name": str, "state": str, "starttime": int,          # starttime: clock ticks
-          "uid": int,                                          # effective UID
-          "tracer_pid": int,                                   # 0: not traced
-          "freezable": bool, "reason": str | null,             # why not, see REASONS
-          "signals": {"pending": [str], "shared_pending": [str], "blocked": [str],
-                      "ignored": [str], "caught": [str]},
-          "threads": [{"tid": int, "state": str, "pending": [str], "blocked": [str]}]
-        }
-      ],
-      "warnings": [{"pid": int, "kind": str, "detail": str}]  # kind: see WARNING_KINDS
-    }
-
-Signal names are those of :mod:`signal` (``SIGUSR1``), real-time signals ``SIGRTMIN+k``, and
-numbers without a name (32 and 33, which glibc reserves) ``SIG32``.
+JSON (``TreeSnapshot.to_json()``, ``"schema": 1``; members are only ever added, and
+:meth:`TreeSnapshot.from_json` reads documents written before they were): the layout is the
+JSON Schema ``treeguard/schemas/snapshot-1.schema.json`` shipped in the package, documented
+on the formats page of the documentation.
 """
 
 from __future__ import annotations
 
 import json
-import signal
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, final
 
+from ._records import (
+    REASONS,
+    WARNING_KINDS,
+    ProcessRecord,
+    SignalState,
+    ThreadRecord,
+    _ids,
+    _int,
+)
+from ._signames import decode_sigmask, printable, signal_name
 from .errors import InvalidArgumentError
 
 __all__ = [
@@ -68,176 +58,39 @@ __all__ = [
 #: Version of the JSON layout of :meth:`TreeSnapshot.to_json`.
 SCHEMA = 1
 
-#: Why a process cannot be frozen (``ProcessRecord.reason``).
-REASONS = (
-    "zombie",  # it cannot run, so there is nothing to stop
-    "kernel thread",  # no user space to stop
-    "no permission",  # the caller may not signal it (kill(2) EPERM)
-    "other PID namespace",  # not in the caller's PID namespace (CRIU's and the kernel's check)
-    "caller",  # the calling process or one of its ancestors (a freezer never stops these)
-)
 
-#: Kinds of :attr:`TreeSnapshot.warnings`: what a user should know before using the
-#: signal backend on this tree.
-WARNING_KINDS = (
-    "catches SIGCONT",  # its handler runs on the thaw: it notices the freeze
-    "catches SIGCHLD",  # it is told (CLD_STOPPED/CLD_CONTINUED) when a child stops
-    "traced",  # a tracer (TracerPid != 0) or ptrace-stop (t): SIGSTOP goes to the tracer
-    "uninterruptible",  # a task in D stops only when it leaves the kernel
-    "job-control relay",  # su/runuser/sudo: stops itself when its child stops
-)
-
-#: Programs that wait for their child with WUNTRACED and pass its stop on by stopping
-#: themselves (util-linux su and runuser, sudo): a signal freeze of the child is seen.
-_RELAYS = frozenset({"su", "runuser", "sudo", "doas"})
-
-_RT_MIN = int(signal.SIGRTMIN)
-_RT_MAX = int(signal.SIGRTMAX)
-
-
-def printable(name: str) -> str:
-    """``name`` safe to print to a terminal: every character that is not printable (control
-    characters such as ESC, which would start a terminal escape sequence; line breaks;
-    other non-printables of Unicode) becomes its Python escape (``\\x1b``, ``\\n``,
-    ``\\u200b``, ``\\U000e0001``), as :func:`ascii` writes it.
-
-    A command name is chosen by the process itself (``/proc/PID/comm`` is writable by it,
-    proc(5)): printed raw, it could move the cursor, rewrite the screen or set the title.
-    """
-    if name.isprintable():
-        return name  # the common case, one pass in C
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in name)
-
-
-def signal_name(number: int) -> str:
-    """The name of signal ``number``: ``SIGUSR1``, ``SIGRTMIN+3``, or ``SIG32``."""
-    if _RT_MIN <= number <= _RT_MAX:
-        return "SIGRTMIN" if number == _RT_MIN else f"SIGRTMIN+{number - _RT_MIN}"
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"SIG{number}"
-
-
-def decode_sigmask(mask: str | int) -> tuple[str, ...]:
-    """The signals set in a ``/proc/PID/status`` mask (hexadecimal text or an int).
-
-    Bit N-1 stands for signal N (proc(5)).
-
-    :raises InvalidArgumentError: if ``mask`` is not a hexadecimal number.
-    """
-    if isinstance(mask, str):
-        try:
-            value = int(mask, 16)
-        except ValueError:
-            raise InvalidArgumentError("mask", f"not a hexadecimal mask: {mask!r}") from None
-    else:
-        value = mask
-    if value < 0:
-        raise InvalidArgumentError("mask", f"a mask is not negative: {value}")
-    names: list[str] = []
-    number = 1
-    while value:
-        if value & 1:
-            names.append(signal_name(number))
-        value >>= 1
-        number += 1
-    return tuple(names)
-
-
-@dataclass(frozen=True, slots=True)
-class SignalState:
-    """A process's signal masks, decoded; ``pending`` is its main thread's own."""
-
-    pending: tuple[str, ...] = ()
-    shared_pending: tuple[str, ...] = ()
-    blocked: tuple[str, ...] = ()
-    ignored: tuple[str, ...] = ()
-    caught: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ThreadRecord:
-    """One thread: its state and its own pending and blocked signals."""
-
-    tid: int
-    state: str
-    pending: tuple[str, ...] = ()
-    blocked: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessRecord:
-    """One process of a snapshot. ``reason`` says why it cannot be frozen (see
-    :data:`REASONS`), ``None`` when it can."""
-
-    pid: int
-    tgid: int
-    ppid: int
-    depth: int
-    name: str
-    state: str
-    starttime: int
-    uid: int
-    tracer_pid: int
-    reason: str | None
-    signals: SignalState
-    threads: tuple[ThreadRecord, ...]
-
-    @property
-    def freezable(self) -> bool:
-        """Whether a freezer may stop this process."""
-        return self.reason is None
-
-    @property
-    def identity(self) -> tuple[int, int]:
-        """``(pid, starttime)``: names this process for good."""
-        return (self.pid, self.starttime)
-
-    def warnings(self) -> list[tuple[str, str]]:
-        """``(kind, detail)`` of each warning about this process (see :data:`WARNING_KINDS`)."""
-        found: list[tuple[str, str]] = []
-        if self.reason in ("zombie", "kernel thread"):
-            return found
-        for sig in ("SIGCONT", "SIGCHLD"):
-            if sig in self.signals.caught:
-                found.append((f"catches {sig}", f"has a {sig} handler"))
-        traced = [t.tid for t in self.threads if t.state == "t"]
-        if self.tracer_pid or traced:
-            by = f"by PID {self.tracer_pid}" if self.tracer_pid else "in ptrace-stop"
-            found.append(("traced", f"is traced {by}"))
-        stuck = [t.tid for t in self.threads if t.state == "D"]
-        if stuck:
-            found.append(("uninterruptible", f"task(s) {_ids(stuck)} in D"))
-        if self.name in _RELAYS:
-            found.append(
-                (
-                    "job-control relay",
-                    "stops itself when its child stops: the signal backend freezes it before "
-                    "its children and resumes it after them (inside the tree), or resumes it "
-                    "after the thaw (as the tree's parent); the cgroup backend is invisible to it",
-                )
-            )
-        return found
-
-    def to_dict(self) -> dict[str, Any]:
-        """This record in the JSON layout of :mod:`treeguard._snapshot` (schema 1)."""
-        data = asdict(self)
-        data["freezable"] = self.freezable
-        data["signals"] = {k: list(v) for k, v in data["signals"].items()}
-        data["threads"] = [
-            {**t, "pending": list(t["pending"]), "blocked": list(t["blocked"])}
-            for t in data["threads"]
-        ]
-        return data
+#: Longest command line :meth:`TreeSnapshot.render` shows (the JSON has all of it).
+CMDLINE_SHOWN = 100
 
 
 def _count(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
-def _ids(values: Iterable[int]) -> str:
-    return ",".join(map(str, values))
+def _size(n: int) -> str:
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _shown(cmdline: tuple[str, ...]) -> str:
+    """The first line of a command line, at most :data:`CMDLINE_SHOWN` characters, safe to
+    print (an argument may be a whole script, ``python -c``, ``sh -c``)."""
+    first, newline, _ = " ".join(cmdline).partition("\n")
+    # Cut before escaping: a command line may be megabytes long.
+    shown = printable(first[: CMDLINE_SHOWN + 1])
+    if len(shown) > CMDLINE_SHOWN:
+        return shown[: CMDLINE_SHOWN - 3] + "..."
+    return shown + "..." if newline else shown
+
+
+def _pairs(values: object) -> tuple[tuple[int, int], ...]:
+    if not isinstance(values, list):
+        raise TypeError(f"expected a list of [pid, starttime], not {values!r}")
+    return tuple((_int(pid), _int(starttime)) for pid, starttime in values)
 
 
 @final
@@ -297,6 +150,23 @@ class TreeSnapshot:
             for kind, detail in r.warnings()
         ]
 
+    @property
+    def memory(self) -> dict[str, Any]:
+        """The tree's memory in bytes, summed over the processes whose value was read:
+        ``rss`` (a page several processes share counts once for each), ``pss`` (a shared
+        page divided among its sharers: a page shared only inside the tree counts once);
+        either ``None`` when no process's value was read. ``unread`` lists the processes
+        with user memory (not zombies or kernel threads) left out of a sum: their RSS, or
+        their PSS when PSS was read, could not be read."""
+        live = [r for r in self.records if r.reason not in ("zombie", "kernel thread")]
+        rss = [r.rss for r in live if r.rss is not None]
+        pss = [r.pss for r in live if r.pss is not None]
+        return {
+            "rss": sum(rss) if rss else None,
+            "pss": sum(pss) if pss else None,
+            "unread": [r.pid for r in live if r.rss is None or (pss and r.pss is None)],
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """The snapshot in the JSON layout of schema 1 (plain dicts and lists)."""
         return {
@@ -309,7 +179,53 @@ class TreeSnapshot:
             "difference": self.difference,
             "processes": [r.to_dict() for r in self.records],
             "warnings": self.warnings,
+            "memory": self.memory,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TreeSnapshot:
+        """The snapshot :meth:`to_dict` wrote, by this treeguard or an older one: members
+        added to schema 1 since read as ``None`` when absent, members this treeguard does
+        not know are ignored, and derived members (``freezable``, ``warnings``,
+        ``memory``) are computed again.
+
+        :raises InvalidArgumentError: if ``data`` is not a snapshot of schema 1.
+        """
+        try:
+            if data["schema"] != SCHEMA:
+                raise ValueError(f"schema {data['schema']!r} (this treeguard reads {SCHEMA})")
+            root, include_root, consistent = data["root"], data["include_root"], data["consistent"]
+            if not (isinstance(include_root, bool) and isinstance(consistent, bool)):
+                raise TypeError("include_root and consistent are true or false")
+            return cls(
+                root=None if root is None else _int(root),
+                include_root=include_root,
+                records=tuple(ProcessRecord.from_dict(p) for p in data["processes"]),
+                consistent=consistent,
+                consistency=str(data["consistency"]),
+                appeared=_pairs(data["difference"]["appeared"]),
+                vanished=_pairs(data["difference"]["vanished"]),
+                taken_at=float(data["taken_at"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, InvalidArgumentError):
+                raise
+            problem = f"missing member {err}" if isinstance(err, KeyError) else str(err)
+            raise InvalidArgumentError("snapshot", f"not a snapshot: {problem}") from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> TreeSnapshot:
+        """The snapshot :meth:`to_json` wrote (see :meth:`from_dict`).
+
+        :raises InvalidArgumentError: if ``text`` is not JSON or not a snapshot of schema 1.
+        """
+        try:
+            data = json.loads(text)
+        except (ValueError, TypeError) as err:
+            raise InvalidArgumentError("snapshot", f"not JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise InvalidArgumentError("snapshot", "a snapshot is a JSON object")
+        return cls.from_dict(data)
 
     def to_json(self, *, indent: int | None = None) -> str:
         """The snapshot as JSON (schema 1, documented in :mod:`treeguard._snapshot`)."""
@@ -353,13 +269,24 @@ class TreeSnapshot:
             states = sorted({t.state for t in rec.threads} - {rec.state})
             if states:
                 line += f" (also {''.join(states)})"
+            if rec.rss is not None:
+                line += f", RSS {_size(rec.rss)}"
             if rec.reason:
                 line += f"  not freezable: {rec.reason}"
+            if rec.cmdline:
+                line += f"  cmd: {_shown(rec.cmdline)}"
             lines.append(line)
         for w in self.warnings:
             lines.append(f"warning: PID {w['pid']} {w['detail']} ({w['kind']})")
         tasks = sum(len(r.threads) for r in records)
-        summary = f"{_count(len(records), 'process', 'processes')}, {_count(tasks, 'task')}; "
+        summary = f"{_count(len(records), 'process', 'processes')}, {_count(tasks, 'task')}"
+        memory = self.memory
+        for key in ("rss", "pss"):
+            if memory[key] is not None:
+                summary += f", {key.upper()} {_size(memory[key])}"
+        if memory["unread"] and memory["rss"] is not None:
+            summary += f" ({_count(len(memory['unread']), 'process', 'processes')} unread)"
+        summary += "; "
         if self.consistent:
             summary += f"consistent ({self.consistency})"
         else:

@@ -93,7 +93,7 @@ def test_tree_json(make_tree: MakeTree) -> None:
     assert [len(p["threads"]) for p in data["processes"]] == [2, 1, 1, 2]
     text = run("tree", str(tree.root))
     assert text.returncode == 0
-    assert text.stdout.splitlines()[0] == f"tg-worker-0 [{tree.root}] S, 2 threads"
+    assert text.stdout.splitlines()[0].startswith(f"tg-worker-0 [{tree.root}] S, 2 threads, RSS ")
 
 
 def test_freeze_runs_cmd_while_frozen(make_tree: MakeTree) -> None:

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "treeguard"
 #: Lowest first. A module may import from its own layer and every layer below it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"errors", "_report", "_types", "_drive", "_version"}),
-    ("kernel", {"procfs", "_checks", "_ptrace", "_subreaper"}),
+    ("kernel", {"procfs", "_checks", "_ptrace", "_subreaper", "_signames"}),
     ("facts", {"_thaw", "_tree", "_mounts", "_delegation", "_journal", "_cgroupfs"}),
     (
         "backends",
@@ -39,7 +39,17 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     (
         "services",
-        {"_watchdog", "_helper", "_snapshot", "_snapshot_read", "_workers", "_storms", "_doctor"},
+        {
+            "_watchdog",
+            "_helper",
+            "_records",
+            "_snapshot",
+            "_snapshot_read",
+            "_describe",
+            "_workers",
+            "_storms",
+            "_doctor",
+        },
     ),
     ("core", {"_guard"}),
     (

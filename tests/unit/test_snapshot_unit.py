@@ -168,6 +168,7 @@ def test_json_schema() -> None:
         "difference",
         "processes",
         "warnings",
+        "memory",
     }
     assert (data["root"], data["include_root"], data["taken_at"]) == (10, True, 1.5)
     assert (data["consistent"], data["consistency"]) == (False, "changed")
@@ -188,6 +189,12 @@ def test_json_schema() -> None:
         "reason",
         "signals",
         "threads",
+        "cmdline",
+        "user",
+        "rss",
+        "pss",
+        "cpu_user",
+        "cpu_system",
     }
     assert first["signals"] == {
         "pending": [],
@@ -200,6 +207,9 @@ def test_json_schema() -> None:
         {"tid": 10, "state": "S", "pending": ["SIGUSR1"], "blocked": []},
         {"tid": 11, "state": "S", "pending": [], "blocked": []},
     ]
+    # Nothing was read of what these processes are: null, and no total.
+    assert {first[k] for k in ("cmdline", "user", "rss", "pss", "cpu_user", "cpu_system")} == {None}
+    assert data["memory"] == {"rss": None, "pss": None, "unread": [10, 11, 13, 14, 15]}
     zombie = data["processes"][2]
     assert (zombie["freezable"], zombie["reason"]) == (False, "zombie")
     assert zombie["reason"] in REASONS

@@ -1,0 +1,191 @@
+"""What a snapshot says each process is (command line, user, RSS, PSS, CPU times), checked
+against /proc read here, and what it says when a process is gone or may not be read."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pwd
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests import proc
+from tests.conftest import require_root
+from tests.integration.test_cli import run
+from treeguard import ProcessesGuard
+from treeguard._describe import describe
+from treeguard._snapshot_read import snapshot
+from treeguard._workers import WorkerTree
+from treeguard.errors import InvalidArgumentError
+from treeguard.procfs import ProcFS
+
+MakeTree = Callable[..., WorkerTree]
+DESCRIPTION = ("cmdline", "user", "rss", "pss", "cpu_user", "cpu_system")
+TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _cmdline(pid: int) -> tuple[str, ...]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        data = f.read()
+    return tuple(os.fsdecode(arg) for arg in data.split(b"\0")[:-1])
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE  # resident pages (proc(5))
+
+
+def _pss(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no Pss line for {pid}")
+
+
+def test_a_frozen_tree_described(make_tree: MakeTree) -> None:
+    """While frozen nothing of it moves: every value equals what /proc says now."""
+    tree = make_tree({"threads": 1, "children": [{"children": [{}]}, {}]})
+    with ProcessesGuard(tree.root, include_root=True) as guard:
+        snap = guard.snapshot(pss=True)
+        proc.assert_all_stopped(tree.pids)
+        assert snap.consistent and list(snap.pids) == tree.pids
+        for record in snap:
+            pid = record.pid
+            fields = proc.stat_fields(pid)
+            assert fields is not None
+            assert record.cmdline == _cmdline(pid) and record.cmdline
+            assert record.user == pwd.getpwuid(os.geteuid()).pw_name
+            assert record.rss == _rss(pid) and record.rss > 0
+            # A shared page's share changes with its sharers machine-wide (another
+            # interpreter starting maps the same libraries), frozen or not: close, not equal.
+            assert record.pss is not None and 0 < record.pss <= record.rss
+            assert abs(record.pss - _pss(pid)) <= record.pss // 10
+            assert record.cpu_user == int(fields[11]) / TICKS  # utime, stime (proc(5))
+            assert record.cpu_system == int(fields[12]) / TICKS
+        memory = snap.memory
+        assert memory["rss"] == sum(_rss(pid) for pid in tree.pids)
+        assert memory["pss"] == sum(r.pss for r in snap if r.pss is not None)
+        assert memory["unread"] == []
+        assert json.loads(snap.to_json())["memory"] == memory
+        # Asked for less, read less.
+        plain = guard.snapshot()
+        assert all(r.pss is None and r.rss is not None for r in plain)
+        bare = guard.snapshot(describe=False)
+        assert all(getattr(r, key) is None for r in bare for key in DESCRIPTION)
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_a_running_tree_described(make_tree: MakeTree) -> None:
+    tree = make_tree({"children": [{}, {}]}, mode="idle")
+    snap = snapshot(tree.root)
+    assert [r.cmdline for r in snap] == [_cmdline(pid) for pid in tree.pids]
+    assert all(r.rss is not None and r.pss is None for r in snap)
+    assert snapshot(tree.root, pss=True).memory["pss"] is not None
+    bare = snapshot(tree.root, describe=False)
+    assert all(getattr(r, key) is None for r in bare for key in DESCRIPTION)
+
+
+def test_a_process_gone_or_replaced_is_not_described(make_tree: MakeTree) -> None:
+    tree = make_tree({"children": [{}, {}]}, mode="idle")
+    snap = snapshot(tree.root, describe=False)
+    leaf = snap[tree.pids[2]]
+    # Its PID naming another process now (another start time): nothing read is kept.
+    other = dataclasses.replace(leaf, starttime=leaf.starttime + 1)
+    (replaced,) = describe((other,), ProcFS(), pss=True)
+    assert all(getattr(replaced, key) is None for key in DESCRIPTION if key != "user")
+    assert replaced.user == pwd.getpwuid(leaf.uid).pw_name  # named from the snapshot's uid
+    # Gone: killed and reaped (workers ignore SIGCHLD, so the kernel reaps it).
+    fd = os.pidfd_open(leaf.pid)
+    try:
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    finally:
+        os.close(fd)
+    proc.wait_until(lambda: proc.starttime(leaf.pid) != leaf.starttime, 10, "the leaf to go")
+    (gone,) = describe((leaf,), ProcFS(), pss=True)
+    assert all(getattr(gone, key) is None for key in DESCRIPTION if key != "user")
+
+
+def test_what_may_not_be_read_is_absent() -> None:
+    """Another user may read a root process's command line and RSS, not its PSS."""
+    require_root("switching to another user")
+    target = subprocess.Popen(["sleep", "3600"], stdin=subprocess.DEVNULL)
+    rfd, wfd = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                os.close(rfd)
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+                snap = snapshot(target.pid, pss=True)
+                os.write(wfd, json.dumps([snap[target.pid].to_dict(), snap.memory]).encode())
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        wfd = -1
+        with os.fdopen(rfd, "rb") as reader:
+            rfd = -1
+            record, memory = json.loads(reader.read())
+        os.waitpid(pid, 0)
+        assert record["cmdline"] == ["sleep", "3600"]
+        assert record["user"] == "root" and record["rss"] == _rss(target.pid)
+        assert record["pss"] is None  # smaps_rollup needs ptrace read access
+        assert memory["unread"] == [] and memory["pss"] is None
+    finally:
+        for fd in (rfd, wfd):
+            if fd >= 0:
+                os.close(fd)
+        target.kill()
+        target.wait()
+
+
+def test_tree_command_shows_memory_and_command_lines(make_tree: MakeTree) -> None:
+    tree = make_tree({"children": [{}]}, mode="idle")
+    result = run("tree", str(tree.root))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    shown = " ".join(_cmdline(tree.root)[:2])  # the interpreter and -c: no newline yet
+    assert lines[0].startswith(f"tg-worker-0 [{tree.root}] S, 1 thread, RSS ")
+    assert f"  cmd: {shown}" in lines[0]
+    assert "2 processes, 2 tasks, RSS " in lines[-2] and "PSS" not in lines[-2]
+    assert "PSS " in run("tree", str(tree.root), "--pss").stdout
+    data = json.loads(run("tree", str(tree.root), "--json", "--pss").stdout)
+    assert [p["cmdline"] for p in data["processes"]] == [list(_cmdline(p)) for p in tree.pids]
+    assert all(p["pss"] > 0 for p in data["processes"])
+    assert data["memory"]["pss"] == sum(p["pss"] for p in data["processes"])
+    # Nothing in the tree was stopped to read it.
+    assert not proc.stopped(tree.pids)
+
+
+def test_the_describe_benchmark_runs() -> None:
+    """benchmarks/describe.py --quick: every variant timed on a real tree."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "describe.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=100
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    values = dict(line.rsplit(None, 1) for line in done.stdout.splitlines())
+    assert values["processes"] == "100"
+    for key in ("walk only ms", "described ms", "described, PSS ms", "treeguard tree ms"):
+        assert float(values[key]) > 0
+
+
+def test_options_that_are_not_booleans_are_refused(make_tree: MakeTree) -> None:
+    tree = make_tree({}, mode="idle")
+    for options in ({"describe": "yes"}, {"pss": 1}, {"describe": None}):
+        with pytest.raises(InvalidArgumentError, match="must be True or False"):
+            snapshot(tree.root, **options)
+    with ProcessesGuard(tree.root, include_root=True) as guard:
+        with pytest.raises(InvalidArgumentError, match="pss"):
+            guard.snapshot(pss="no")  # type: ignore[arg-type]
+        proc.assert_all_stopped(tree.pids)
+    proc.assert_none_stopped(tree.pids)
