@@ -275,6 +275,9 @@ EPERM = textwrap.dedent(
     import json, os, sys, time
     import treeguard
     from tests import proc
+    # treeguard's names load on first use: load them while the interpreter's files are
+    # readable (root's), as a supervisor that drops privileges would.
+    from treeguard import FreezePermissionError, ProcessesGuard
     partial_ok = sys.argv[1] == "1"
     rfd, wfd = os.pipe()
     ready_r, ready_w = os.pipe()
