@@ -35,13 +35,13 @@ autodoc_default_options = {"members": True, "undoc-members": True}
 smartquotes = False
 
 nitpicky = True
-# Outside types (no network here, so no intersphinx) and names the docstrings mention that
+# Outside types (the build must work offline: no intersphinx) and names the docstrings mention that
 # are not part of the documented API (private modules, instance attributes, type variables).
 nitpick_ignore_regex = [
     ("py:class", r"(collections\.abc|subprocess|multiprocessing|typing|types|os|psutil)\..*"),
-    ("py:class", r"(T|Ts|P|R)"),
+    ("py:class", r"(T|Ts)"),
     ("py:(mod|data|attr|meth|func|class)", r"treeguard\._.*"),
-    ("py:data", r"(REASONS|WARNING_KINDS|EPILOG)"),
+    ("py:data", r"(REASONS|WARNING_KINDS)"),
     ("py:attr", r"(report|signum|not_stopped|root)"),
     ("py:meth", r"reread_brief"),
 ]
