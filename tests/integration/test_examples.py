@@ -136,4 +136,4 @@ def test_example_runs_as_printed(example: Example, tmp_path: Path) -> None:
         env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.fullmatch(marker["regex"], result.stdout), result.stdout
+    assert re.fullmatch(marker["regex"], result.stdout), (result.stdout, result.stderr)
