@@ -1,4 +1,4 @@
-# README's pytest example, as printed there; tests/integration/test_plugin.py runs it.
+# docs/guide/pytest.md's pool example, as printed there; test_plugin.py runs it.
 import multiprocessing
 import time
 
