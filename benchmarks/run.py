@@ -37,12 +37,18 @@ FLOOR = contenders.KernelFloor.name
 Result = dict[str, Any]
 
 
-def workloads(quick: bool) -> list[tuple[str, int, dict[str, Any]]]:
-    """``(label, processes, spec)`` of every freezing workload."""
+def workloads(quick: bool, only: str = "") -> list[tuple[str, int, dict[str, Any]]]:
+    """``(label, processes, spec)`` of every freezing workload (those whose label holds
+    one of the ``|``-separated words of ``only``, if given)."""
     sizes = (10, 100) if quick else (10, 100, 1000)
     found = [(f"wide {n}, {t} threads", n, wide(n, threads=t)) for t in (0, 4) for n in sizes]
     found.append(("chain 50 deep x2 (100)", 100, chain(50, width=2)))
-    return found
+    return [w for w in found if _chosen(w[0], only or None)]
+
+
+def _chosen(name: str, only: str | None) -> bool:
+    """Whether ``name`` holds one of the ``|``-separated words of ``only`` (None: all)."""
+    return only is None or any(word and word in name for word in only.split("|"))
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -88,9 +94,19 @@ OWN_FLOOR = {
 
 
 def run_workload(
-    label: str, spec: dict[str, Any], reps: int, failures: list[str], extra: Result
+    label: str,
+    spec: dict[str, Any],
+    reps: int,
+    failures: list[str],
+    extra: Result,
+    only: str = "",
 ) -> Result:
-    rivals = contenders.freezers()
+    # The floors always run: every ratio is to a floor measured in the same run.
+    rivals = [
+        c
+        for c in contenders.freezers()
+        if _chosen(c.name, only or None) or "floor" in c.name or c.name in OWN_FLOOR.values()
+    ]
     times: dict[str, dict[str, list[float]]] = {c.name: {"freeze": [], "thaw": []} for c in rivals}
     verified: dict[str, int] = {c.name: 0 for c in rivals}
     with WorkerTree(spec, mode="idle") as tree:
@@ -371,6 +387,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small trees, few repetitions")
     parser.add_argument("--out", default="benchmarks/out", help="where results go")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per workload")
+    parser.add_argument(
+        "--workloads", default="", help="only workloads whose label holds one of these words"
+    )
+    parser.add_argument(
+        "--contenders",
+        default="",
+        help="only these contenders (words separated by |; the floors always run)",
+    )
+    parser.add_argument(
+        "--extras",
+        default=None,
+        help="only these extra measurements (words separated by |; '' for none)",
+    )
     args = parser.parse_args(argv)
     reps = args.reps or (3 if args.quick else 15)
     os.makedirs(args.out, exist_ok=True)
@@ -378,11 +407,14 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     extra: Result = {"quick": args.quick}
     results = []
-    for label, _, spec in workloads(args.quick):
+    for label, _, spec in workloads(args.quick, args.workloads):
         print(f"… {label}", flush=True)
-        results.append(run_workload(label, spec, reps, failures, extra))
-    print("… enumeration", flush=True)
-    enumeration = run_enumeration(args.quick, reps)
+        results.append(run_workload(label, spec, reps, failures, extra, args.contenders))
+    wanted = args.extras
+    enumeration = None
+    if _chosen("enumeration", wanted):
+        print("… enumeration", flush=True)
+        enumeration = run_enumeration(args.quick, reps)
     extras: dict[str, Callable[[], Result | None]] = {
         "async_gap": lambda: run_async_gap(args.quick),
         "watchdog": lambda: run_watchdog(args.quick, reps),
@@ -390,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         "supervisor_death": lambda: storms.run_supervisor_death(args.quick),
     }
     for key, fn in extras.items():
+        if not _chosen(key, wanted):
+            continue
         print(f"… {key}", flush=True)
         try:
             extra[key] = fn()
@@ -417,12 +451,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results))
     print()
-    print(f"enumeration of a 10-process tree, alone vs with {enumeration['crowd']} idle others:")
-    for name, v in enumeration["enumerators"].items():
-        print(
-            f"  {name:32} {v['alone']['median']:.3f} ms -> {v['crowded']['median']:.3f} ms"
-            f"  ({v['ratio']:.2f}x)"
-        )
+    if enumeration is not None:
+        crowd = enumeration["crowd"]
+        print(f"enumeration of a 10-process tree, alone vs with {crowd} idle others:")
+        for name, v in enumeration["enumerators"].items():
+            print(
+                f"  {name:32} {v['alone']['median']:.3f} ms -> {v['crowded']['median']:.3f} ms"
+                f"  ({v['ratio']:.2f}x)"
+            )
     for key in ("supervisor", "async_gap", "watchdog", "fork_storm", "supervisor_death"):
         if extra.get(key):
             print(f"{key}: {extra[key]}")

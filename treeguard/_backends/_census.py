@@ -25,9 +25,12 @@ from ..errors import (
 )
 from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat
 from ._base import Plan
-from ._freezers import CgroupFreezer
+from ._freezers import CgroupFreezer, V1Freezer, V2Freezer
 
 __all__ = ["Target", "find_target"]
+
+#: The file that lists a cgroup's tasks (threads), by cgroup version.
+_TASKS_FILES = {2: V2Freezer.tasks_file, 1: V1Freezer.tasks_file}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,9 @@ class Target:
     path: str
     top: frozenset[int]
     whole: bool = True
+    #: The cgroups (this one and those below) and their task list, as read when the cgroup
+    #: was chosen: the census starts from them instead of reading them again.
+    listing: tuple[list[str], bytes] | None = None
 
 
 def _top(plan: Plan) -> list[int]:
@@ -166,13 +172,15 @@ def find_target(plan: Plan, *, whole: bool = False) -> Target | None:
                 + ", which cannot be frozen"
             )
             continue
-        inside = []
-        for pid in guarded:
-            theirs = cgroup_of(pid)
-            if theirs is not None and (theirs == rel or theirs.startswith(rel + "/")):
-                inside.append(pid)
+        # Who must keep running is looked for in the cgroup's own task list (one read for
+        # the cgroup, not one per process; the census reads this list anyway): a process
+        # is in a cgroup through its tasks, the thread-group leader's TID being its PID.
+        dirs = _subtree(path)
+        tasks = _listing(dirs, _TASKS_FILES[version])
+        listed = set(map(int, tasks.split()))
+        inside = [pid for pid in guarded if pid in listed]
         if not inside:
-            return Target(version, path, frozenset(top), whole)
+            return Target(version, path, frozenset(top), whole, (dirs, tasks))
         problems.append(f"{kind} {path}: {_refusal(inside, plan)}")
     raise CgroupError(
         f"of the tree of PID {plan.starts[0] if plan.starts else '?'}",
@@ -190,17 +198,24 @@ class _Members:
     either (each has a task in the list), so the second look costs one read.
     """
 
-    def __init__(self, freezer: CgroupFreezer) -> None:
+    def __init__(
+        self, freezer: CgroupFreezer, listing: tuple[list[str], bytes] | None = None
+    ) -> None:
         self.freezer = freezer
         self.procs: set[int] = set()
         self.tasks = 0
         self._seen: tuple[list[str], bytes] | None = None
+        self._listed = listing  # read already (by find_target): the first look's
 
     def look(self) -> tuple[list[str], bytes] | None:
         """Read the task list: the cgroups and the list if it changed since the last
         look, ``None`` if it did not."""
-        dirs = _subtree(self.freezer.path)
-        tasks = _listing(dirs, self.freezer.tasks_file)
+        if self._listed is not None:
+            dirs, tasks = self._listed
+            self._listed = None
+        else:
+            dirs = _subtree(self.freezer.path)
+            tasks = _listing(dirs, self.freezer.tasks_file)
         if (dirs, tasks) == self._seen:
             return None
         self._seen = dirs, tasks
@@ -238,8 +253,14 @@ class _Census(_Members):
     count is compared with the tasks the cgroup lists (:meth:`_threads_elsewhere`).
     """
 
-    def __init__(self, freezer: CgroupFreezer, top: frozenset[int], plan: Plan) -> None:
-        super().__init__(freezer)
+    def __init__(
+        self,
+        freezer: CgroupFreezer,
+        top: frozenset[int],
+        plan: Plan,
+        listing: tuple[list[str], bytes] | None = None,
+    ) -> None:
+        super().__init__(freezer, listing)
         self.top = top
         self.plan = plan
         self.parent: dict[int, int] = {}  # child -> parent, for the processes in the cgroup

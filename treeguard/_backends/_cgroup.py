@@ -91,7 +91,8 @@ class CgroupBackend(Backend):
     def _aim(self, target: Target) -> _Census:
         freezer = freezer_for(target.version, target.path, self.plan.fs, self.plan.journal)
         self._freezer = freezer
-        self._census = _Census(freezer, target.top, self.plan)
+        freezer.listed = target.listing
+        self._census = _Census(freezer, target.top, self.plan, target.listing)
         return self._census
 
     def freeze(self) -> Steps[None]:
@@ -146,12 +147,11 @@ class CgroupBackend(Backend):
         # The census reads the cgroup while the kernel freezes it (the write takes
         # milliseconds): what it learns holds, since only the tree can add to the cgroup
         # (a process born in a cgroup stays there unless someone moves it).
-        # A cgroup given by name is frozen whole (no proof needed): only what it holds
-        # is listed, the same way.
+        # A cgroup given by name is frozen whole (no proof needed): what it holds is
+        # listed once, when frozen (a look meanwhile would only be read again).
         members = _Members(freezer) if census is None else census
-        yield from freezer.freeze(
-            max(left, 0.0), report, meanwhile=_timed(members.survey(), report)
-        )
+        meanwhile = None if census is None else _timed(census.survey(), report)
+        yield from freezer.freeze(max(left, 0.0), report, meanwhile=meanwhile)
         report.passes = max(report.passes, 1)
         t0 = time.perf_counter()
         # Frozen: nothing forks or exits now, so what the cgroup holds is final; the
