@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import checks  # noqa: E402
 import contenders  # noqa: E402
+import loops  # noqa: E402
 import storms  # noqa: E402
 
 from treeguard import ProcessesGuard  # noqa: E402
@@ -231,53 +232,6 @@ def run_enumeration(quick: bool, reps: int) -> Result:
     return out
 
 
-def run_async_gap(quick: bool) -> Result | None:
-    """The largest gap between two event-loop turns while ``treeguard.guard()`` freezes."""
-    import asyncio
-
-    import treeguard
-
-    size = 100 if quick else 300
-    with WorkerTree(wide(size), mode="idle") as tree:
-
-        async def main() -> tuple[float, float]:
-            gaps = [0.0]
-            stop = False
-
-            async def ticker() -> None:
-                last = time.perf_counter()
-                while not stop:
-                    await asyncio.sleep(0)
-                    now = time.perf_counter()
-                    gaps.append(now - last)
-                    last = now
-
-            # anyio imports its asyncio backend on first use (a one-time cost of tens of ms,
-            # not a gap of the freeze): pay it before measuring, as a running service has.
-            import anyio.lowlevel
-
-            await anyio.lowlevel.checkpoint()
-            task = asyncio.create_task(ticker())
-            await asyncio.sleep(0)
-            t0 = time.perf_counter()
-            async with treeguard.guard(root=tree.root, include_root=True):
-                t1 = time.perf_counter()
-                if checks.not_stopped(tree.pids):
-                    raise RuntimeError("async guard: tree not stopped inside the block")
-            stop = True
-            await task
-            return max(gaps), t1 - t0
-
-        try:
-            gap, took = asyncio.run(main())
-        except NotImplementedError:
-            print("note: treeguard.guard() is not implemented yet: async gap not measured")
-            return None
-        if checks.poll(lambda: not checks.stopped(tree.pids), 5) is False:
-            raise RuntimeError("async guard left tasks stopped")
-    return {"processes": size, "max_gap_ms": gap * 1000, "freeze_ms": took * 1000}
-
-
 def run_watchdog(quick: bool, reps: int) -> Result | None:
     """Start-up and per-freeze cost of ``ProcessesGuard(watchdog=True)`` over a plain guard."""
     size = 10 if quick else 100
@@ -416,7 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         print("… enumeration", flush=True)
         enumeration = run_enumeration(args.quick, reps)
     extras: dict[str, Callable[[], Result | None]] = {
-        "async_gap": lambda: run_async_gap(args.quick),
+        "async_gaps": lambda: loops.async_gaps(
+            100 if args.quick else 1000, failures, 2 if args.quick else 5
+        ),
+        "repeated": lambda: loops.repeated(
+            10 if args.quick else 100, 20 if args.quick else 100, failures
+        ),
+        "cold": lambda: loops.cold(10 if args.quick else 100, 3 if args.quick else 7, failures),
         "watchdog": lambda: run_watchdog(args.quick, reps),
         "fork_storm": lambda: storms.run_storm(args.quick),
         "supervisor_death": lambda: storms.run_supervisor_death(args.quick),
@@ -459,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {name:32} {v['alone']['median']:.3f} ms -> {v['crowded']['median']:.3f} ms"
                 f"  ({v['ratio']:.2f}x)"
             )
-    for key in ("supervisor", "async_gap", "watchdog", "fork_storm", "supervisor_death"):
+    for line in loops.summary(extra):
+        print(line)
+    for key in ("supervisor", "watchdog", "fork_storm", "supervisor_death"):
         if extra.get(key):
             print(f"{key}: {extra[key]}")
     if plot(results, os.path.join(args.out, "latency.png")):
