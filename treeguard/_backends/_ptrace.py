@@ -170,20 +170,26 @@ class PtraceBackend(Backend):
             known[pid] = None
             self._through.append(pid)
             return plan.fs.stat(pid) if pid else ROOT
-        stat = plan.fs.stat(pid)
-        if stat is None or (parent is not None and stat.ppid != parent):
-            return self._skip(pid, Skip.EXITED)  # gone, or its PID reused meanwhile
-        reason = unfreezable(stat)  # a kernel thread, a zombie, any guard's helper
-        if reason is not None:
-            return self._skip(pid, reason)
-        proc = Proc(pid, stat)
-        known[pid] = proc
-        if proc.ours and plan.journal is not None:
-            plan.journal.stopping(pid, stat.starttime)  # recorded before it is seized
-        self._hold.procs.append(proc)
-        t0 = time.perf_counter()
-        self._hold.seize_threads(proc)
-        report.signal_seconds += time.perf_counter() - t0
+        found = plan.fs.open_stat(pid, keep=True)  # kept to prove the identity once seized
+        if found is None:
+            return self._skip(pid, Skip.EXITED)
+        statfd, stat = found
+        try:
+            if parent is not None and stat.ppid != parent:
+                return self._skip(pid, Skip.EXITED)  # its PID reused meanwhile
+            reason = unfreezable(stat)  # a kernel thread, a zombie, any guard's helper
+            if reason is not None:
+                return self._skip(pid, reason)
+            proc = Proc(pid, stat)
+            known[pid] = proc
+            if proc.ours and plan.journal is not None:
+                plan.journal.stopping(pid, stat.starttime)  # recorded before it is seized
+            self._hold.procs.append(proc)
+            t0 = time.perf_counter()
+            self._hold.seize_threads(proc, statfd)
+            report.signal_seconds += time.perf_counter() - t0
+        finally:
+            os.close(statfd)
         if proc.denied:
             if not plan.partial_ok:
                 self._denied[pid] = proc.denied
