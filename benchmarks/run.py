@@ -5,7 +5,9 @@
 Every repetition runs every contender once, in shuffled order, on the same tree, so that
 machine noise hits all alike. After each freeze every task is checked independently
 (``benchmarks/checks.py``); after each thaw, that no task is left stopped. Prints a table of
-medians (min..max, ratio to the kernel floor measured in the same run), writes
+medians (min..max, ratio to the kernel floor measured in the same run, and to the floor of
+the contender's own mechanism; the CPU time of each freeze too, which a busy machine's
+waits for a CPU do not inflate), writes
 ``results.json`` and, when matplotlib is importable, ``latency.png`` into ``--out``.
 Exits 1 if any freeze or thaw failed its check. Needs root for the cgroup contenders.
 """
@@ -85,6 +87,14 @@ def own_time(c: contenders.Contender, start: float, end: float) -> float:
     return end if took is None else start + took
 
 
+def own_cpu(c: contenders.Contender, start: float, end: float) -> float:
+    """The CPU time ``c``'s call took: this process's (every thread of it) from ``start``
+    to ``end`` (``time.process_time``), or what a C floor measured of its own. On a busy
+    machine this leaves out the time spent waiting for a CPU, which the wall clock counts."""
+    took = getattr(c, "took_cpu", None)
+    return end - start if took is None else took
+
+
 #: The floor of each contender's own mechanism (the kernel's cgroup freezer by default).
 OWN_FLOOR = {
     "treeguard signal": "C floor (signal)",
@@ -108,7 +118,9 @@ def run_workload(
         for c in contenders.freezers()
         if _chosen(c.name, only or None) or "floor" in c.name or c.name in OWN_FLOOR.values()
     ]
-    times: dict[str, dict[str, list[float]]] = {c.name: {"freeze": [], "thaw": []} for c in rivals}
+    times: dict[str, dict[str, list[float]]] = {
+        c.name: {"freeze": [], "thaw": [], "freeze_cpu": []} for c in rivals
+    }
     verified: dict[str, int] = {c.name: 0 for c in rivals}
     with WorkerTree(spec, mode="idle") as tree:
         pids = list(tree.pids)
@@ -134,16 +146,17 @@ def run_workload(
                     gc.collect()
                     gc.disable()
                     try:
-                        t0 = time.perf_counter()
+                        c0, t0 = time.process_time(), time.perf_counter()
                         c.freeze()
                         t1 = own_time(c, t0, time.perf_counter())
+                        cpu = own_cpu(c, c0, time.process_time())
                         why = check_frozen(c, pids)
                         t2 = time.perf_counter()
                         c.thaw()
                         t3 = own_time(c, t2, time.perf_counter())
                     except Exception as err:  # noqa: BLE001 - a failed freeze is a result
                         why = f"{type(err).__name__}: {err}"
-                        t0 = t1 = t2 = t3 = 0.0
+                        t0 = t1 = t2 = t3 = cpu = 0.0
                         try:
                             c.thaw()
                         except Exception:  # noqa: BLE001, S110
@@ -157,6 +170,7 @@ def run_workload(
                     verified[c.name] += 1
                     times[c.name]["freeze"].append(t1 - t0)
                     times[c.name]["thaw"].append(t3 - t2)
+                    times[c.name]["freeze_cpu"].append(cpu)
             if label == "wide 1000, 0 threads" or (
                 extra.get("quick") and label.startswith("wide 100,")
             ):
@@ -172,6 +186,7 @@ def run_workload(
             name: {
                 "freeze_ms": summary(t["freeze"]) if t["freeze"] else None,
                 "thaw_ms": summary(t["thaw"]) if t["thaw"] else None,
+                "freeze_cpu_ms": summary(t["freeze_cpu"]) if t["freeze_cpu"] else None,
                 "verified": verified[name],
             }
             for name, t in times.items()
@@ -275,7 +290,8 @@ def run_watchdog(quick: bool, reps: int) -> Result | None:
 def table(results: list[Result]) -> str:
     rows = []
     head = f"{'workload':26} {'contender':28} {'freeze ms (min..max)':>26} {'x floor':>7}"
-    head += f" {'x own':>6} {'thaw ms (min..max)':>24} {'x floor':>7} {'x own':>6} {'ok':>4}"
+    head += f" {'x own':>6} {'thaw ms (min..max)':>24} {'x floor':>7} {'x own':>6}"
+    head += f" {'cpu ms':>7} {'x own':>6} {'ok':>4}"
     rows.append(head)
     rows.append("-" * len(head))
     for r in results:
@@ -294,6 +310,9 @@ def table(results: list[Result]) -> str:
                 for base in (floor.get(key), own.get(key)):
                     ratios.append(f"{s['median'] / base['median']:.2f}x" if base else "-")
                 cells.append(f"{cell:>{width}} {ratios[0]:>7} {ratios[1]:>6}")
+            cpu, base = c.get("freeze_cpu_ms"), own.get("freeze_cpu_ms")
+            ratio = f"{cpu['median'] / base['median']:.2f}x" if cpu and base else "-"
+            cells.append(f"{cpu['median'] if cpu else 0:>7.2f} {ratio:>6}")
             cells.append(f"{c['verified']:>4}")
             rows.append(" ".join(cells))
     return "\n".join(rows)
