@@ -1,6 +1,7 @@
 """treeguard's benchmarks: freezers against the kernel floor, on the same idle trees.
 
-    python benchmarks/run.py [--quick] [--out DIR]
+    python benchmarks/run.py [--quick] [--out DIR] [--workloads 'wide 10,|chain']
+                             [--contenders 'cgroup|ptrace'] [--extras 'async_gaps|cold']
 
 Every repetition runs every contender once, in shuffled order, on the same tree, so that
 machine noise hits all alike. After each freeze every task is checked independently
@@ -32,11 +33,11 @@ import checks  # noqa: E402
 import contenders  # noqa: E402
 import loops  # noqa: E402
 import storms  # noqa: E402
+import tables  # noqa: E402
 
 from treeguard import ProcessesGuard  # noqa: E402
 from treeguard._workers import WorkerTree, chain, wide  # noqa: E402
 
-FLOOR = contenders.KernelFloor.name
 Result = dict[str, Any]
 
 
@@ -287,92 +288,16 @@ def run_watchdog(quick: bool, reps: int) -> Result | None:
     }
 
 
-def table(results: list[Result]) -> str:
-    rows = []
-    head = f"{'workload':26} {'contender':28} {'freeze ms (min..max)':>26} {'x floor':>7}"
-    head += f" {'x own':>6} {'thaw ms (min..max)':>24} {'x floor':>7} {'x own':>6}"
-    head += f" {'cpu ms':>7} {'x own':>6} {'ok':>4}"
-    rows.append(head)
-    rows.append("-" * len(head))
-    for r in results:
-        cs = r["contenders"]
-        floor = cs.get(FLOOR) or {}
-        for name, c in cs.items():
-            own = cs.get(OWN_FLOOR.get(name, FLOOR)) or {}
-            cells = [f"{r['workload']:26} {name:28}"]
-            for key, width in (("freeze_ms", 26), ("thaw_ms", 24)):
-                s = c[key]
-                if s is None:
-                    cells.append(f"{'failed':>{width}} {'':>7} {'':>6}")
-                    continue
-                cell = f"{s['median']:.2f} ({s['min']:.2f}..{s['max']:.2f})"
-                ratios = []
-                for base in (floor.get(key), own.get(key)):
-                    ratios.append(f"{s['median'] / base['median']:.2f}x" if base else "-")
-                cells.append(f"{cell:>{width}} {ratios[0]:>7} {ratios[1]:>6}")
-            cpu, base = c.get("freeze_cpu_ms"), own.get("freeze_cpu_ms")
-            ratio = f"{cpu['median'] / base['median']:.2f}x" if cpu and base else "-"
-            cells.append(f"{cpu['median'] if cpu else 0:>7.2f} {ratio:>6}")
-            cells.append(f"{c['verified']:>4}")
-            rows.append(" ".join(cells))
-    return "\n".join(rows)
-
-
-def plot(results: list[Result], path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed (pip install '.[plot]'): no plot")
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, threads in zip(axes, (0, 4), strict=True):
-        rows = [
-            r
-            for r in results
-            if r["workload"].startswith("wide") and r["threads_per_process"] == threads
-        ]
-        names = sorted({n for r in rows for n in r["contenders"]})
-        for name in names:
-            pts = [
-                (r["processes"], r["contenders"][name]["freeze_ms"]["median"])
-                for r in rows
-                if name in r["contenders"] and r["contenders"][name]["freeze_ms"]
-            ]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("processes in the tree (wide, idle)")
-        ax.set_title(f"freeze latency, {threads} extra threads per process")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("median freeze latency (ms)")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small trees, few repetitions")
     parser.add_argument("--out", default="benchmarks/out", help="where results go")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per workload")
-    parser.add_argument(
-        "--workloads", default="", help="only workloads whose label holds one of these words"
-    )
-    parser.add_argument(
-        "--contenders",
-        default="",
-        help="only these contenders (words separated by |; the floors always run)",
-    )
-    parser.add_argument(
-        "--extras",
-        default=None,
-        help="only these extra measurements (words separated by |; '' for none)",
-    )
+    # Words separated by |: only the workloads, contenders (the floors always run) and
+    # extra measurements ('' for none) whose names hold one.
+    parser.add_argument("--workloads", default="", help="only these workloads: a|b")
+    parser.add_argument("--contenders", default="", help="only these contenders: a|b")
+    parser.add_argument("--extras", default=None, help="only these extras: a|b")
     args = parser.parse_args(argv)
     reps = args.reps or (3 if args.quick else 15)
     os.makedirs(args.out, exist_ok=True)
@@ -428,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
     print()
-    print(table(results))
+    print(tables.table(results, OWN_FLOOR))
     print()
     if enumeration is not None:
         crowd = enumeration["crowd"]
@@ -443,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("supervisor", "watchdog", "fork_storm", "supervisor_death"):
         if extra.get(key):
             print(f"{key}: {extra[key]}")
-    if plot(results, os.path.join(args.out, "latency.png")):
+    if tables.plot(results, os.path.join(args.out, "latency.png")):
         print(f"plot: {os.path.join(args.out, 'latency.png')}")
     print(f"results: {os.path.join(args.out, 'results.json')} ({report['seconds']:.0f} s)")
     if failures:

@@ -2,9 +2,9 @@
 
 The candidate is the cgroup of the tree's first top process (the root's first child, or the
 root), and the few processes that must keep running (the caller, its ancestors, excluded
-PIDs) are checked to be outside it BEFORE anything is frozen. That the candidate holds the
-whole tree and nothing else is proven from its task list, the ``children`` files of all its
-tasks, and each process's thread count (:class:`_Census`).
+PIDs) are checked to be outside it, in its task list, BEFORE anything is frozen. That it
+holds the whole tree and nothing else is proven from that list, the ``children`` files of
+all its tasks, and each process's thread count (:class:`_Census`).
 """
 
 from __future__ import annotations
@@ -19,18 +19,12 @@ from .._drive import YIELD, Steps
 from .._mounts import cgroup_paths, hierarchies
 from .._report import Skip
 from .._tree import ROOT, ChildrenSource, unfreezable, walk
-from ..errors import (
-    CgroupError,
-    CgroupUnavailableError,
-)
+from ..errors import CgroupError, CgroupUnavailableError
 from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat
 from ._base import Plan
 from ._freezers import CgroupFreezer, V1Freezer, V2Freezer
 
 __all__ = ["Target", "find_target"]
-
-#: The file that lists a cgroup's tasks (threads), by cgroup version.
-_TASKS_FILES = {2: V2Freezer.tasks_file, 1: V1Freezer.tasks_file}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +39,7 @@ class Target:
     path: str
     top: frozenset[int]
     whole: bool = True
-    #: The cgroups (this one and those below) and their task list, as read when the cgroup
-    #: was chosen: the census starts from them instead of reading them again.
-    listing: tuple[list[str], bytes] | None = None
+    listing: tuple[list[str], bytes] | None = None  #: its cgroups and task list, as read
 
 
 def _top(plan: Plan) -> list[int]:
@@ -127,8 +119,8 @@ def find_target(plan: Plan, *, whole: bool = False) -> Target | None:
     closest common cgroup of them all (the freezer is hierarchical): a thousand children
     of the root need one ``/proc/PID/cgroup`` read, not a thousand. Only the few processes
     that must keep running are checked here (the caller, its ancestors, the root unless
-    included, excluded PIDs: one read each); that the candidate holds exactly the tree is
-    proven by :class:`_Census`.
+    included, excluded PIDs: in the candidate's task list, one read); that the candidate
+    holds exactly the tree is proven by :class:`_Census`.
 
     :raises CgroupUnavailableError: if no cgroup hierarchy is mounted.
     :raises CgroupError: if no cgroup can hold the tree alone (saying why), nothing frozen.
@@ -172,11 +164,10 @@ def find_target(plan: Plan, *, whole: bool = False) -> Target | None:
                 + ", which cannot be frozen"
             )
             continue
-        # Who must keep running is looked for in the cgroup's own task list (one read for
-        # the cgroup, not one per process; the census reads this list anyway): a process
-        # is in a cgroup through its tasks, the thread-group leader's TID being its PID.
+        # Who must keep running is looked for in the cgroup's task list (one read, which the
+        # census starts from): a process is in it through its leader, whose TID is its PID.
         dirs = _subtree(path)
-        tasks = _listing(dirs, _TASKS_FILES[version])
+        tasks = _listing(dirs, (V2Freezer if version == 2 else V1Freezer).tasks_file)
         listed = set(map(int, tasks.split()))
         inside = [pid for pid in guarded if pid in listed]
         if not inside:
@@ -198,24 +189,20 @@ class _Members:
     either (each has a task in the list), so the second look costs one read.
     """
 
-    def __init__(
-        self, freezer: CgroupFreezer, listing: tuple[list[str], bytes] | None = None
-    ) -> None:
+    def __init__(self, freezer: CgroupFreezer) -> None:
         self.freezer = freezer
         self.procs: set[int] = set()
         self.tasks = 0
         self._seen: tuple[list[str], bytes] | None = None
-        self._listed = listing  # read already (by find_target): the first look's
+        self.listed: tuple[list[str], bytes] | None = None  # read already: the next look's
 
     def look(self) -> tuple[list[str], bytes] | None:
         """Read the task list: the cgroups and the list if it changed since the last
         look, ``None`` if it did not."""
-        if self._listed is not None:
-            dirs, tasks = self._listed
-            self._listed = None
-        else:
+        if self.listed is None:
             dirs = _subtree(self.freezer.path)
-            tasks = _listing(dirs, self.freezer.tasks_file)
+            self.listed = dirs, _listing(dirs, self.freezer.tasks_file)
+        (dirs, tasks), self.listed = self.listed, None
         if (dirs, tasks) == self._seen:
             return None
         self._seen = dirs, tasks
@@ -253,14 +240,8 @@ class _Census(_Members):
     count is compared with the tasks the cgroup lists (:meth:`_threads_elsewhere`).
     """
 
-    def __init__(
-        self,
-        freezer: CgroupFreezer,
-        top: frozenset[int],
-        plan: Plan,
-        listing: tuple[list[str], bytes] | None = None,
-    ) -> None:
-        super().__init__(freezer, listing)
+    def __init__(self, freezer: CgroupFreezer, top: frozenset[int], plan: Plan) -> None:
+        super().__init__(freezer)
         self.top = top
         self.plan = plan
         self.parent: dict[int, int] = {}  # child -> parent, for the processes in the cgroup

@@ -91,8 +91,8 @@ class CgroupBackend(Backend):
     def _aim(self, target: Target) -> _Census:
         freezer = freezer_for(target.version, target.path, self.plan.fs, self.plan.journal)
         self._freezer = freezer
-        freezer.listed = target.listing
-        self._census = _Census(freezer, target.top, self.plan, target.listing)
+        self._census = _Census(freezer, target.top, self.plan)
+        freezer.listed = self._census.listed = target.listing  # read by find_target
         return self._census
 
     def freeze(self) -> Steps[None]:
