@@ -271,6 +271,7 @@ class CFloor(Contender):
         self.name = f"C floor ({mode})"
         self.proc: subprocess.Popen[str] | None = None
         self.took: float | None = None
+        self.took_cpu: float | None = None
 
     def setup(self, tree: WorkerTree) -> None:
         super().setup(tree)
@@ -291,6 +292,7 @@ class CFloor(Contender):
         if answer[:1] != ["ok"]:
             raise RuntimeError(f"{self.name}: {answer or 'no answer'}")
         self.took = int(answer[1]) / 1e9
+        self.took_cpu = int(answer[2]) / 1e9 if len(answer) > 2 else None
 
     def freeze(self) -> None:
         self._say("f")

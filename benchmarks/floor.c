@@ -4,7 +4,8 @@
  *   floor signal|ptrace ROOT
  *
  * Reads one command per line on stdin ("f": freeze, "t": thaw, "q": quit) and answers
- * "ok NANOSECONDS" (the time the work took, measured here) or "err WHAT".
+ * "ok NANOSECONDS CPU_NANOSECONDS" (the time the work took, measured here, and the CPU
+ * time this process spent on it) or "err WHAT".
  *
  * Both modes go down the tree below ROOT (ROOT included) one generation at a time, and read
  * the children of every thread of a process only once it is proven stopped (then the lists
@@ -44,11 +45,13 @@ static int npids;
 static int tids[MAX * 8];
 static int ntids;
 
-static long long now_ns(void) {
+static long long clock_ns(clockid_t clock) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(clock, &ts);
     return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
+
+static long long now_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
 
 /* The state letter and ppid of a stat line, anchored on the last ')'. */
 static int read_stat(const char *path, char *state, int *ppid) {
@@ -220,14 +223,15 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     char line[16];
     while (fgets(line, sizeof line, stdin)) {
-        long long t0 = now_ns();
+        long long t0 = now_ns(), c0 = clock_ns(CLOCK_PROCESS_CPUTIME_ID);
         if (line[0] == 'f')
             freeze();
         else if (line[0] == 't')
             thaw();
         else
             break;
-        printf("ok %lld\n", now_ns() - t0);
+        long long took = now_ns() - t0;
+        printf("ok %lld %lld\n", took, clock_ns(CLOCK_PROCESS_CPUTIME_ID) - c0);
     }
     thaw();
     return 0;

@@ -1,11 +1,14 @@
 """treeguard's benchmarks: freezers against the kernel floor, on the same idle trees.
 
-    python benchmarks/run.py [--quick] [--out DIR]
+    python benchmarks/run.py [--quick] [--out DIR] [--workloads 'wide 10,|chain']
+                             [--contenders 'cgroup|ptrace'] [--extras 'async_gaps|cold']
 
 Every repetition runs every contender once, in shuffled order, on the same tree, so that
 machine noise hits all alike. After each freeze every task is checked independently
 (``benchmarks/checks.py``); after each thaw, that no task is left stopped. Prints a table of
-medians (min..max, ratio to the kernel floor measured in the same run), writes
+medians (min..max, ratio to the kernel floor measured in the same run, and to the floor of
+the contender's own mechanism; the CPU time of each freeze too, which a busy machine's
+waits for a CPU do not inflate), writes
 ``results.json`` and, when matplotlib is importable, ``latency.png`` into ``--out``.
 Exits 1 if any freeze or thaw failed its check. Needs root for the cgroup contenders.
 """
@@ -28,21 +31,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import checks  # noqa: E402
 import contenders  # noqa: E402
+import loops  # noqa: E402
 import storms  # noqa: E402
+import tables  # noqa: E402
 
 from treeguard import ProcessesGuard  # noqa: E402
 from treeguard._workers import WorkerTree, chain, wide  # noqa: E402
 
-FLOOR = contenders.KernelFloor.name
 Result = dict[str, Any]
 
 
-def workloads(quick: bool) -> list[tuple[str, int, dict[str, Any]]]:
-    """``(label, processes, spec)`` of every freezing workload."""
+def workloads(quick: bool, only: str = "") -> list[tuple[str, int, dict[str, Any]]]:
+    """``(label, processes, spec)`` of every freezing workload (those whose label holds
+    one of the ``|``-separated words of ``only``, if given)."""
     sizes = (10, 100) if quick else (10, 100, 1000)
     found = [(f"wide {n}, {t} threads", n, wide(n, threads=t)) for t in (0, 4) for n in sizes]
     found.append(("chain 50 deep x2 (100)", 100, chain(50, width=2)))
-    return found
+    return [w for w in found if _chosen(w[0], only or None)]
+
+
+def _chosen(name: str, only: str | None) -> bool:
+    """Whether ``name`` holds one of the ``|``-separated words of ``only`` (None: all)."""
+    return only is None or any(word and word in name for word in only.split("|"))
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -78,6 +88,14 @@ def own_time(c: contenders.Contender, start: float, end: float) -> float:
     return end if took is None else start + took
 
 
+def own_cpu(c: contenders.Contender, start: float, end: float) -> float:
+    """The CPU time ``c``'s call took: this process's (every thread of it) from ``start``
+    to ``end`` (``time.process_time``), or what a C floor measured of its own. On a busy
+    machine this leaves out the time spent waiting for a CPU, which the wall clock counts."""
+    took = getattr(c, "took_cpu", None)
+    return end - start if took is None else took
+
+
 #: The floor of each contender's own mechanism (the kernel's cgroup freezer by default).
 OWN_FLOOR = {
     "treeguard signal": "C floor (signal)",
@@ -88,10 +106,22 @@ OWN_FLOOR = {
 
 
 def run_workload(
-    label: str, spec: dict[str, Any], reps: int, failures: list[str], extra: Result
+    label: str,
+    spec: dict[str, Any],
+    reps: int,
+    failures: list[str],
+    extra: Result,
+    only: str = "",
 ) -> Result:
-    rivals = contenders.freezers()
-    times: dict[str, dict[str, list[float]]] = {c.name: {"freeze": [], "thaw": []} for c in rivals}
+    # The floors always run: every ratio is to a floor measured in the same run.
+    rivals = [
+        c
+        for c in contenders.freezers()
+        if _chosen(c.name, only or None) or "floor" in c.name or c.name in OWN_FLOOR.values()
+    ]
+    times: dict[str, dict[str, list[float]]] = {
+        c.name: {"freeze": [], "thaw": [], "freeze_cpu": []} for c in rivals
+    }
     verified: dict[str, int] = {c.name: 0 for c in rivals}
     with WorkerTree(spec, mode="idle") as tree:
         pids = list(tree.pids)
@@ -117,16 +147,17 @@ def run_workload(
                     gc.collect()
                     gc.disable()
                     try:
-                        t0 = time.perf_counter()
+                        c0, t0 = time.process_time(), time.perf_counter()
                         c.freeze()
                         t1 = own_time(c, t0, time.perf_counter())
+                        cpu = own_cpu(c, c0, time.process_time())
                         why = check_frozen(c, pids)
                         t2 = time.perf_counter()
                         c.thaw()
                         t3 = own_time(c, t2, time.perf_counter())
                     except Exception as err:  # noqa: BLE001 - a failed freeze is a result
                         why = f"{type(err).__name__}: {err}"
-                        t0 = t1 = t2 = t3 = 0.0
+                        t0 = t1 = t2 = t3 = cpu = 0.0
                         try:
                             c.thaw()
                         except Exception:  # noqa: BLE001, S110
@@ -140,6 +171,7 @@ def run_workload(
                     verified[c.name] += 1
                     times[c.name]["freeze"].append(t1 - t0)
                     times[c.name]["thaw"].append(t3 - t2)
+                    times[c.name]["freeze_cpu"].append(cpu)
             if label == "wide 1000, 0 threads" or (
                 extra.get("quick") and label.startswith("wide 100,")
             ):
@@ -155,6 +187,7 @@ def run_workload(
             name: {
                 "freeze_ms": summary(t["freeze"]) if t["freeze"] else None,
                 "thaw_ms": summary(t["thaw"]) if t["thaw"] else None,
+                "freeze_cpu_ms": summary(t["freeze_cpu"]) if t["freeze_cpu"] else None,
                 "verified": verified[name],
             }
             for name, t in times.items()
@@ -215,53 +248,6 @@ def run_enumeration(quick: bool, reps: int) -> Result:
     return out
 
 
-def run_async_gap(quick: bool) -> Result | None:
-    """The largest gap between two event-loop turns while ``treeguard.guard()`` freezes."""
-    import asyncio
-
-    import treeguard
-
-    size = 100 if quick else 300
-    with WorkerTree(wide(size), mode="idle") as tree:
-
-        async def main() -> tuple[float, float]:
-            gaps = [0.0]
-            stop = False
-
-            async def ticker() -> None:
-                last = time.perf_counter()
-                while not stop:
-                    await asyncio.sleep(0)
-                    now = time.perf_counter()
-                    gaps.append(now - last)
-                    last = now
-
-            # anyio imports its asyncio backend on first use (a one-time cost of tens of ms,
-            # not a gap of the freeze): pay it before measuring, as a running service has.
-            import anyio.lowlevel
-
-            await anyio.lowlevel.checkpoint()
-            task = asyncio.create_task(ticker())
-            await asyncio.sleep(0)
-            t0 = time.perf_counter()
-            async with treeguard.guard(root=tree.root, include_root=True):
-                t1 = time.perf_counter()
-                if checks.not_stopped(tree.pids):
-                    raise RuntimeError("async guard: tree not stopped inside the block")
-            stop = True
-            await task
-            return max(gaps), t1 - t0
-
-        try:
-            gap, took = asyncio.run(main())
-        except NotImplementedError:
-            print("note: treeguard.guard() is not implemented yet: async gap not measured")
-            return None
-        if checks.poll(lambda: not checks.stopped(tree.pids), 5) is False:
-            raise RuntimeError("async guard left tasks stopped")
-    return {"processes": size, "max_gap_ms": gap * 1000, "freeze_ms": took * 1000}
-
-
 def run_watchdog(quick: bool, reps: int) -> Result | None:
     """Start-up and per-freeze cost of ``ProcessesGuard(watchdog=True)`` over a plain guard."""
     size = 10 if quick else 100
@@ -302,75 +288,16 @@ def run_watchdog(quick: bool, reps: int) -> Result | None:
     }
 
 
-def table(results: list[Result]) -> str:
-    rows = []
-    head = f"{'workload':26} {'contender':28} {'freeze ms (min..max)':>26} {'x floor':>7}"
-    head += f" {'x own':>6} {'thaw ms (min..max)':>24} {'x floor':>7} {'x own':>6} {'ok':>4}"
-    rows.append(head)
-    rows.append("-" * len(head))
-    for r in results:
-        cs = r["contenders"]
-        floor = cs.get(FLOOR) or {}
-        for name, c in cs.items():
-            own = cs.get(OWN_FLOOR.get(name, FLOOR)) or {}
-            cells = [f"{r['workload']:26} {name:28}"]
-            for key, width in (("freeze_ms", 26), ("thaw_ms", 24)):
-                s = c[key]
-                if s is None:
-                    cells.append(f"{'failed':>{width}} {'':>7} {'':>6}")
-                    continue
-                cell = f"{s['median']:.2f} ({s['min']:.2f}..{s['max']:.2f})"
-                ratios = []
-                for base in (floor.get(key), own.get(key)):
-                    ratios.append(f"{s['median'] / base['median']:.2f}x" if base else "-")
-                cells.append(f"{cell:>{width}} {ratios[0]:>7} {ratios[1]:>6}")
-            cells.append(f"{c['verified']:>4}")
-            rows.append(" ".join(cells))
-    return "\n".join(rows)
-
-
-def plot(results: list[Result], path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed (pip install '.[plot]'): no plot")
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, threads in zip(axes, (0, 4), strict=True):
-        rows = [
-            r
-            for r in results
-            if r["workload"].startswith("wide") and r["threads_per_process"] == threads
-        ]
-        names = sorted({n for r in rows for n in r["contenders"]})
-        for name in names:
-            pts = [
-                (r["processes"], r["contenders"][name]["freeze_ms"]["median"])
-                for r in rows
-                if name in r["contenders"] and r["contenders"][name]["freeze_ms"]
-            ]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("processes in the tree (wide, idle)")
-        ax.set_title(f"freeze latency, {threads} extra threads per process")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("median freeze latency (ms)")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small trees, few repetitions")
     parser.add_argument("--out", default="benchmarks/out", help="where results go")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per workload")
+    # Words separated by |: only the workloads, contenders (the floors always run) and
+    # extra measurements ('' for none) whose names hold one.
+    parser.add_argument("--workloads", default="", help="only these workloads: a|b")
+    parser.add_argument("--contenders", default="", help="only these contenders: a|b")
+    parser.add_argument("--extras", default=None, help="only these extras: a|b")
     args = parser.parse_args(argv)
     reps = args.reps or (3 if args.quick else 15)
     os.makedirs(args.out, exist_ok=True)
@@ -378,18 +305,29 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     extra: Result = {"quick": args.quick}
     results = []
-    for label, _, spec in workloads(args.quick):
+    for label, _, spec in workloads(args.quick, args.workloads):
         print(f"… {label}", flush=True)
-        results.append(run_workload(label, spec, reps, failures, extra))
-    print("… enumeration", flush=True)
-    enumeration = run_enumeration(args.quick, reps)
+        results.append(run_workload(label, spec, reps, failures, extra, args.contenders))
+    wanted = args.extras
+    enumeration = None
+    if _chosen("enumeration", wanted):
+        print("… enumeration", flush=True)
+        enumeration = run_enumeration(args.quick, reps)
     extras: dict[str, Callable[[], Result | None]] = {
-        "async_gap": lambda: run_async_gap(args.quick),
+        "async_gaps": lambda: loops.async_gaps(
+            100 if args.quick else 1000, failures, 2 if args.quick else 5
+        ),
+        "repeated": lambda: loops.repeated(
+            10 if args.quick else 100, 20 if args.quick else 100, failures
+        ),
+        "cold": lambda: loops.cold(10 if args.quick else 100, 3 if args.quick else 7, failures),
         "watchdog": lambda: run_watchdog(args.quick, reps),
         "fork_storm": lambda: storms.run_storm(args.quick),
         "supervisor_death": lambda: storms.run_supervisor_death(args.quick),
     }
     for key, fn in extras.items():
+        if not _chosen(key, wanted):
+            continue
         print(f"… {key}", flush=True)
         try:
             extra[key] = fn()
@@ -415,18 +353,22 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
     print()
-    print(table(results))
+    print(tables.table(results, OWN_FLOOR))
     print()
-    print(f"enumeration of a 10-process tree, alone vs with {enumeration['crowd']} idle others:")
-    for name, v in enumeration["enumerators"].items():
-        print(
-            f"  {name:32} {v['alone']['median']:.3f} ms -> {v['crowded']['median']:.3f} ms"
-            f"  ({v['ratio']:.2f}x)"
-        )
-    for key in ("supervisor", "async_gap", "watchdog", "fork_storm", "supervisor_death"):
+    if enumeration is not None:
+        crowd = enumeration["crowd"]
+        print(f"enumeration of a 10-process tree, alone vs with {crowd} idle others:")
+        for name, v in enumeration["enumerators"].items():
+            print(
+                f"  {name:32} {v['alone']['median']:.3f} ms -> {v['crowded']['median']:.3f} ms"
+                f"  ({v['ratio']:.2f}x)"
+            )
+    for line in loops.summary(extra):
+        print(line)
+    for key in ("supervisor", "watchdog", "fork_storm", "supervisor_death"):
         if extra.get(key):
             print(f"{key}: {extra[key]}")
-    if plot(results, os.path.join(args.out, "latency.png")):
+    if tables.plot(results, os.path.join(args.out, "latency.png")):
         print(f"plot: {os.path.join(args.out, 'latency.png')}")
     print(f"results: {os.path.join(args.out, 'results.json')} ({report['seconds']:.0f} s)")
     if failures:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 import weakref
 from collections.abc import Iterable
 from types import TracebackType
@@ -198,6 +199,8 @@ class ProcessesGuard:
         """Freeze, as steps for a driver (:mod:`treeguard._drive`)."""
         if self.frozen:
             raise FreezeError("this guard is frozen already: release() it before freezing again")
+        clock = time.perf_counter
+        start = clock()
         if self._want_watchdog:
             if self._watchdog is None:
                 self._watchdog = Watchdog.start()
@@ -213,8 +216,13 @@ class ProcessesGuard:
         # Armed before the first signal: whatever happens from here on, this thaws. It is
         # disarmed only once a thaw has run to its end (see release()).
         self._finalizer = weakref.finalize(self, _thaw_now, backend, self._owner)
+        planned = clock()
         try:
             yield from backend.freeze()
+            # The report's clock is the caller's: the whole call, planning included (the
+            # auto backend copies its inner report over this one, so set it after).
+            self.report.plan_seconds = planned - start
+            self.report.freeze_seconds = clock() - start
             if self._watchdog is not None and self._watchdog.lease_expired():
                 # The lease ran out while freezing: the helper thawed part of the tree, so
                 # this freeze proves nothing. Thaw the rest (below) and say so.

@@ -32,6 +32,15 @@ class FreezeReport:
     ``passes`` counts rounds of stopping: after each round the children of every stopped
     process are read again, once it has stopped; a round that finds newcomers begets another.
     An idle tree takes one pass. Times are wall-clock seconds.
+
+    ``freeze_seconds`` is the whole call, from ``freeze()`` (or entering the block) to its
+    return; its parts: ``plan_seconds`` (checking the root and exclusions, reading the
+    caller's ancestors, choosing the backend, arming the watchdog), ``enumerate_seconds``
+    (finding the tree: the walk, or the cgroup that holds it), ``signal_seconds`` (stopping:
+    signals, seizes, the cgroup write), ``verify_seconds`` (waiting for and checking that
+    every task stopped) and ``prove_seconds`` (the cgroup backend's census: that the cgroup
+    holds the whole tree and nothing else). What the parts leave over is the library's own
+    bookkeeping and, under an event loop, the turns given to other tasks.
     """
 
     backend: str = "signal"
@@ -53,6 +62,8 @@ class FreezeReport:
     #: ``backend="auto"``: each way of freezing tried before the one that ran, and why it
     #: was not used (``{"cgroup": "...", "ptrace": "..."}``).
     declined: dict[str, str] = field(default_factory=dict)
+    plan_seconds: float = 0.0
+    prove_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-able data (skip reasons as their strings)."""

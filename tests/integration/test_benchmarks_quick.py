@@ -60,6 +60,12 @@ def test_quick_mode_runs_and_every_freeze_verifies(tmp_path: Path) -> None:
     assert storm["ptrace"]["held"] == storm["ptrace"]["attempts"]  # the kernel catches forks
     for backend, death in report["extra"]["supervisor_death"].items():
         assert death["resumed"] == death["runs"], backend  # the tree ran again every time
+    extra = report["extra"]
+    for backend in ("signal", "cgroup", "ptrace"):  # measured on every backend
+        for loop in ("asyncio", "trio"):
+            assert "freeze_gap_ms" in extra["async_gaps"][f"{backend}/{loop}"], (backend, loop)
+        assert "same guard" in extra["repeated"][backend], backend
+        assert "first_freeze_ms" in extra["cold"][backend], backend
     enumerated = report["enumeration"]["enumerators"]
     assert {"alone", "crowded"} <= set(enumerated["treeguard walk"])
     # the kernel floor removed its cgroup (named after the run's PID: other runs may be at

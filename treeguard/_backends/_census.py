@@ -2,9 +2,9 @@
 
 The candidate is the cgroup of the tree's first top process (the root's first child, or the
 root), and the few processes that must keep running (the caller, its ancestors, excluded
-PIDs) are checked to be outside it BEFORE anything is frozen. That the candidate holds the
-whole tree and nothing else is proven from its task list, the ``children`` files of all its
-tasks, and each process's thread count (:class:`_Census`).
+PIDs) are checked to be outside it, in its task list, BEFORE anything is frozen. That it
+holds the whole tree and nothing else is proven from that list, the ``children`` files of
+all its tasks, and each process's thread count (:class:`_Census`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ from .._drive import YIELD, Steps
 from .._mounts import cgroup_paths, hierarchies
 from .._report import Skip
 from .._tree import ROOT, ChildrenSource, unfreezable, walk
-from ..errors import (
-    CgroupError,
-    CgroupUnavailableError,
-)
+from ..errors import CgroupError, CgroupUnavailableError
 from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat
 from ._base import Plan
-from ._freezers import CgroupFreezer
+from ._freezers import CgroupFreezer, V1Freezer, V2Freezer
 
 __all__ = ["Target", "find_target"]
 
@@ -42,6 +39,7 @@ class Target:
     path: str
     top: frozenset[int]
     whole: bool = True
+    listing: tuple[list[str], bytes] | None = None  #: its cgroups and task list, as read
 
 
 def _top(plan: Plan) -> list[int]:
@@ -121,8 +119,8 @@ def find_target(plan: Plan, *, whole: bool = False) -> Target | None:
     closest common cgroup of them all (the freezer is hierarchical): a thousand children
     of the root need one ``/proc/PID/cgroup`` read, not a thousand. Only the few processes
     that must keep running are checked here (the caller, its ancestors, the root unless
-    included, excluded PIDs: one read each); that the candidate holds exactly the tree is
-    proven by :class:`_Census`.
+    included, excluded PIDs: in the candidate's task list, one read); that the candidate
+    holds exactly the tree is proven by :class:`_Census`.
 
     :raises CgroupUnavailableError: if no cgroup hierarchy is mounted.
     :raises CgroupError: if no cgroup can hold the tree alone (saying why), nothing frozen.
@@ -166,13 +164,14 @@ def find_target(plan: Plan, *, whole: bool = False) -> Target | None:
                 + ", which cannot be frozen"
             )
             continue
-        inside = []
-        for pid in guarded:
-            theirs = cgroup_of(pid)
-            if theirs is not None and (theirs == rel or theirs.startswith(rel + "/")):
-                inside.append(pid)
+        # Who must keep running is looked for in the cgroup's task list (one read, which the
+        # census starts from): a process is in it through its leader, whose TID is its PID.
+        dirs = _subtree(path)
+        tasks = _listing(dirs, (V2Freezer if version == 2 else V1Freezer).tasks_file)
+        listed = set(map(int, tasks.split()))
+        inside = [pid for pid in guarded if pid in listed]
         if not inside:
-            return Target(version, path, frozenset(top), whole)
+            return Target(version, path, frozenset(top), whole, (dirs, tasks))
         problems.append(f"{kind} {path}: {_refusal(inside, plan)}")
     raise CgroupError(
         f"of the tree of PID {plan.starts[0] if plan.starts else '?'}",
@@ -195,12 +194,15 @@ class _Members:
         self.procs: set[int] = set()
         self.tasks = 0
         self._seen: tuple[list[str], bytes] | None = None
+        self.listed: tuple[list[str], bytes] | None = None  # read already: the next look's
 
     def look(self) -> tuple[list[str], bytes] | None:
         """Read the task list: the cgroups and the list if it changed since the last
         look, ``None`` if it did not."""
-        dirs = _subtree(self.freezer.path)
-        tasks = _listing(dirs, self.freezer.tasks_file)
+        if self.listed is None:
+            dirs = _subtree(self.freezer.path)
+            self.listed = dirs, _listing(dirs, self.freezer.tasks_file)
+        (dirs, tasks), self.listed = self.listed, None
         if (dirs, tasks) == self._seen:
             return None
         self._seen = dirs, tasks

@@ -94,6 +94,8 @@ class CgroupFreezer:
         self.was_frozen = False
         self.froze = False  # this freezer wrote (or is writing) the freeze: it must undo it
         self.writer: _Writer | None = None  # the thread writing the freeze, if any
+        #: The cgroups and task list read just before (by the census), if any.
+        self.listed: tuple[list[str], bytes] | None = None
         self._inode: int | None = None
 
     @property
@@ -194,7 +196,10 @@ class CgroupFreezer:
     def has_few_tasks(self) -> bool:
         """Whether the cgroup has no cgroups below it and lists all its tasks in
         :data:`_FEW_TASKS` bytes (one short read: a read returns less than asked for only
-        at the end of the list)."""
+        at the end of the list; none if the census has just read it)."""
+        if self.listed is not None:
+            dirs, tasks = self.listed
+            return len(dirs) == 1 and len(tasks) < _FEW_TASKS
         if len(_subtree(self.path)) > 1:
             return False
         try:

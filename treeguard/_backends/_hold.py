@@ -11,7 +11,7 @@ import threading
 from .. import _ptrace
 from .._report import FreezeReport
 from ..errors import FreezePermissionError
-from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat, parse_stat_brief
+from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat, parse_stat, parse_stat_brief
 from ._base import Journal
 from ._proof import VFORK_WCHAN
 
@@ -72,22 +72,28 @@ class Hold:
         self.tasks: dict[int, Task] = {}
         self.pending: list[Task] = []  # seized, stop not collected yet
 
-    def seize_threads(self, proc: Proc) -> None:
-        """Seize and interrupt every thread of ``proc``, reading its thread list again until
-        it names none we have not tried (a thread not yet seized may have made one)."""
-        tried: set[int] = set()
-        while not proc.denied:
-            new = [t for t in self.fs.tids(proc.pid) or () if t not in tried]
-            new = [t for t in new if t not in self.tasks]
-            if not new:
-                return
-            new.sort(key=lambda t: t != proc.pid)  # the leader first: it proves the identity
-            for tid in new:
-                tried.add(tid)
-                if not self._seize(proc, tid):
-                    return  # not the process met: none of its threads is ours
+    def seize_threads(self, proc: Proc, statfd: int = -1) -> None:
+        """Seize and interrupt each thread of ``proc`` not held yet, as its thread list
+        names them now. A thread not seized yet may make another meanwhile: the caller
+        lists again once every thread held has stopped, until a list names no new one
+        (:meth:`PtraceBackend._settle`).
 
-    def _seize(self, proc: Proc, tid: int) -> bool:
+        ``statfd`` (the leader's stat, kept open since the process was met) proves the
+        leader's identity once seized with one ``pread``. A process met with one thread is
+        not listed here: its leader is seized alone, and the list read once it has stopped
+        names any thread it made before the seize."""
+        if proc.denied:
+            return
+        if statfd >= 0 and proc.pid not in self.tasks and proc.stat.num_threads == 1:
+            new = [proc.pid]
+        else:
+            new = [t for t in self.fs.tids(proc.pid) or () if t not in self.tasks]
+            new.sort(key=lambda t: t != proc.pid)  # the leader first: it proves the identity
+        for tid in new:
+            if not self._seize(proc, tid, statfd):
+                return  # not the process met: none of its threads is ours
+
+    def _seize(self, proc: Proc, tid: int, statfd: int = -1) -> bool:
         """Seize and interrupt ``tid``; False if ``proc`` turned out not to be the process
         met (its PID was recycled): nothing of it is held then."""
         for attempt in range(2):
@@ -117,8 +123,10 @@ class Hold:
         # before the stop: the leader must still be the process met (a PID recycled since
         # the listing is a stranger), and a thread must be one of its threads.
         if tid == proc.pid:
-            seized = self.fs.stat(proc.pid)
-            mine = seized is not None and seized.starttime == proc.starttime
+            # A stat descriptor opened when the process was met reads only while that very
+            # process lives (a /proc file holds the process, not the number: procfs.py).
+            data = self.fs.reread(statfd) if statfd >= 0 else self.fs.read(f"{tid}/stat")
+            mine = data is not None and parse_stat(data).starttime == proc.starttime
         else:  # the leader, seized first, is proven: is this one of its threads?
             mine = os.path.exists(f"{self.fs.root}/{proc.pid}/task/{tid}")
         if not mine:

@@ -125,11 +125,12 @@ class PtraceBackend(Backend):
         pending: list[int] = list(plan.starts)
         while True:
             report.passes += 1
-            t0 = clock()
+            t0, seized = clock(), report.signal_seconds
             for _ in walk(pending, self._visit, self._listing):
                 if self._abort:
                     raise FreezeError("the freeze was abandoned")
-            report.enumerate_seconds += clock() - t0
+            # The report's parts are disjoint: the seizes made while walking count apart.
+            report.enumerate_seconds += clock() - t0 - (report.signal_seconds - seized)
             if self._denied and not plan.partial_ok:
                 pids = sorted(self._denied)
                 raise FreezePermissionError(pids, "; ".join(self._denied[p] for p in pids))
@@ -169,20 +170,26 @@ class PtraceBackend(Backend):
             known[pid] = None
             self._through.append(pid)
             return plan.fs.stat(pid) if pid else ROOT
-        stat = plan.fs.stat(pid)
-        if stat is None or (parent is not None and stat.ppid != parent):
-            return self._skip(pid, Skip.EXITED)  # gone, or its PID reused meanwhile
-        reason = unfreezable(stat)  # a kernel thread, a zombie, any guard's helper
-        if reason is not None:
-            return self._skip(pid, reason)
-        proc = Proc(pid, stat)
-        known[pid] = proc
-        if proc.ours and plan.journal is not None:
-            plan.journal.stopping(pid, stat.starttime)  # recorded before it is seized
-        self._hold.procs.append(proc)
-        t0 = time.perf_counter()
-        self._hold.seize_threads(proc)
-        report.signal_seconds += time.perf_counter() - t0
+        found = plan.fs.open_stat(pid, keep=True)  # kept to prove the identity once seized
+        if found is None:
+            return self._skip(pid, Skip.EXITED)
+        statfd, stat = found
+        try:
+            if parent is not None and stat.ppid != parent:
+                return self._skip(pid, Skip.EXITED)  # its PID reused meanwhile
+            reason = unfreezable(stat)  # a kernel thread, a zombie, any guard's helper
+            if reason is not None:
+                return self._skip(pid, reason)
+            proc = Proc(pid, stat)
+            known[pid] = proc
+            if proc.ours and plan.journal is not None:
+                plan.journal.stopping(pid, stat.starttime)  # recorded before it is seized
+            self._hold.procs.append(proc)
+            t0 = time.perf_counter()
+            self._hold.seize_threads(proc, statfd)
+            report.signal_seconds += time.perf_counter() - t0
+        finally:
+            os.close(statfd)
         if proc.denied:
             if not plan.partial_ok:
                 self._denied[pid] = proc.denied
