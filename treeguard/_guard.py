@@ -12,11 +12,8 @@ from typing import Any, final
 
 from ._backends import BACKENDS, Backend, Journal, Plan, create
 from ._checks import (
-    PID_MAX_LIMIT,
     as_pid,
     check_guard,
-    check_options,
-    check_pid,
     check_proc,
     check_process,
 )
@@ -30,14 +27,7 @@ from ._watchdog import Watchdog, helper_pids
 from .errors import FreezeError, InvalidArgumentError, WatchdogError
 from .procfs import ProcFS
 
-__all__ = [
-    "PID_MAX_LIMIT",
-    "ProcessesGuard",
-    "check_options",
-    "check_pid",
-    "freeze_child_processes",
-    "new_guard",
-]
+__all__ = ["ProcessesGuard", "freeze_child_processes", "new_guard"]
 
 
 def new_guard(options: dict[str, Any]) -> ProcessesGuard:
@@ -327,14 +317,8 @@ class ProcessesGuard:
         """
         from ._snapshot_read import snapshot_of_freeze
 
-        return snapshot_of_freeze(
-            self.identities,
-            self.already_stopped,
-            self.report,
-            self.frozen,
-            describe=describe,
-            pss=pss,
-        )
+        held = (self.identities, self.already_stopped, self.report, self.frozen)
+        return snapshot_of_freeze(*held, describe=describe, pss=pss)
 
     @property
     def frozen(self) -> bool:

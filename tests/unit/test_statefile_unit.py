@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from treeguard import Token, TokenError
-from treeguard._guard import PID_MAX_LIMIT
+from treeguard._checks import PID_MAX_LIMIT
 from treeguard._statefile import StateJournal, parse_state
 
 identities = st.tuples(

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from treeguard import InvalidArgumentError, Token, TokenError, thaw
-from treeguard._guard import PID_MAX_LIMIT
+from treeguard._checks import PID_MAX_LIMIT
 
 pids = st.integers(1, PID_MAX_LIMIT)
 starttimes = st.integers(0, 2**64 - 1)
