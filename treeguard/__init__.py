@@ -6,6 +6,7 @@ the backends, anyio and the rest.
 """
 
 import importlib as _importlib
+import sys as _sys
 
 from ._version import __version__ as __version__
 
@@ -138,14 +139,22 @@ else:
         home = _HOMES.get(name, "")
         if home == "":
             raise AttributeError(f"module 'treeguard' has no attribute {name!r}")
-        module = _importlib.import_module(f"{__name__}.{home or name}")
-        obj = module if home is None else getattr(module, name)
-        if home is not None and getattr(obj, "__module__", "").startswith("treeguard."):
+        _importlib.import_module(f"{__name__}.{home or name}")
+        # Every public name whose module is loaded by now joins the namespace, not only the
+        # one asked for: typing.get_type_hints() resolves a class's annotations in the
+        # namespace of its __module__ (this package), where they must be found.
+        for other, where in _HOMES.items():
+            module = _sys.modules.get(f"{__name__}.{where or other}")
+            if module is not None and other not in globals():
+                globals()[other] = _published(module if where is None else getattr(module, other))
+        return globals()[name]
+
+    def _published(obj: object) -> object:
+        if getattr(obj, "__module__", "").startswith("treeguard."):
             try:  # users see treeguard.Name (and pickle finds it there), as anyio does
-                obj.__module__ = "treeguard"
+                obj.__module__ = "treeguard"  # type: ignore[attr-defined]
             except (AttributeError, TypeError):  # a type alias (Literal, Union): read-only
                 pass
-        globals()[name] = obj
         return obj
 
 

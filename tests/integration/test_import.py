@@ -125,3 +125,17 @@ def test_the_public_names_work_in_a_fresh_interpreter() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.split() == ["treeguard", "treeguard", "treeguard.cgroup"]
+
+
+def test_type_hints_resolve_whichever_name_is_reached_first() -> None:
+    # typing.get_type_hints() (pydantic, cattrs, typeguard) resolves a public class's
+    # annotations in the package's namespace: they must be there even when that class is
+    # the only name a program reached.
+    code = "import sys, typing, treeguard\ntyping.get_type_hints(getattr(treeguard, sys.argv[1]))\n"
+    names = [name for name in treeguard.__all__ if isinstance(getattr(treeguard, name), type)]
+    assert {"TreeSnapshot", "ProcessRecord", "FreezeReport", "ProcessesGuard"} <= set(names)
+    for name in names:
+        done = subprocess.run(
+            [sys.executable, "-c", code, name], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, (name, done.stderr[-2000:])
