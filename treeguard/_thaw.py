@@ -180,13 +180,16 @@ def signal_identity(
 
 
 def thaw_identities(
-    identities: Iterable[tuple[int, ...]], fs: ProcFS | None = None
+    identities: Iterable[tuple[int, ...]],
+    fs: ProcFS | None = None,
+    errors: dict[int, int] | None = None,
 ) -> tuple[int, list[int]]:
     """SIGCONT each ``(pid, starttime[, inode])``, last first (children first), skipping any
     whose PID now names another process or nothing. For a thaw from another process (a
     token, the watchdog, ``resume``). It never stops at one process: one that may not be
     signalled (EPERM), or a moment without descriptors, leaves the rest to be thawed.
 
+    :param errors: filled with the errno of each PID that could not be resumed.
     :returns: how many processes were resumed, and the PIDs that could not be (EPERM, or no
         descriptor to be had even after closing nothing else).
     """
@@ -198,6 +201,8 @@ def thaw_identities(
         inode = record[2] if len(record) > 2 else 0
         try:
             resumed += signal_identity(pid, start, signal.SIGCONT, inode=inode, fs=fs)
-        except OSError:
+        except OSError as err:
             failed.append(pid)
+            if errors is not None:
+                errors[pid] = err.errno or 0
     return resumed, failed

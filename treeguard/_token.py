@@ -15,6 +15,9 @@ recompute it), so the starttime check at thaw time is what actually protects oth
 
 from __future__ import annotations
 
+# hashlib (OpenSSL) is loaded with the tokens, not with the package, and before any thaw:
+# a token read while the descriptor table is full must not need to open a module.
+import hashlib
 import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
@@ -69,9 +72,6 @@ def _canonical(backend: str, payload: dict[str, Any]) -> str:
 
 
 def _digest(text: str) -> str:
-    # hashlib loads OpenSSL: imported when a token is written or read, not with the package.
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -268,6 +268,10 @@ def thaw(token: Token) -> int:
     :param token: from :func:`freeze` or :meth:`Token.from_json`.
     :returns: how many processes were resumed.
     :raises InvalidArgumentError: if ``token`` is not a :class:`Token`.
+    :raises FreezePermissionError: if some processes may not be signalled by this user (the
+        others were resumed).
+    :raises FreezeError: if this process's descriptor table is full: the processes it could
+        not reach are named, the others were resumed; thaw again once descriptors are free.
     """
     if not isinstance(token, Token):
         raise InvalidArgumentError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 import subprocess
@@ -79,6 +80,50 @@ def test_thawed_by_another_process(frozen: tuple[WorkerTree, treeguard.Token]) -
     done = _thaw_elsewhere(token.to_json())
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) == tree.size
+    _running(tree)
+
+
+FULL_TABLE_THAW = """
+import json, os, sys, treeguard
+token = treeguard.Token.from_json(sys.stdin.read())
+filler = []
+while True:  # the whole table, to the last slot
+    try:
+        filler.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        break
+try:
+    treeguard.thaw(token)
+    outcome = ["thawed"]
+except treeguard.FreezeError as err:
+    outcome = [type(err).__name__, str(err)]
+for fd in filler:
+    os.close(fd)
+outcome.append(treeguard.thaw(token))  # again, with descriptors: the rest
+print(json.dumps(outcome))
+"""
+
+
+def test_a_full_table_is_not_taken_for_a_permission_problem(
+    frozen: tuple[WorkerTree, treeguard.Token],
+) -> None:
+    # A process whose descriptor table is full cannot open the pidfds a thaw needs: it says
+    # so (not "may not be signalled"), names what it could not resume, and a second thaw
+    # once descriptors are free resumes every process.
+    tree, token = frozen
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_TABLE_THAW],
+        input=token.to_json(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    kind, message, resumed = json.loads(done.stdout)
+    assert kind == "FreezeError", message
+    assert "no file descriptor" in message and "thaw again" in message
+    assert resumed == tree.size
     _running(tree)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 from .._mounts import discover
 from .._thaw import thaw_identities
-from ..errors import FreezePermissionError, InvalidArgumentError, TokenError
+from ..errors import FreezeError, FreezePermissionError, InvalidArgumentError, TokenError
 from ._auto import AutoBackend
 from ._base import Backend, Journal, Plan
 from ._cgroup import CgroupBackend
@@ -138,9 +139,17 @@ def thaw_described(name: str, payload: dict[str, object]) -> int:
     if kind == "signal":
         stopped = payload["stopped"]
         assert isinstance(stopped, list)
-        resumed, refused = thaw_identities(tuple(int(v) for v in r) for r in stopped)
-        if refused:
-            raise FreezePermissionError(refused, reason="they may not be signalled by this user")
+        errors: dict[int, int] = {}
+        resumed, failed = thaw_identities((tuple(int(v) for v in r) for r in stopped), None, errors)
+        short = [pid for pid in failed if errors[pid] in (errno.EMFILE, errno.ENFILE)]
+        if short:  # not the user's rights: this process's descriptor table is full
+            raise FreezeError(
+                f"could not thaw PID(s) {short}: no file descriptor to be had "
+                f"({os.strerror(errno.EMFILE)}); the others were resumed: close some "
+                "descriptors and thaw again (a thaw is idempotent)"
+            )
+        if failed:
+            raise FreezePermissionError(failed, reason="they may not be signalled by this user")
         return resumed
     if kind == "cgroup":
         version, path, inode = payload["version"], payload["path"], payload["inode"]
