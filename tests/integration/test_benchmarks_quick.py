@@ -76,4 +76,7 @@ def test_quick_mode_runs_and_every_freeze_verifies(tmp_path: Path) -> None:
     own = found.own_directory(2)
     assert own is not None
     assert not (Path(found.v2.mountpoint) / f"treeguard-bench-floor-{bench.pid}").exists()
-    assert not [p for p in os.listdir(own) if p.startswith("treeguard-") and p not in before]
+    # Cgroup.create() names its cgroups treeguard-<pid>-<random>: the run's own, by its PID
+    # (another run on the machine may be at work meanwhile).
+    theirs = f"treeguard-{bench.pid}-"
+    assert not [p for p in os.listdir(own) if p.startswith(theirs) and p not in before]
