@@ -7,6 +7,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import FreezeError, FrozenInterrupt, InvalidArgumentError
@@ -224,6 +225,8 @@ def _pause(
     try:
         journal.inner = dog.journal
         dog.arm(max_frozen)
+        # The helper counts the lease from now: by this time it has thawed the tree.
+        lease_ends = None if max_frozen is None else time.time() + max_frozen
         report = hold.freeze(journal)
         try:
             if dog.lease_expired():
@@ -246,7 +249,8 @@ def _pause(
                 try:
                     stat = ProcFS().stat(dog.pid)
                     assert stat is not None
-                    journal.helper((dog.pid, stat.starttime, pidfd_inode(fd)))
+                    assert lease_ends is not None
+                    journal.helper((dog.pid, stat.starttime, pidfd_inode(fd)), lease_ends)
                 finally:
                     os.close(fd)
                 dog.hand_over()

@@ -98,7 +98,10 @@ class StatusReport:
             lines.append("the pause was cut short: `treeguard resume` undoes what it did")
         if self.lease is not None:
             running = "running" if self.lease["running"] else "gone (the lease ran out, or resumed)"
-            lines.append(f"lease: helper PID {self.lease['helper']} {running}")
+            line = f"lease: helper PID {self.lease['helper']} {running}"
+            if self.lease["running"] and self.lease.get("ends") is not None:
+                line += f"; it thaws the tree by {self.lease['ends']}"
+            lines.append(line)
         return "\n".join(lines)
 
 
@@ -266,7 +269,9 @@ def state_status(state: PauseState, mtime: float) -> StatusReport:
         alive = [p for p in report.processes if p.held != "gone"]
         report.frozen = bool(alive) and all(p.held == "signal" for p in alive)
     if state.helper is not None:
-        report.lease = {"helper": state.helper[0], "running": _helper_running(fs, state.helper)}
+        running = _helper_running(fs, state.helper)
+        ends = None if state.lease_ends is None else _iso(state.lease_ends)
+        report.lease = {"helper": state.helper[0], "running": running, "ends": ends}
     return report
 
 

@@ -21,7 +21,8 @@ it::
     ["stop", pid, starttime, inode]                before that process is sent SIGSTOP
     ["cgroup", version, path, inode]               before that cgroup's freeze is written
     ["token", {...}]                               the pause completed: the whole token
-    ["helper", pid, starttime, inode]              the watchdog helper keeping the lease
+    ["helper", pid, starttime, inode, ends]        the watchdog helper keeping the lease,
+                                                   which thaws by ``ends`` (Unix time)
 
 ``inode`` is the pidfs inode of the process (0 where the kernel has no pidfs), ``starttime``
 the fallback identity (see :mod:`treeguard._thaw`). Each entry is one ``write(2)`` of a
@@ -211,9 +212,10 @@ class StateJournal:
         """The pause completed: record the token and flush the file to disk."""
         write_all(self._fd, _line(["token", json.loads(token.to_json())]))
 
-    def helper(self, identity: Identity) -> None:
-        """Record the watchdog helper that keeps the lease, before it is handed the tree."""
-        write_all(self._fd, _line(["helper", *identity]))
+    def helper(self, identity: Identity, ends: float) -> None:
+        """Record the watchdog helper that keeps the lease, and the Unix time by which it
+        thaws the tree, before it is handed the tree."""
+        write_all(self._fd, _line(["helper", *identity, round(ends, 3)]))
 
 
 def _line(entry: object) -> bytes:
@@ -230,6 +232,8 @@ class PauseState:
     stopped: list[Identity] = field(default_factory=list)
     cgroups: list[tuple[int, str, int]] = field(default_factory=list)
     helper: Identity | None = None
+    #: The Unix time by which the lease's helper thaws the tree (None: not recorded).
+    lease_ends: float | None = None
 
 
 def parse_state(data: bytes) -> PauseState:
@@ -294,8 +298,15 @@ def _entry(state: PauseState, entry: object) -> None:
     kind, values = entry[0], entry[1:]
     if kind == "stop":
         state.stopped.append(_identity(values))
-    elif kind == "helper":
-        state.helper = _identity(values)
+    elif kind == "helper":  # [pid, starttime, inode] and, since it is recorded, the end
+        state.helper = _identity(values[:3])
+        if len(values) == 4:
+            ends = values[3]
+            if isinstance(ends, bool) or not isinstance(ends, (int, float)) or ends < 0:
+                raise ValueError(f"a lease ends at a Unix time, not {ends!r}")
+            state.lease_ends = float(ends)
+        elif len(values) != 3:
+            raise ValueError("a helper is [pid, starttime, inode, ends]")
     elif kind == "cgroup":
         if len(values) != 3:
             raise ValueError("a cgroup is [version, path, inode]")

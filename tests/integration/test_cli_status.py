@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -122,10 +123,18 @@ def test_status_of_a_lease(make_tree: MakeTree, tmp_path: Path, paused_cleanup: 
     tree = make_tree({}, mode="idle")
     state = tmp_path / "lease.json"
     paused_cleanup.append(state)
+    before = time.time()
     helper = test_cli.pause_with_lease(tree.root, state, "600")
+    after = time.time()
     code, data = status("--state", str(state))
-    assert code == 0 and data["lease"] == {"helper": helper, "running": True}
-    assert f"lease: helper PID {helper} running" in run("status", "--state", str(state)).stdout
+    assert code == 0 and data["lease"]["helper"] == helper and data["lease"]["running"], data
+    # when the helper thaws: 600 s after the lease was armed, within the pause command's run
+    ends = datetime.datetime.fromisoformat(data["lease"]["ends"].replace("Z", "+00:00"))
+    assert int(before) + 600 <= ends.timestamp() <= after + 600 + 1
+    text = run("status", "--state", str(state)).stdout
+    assert (
+        f"lease: helper PID {helper} running; it thaws the tree by {data['lease']['ends']}" in text
+    )
     assert run("resume", "--state", str(state)).returncode == 0
     proc.wait_until(lambda: proc.state(helper) in ("Z", None), 10, "resume to end it")
 

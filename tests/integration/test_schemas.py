@@ -191,7 +191,8 @@ def test_status_of_real_pauses(
     paused_cleanup.append(leased)
     helper = test_cli.pause_with_lease(tree.root, leased, "600")
     document = _status("--state", str(leased))
-    assert document["lease"] == {"helper": helper, "running": True}
+    assert document["lease"]["helper"] == helper and document["lease"]["running"]
+    assert document["lease"]["ends"] is not None
     assert_valid("status-1", document)
     assert run("resume", "--state", str(leased)).returncode == 0
     proc.wait_until(lambda: proc.state(helper) in ("Z", None), 10, "resume to end it")

@@ -30,7 +30,7 @@ def journal_bytes(tmp_path: Path, records: list[tuple[int, int, int]], done: boo
             journal.stopping(*record)
         if done:
             journal.completed(TOKEN)
-            journal.helper((77, 8, 9))
+            journal.helper((77, 8, 9), 1_800_000_000.25)
     finally:
         os.close(fd)
     return path.read_bytes()
@@ -46,10 +46,22 @@ def test_round_trip(
     assert state.stopped == records
     assert state.token == (TOKEN if done else None)
     assert state.helper == ((77, 8, 9) if done else None)
+    assert state.lease_ends == (1_800_000_000.25 if done else None)
     # Cut short anywhere in its last line: that line is dropped, the others are kept.
     if records and not done:
         cut = data[: data.rindex(b"[") + 5]
         assert parse_state(cut).stopped == records[:-1]
+
+
+def test_a_helper_without_its_end_is_read_and_a_bad_end_refused() -> None:
+    head = b'{"format": "treeguard-pause", "version": 2}\n'
+    state = parse_state(head + b'["helper", 77, 8, 9]\n')  # written before ends was recorded
+    assert state.helper == (77, 8, 9) and state.lease_ends is None
+    for bad in (b'"soon"', b"-1", b"true", b"[]"):
+        with pytest.raises(TokenError, match="line 2"):
+            parse_state(head + b'["helper", 77, 8, 9, ' + bad + b"]\n")
+    with pytest.raises(TokenError, match="line 2"):
+        parse_state(head + b'["helper", 77, 8, 9, 1, 2]\n')
 
 
 def test_version_1_is_a_bare_token() -> None:
