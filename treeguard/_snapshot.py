@@ -157,14 +157,19 @@ class TreeSnapshot:
         page divided among its sharers: a page shared only inside the tree counts once);
         either ``None`` when no process's value was read. ``unread`` lists the processes
         with user memory (not zombies or kernel threads) left out of a sum: their RSS, or
-        their PSS when PSS was read, could not be read."""
+        their PSS when PSS was read, could not be read.
+
+        When no memory was read at all (a snapshot taken with ``describe=False``, or one
+        whose processes all vanished before they were described) there is no sum to leave
+        anything out of: ``rss`` and ``pss`` are ``None`` and ``unread`` is empty."""
         live = [r for r in self.records if r.reason not in ("zombie", "kernel thread")]
         rss = [r.rss for r in live if r.rss is not None]
         pss = [r.pss for r in live if r.pss is not None]
+        unread = [r.pid for r in live if r.rss is None or (pss and r.pss is None)]
         return {
             "rss": sum(rss) if rss else None,
             "pss": sum(pss) if pss else None,
-            "unread": [r.pid for r in live if r.rss is None or (pss and r.pss is None)],
+            "unread": unread if rss or pss else [],
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -284,7 +289,7 @@ class TreeSnapshot:
         for key in ("rss", "pss"):
             if memory[key] is not None:
                 summary += f", {key.upper()} {_size(memory[key])}"
-        if memory["unread"] and memory["rss"] is not None:
+        if memory["unread"]:
             summary += f" ({_count(len(memory['unread']), 'process', 'processes')} unread)"
         summary += "; "
         if self.consistent:
