@@ -217,3 +217,41 @@ def test_options_that_are_not_booleans_are_refused(make_tree: MakeTree) -> None:
             guard.snapshot(pss="no")  # type: ignore[arg-type]
         proc.assert_all_stopped(tree.pids)
     proc.assert_none_stopped(tree.pids)
+
+
+def _passwd_name(uid: int) -> str | None:
+    """The first name /etc/passwd gives ``uid``, read here (as NSS's files source does)."""
+    with open("/etc/passwd") as f:
+        for line in f:
+            fields = line.rstrip("\n").split(":")
+            if len(fields) >= 3 and fields[2] == str(uid):
+                return fields[0]
+    return None
+
+
+def test_a_frozen_snapshot_asks_no_daemon_and_locks_no_unproven_map(
+    make_tree: MakeTree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While frozen, user names come from /etc/passwd (an NSS daemon such as sssd may be one
+    of the frozen processes), and a process not proven stopped (here resumed behind the
+    guard's back) gets no command line or PSS: its memory-map lock may be held by a task
+    sleeping in the kernel. What cannot block (RSS, CPU times) is still read."""
+
+    def nss(uid: int) -> object:
+        raise AssertionError(f"NSS asked for UID {uid} while the tree was frozen")
+
+    monkeypatch.setattr(pwd, "getpwuid", nss)
+    tree = make_tree({"children": [{}]}, mode="idle")
+    root, child = tree.pids
+    with ProcessesGuard(tree.root, include_root=True, backend="signal") as guard:
+        proc.assert_all_stopped(tree.pids)
+        os.kill(child, signal.SIGCONT)  # a process of this test's own tree
+        proc.wait_until(lambda: proc.state(child) == "S", 10, "the child to run again")
+        snap = guard.snapshot(pss=True)
+        assert proc.state(root) == "T"
+    assert not snap.consistent and snap.consistency == "changed"
+    held, loose = snap[root], snap[child]
+    assert held.cmdline == _cmdline(root) and held.pss is not None
+    assert loose.cmdline is None and loose.pss is None
+    assert loose.rss is not None and loose.rss > 0 and loose.cpu_user is not None
+    assert {held.user, loose.user} == {_passwd_name(os.getuid())}
