@@ -53,13 +53,36 @@ def schema(name: str) -> dict[str, Any]:
     """The shipped schema ``name`` (``"snapshot-1"``), as the package installs it."""
     text = resources.files("treeguard").joinpath(f"schemas/{name}.schema.json").read_text()
     loaded: dict[str, Any] = json.loads(text)
+    _understood(loaded)
     return loaded
 
 
+def _understood(node: Any) -> None:
+    """Fail on a keyword :func:`check` does not know: it would be silently not checked."""
+    if isinstance(node, list):
+        for item in node:
+            _understood(item)
+        return
+    if not isinstance(node, dict):
+        return
+    unknown = set(node) - KEYWORDS - ANNOTATIONS
+    if unknown:  # a schema this checker cannot read faithfully: a bug of the package
+        raise RuntimeError(f"schema keyword(s) not understood: {sorted(unknown)}")
+    for key, value in node.items():
+        if key in ("properties", "$defs"):
+            for inner in value.values():
+                _understood(inner)
+        elif key not in ("enum", "const", "required"):
+            _understood(value)
+
+
 class _Mismatch(Exception):
-    def __init__(self, where: str, problem: str) -> None:
-        super().__init__(where, problem)
-        self.where = where
+    """A wrong value; ``where`` is completed on the way up (no path is built for a value
+    that is right, which is nearly every value)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.where = ""
         self.problem = problem
 
 
@@ -72,7 +95,7 @@ def check(
     """
     root = schema(name)
     try:
-        _check(value, _resolve(root, ref), root, "", open_objects)
+        _check(value, _resolve(root, ref), root, open_objects)
     except _Mismatch as err:
         where = f"{err.where.lstrip('.')}: " if err.where else ""
         raise InvalidArgumentError(what, f"{where}{err.problem}") from None
@@ -83,7 +106,8 @@ def _resolve(root: dict[str, Any], ref: str) -> dict[str, Any]:
     for part in ref.removeprefix("#").strip("/").split("/"):
         if part:
             node = node[part]
-    return dict(node)
+    resolved: dict[str, Any] = node
+    return resolved
 
 
 def _shown(value: object) -> str:
@@ -110,7 +134,7 @@ def _is(kind: str, value: object) -> bool:
     if kind == "array":
         return isinstance(value, list)
     if kind == "object":
-        return isinstance(value, Mapping)
+        return isinstance(value, dict | Mapping)
     raise ValueError(f"unknown JSON Schema type {kind!r}")
 
 
@@ -123,17 +147,14 @@ def _same(value: object, allowed: object) -> bool:
     return type(value) is type(allowed) and value == allowed
 
 
-def _check(value: Any, node: dict[str, Any], root: dict[str, Any], at: str, open_: bool) -> None:
-    unknown = set(node) - KEYWORDS - ANNOTATIONS
-    if unknown:  # a schema this checker cannot read faithfully: a bug of the package
-        raise RuntimeError(f"schema keyword(s) not understood: {sorted(unknown)}")
+def _check(value: Any, node: dict[str, Any], root: dict[str, Any], open_: bool) -> None:
     if "$ref" in node:
-        _check(value, _resolve(root, node["$ref"]), root, at, open_)
+        _check(value, _resolve(root, node["$ref"]), root, open_)
     if "anyOf" in node:
         failures: list[_Mismatch] = []
         for branch in node["anyOf"]:
             try:
-                _check(value, branch, root, at, open_)
+                _check(value, branch, root, open_)
                 break
             except _Mismatch as err:
                 failures.append(err)
@@ -147,50 +168,62 @@ def _check(value: Any, node: dict[str, Any], root: dict[str, Any], at: str, open
             if typed:
                 raise typed[0]
             kinds = " or ".join(_kind(b.get("type", "?")) for b in node["anyOf"])
-            raise _Mismatch(at, f"expected {kinds}, not {_shown(value)}")
+            raise _Mismatch(f"expected {kinds}, not {_shown(value)}")
     if "type" in node and not _is(node["type"], value):
-        raise _Mismatch(at, f"expected {_kind(node['type'])}, not {_shown(value)}")
+        raise _Mismatch(f"expected {_kind(node['type'])}, not {_shown(value)}")
     if "const" in node and not _same(value, node["const"]):
-        raise _Mismatch(at, f"{_shown(value)} is not {node['const']!r}")
+        raise _Mismatch(f"{_shown(value)} is not {node['const']!r}")
     if "enum" in node and not any(_same(value, v) for v in node["enum"]):
-        raise _Mismatch(at, f"{_shown(value)} is not one of {node['enum']}")
-    number = _is("number", value) or _is("integer", value)
-    if "minimum" in node and number and value < node["minimum"]:
-        raise _Mismatch(at, f"{_shown(value)} is below the minimum {node['minimum']}")
-    if "maximum" in node and number and value > node["maximum"]:
-        raise _Mismatch(at, f"{_shown(value)} is above the maximum {node['maximum']}")
+        raise _Mismatch(f"{_shown(value)} is not one of {node['enum']}")
+    if (
+        ("minimum" in node or "maximum" in node)
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+    ):  # an integer beyond the float range too: 10**400 is above every maximum
+        if value < node.get("minimum", value):
+            raise _Mismatch(f"{_shown(value)} is below the minimum {node['minimum']}")
+        if value > node.get("maximum", value):
+            raise _Mismatch(f"{_shown(value)} is above the maximum {node['maximum']}")
     if "pattern" in node and isinstance(value, str) and not re.search(node["pattern"], value):
-        raise _Mismatch(at, f"{_shown(value)} does not match {node['pattern']}")
-    if isinstance(value, Mapping):
-        _check_object(value, node, root, at, open_)
+        raise _Mismatch(f"{_shown(value)} does not match {node['pattern']}")
     if isinstance(value, list):
-        _check_array(value, node, root, at, open_)
+        _check_array(value, node, root, open_)
+    elif isinstance(value, dict | Mapping):  # dict first: the ABC's check is slow
+        _check_object(value, node, root, open_)
 
 
 def _check_object(
-    value: Mapping[Any, Any], node: dict[str, Any], root: dict[str, Any], at: str, open_: bool
+    value: Mapping[Any, Any], node: dict[str, Any], root: dict[str, Any], open_: bool
 ) -> None:
     for key in node.get("required", ()):
         if key not in value:
-            raise _Mismatch(at, f"missing member {key!r}")
+            raise _Mismatch(f"missing member {key!r}")
     properties = node.get("properties", {})
     for key, member in value.items():
         if key in properties:
-            _check(member, properties[key], root, f"{at}.{key}", open_)
+            _inside(f".{key}", member, properties[key], root, open_)
         elif node.get("additionalProperties", True) is False and not open_:
-            raise _Mismatch(at, f"unknown member {_shown(key)}")
+            raise _Mismatch(f"unknown member {_shown(key)}")
 
 
-def _check_array(
-    value: list[Any], node: dict[str, Any], root: dict[str, Any], at: str, open_: bool
-) -> None:
+def _check_array(value: list[Any], node: dict[str, Any], root: dict[str, Any], open_: bool) -> None:
     if len(value) < node.get("minItems", 0):
-        raise _Mismatch(at, f"expected at least {node['minItems']} item(s), not {len(value)}")
+        raise _Mismatch(f"expected at least {node['minItems']} item(s), not {len(value)}")
     if "maxItems" in node and len(value) > node["maxItems"]:
-        raise _Mismatch(at, f"expected at most {node['maxItems']} item(s), not {len(value)}")
+        raise _Mismatch(f"expected at most {node['maxItems']} item(s), not {len(value)}")
     prefix = node.get("prefixItems", [])
     for i, item in enumerate(value):
         if i < len(prefix):
-            _check(item, prefix[i], root, f"{at}[{i}]", open_)
+            _inside(f"[{i}]", item, prefix[i], root, open_)
         elif "items" in node:
-            _check(item, node["items"], root, f"{at}[{i}]", open_)
+            _inside(f"[{i}]", item, node["items"], root, open_)
+
+
+def _inside(step: str, value: Any, node: dict[str, Any], root: dict[str, Any], open_: bool) -> None:
+    """:func:`_check` of a member or item, whose place ``step`` is put in front of the
+    place of a mismatch found inside it."""
+    try:
+        _check(value, node, root, open_)
+    except _Mismatch as err:
+        err.where = step + err.where
+        raise
