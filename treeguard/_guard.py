@@ -310,7 +310,13 @@ class ProcessesGuard:
         """A snapshot of the processes this guard froze (consistent while frozen).
 
         :param describe: also read what each process is (command line, user, RSS, CPU
-            times), after the states: see :func:`treeguard.snapshot`.
+            times), after the states: see :func:`treeguard.snapshot`. Nothing of it may
+            block on the frozen tree: user names come from ``/etc/passwd`` only (not from
+            an NSS daemon such as sssd or nscd, which may be frozen), and a process with a
+            task not proven stopped (in ``D``: it may hold its memory-map lock, waiting on
+            a frozen FUSE server) gets no command line or PSS. Pass ``describe=False`` if
+            the tree may serve files this process reads (a FUSE server of ``/etc`` or of
+            the Python installation psutil is imported from).
         :param pss: also read each process's proportional set size (what a copy of the
             tree's memory takes: ``snapshot.memory["pss"]``); slower.
         :raises InvalidArgumentError: if an option is not True or False.

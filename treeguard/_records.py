@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ._jsonshape import check
 from .errors import InvalidArgumentError
 
 __all__ = ["REASONS", "WARNING_KINDS", "ProcessRecord", "SignalState", "ThreadRecord"]
@@ -141,8 +142,15 @@ class ProcessRecord:
     def from_dict(cls, data: Mapping[str, Any]) -> ProcessRecord:
         """The record :meth:`to_dict` wrote; members added to schema 1 later may be absent.
 
-        :raises InvalidArgumentError: if a member is missing or of the wrong type.
+        :raises InvalidArgumentError: if a member is missing, of the wrong type or out of the
+            range the shipped JSON Schema allows (members it does not name are ignored).
         """
+        check(data, "snapshot-1", what="process record", ref="#/$defs/process", open_objects=True)
+        return cls.from_checked(data)
+
+    @classmethod
+    def from_checked(cls, data: Mapping[str, Any]) -> ProcessRecord:
+        """:meth:`from_dict` of a record the schema was checked on already."""
         try:
             sig = data["signals"]
             cmdline = data.get("cmdline")

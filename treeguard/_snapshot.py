@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, final
 
+from ._jsonshape import check
 from ._records import (
     REASONS,
     WARNING_KINDS,
@@ -157,14 +158,19 @@ class TreeSnapshot:
         page divided among its sharers: a page shared only inside the tree counts once);
         either ``None`` when no process's value was read. ``unread`` lists the processes
         with user memory (not zombies or kernel threads) left out of a sum: their RSS, or
-        their PSS when PSS was read, could not be read."""
+        their PSS when PSS was read, could not be read.
+
+        When no memory was read at all (a snapshot taken with ``describe=False``, or one
+        whose processes all vanished before they were described) there is no sum to leave
+        anything out of: ``rss`` and ``pss`` are ``None`` and ``unread`` is empty."""
         live = [r for r in self.records if r.reason not in ("zombie", "kernel thread")]
         rss = [r.rss for r in live if r.rss is not None]
         pss = [r.pss for r in live if r.pss is not None]
+        unread = [r.pid for r in live if r.rss is None or (pss and r.pss is None)]
         return {
             "rss": sum(rss) if rss else None,
             "pss": sum(pss) if pss else None,
-            "unread": [r.pid for r in live if r.rss is None or (pss and r.pss is None)],
+            "unread": unread if rss or pss else [],
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,18 +195,24 @@ class TreeSnapshot:
         not know are ignored, and derived members (``freezable``, ``warnings``,
         ``memory``) are computed again.
 
-        :raises InvalidArgumentError: if ``data`` is not a snapshot of schema 1.
+        Everything the shipped JSON Schema refuses is refused (types, ranges, names of
+        states and signals, finite numbers), except members it does not name.
+
+        :raises InvalidArgumentError: if ``data`` is not a snapshot of schema 1 (the message
+            names the first wrong member).
         """
+        if isinstance(data, Mapping) and data.get("schema", SCHEMA) != SCHEMA:
+            problem = f"schema {data['schema']!r} (this treeguard reads {SCHEMA})"
+            raise InvalidArgumentError("snapshot", f"not a snapshot: {problem}")
+        check(data, "snapshot-1", what="snapshot", open_objects=True)
         try:
-            if data["schema"] != SCHEMA:
-                raise ValueError(f"schema {data['schema']!r} (this treeguard reads {SCHEMA})")
             root, include_root, consistent = data["root"], data["include_root"], data["consistent"]
             if not (isinstance(include_root, bool) and isinstance(consistent, bool)):
                 raise TypeError("include_root and consistent are true or false")
             return cls(
                 root=None if root is None else _int(root),
                 include_root=include_root,
-                records=tuple(ProcessRecord.from_dict(p) for p in data["processes"]),
+                records=tuple(ProcessRecord.from_checked(p) for p in data["processes"]),
                 consistent=consistent,
                 consistency=str(data["consistency"]),
                 appeared=_pairs(data["difference"]["appeared"]),
@@ -221,7 +233,7 @@ class TreeSnapshot:
         """
         try:
             data = json.loads(text)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, RecursionError) as err:  # nesting deeper than the stack
             raise InvalidArgumentError("snapshot", f"not JSON: {err}") from None
         if not isinstance(data, dict):
             raise InvalidArgumentError("snapshot", "a snapshot is a JSON object")
@@ -284,7 +296,7 @@ class TreeSnapshot:
         for key in ("rss", "pss"):
             if memory[key] is not None:
                 summary += f", {key.upper()} {_size(memory[key])}"
-        if memory["unread"] and memory["rss"] is not None:
+        if memory["unread"]:
             summary += f" ({_count(len(memory['unread']), 'process', 'processes')} unread)"
         summary += "; "
         if self.consistent:

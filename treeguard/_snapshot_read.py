@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable
 
 from ._describe import describe as described
+from ._describe import files_user
 from ._report import FreezeReport
 from ._snapshot import ProcessRecord, SignalState, ThreadRecord, TreeSnapshot, decode_sigmask
 from ._tree import ancestors, children_source, walk
@@ -249,7 +250,10 @@ def snapshot_of_freeze(
     """The snapshot of what a freeze stopped (``identities``, parents first) and found
     stopped already, as :meth:`ProcessesGuard.snapshot` asks for it; ``describe`` and
     ``pss`` as for :func:`snapshot`, read after the states were (the freeze was proven
-    before this is called).
+    before this is called), with two reads left out that could block while the tree is
+    frozen: the command line and PSS of a process with a task not proven stopped (in ``D``,
+    say, maybe holding its memory-map lock), and user names served by an NSS daemon (names
+    come from ``/etc/passwd`` only).
 
     Consistent when the freeze holds and every one of its processes is still the same
     process and stopped: nothing could have changed between the reads.
@@ -313,7 +317,11 @@ def snapshot_of_freeze(
         consistency, consistent = "frozen", True
     found = tuple(records)
     if describe or pss:
-        found = described(found, fs, pss=pss)
+        # Nothing read may block while the tree is frozen (see treeguard._describe): the
+        # memory map of a process not proven stopped may be locked by a task of it that
+        # sleeps in the kernel, and an NSS daemon may be one of the frozen processes.
+        unproven = {r.pid for r in running} if frozen else set()
+        found = described(found, fs, pss=pss, unproven=unproven, users=files_user)
     return TreeSnapshot(
         root=None,
         include_root=True,

@@ -20,8 +20,10 @@ from tests.conftest import MakeCgroup
 from tests.integration import test_cli
 from tests.integration.test_cli import SPEC, MakeTree, run
 from treeguard import ProcessesGuard, Token
+from treeguard._snapshot import TreeSnapshot
 from treeguard._snapshot_read import snapshot
 from treeguard._token import freeze, thaw
+from treeguard.errors import InvalidArgumentError
 
 paused_cleanup = test_cli.paused_cleanup  # a fixture: resumes what a test left paused
 
@@ -113,6 +115,9 @@ def test_a_wrong_snapshot_fails(make_tree: MakeTree, change: Change) -> None:
     assert_valid("snapshot-1", document)
     change(document)
     assert_invalid("snapshot-1", document)
+    if "extra" not in document:  # the reader ignores members a later treeguard may add
+        with pytest.raises(InvalidArgumentError, match="snapshot"):
+            TreeSnapshot.from_dict(document)
 
 
 # -- tokens ---------------------------------------------------------------------------

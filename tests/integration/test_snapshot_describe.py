@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,16 +114,39 @@ def test_a_process_gone_or_replaced_is_not_described(make_tree: MakeTree) -> Non
     assert all(getattr(gone, key) is None for key in DESCRIPTION if key != "user")
 
 
+def _wait_asleep(pid: int, program: str) -> None:
+    """Wait until ``pid`` runs ``program`` past its start: the loader is done mapping and
+    relocating (which changes its RSS) once it sleeps (S) in the program with the same RSS
+    on two reads in a row."""
+    seen: list[int] = []
+
+    def asleep() -> bool:
+        if proc.state(pid) != "S" or os.path.realpath(f"/proc/{pid}/exe") != program:
+            return False
+        seen.append(_rss(pid))
+        return len(seen) >= 2 and seen[-1] == seen[-2]
+
+    proc.wait_until(asleep, 10, f"{program} ({pid}) to sleep in its own code")
+
+
 def test_what_may_not_be_read_is_absent() -> None:
     """Another user may read a root process's command line and RSS, not its PSS."""
     require_root("switching to another user")
-    target = subprocess.Popen(["sleep", "3600"], stdin=subprocess.DEVNULL)
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    target = subprocess.Popen([sleep, "3600"], stdin=subprocess.DEVNULL)
     rfd, wfd = os.pipe()
     try:
+        _wait_asleep(target.pid, os.path.realpath(sleep))
+        before = _rss(target.pid)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child reports through the pipe
             try:
                 os.close(rfd)
+                # Imported while still root: nobody may not be able to read this
+                # interpreter's packages, and describe() imports psutil only when asked.
+                import psutil  # noqa: F401
+
                 os.setgroups([])
                 os.setresgid(65534, 65534, 65534)
                 os.setresuid(65534, 65534, 65534)
@@ -136,8 +160,12 @@ def test_what_may_not_be_read_is_absent() -> None:
             rfd = -1
             record, memory = json.loads(reader.read())
         os.waitpid(pid, 0)
-        assert record["cmdline"] == ["sleep", "3600"]
-        assert record["user"] == "root" and record["rss"] == _rss(target.pid)
+        after = _rss(target.pid)
+        assert record["cmdline"] == [sleep, "3600"]
+        # sleep touches no new memory while it sleeps; should a page still come or go (the
+        # kernel may reclaim one), the value read lies between the reads around it.
+        assert record["user"] == "root"
+        assert min(before, after) <= record["rss"] <= max(before, after)
         assert record["pss"] is None  # smaps_rollup needs ptrace read access
         assert memory["unread"] == [] and memory["pss"] is None
     finally:
@@ -189,3 +217,41 @@ def test_options_that_are_not_booleans_are_refused(make_tree: MakeTree) -> None:
             guard.snapshot(pss="no")  # type: ignore[arg-type]
         proc.assert_all_stopped(tree.pids)
     proc.assert_none_stopped(tree.pids)
+
+
+def _passwd_name(uid: int) -> str | None:
+    """The first name /etc/passwd gives ``uid``, read here (as NSS's files source does)."""
+    with open("/etc/passwd") as f:
+        for line in f:
+            fields = line.rstrip("\n").split(":")
+            if len(fields) >= 3 and fields[2] == str(uid):
+                return fields[0]
+    return None
+
+
+def test_a_frozen_snapshot_asks_no_daemon_and_locks_no_unproven_map(
+    make_tree: MakeTree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While frozen, user names come from /etc/passwd (an NSS daemon such as sssd may be one
+    of the frozen processes), and a process not proven stopped (here resumed behind the
+    guard's back) gets no command line or PSS: its memory-map lock may be held by a task
+    sleeping in the kernel. What cannot block (RSS, CPU times) is still read."""
+
+    def nss(uid: int) -> object:
+        raise AssertionError(f"NSS asked for UID {uid} while the tree was frozen")
+
+    monkeypatch.setattr(pwd, "getpwuid", nss)
+    tree = make_tree({"children": [{}]}, mode="idle")
+    root, child = tree.pids
+    with ProcessesGuard(tree.root, include_root=True, backend="signal") as guard:
+        proc.assert_all_stopped(tree.pids)
+        os.kill(child, signal.SIGCONT)  # a process of this test's own tree
+        proc.wait_until(lambda: proc.state(child) == "S", 10, "the child to run again")
+        snap = guard.snapshot(pss=True)
+        assert proc.state(root) == "T"
+    assert not snap.consistent and snap.consistency == "changed"
+    held, loose = snap[root], snap[child]
+    assert held.cmdline == _cmdline(root) and held.pss is not None
+    assert loose.cmdline is None and loose.pss is None
+    assert loose.rss is not None and loose.rss > 0 and loose.cpu_user is not None
+    assert {held.user, loose.user} == {_passwd_name(os.getuid())}

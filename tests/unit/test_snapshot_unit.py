@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from treeguard._describe import files_user
 from treeguard._snapshot import (
     REASONS,
     SCHEMA,
@@ -209,7 +211,8 @@ def test_json_schema() -> None:
     ]
     # Nothing was read of what these processes are: null, and no total.
     assert {first[k] for k in ("cmdline", "user", "rss", "pss", "cpu_user", "cpu_system")} == {None}
-    assert data["memory"] == {"rss": None, "pss": None, "unread": [10, 11, 13, 14, 15]}
+    # Nothing was read, so nothing was left out of a sum: no process is "unread".
+    assert data["memory"] == {"rss": None, "pss": None, "unread": []}
     zombie = data["processes"][2]
     assert (zombie["freezable"], zombie["reason"]) == (False, "zombie")
     assert zombie["reason"] in REASONS
@@ -271,3 +274,20 @@ def test_which_backends_the_tree_would_not_notice() -> None:
     assert set(snap(relay).unnoticed_by()) == {"cgroup", "ptrace"}
     assert set(snap(_rec(22, 0, caught=("SIGCONT",))).unnoticed_by()) == {"cgroup", "ptrace"}
     assert set(snap(_rec(23, 0, tracer=7)).unnoticed_by()) == {"cgroup"}
+
+
+def test_user_names_from_the_passwd_file(tmp_path: Path) -> None:
+    passwd = tmp_path / "passwd"
+    passwd.write_text(
+        "root:x:0:0:root:/root:/bin/bash\n"
+        "# a comment line\n"
+        "broken line\n"
+        "svc:x:1000:1000::/home/svc:/bin/sh\n"
+        "alias:x:1000:1000::/home/svc:/bin/sh\n"
+        ":x:2000:2000::/:/bin/sh\n"
+    )
+    assert files_user(0, str(passwd)) == "root"
+    assert files_user(1000, str(passwd)) == "svc"  # the first line wins, as in NSS files
+    assert files_user(100, str(passwd)) is None  # 100 is a prefix of 1000, not a match
+    assert files_user(2000, str(passwd)) is None  # an empty name is no name
+    assert files_user(0, str(tmp_path / "absent")) is None
