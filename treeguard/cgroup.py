@@ -114,7 +114,8 @@ class Cgroup:
             only those :meth:`spawn` started.
         :param procfs: where /proc is (for tests).
         :raises InvalidArgumentError: if an argument is malformed.
-        :raises CgroupUnavailableError: if no such hierarchy is mounted, it is read-only,
+        :raises CgroupUnavailableError: if no such hierarchy is mounted, it is read-only, the
+            kernel has no v2 freezer (Linux 5.2+; without version=, v1 is used then),
             or this process may not create a cgroup in its own cgroup or ``parent`` (the
             message says what to do: run as root or in a delegated subtree).
         """

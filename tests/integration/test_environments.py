@@ -1,8 +1,10 @@
 """The environment matrix: each environment of :data:`tests.envbuild.ENVIRONMENTS` is built
 with namespaces (a pure cgroup v2 host, a delegated subtree owned by uid 65534, an
 unprivileged user, a v1-only host, no cgroups at all, a rootless container, a kernel
-without children files) and test_inside_environment.py runs inside it: every test must
-pass there, none may skip, and the environment's cgroups are gone afterwards.
+without children files, a hybrid host with a read-only v2 mount) and
+test_inside_environment.py runs inside it: every test must pass there, none may skip, and
+the environment's cgroups are gone afterwards (a cgroup the inside run leaves is
+reported, thawed and removed).
 
 As root (CI) every environment is built; elsewhere a missing ``unshare`` or a kernel
 without the v1 freezer skips, in CI it fails.
