@@ -148,7 +148,8 @@ def usable(found: Discovery, hierarchy: Hierarchy, parent: str | None = None) ->
     if hierarchy.version == 2:
         missing = no_v2_freezer(directory)
         if missing is not None:
-            raise CgroupUnavailableError(directory, f"{missing}: pass version=1 on such a kernel")
+            instead = "pass version=1" if found.freezer is not None else "mount the v1 freezer"
+            raise CgroupUnavailableError(directory, f"{missing}: {instead} on such a kernel")
     return directory
 
 
@@ -189,7 +190,11 @@ def choose(
             what = f"{names[version]} is not mounted: mount it" + (
                 f" or pass version={other}" if mounted[other] is not None else ""
             )
-        how = "mount -t cgroup2 none DIR, or mount -t cgroup -o freezer none DIR"
+        how = {
+            None: "mount -t cgroup2 none DIR, or mount -t cgroup -o freezer none DIR",
+            2: "mount -t cgroup2 none DIR",
+            1: "mount -t cgroup -o freezer none DIR",
+        }[version]
         raise CgroupUnavailableError(
             "/proc/self/mountinfo", f"{what} ({how}), or run where cgroups are delegated"
         )
