@@ -10,9 +10,10 @@ Run as root, as PID 1 of fresh mount and PID namespaces (the matrix starts it so
 It mounts the environment's cgroup layout (never touching the machine's: the mount
 namespace is private), makes the environment's cgroup (and, for the delegated one, hands
 it to uid 65534 as systemd's ``Delegate=yes`` does), forks the runner, which enters that
-cgroup, drops to its user and runs pytest; then it kills what is left in its cgroups,
-removes them and exits with pytest's status (a cgroup that still had child cgroups, left
-by the inside suite, makes the status 70). When it exits, the kernel kills anything left
+cgroup (one in each hierarchy it can reach: v2 and the v1 freezer), drops to its user and
+runs pytest; then it thaws and kills what is left in its cgroups, removes them and exits
+with pytest's status (a cgroup that still had child cgroups, left by the inside suite,
+makes the status 70). When it exits, the kernel kills anything left
 in the PID namespace.
 
 Uid 65534 cannot reach an interpreter or a checkout under a directory only root may
@@ -61,15 +62,21 @@ ENVIRONMENTS: dict[str, Expect] = {
     # An unprivileged user on a pure v2 host, nothing delegated: its cgroup is the root's.
     "user": Expect("v2", NOBODY, cgroup=None, refusal="may not create a cgroup"),
     # An older host: the v1 freezer controller at its usual place, no v2.
-    "v1": Expect("v1", 0, cgroup=1),
+    "v1": Expect("v1", 0, cgroup=1, delegated=True),
     # No cgroup filesystem at all.
     "none": Expect("none", 0, cgroup=None, refusal="not mounted"),
     # A rootless container: a user namespace mapping uid 65534 to root, its own PID
     # namespace and /proc, a read-only cgroup mount.
     "rootless": Expect("v2", 0, user_namespace=True, cgroup=None, refusal="read-only"),
     # A hybrid host whose kernel has no children files (simulated in the inside suite).
-    "nochildren": Expect("hybrid", 0, children_files=False),
+    "nochildren": Expect("hybrid", 0, children_files=False, delegated=True),
+    # A hybrid host whose v2 mount is read-only here, the v1 freezer writable: the cgroup
+    # backend works through v1, and the doctor says so.
+    "hybrid-rov2": Expect("hybrid", 0, cgroup=1, delegated=True),
 }
+
+#: The mounts an environment makes read-only once the runner is in its cgroups.
+READ_ONLY = {"rootless": "/sys/fs/cgroup", "hybrid-rov2": "/sys/fs/cgroup/unified"}
 
 
 def _run(*args: str) -> None:
@@ -105,16 +112,36 @@ def _mount_layout(name: str) -> None:
             _run("mount", "-t", "cgroup2", "cgroup2", "/sys/fs/cgroup/unified")
 
 
+def _mounted_hierarchies() -> list[tuple[int, str]]:
+    """The v2 and v1 freezer mountpoints of this mount namespace (the environment's)."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            head, _, tail = line.partition(" - ")
+            after = tail.split()
+            if after and after[0] == "cgroup2":
+                found.append((2, head.split()[4]))
+            elif after and after[0] == "cgroup" and "freezer" in after[-1].split(","):
+                found.append((1, head.split()[4]))
+    return sorted(found, reverse=True)
+
+
 def _make_own_cgroup(name: str) -> tuple[list[str], dict[str, str]]:
     """The environment's cgroups (made here, removed by :func:`_remove`) and what the inside
-    suite is told about them. The runner enters the first one."""
-    if name not in ("v2", "v2-delegated", "rootless"):
-        return [], {}
+    suite is told about them. The runner enters each ``tgenv-*`` one: one per hierarchy it
+    can reach (v2 and the v1 freezer), so that whatever the inside suite makes is below
+    them, checked and removed (the v1 freezer hierarchy is the machine's own, and v2's
+    too: the runner's cgroup would otherwise be the one it had on the machine)."""
     tag = secrets.token_hex(4)
-    own = f"/sys/fs/cgroup/tgenv-{tag}"
-    os.mkdir(own)
+    made = []
+    for version, mountpoint in _mounted_hierarchies():
+        own = os.path.join(mountpoint, f"tgenv-{tag}")
+        os.mkdir(own)
+        made.append(own)
+        _made(version, f"/tgenv-{tag}")
     if name != "v2-delegated":
-        return [own], {}
+        return made, {}
+    own = made[0]
     # systemd's Delegate=yes: the directory and these three files belong to the user.
     for entry in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
         os.chown(os.path.join(own, entry), NOBODY, NOBODY)
@@ -123,7 +150,13 @@ def _make_own_cgroup(name: str) -> tuple[list[str], dict[str, str]]:
     half = f"/sys/fs/cgroup/tgenv-{tag}-half"
     os.mkdir(half)
     os.chown(half, NOBODY, NOBODY)
-    return [own, half], {"TREEGUARD_TEST_HALF": half}
+    _made(2, f"/tgenv-{tag}-half")
+    return [*made, half], {"TREEGUARD_TEST_HALF": half}
+
+
+def _made(version: int, cgroup: str) -> None:
+    """Tell the matrix a cgroup made (by its path in the hierarchy), to check it is gone."""
+    print(f"envbuild: made cgroup v{version} {cgroup}", file=sys.stderr, flush=True)
 
 
 def _reachable(paths: list[str]) -> None:
@@ -165,11 +198,12 @@ def _open_up(directory: str, needed: dict[str, dict]) -> None:
 
 def _runner(name: str, cgroups: list[str], env: dict[str, str], argv: list[str]) -> None:
     """In the forked child: enter the environment's cgroup, become its user, run pytest."""
-    if cgroups:
-        with open(os.path.join(cgroups[0], "cgroup.procs"), "w") as f:
-            f.write("0")
-    if name == "rootless":  # a container's cgroup mount without delegation
-        _run("mount", "-o", "remount,bind,ro", "/sys/fs/cgroup")
+    for path in cgroups:
+        if not path.endswith("-half"):
+            with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                f.write("0")  # "the writer", in v1 and v2 alike
+    if name in READ_ONLY:  # a container's cgroup mount without delegation
+        _run("mount", "-o", "remount,bind,ro", READ_ONLY[name])
     os.chdir(os.getcwd())  # through the bind mounts of _reachable
     expect = ENVIRONMENTS[name]
     if expect.uid == NOBODY or name == "rootless":
@@ -193,31 +227,108 @@ def _runner(name: str, cgroups: list[str], env: dict[str, str], argv: list[str])
 
 
 def _remove(cgroups: list[str]) -> bool:
-    """Kill what is left in the environment's cgroups and remove them; False if one still
-    had a child cgroup (the inside suite left it)."""
-    clean = True
-    if cgroups and "ro" in _options("/sys/fs/cgroup"):
-        _run("mount", "-o", "remount,bind,rw", "/sys/fs/cgroup")
-    for path in cgroups:
-        if not os.path.isdir(path):
-            continue
-        below = [os.path.join(t, d) for t, ds, _ in os.walk(path) for d in ds]
-        if below:
-            clean = False
-            print(f"envbuild: cgroups left behind: {below}", file=sys.stderr)
-        with open(os.path.join(path, "cgroup.kill"), "w") as f:
-            f.write("1")  # frozen ones die too (cgroup-v2.rst)
-        deadline = time.monotonic() + 10
-        for d in [*sorted(below, key=len, reverse=True), path]:
-            while True:
-                try:
-                    os.rmdir(d)
-                    break
-                except OSError:  # EBUSY: its last tasks are not released yet
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.005)
-    return clean
+    """Thaw, kill what is left in the environment's cgroups and remove them; False if one
+    still had a child cgroup (the inside suite left it).
+
+    Every cgroup of every hierarchy is thawed before any is killed: a process left frozen
+    in a v1 cgroup is in a v2 one too, and dies (leaving that one removable) only once
+    thawed.
+    """
+    for mountpoint in set(READ_ONLY.values()):
+        if cgroups and "ro" in _options(mountpoint):
+            _run("mount", "-o", "remount,bind,rw", mountpoint)
+    trees = {path: _below(path) for path in cgroups if os.path.isdir(path)}
+    left = [d for below in trees.values() for d in below]
+    if left:
+        print(f"envbuild: cgroups left behind: {left}", file=sys.stderr)
+    deadline = time.monotonic() + 10
+    for path, below in trees.items():
+        _thaw([path, *below])
+    for path, below in trees.items():
+        _kill([path, *below], deadline)
+    for path, below in trees.items():
+        _rmdir([*reversed(below), path], deadline)
+    return not left
+
+
+def _below(path: str) -> list[str]:
+    """The cgroups below ``path``, parents first."""
+    return sorted((os.path.join(t, d) for t, ds, _ in os.walk(path) for d in ds), key=len)
+
+
+def _remove_one(path: str, deadline: float) -> None:
+    """Thaw, empty and remove one cgroup and those below it."""
+    below = _below(path)
+    _thaw([path, *below])
+    _kill([path, *below], deadline)
+    _rmdir([*reversed(below), path], deadline)
+
+
+def _write(path: str, data: str) -> bool:
+    """Write a cgroup file; False if this cgroup has no such file (cgroupfs refuses to
+    create one with EACCES, so its absence is asked first)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "w") as f:
+        f.write(data)
+    return True
+
+
+def _thaw(cgroups: list[str]) -> None:
+    """Thaw each cgroup, parents first (a v1 child stays frozen while its parent is): a
+    v1-frozen task does not die of SIGKILL until thawed."""
+    for d in cgroups:
+        if not _write(os.path.join(d, "cgroup.freeze"), "0"):
+            _write(os.path.join(d, "freezer.state"), "THAWED")
+
+
+def _kill(cgroups: list[str], deadline: float) -> None:
+    """Kill every task in the cgroups: through cgroup.kill (v2, Linux 5.14+) where the top
+    one has it, else by the PIDs each lists."""
+    if _write(os.path.join(cgroups[0], "cgroup.kill"), "1"):
+        return
+    for d in cgroups:
+        kill_listed(d, deadline)
+
+
+def _rmdir(cgroups: list[str], deadline: float) -> None:
+    for d in cgroups:
+        while True:
+            try:
+                os.rmdir(d)
+                break
+            except OSError:  # EBUSY: its last tasks are not released yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+
+
+def kill_listed(cgroup: str, deadline: float) -> None:
+    """SIGKILL each process listed in ``cgroup``'s cgroup.procs until none is left (a
+    process may fork while it is killed), for kernels without cgroup.kill and for v1.
+
+    :raises TimeoutError: if processes are still listed at ``deadline``.
+    """
+    while True:
+        with open(os.path.join(cgroup, "cgroup.procs")) as f:
+            # 0: a process of another PID namespace (cgroup-v2.rst), not ours to signal
+            pids = [pid for pid in map(int, f.read().split()) if pid > 0]
+        if not pids:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{cgroup} still holds {pids}")
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if os.getpid() == 1:  # as init, reap them: orphans of the inside suite
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            except ChildProcessError:
+                pass
+        time.sleep(0.005)
 
 
 def _options(mountpoint: str) -> list[str]:
@@ -245,7 +356,6 @@ def main() -> int:
     try:
         _mount_layout(name)
         cgroups, told = _make_own_cgroup(name)
-        print(f"envbuild: made cgroups {' '.join(cgroups)}", file=sys.stderr, flush=True)
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", b"") or b""
         print(f"envbuild: cannot build {name}: {err} {detail.decode()}", file=sys.stderr)

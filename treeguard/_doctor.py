@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import _ptrace
-from ._delegation import SYSTEMD_SCOPE, creatable
-from ._mounts import discover, layout
+from ._delegation import choose, creatable
+from ._mounts import Discovery, discover, layout
 from ._thaw import has_pidfs
+from .errors import CgroupUnavailableError
 from .procfs import ProcFS
 
 __all__ = ["Diagnosis", "HierarchyFacts", "diagnose"]
@@ -63,6 +64,7 @@ class Diagnosis:
     layout: str  # "v2", "v1", "hybrid", "none"
     v2: HierarchyFacts | None
     v1_freezer: HierarchyFacts | None
+    create_version: int | None  # the hierarchy Cgroup.create() uses by default; None: refused
     backends: dict[str, Backend] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,12 +161,29 @@ def diagnose(fs: ProcFS | None = None) -> Diagnosis:
         layout=layout(fs),
         v2=facts[2],
         v1_freezer=facts[1],
+        create_version=None,
     )
-    diagnosis.backends = _backends(diagnosis)
+    cgroup = _cgroup(found, diagnosis)
+    diagnosis.backends = _backends(diagnosis, cgroup)
     return diagnosis
 
 
-def _backends(d: Diagnosis) -> dict[str, Backend]:
+def _cgroup(found: Discovery, d: Diagnosis) -> Backend:
+    """The cgroup backend as Cgroup.create() (version=None) would find it: the same
+    choice (:func:`._delegation.choose`), recorded in ``d.create_version``."""
+    try:
+        hierarchy, where = choose(found)
+    except CgroupUnavailableError as err:
+        return Backend(False, str(err))
+    d.create_version = hierarchy.version
+    return Backend(
+        True,
+        f"the kernel's v{hierarchy.version} freezer, for a tree spawned into "
+        f"Cgroup.create()'s cgroup (made in {where})",
+    )
+
+
+def _backends(d: Diagnosis, cgroup: Backend) -> dict[str, Backend]:
     # Root's capabilities reach only as far as its user namespace (user_namespaces(7)).
     if d.uid != 0:
         whose = f"processes of uid {d.uid}"
@@ -180,24 +199,6 @@ def _backends(d: Diagnosis) -> dict[str, Backend]:
         ptrace = Backend(True, "seizes every thread; for this process's own descendants")
     else:
         ptrace = Backend(True, f"seizes every thread; for {whose}")
-    places = [(v, f) for v, f in ((2, d.v2), (1, d.v1_freezer)) if f is not None]
-    usable = [(v, f) for v, f in places if f.create_in is not None]
-    if usable:
-        version, where = usable[0]
-        cgroup = Backend(
-            True,
-            f"the kernel's v{version} freezer, for a tree spawned into Cgroup.create()'s "
-            f"cgroup (made in {where.create_in})",
-        )
-    elif places:
-        reasons = "; ".join(f"v{v}: {f.why_not}" for v, f in places)
-        cgroup = Backend(False, reasons)
-    else:
-        cgroup = Backend(
-            False,
-            "cgroup v2 and the v1 freezer are not mounted (mount one, or run where cgroups "
-            f"are delegated: `{SYSTEMD_SCOPE}`)",
-        )
     order = [
         *(["cgroup for a tree alone in a cgroup made by Cgroup.create()"] * cgroup.available),
         *(["ptrace for this process's own tree (not tokens, not leases)"] * ptrace.available),

@@ -30,7 +30,7 @@ from ._backends._cgroup import CgroupV1Backend, CgroupV2Backend
 from ._backends._freezers import freezer_for
 from ._cgroup_members import adopt_into, kill_members
 from ._cgroupfs import parse_keyed, procs_below, read_file
-from ._delegation import parent_for
+from ._delegation import choose
 from ._drive import run_sync
 from ._mounts import (
     Discovery,
@@ -78,7 +78,7 @@ class Cgroup:
         if not isinstance(path, str) or not path:
             raise InvalidArgumentError("path", f"must be a directory path, not {path!r}")
         found = version_of(path)
-        if version not in (None, 1, 2):
+        if isinstance(version, bool) or version not in (None, 1, 2):
             raise InvalidArgumentError("version", f"must be 1 or 2, not {version!r}")
         if found is None or (version is not None and version != found):
             want = "v2 or v1 freezer" if version is None else f"v{version}"
@@ -104,7 +104,8 @@ class Cgroup:
     ) -> Cgroup:
         """Make a fresh child cgroup named ``treeguard-<pid>-<random>``.
 
-        :param version: 2 or 1 (v1 freezer); default: v2 when mounted, else v1.
+        :param version: 2 or 1 (v1 freezer); default: v2 when it is usable here (this
+            process may make a cgroup in it and the kernel has its freezer), else v1.
         :param parent: the cgroup directory to create it in; default: the caller's own
             cgroup (a delegated subtree; the hierarchy's root only for a caller in it).
         :param name: the new directory's name (must start with ``treeguard-`` for
@@ -113,42 +114,29 @@ class Cgroup:
             only those :meth:`spawn` started.
         :param procfs: where /proc is (for tests).
         :raises InvalidArgumentError: if an argument is malformed.
-        :raises CgroupUnavailableError: if no such hierarchy is mounted, it is read-only,
+        :raises CgroupUnavailableError: if no such hierarchy is mounted, it is read-only, the
+            kernel has no v2 freezer (Linux 5.2+; without version=, v1 is used then),
             or this process may not create a cgroup in its own cgroup or ``parent`` (the
             message says what to do: run as root or in a delegated subtree).
         """
-        if version not in (None, 1, 2):
+        if isinstance(version, bool) or version not in (None, 1, 2):
             raise InvalidArgumentError("version", f"must be 1, 2 or None, not {version!r}")
         if name is None:
             name = f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
-        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        if (
+            not isinstance(name, str)
+            or not name
+            or "/" in name
+            or "\0" in name
+            or name in (".", "..")
+        ):
             raise InvalidArgumentError("name", f"must be a plain directory name, not {name!r}")
         if not isinstance(kill_on_exit, bool):
             raise InvalidArgumentError("kill_on_exit", "must be True or False")
-        found = discover(procfs)
-        if version is None:
-            version = 2 if found.v2 is not None else 1
-        hierarchy = found.v2 if version == 2 else found.freezer
-        if hierarchy is None:
-            what = "cgroup v2" if version == 2 else "the cgroup v1 freezer controller"
-            raise CgroupUnavailableError(
-                "/proc/self/mountinfo",
-                f"{what} is not mounted: mount it (mount -t "
-                + ("cgroup2 none DIR" if version == 2 else "cgroup -o freezer none DIR")
-                + ")"
-                + (" or pass version=1" if version == 2 and found.freezer else "")
-                + (" or pass version=2" if version == 1 and found.v2 else ""),
-            )
-        if parent is not None:
-            if not isinstance(parent, str):
-                raise InvalidArgumentError("parent", f"must be a path, not {parent!r}")
-            parent = os.path.abspath(parent)
-            mount = hierarchy.mountpoint.rstrip("/")
-            if parent != mount and not parent.startswith(mount + "/"):
-                raise CgroupUnavailableError(
-                    parent, f"not in the cgroup v{version} hierarchy mounted at {mount}"
-                )
-        chosen = parent_for(found, hierarchy, parent)
+        if parent is not None and (not isinstance(parent, str) or not parent or "\0" in parent):
+            raise InvalidArgumentError("parent", f"must be a path, not {parent!r}")
+        hierarchy, chosen = choose(discover(procfs), version, parent)
+        version = hierarchy.version
         path = os.path.join(chosen, name)
         try:
             os.mkdir(path, 0o755)

@@ -30,6 +30,7 @@ from treeguard import ProcessesGuard
 from treeguard._backends import Plan, thaw_described, validate_described
 from treeguard._backends._cgroup import CgroupV2Backend
 from treeguard._backends._freezers import thaw_cgroup
+from treeguard._delegation import choose
 from treeguard._drive import Steps, run_async
 from treeguard._subreaper import is_subreaper, set_subreaper
 from treeguard._workers import WorkerTree, chain, demo_spec, wide
@@ -755,6 +756,31 @@ def test_create_refused_outside_the_hierarchy(tmp_path: Any) -> None:
     require_root("cgroup tests")
     with pytest.raises(CgroupUnavailableError, match="not in the cgroup"):
         Cgroup.create(parent=str(tmp_path))
+
+
+def test_create_names_a_missing_parent_as_missing() -> None:
+    require_root("cgroup tests")
+    hierarchy, _ = choose(discover())
+    gone = os.path.join(hierarchy.mountpoint, f"treeguard-gone-{os.urandom(4).hex()}")
+    with pytest.raises(CgroupUnavailableError, match="no such directory") as caught:
+        Cgroup.create(parent=gone)
+    assert caught.value.path == gone and "run as root" not in str(caught.value)
+    assert not os.path.exists(gone)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("name", "treeguard-a\0b"), ("version", True), ("version", False), ("parent", "/x\0")],
+)
+def test_create_refuses_malformed_arguments_touching_nothing(option: str, value: Any) -> None:
+    require_root("cgroup tests")
+    hierarchy, where = choose(discover())
+    before = sorted(os.listdir(where))
+    with pytest.raises(InvalidArgumentError, match=option):
+        Cgroup.create(**{option: value})
+    assert sorted(os.listdir(where)) == before
+    with pytest.raises(InvalidArgumentError, match="version"):
+        Cgroup(where, version=True)
 
 
 def test_direct_freeze_and_async_driver(
