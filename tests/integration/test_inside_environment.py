@@ -11,6 +11,7 @@ with its clear error and leaves the tree running.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -188,8 +189,9 @@ def _agrees_with_the_kernel(doctor: dict[str, Any]) -> None:
 
 
 def _probe(directory: str, version: int) -> bool:
-    """Whether a freezable cgroup can be made in ``directory`` and this process moved
-    into it and back (what Cgroup.create() and spawn() need)."""
+    """Whether a freezable cgroup can be made in ``directory`` and a process of this one
+    moved into it (what Cgroup.create() and spawn() need). A forked child moves, never
+    the test runner: it exits there, and the empty cgroup is removed."""
     if not os.access(directory, os.W_OK | os.X_OK):
         return False
     probe = os.path.join(directory, f"tgprobe-{os.getpid()}-{os.urandom(4).hex()}")
@@ -202,15 +204,30 @@ def _probe(directory: str, version: int) -> bool:
             os.path.join(probe, "cgroup.freeze" if version == 2 else "freezer.state")
         ):
             return False
-        with open(os.path.join(probe, "cgroup.procs"), "w") as f:
-            f.write("0")
-        with open(os.path.join(directory, "cgroup.procs"), "w") as f:
-            f.write("0")
-        return True
-    except OSError:
-        return False
+        child = os.fork()
+        if child == 0:  # pragma: no cover - reports through its exit status
+            try:
+                with open(os.path.join(probe, "cgroup.procs"), "w") as f:
+                    f.write("0")
+            except OSError:
+                os._exit(1)
+            os._exit(0)
+        _, status = os.waitpid(child, 0)
+        return os.waitstatus_to_exitcode(status) == 0
     finally:
-        os.rmdir(probe)
+        # the child has exited: a cgroup whose last task is gone empties at once, yet its
+        # rmdir may meet EBUSY for a moment while the kernel finishes that exit
+        proc.wait_until(lambda: _removed(probe), 10, f"{probe} to be removed")
+
+
+def _removed(path: str) -> bool:
+    try:
+        os.rmdir(path)
+    except OSError as err:
+        if err.errno == errno.EBUSY:
+            return False
+        raise
+    return True
 
 
 # -- the faces, through each backend the environment offers --------------------------------
