@@ -114,3 +114,35 @@ def children(pid: int) -> list[int]:
         return [int(c) for c in read_text(f"/proc/{pid}/task/{pid}/children").split()]
     except (FileNotFoundError, ProcessLookupError):
         return []
+
+
+def as_nobody(work: Callable[[], object]) -> object:
+    """``work()`` in a forked child that became uid/gid 65534 with no supplementary groups;
+    its result, which must be JSON, comes back through a pipe. (Whatever ``work`` needs to
+    import must be imported before: nobody may not read this interpreter's files.)"""
+    import json
+
+    rfd, wfd = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                os.close(rfd)
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+                os.write(wfd, json.dumps(work()).encode())
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        wfd = -1
+        with os.fdopen(rfd, "rb") as reader:
+            rfd = -1
+            data = reader.read()
+        os.waitpid(pid, 0)
+        assert data, "the child reported nothing (it failed as user nobody)"
+        return json.loads(data)
+    finally:
+        for fd in (rfd, wfd):
+            if fd >= 0:
+                os.close(fd)

@@ -135,31 +135,18 @@ def test_what_may_not_be_read_is_absent() -> None:
     sleep = shutil.which("sleep")
     assert sleep is not None
     target = subprocess.Popen([sleep, "3600"], stdin=subprocess.DEVNULL)
-    rfd, wfd = os.pipe()
     try:
         _wait_asleep(target.pid, os.path.realpath(sleep))
         before = _rss(target.pid)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child reports through the pipe
-            try:
-                os.close(rfd)
-                # Imported while still root: nobody may not be able to read this
-                # interpreter's packages, and describe() imports psutil only when asked.
-                import psutil  # noqa: F401
+        # Imported while still root: nobody may not be able to read this interpreter's
+        # packages, and describe() imports psutil only when asked.
+        import psutil  # noqa: F401
 
-                os.setgroups([])
-                os.setresgid(65534, 65534, 65534)
-                os.setresuid(65534, 65534, 65534)
-                snap = snapshot(target.pid, pss=True)
-                os.write(wfd, json.dumps([snap[target.pid].to_dict(), snap.memory]).encode())
-            finally:
-                os._exit(0)
-        os.close(wfd)
-        wfd = -1
-        with os.fdopen(rfd, "rb") as reader:
-            rfd = -1
-            record, memory = json.loads(reader.read())
-        os.waitpid(pid, 0)
+        def taken() -> object:
+            snap = snapshot(target.pid, pss=True)
+            return [snap[target.pid].to_dict(), snap.memory]
+
+        record, memory = proc.as_nobody(taken)
         after = _rss(target.pid)
         assert record["cmdline"] == [sleep, "3600"]
         # sleep touches no new memory while it sleeps; should a page still come or go (the
@@ -169,9 +156,6 @@ def test_what_may_not_be_read_is_absent() -> None:
         assert record["pss"] is None  # smaps_rollup needs ptrace read access
         assert memory["unread"] == [] and memory["pss"] is None
     finally:
-        for fd in (rfd, wfd):
-            if fd >= 0:
-                os.close(fd)
         target.kill()
         target.wait()
 
