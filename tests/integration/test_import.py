@@ -100,6 +100,10 @@ def test_every_public_name_is_there_and_says_treeguard() -> None:
         if isinstance(obj, (type, types.FunctionType)):  # not the type aliases, not cgroup
             assert obj.__module__ == "treeguard", name
     assert set(treeguard.__all__) == set(treeguard._HOMES)  # each name has a home
+    # the lazy table lists each public module's names itself: none may be forgotten
+    assert {n for n, home in treeguard._HOMES.items() if home == "errors"} == set(
+        treeguard.errors.__all__
+    )
     assert set(treeguard.__all__) <= set(dir(treeguard))
     assert {"__version__", "__all__"} <= set(dir(treeguard))
     typo = "ProcesGuard"
