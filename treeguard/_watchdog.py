@@ -22,7 +22,7 @@ import os
 import select
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._journal import (
     _CGROUP,
@@ -121,6 +121,15 @@ class Watchdog:
             fds += (cmd_r, cmd_w, ready_r, ready_w)
             package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             argv = [str(memfd), str(cmd_r), str(ready_w), str(os.getpid())]
+            # A process group of its own: neither the terminal's signals (sent to the
+            # foreground group) nor one sent to the supervisor's group reach it. Not a
+            # session of its own: with autogroup scheduling (sched(7)) a new session is a
+            # new scheduling group, which a busy machine was seen to keep off the CPU for
+            # seconds, delaying the helper's start and so its thaw. (Python 3.10 has no
+            # process_group: a session there.)
+            group: dict[str, Any] = (
+                {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+            )
             proc = subprocess.Popen(
                 [
                     sys.executable,
@@ -134,8 +143,8 @@ class Watchdog:
                 pass_fds=(memfd, cmd_r, ready_w),  # and nothing else (close_fds)
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                start_new_session=True,  # no terminal or process-group signal reaches it
                 cwd="/",  # keeps no directory busy (a handed-over helper outlives us)
+                **group,
             )
             os.close(cmd_r)
             os.close(ready_w)

@@ -490,8 +490,8 @@ def test_two_guards_never_stop_each_others_helper(start: Any) -> None:
 
 def test_helper_thaws_past_a_process_it_may_not_signal(start: Any) -> None:
     """A supervisor without CAP_KILL freezes, with ``partial_ok=True``, a tree that holds a
-    process of another user (journaled, then refused: EPERM, as the helper is refused too,
-    being in another session, kill(2)). Killed, its helper thaws every other process."""
+    process of another user (journaled, then refused: EPERM). Killed, its helper thaws every
+    other process."""
     require_root("a process of another user, and dropping CAP_KILL")
     nokill = ("setpriv", "--bounding-set", "-kill")
     sup, read = start("die", watchdog=True, partial_ok=True, flags=("foreign",), prefix=nokill)
