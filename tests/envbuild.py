@@ -247,7 +247,7 @@ def _remove(cgroups: list[str]) -> bool:
     for path, below in trees.items():
         _kill([path, *below], deadline)
     for path, below in trees.items():
-        _rmdir([*reversed(below), path], deadline)
+        rmdir_cgroups([*reversed(below), path], deadline)
     return not left
 
 
@@ -261,7 +261,7 @@ def _remove_one(path: str, deadline: float) -> None:
     below = _below(path)
     _thaw([path, *below])
     _kill([path, *below], deadline)
-    _rmdir([*reversed(below), path], deadline)
+    rmdir_cgroups([*reversed(below), path], deadline)
 
 
 def _write(path: str, data: str) -> bool:
@@ -291,7 +291,9 @@ def _kill(cgroups: list[str], deadline: float) -> None:
         kill_listed(d, deadline)
 
 
-def _rmdir(cgroups: list[str], deadline: float) -> None:
+def rmdir_cgroups(cgroups: list[str], deadline: float) -> None:
+    """Remove each (empty) cgroup directory, in order, retrying while the kernel has not
+    yet released its last exited tasks (EBUSY) until ``deadline``."""
     for d in cgroups:
         while True:
             try:

@@ -7,8 +7,11 @@ a process that is not stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable
+import signal
+import subprocess
+from collections.abc import Callable, Iterable, Iterator
 
 import psutil
 
@@ -146,3 +149,18 @@ def as_nobody(work: Callable[[], object]) -> object:
         for fd in (rfd, wfd):
             if fd >= 0:
                 os.close(fd)
+
+
+@contextlib.contextmanager
+def stopped_sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A ``sleep 60`` the test stopped itself (SIGSTOP, seen ``T``), killed and reaped
+    afterwards whatever happened: a victim whose PID a forged record names."""
+    victim = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: task_states(victim.pid), 10)
+        victim.send_signal(signal.SIGSTOP)
+        wait_until(lambda: stopped([victim.pid]), 10, "the victim to stop")
+        yield victim
+    finally:
+        victim.kill()
+        victim.wait()

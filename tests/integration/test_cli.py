@@ -30,6 +30,7 @@ from treeguard._token import Token
 from treeguard._token import freeze as freeze_token
 from treeguard._token import thaw as thaw_token
 from treeguard._workers import WorkerTree, wide
+from treeguard.cgroup import Cgroup
 from treeguard.procfs import HELPER_COMM
 
 MakeTree = Callable[..., WorkerTree]
@@ -296,11 +297,7 @@ def test_malicious_state_files(
 
 
 def test_tampered_token_never_signals_another_process(tmp_path: Path) -> None:
-    victim = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
-    try:
-        proc.wait_until(lambda: proc.task_states(victim.pid), 10)
-        victim.send_signal(signal.SIGSTOP)
-        proc.wait_until(lambda: proc.stopped([victim.pid]), 10, "the victim to stop")
+    with proc.stopped_sleeper() as victim:
         real = proc.starttime(victim.pid)
         # A well-formed token (its digest recomputed) naming the victim's PID with another
         # starttime: as if the PID had been recycled, or the file edited.
@@ -319,9 +316,6 @@ def test_tampered_token_never_signals_another_process(tmp_path: Path) -> None:
         os.close(fd)
         assert_clean_error(run("resume", "--state", str(state)), 6, "digest mismatch")
         assert proc.stopped([victim.pid])
-    finally:
-        victim.kill()
-        victim.wait()
 
 
 def test_permission_denied_as_another_user(make_tree: MakeTree) -> None:
@@ -387,15 +381,25 @@ def test_demo() -> None:
     assert " T, " in result.stdout  # the frozen tree, drawn with each process's state
 
 
+def _exits_7_if_frozen(cg: Cgroup) -> list[str]:
+    """A CMD for ``freeze`` that exits 7 if the kernel says ``cg`` is frozen while it runs
+    (``frozen 1`` in cgroup.events), 1 otherwise."""
+    events = os.path.join(cg.path, "cgroup.events")
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; sys.exit(7 if 'frozen 1' in open({events!r}).read() else 1)",
+    ]
+
+
 def test_freeze_and_pause_with_the_cgroup_backend(
     make_tree: MakeTree, cgroup: MakeCgroup, tmp_path: Path, paused_cleanup: list[Path]
 ) -> None:
     # A tree spawned into a treeguard cgroup, frozen by the kernel through the command line.
     cg = cgroup(2)
     tree = make_tree(SPEC, spawn=cg.spawn)
-    events = os.path.join(cg.path, "cgroup.events")
-    check = f"import sys; sys.exit(7 if 'frozen 1' in open({events!r}).read() else 1)"
-    result = run("freeze", "--backend", "cgroup", str(tree.root), "--", sys.executable, "-c", check)
+    check = _exits_7_if_frozen(cg)
+    result = run("freeze", "--backend", "cgroup", str(tree.root), "--", *check)
     assert result.returncode == 7, result.stderr
     assert not cg.frozen
     state = tmp_path / "paused.json"
@@ -643,11 +647,7 @@ def test_resume_reads_a_version_1_state_file(make_tree: MakeTree, tmp_path: Path
 def test_resume_checks_pidfs_inodes(tmp_path: Path) -> None:
     """A journal record naming the right PID and starttime but another pidfs inode (a PID
     reused within one clock tick) is never signalled by resume."""
-    victim = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
-    try:
-        proc.wait_until(lambda: proc.task_states(victim.pid), 10)
-        victim.send_signal(signal.SIGSTOP)
-        proc.wait_until(lambda: proc.stopped([victim.pid]), 10, "the victim to stop")
+    with proc.stopped_sleeper() as victim:
         fd = os.pidfd_open(victim.pid)
         inode = pidfd_inode(fd)
         os.close(fd)
@@ -664,9 +664,6 @@ def test_resume_checks_pidfs_inodes(tmp_path: Path) -> None:
             if given != inode:
                 assert proc.stopped([victim.pid]), "resume signalled another process"
         proc.assert_none_stopped([victim.pid])  # the right inode: resumed
-    finally:
-        victim.kill()
-        victim.wait()
 
 
 # -- pause refuses what it cannot hold; backends and --partial-ok ---------------------------
@@ -798,9 +795,8 @@ def test_freeze_and_pause_a_cgroup_by_path(
 ) -> None:
     cg = cgroup(2)
     tree = make_tree(SPEC, spawn=cg.spawn)
-    events = os.path.join(cg.path, "cgroup.events")
-    check = f"import sys; sys.exit(7 if 'frozen 1' in open({events!r}).read() else 1)"
-    result = run("freeze", "--cgroup", cg.path, "--", sys.executable, "-c", check)
+    check = _exits_7_if_frozen(cg)
+    result = run("freeze", "--cgroup", cg.path, "--", *check)
     assert result.returncode == 7, result.stderr
     assert not cg.frozen
     state = tmp_path / "paused.json"

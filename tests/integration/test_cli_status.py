@@ -6,7 +6,6 @@ import datetime
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -142,11 +141,7 @@ def test_status_of_a_lease(make_tree: MakeTree, tmp_path: Path, paused_cleanup: 
 def test_status_checks_identity_not_pid(tmp_path: Path) -> None:
     """A state file naming a stopped process's PID with another starttime (the PID reused)
     says that process is gone: a bare PID is never trusted."""
-    victim = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
-    try:
-        proc.wait_until(lambda: proc.task_states(victim.pid), 10)
-        victim.send_signal(signal.SIGSTOP)
-        proc.wait_until(lambda: proc.stopped([victim.pid]), 10, "the victim to stop")
+    with proc.stopped_sleeper() as victim:
         real = proc.starttime(victim.pid)
         for attempt, starttime in enumerate((real + 1, real)):
             state = tmp_path / f"state-{attempt}.json"
@@ -160,9 +155,6 @@ def test_status_checks_identity_not_pid(tmp_path: Path) -> None:
             assert code == (8 if want == "gone" else 0)
             assert not data["completed"]  # a journal without its token: cut short
         assert proc.stopped([victim.pid])  # status signals nothing
-    finally:
-        victim.kill()
-        victim.wait()
 
 
 def test_status_needs_pid_or_state() -> None:

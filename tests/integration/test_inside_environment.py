@@ -11,12 +11,12 @@ with its clear error and leaves the tree running.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import pytest
 
 import treeguard
 from tests import proc
-from tests.envbuild import ENVIRONMENTS
+from tests.envbuild import ENVIRONMENTS, rmdir_cgroups
 from treeguard import ProcessesGuard
 from treeguard._doctor import diagnose
 from treeguard._tree import PpidScan
@@ -215,19 +215,9 @@ def _probe(directory: str, version: int) -> bool:
         _, status = os.waitpid(child, 0)
         return os.waitstatus_to_exitcode(status) == 0
     finally:
-        # the child has exited: a cgroup whose last task is gone empties at once, yet its
-        # rmdir may meet EBUSY for a moment while the kernel finishes that exit
-        proc.wait_until(lambda: _removed(probe), 10, f"{probe} to be removed")
-
-
-def _removed(path: str) -> bool:
-    try:
-        os.rmdir(path)
-    except OSError as err:
-        if err.errno == errno.EBUSY:
-            return False
-        raise
-    return True
+        # the child has exited; its cgroup may stay busy a moment while the kernel
+        # finishes that exit
+        rmdir_cgroups([probe], time.monotonic() + 10)
 
 
 # -- the faces, through each backend the environment offers --------------------------------

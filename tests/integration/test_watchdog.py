@@ -171,21 +171,40 @@ def test_lease_running_out_during_the_freeze(request: pytest.FixtureRequest, bac
     assert "refused" in outcomes
 
 
-def test_helper_checks_starttimes(make_tree: MakeTree, dog: Watchdog) -> None:
-    """Records whose starttime does not match are never signalled; matching ones are."""
+def inode_of(pid: int) -> int:
+    fd = os.pidfd_open(pid)
+    try:
+        return pidfd_inode(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("wrong", ["starttime", "pidfs inode"])
+def test_helper_checks_identities(wrong: str, make_tree: MakeTree, dog: Watchdog) -> None:
+    """Records whose starttime (a recycled PID), or pidfs inode (a PID reused within one
+    clock tick keeps pid and starttime), is not the process's are never signalled;
+    matching ones are."""
+    if wrong == "pidfs inode":
+        assert has_pidfs(), "this kernel (6.9+) has pidfs"
+
+    def record(pid: int, off: int) -> tuple[int, ...]:
+        if wrong == "starttime":
+            return (pid, starttime(pid) + off)
+        return (pid, starttime(pid), inode_of(pid) + off)
+
     tree = make_tree(wide(3))
     guard = ProcessesGuard(root=tree.root, include_root=True)  # freezes; no watchdog
     with guard:
         dog.arm(0.01)
         for pid in tree.pids:
-            dog.journal.stopping(pid, starttime(pid) + 1)  # "a recycled PID"
+            dog.journal.stopping(*record(pid, 1))
         proc.wait_until(dog.lease_expired, 10, "the lease to run out")
         dog.journal.released()
         assert proc.counters_still(tree.counters, tree.period, ticks=6)
         proc.assert_all_stopped(tree.pids)
         dog.arm(0.01)
         for pid in tree.pids:
-            dog.journal.stopping(pid, starttime(pid))
+            dog.journal.stopping(*record(pid, 0))
         proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the helper to thaw")
         assert dog.lease_expired()
         dog.journal.released()
@@ -455,33 +474,3 @@ def test_a_helper_killed_between_freezes_refuses_the_next(make_tree: MakeTree) -
     assert not guard.frozen
     proc.assert_none_stopped(tree.pids)
     assert helper not in helper_pids()
-
-
-def inode_of(pid: int) -> int:
-    fd = os.pidfd_open(pid)
-    try:
-        return pidfd_inode(fd)
-    finally:
-        os.close(fd)
-
-
-def test_helper_checks_pidfs_inodes(make_tree: MakeTree, dog: Watchdog) -> None:
-    """A record whose pidfs inode is not the process's (a PID reused within one clock tick
-    keeps pid and starttime) is never signalled; the right inode is."""
-    assert has_pidfs(), "this kernel (6.9+) has pidfs"
-    tree = make_tree(wide(3))
-    guard = ProcessesGuard(root=tree.root, include_root=True)  # freezes; no watchdog
-    with guard:
-        dog.arm(0.01)
-        for pid in tree.pids:
-            dog.journal.stopping(pid, starttime(pid), inode_of(pid) + 1)
-        proc.wait_until(dog.lease_expired, 10, "the lease to run out")
-        dog.journal.released()
-        assert proc.counters_still(tree.counters, tree.period, ticks=6)
-        proc.assert_all_stopped(tree.pids)
-        dog.arm(0.01)
-        for pid in tree.pids:
-            dog.journal.stopping(pid, starttime(pid), inode_of(pid))
-        proc.wait_until(lambda: not proc.stopped(tree.pids), 10, "the helper to thaw")
-        dog.journal.released()
-    proc.assert_none_stopped(tree.pids)
