@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -327,6 +328,16 @@ def test_permission_denied_as_another_user(make_tree: MakeTree) -> None:
     interpreter for its watchdog helper (which needs nothing but the standard library)."""
     require_root("switching to another user")
     tree = make_tree({"children": [{}]}, mode="idle")
+    with _package_readable_by_all() as readable:
+        status = _main_as_nobody(readable, ["freeze", str(tree.root), "--", "true"])
+    assert status == 125  # freeze: its own failure (4 in the other subcommands)
+    proc.assert_none_stopped(tree.pids)
+
+
+@contextlib.contextmanager
+def _package_readable_by_all() -> Iterator[str]:
+    """A copy of the package in a temporary directory every user may read (the checkout
+    may sit in one only its owner can), removed afterwards."""
     readable = tempfile.mkdtemp(prefix="treeguard-other-user-")
     try:
         os.chmod(readable, 0o755)
@@ -334,11 +345,9 @@ def test_permission_denied_as_another_user(make_tree: MakeTree) -> None:
         shutil.copytree(
             package, Path(readable) / "treeguard", ignore=shutil.ignore_patterns("__pycache__")
         )
-        status = _main_as_nobody(readable, ["freeze", str(tree.root), "--", "true"])
+        yield readable
     finally:
         shutil.rmtree(readable)
-    assert status == 125  # freeze: its own failure (4 in the other subcommands)
-    proc.assert_none_stopped(tree.pids)
 
 
 def _main_as_nobody(path: str, argv: list[str]) -> int:
@@ -756,13 +765,7 @@ def test_partial_ok_skips_what_may_not_be_signalled(make_tree: MakeTree) -> None
     require_root("switching to another user")
     tree = make_tree({"children": [{}]}, mode="idle")
     root = str(tree.root)
-    readable = tempfile.mkdtemp(prefix="treeguard-other-user-")
-    try:
-        os.chmod(readable, 0o755)
-        package = Path(treeguard.__file__).parent
-        shutil.copytree(
-            package, Path(readable) / "treeguard", ignore=shutil.ignore_patterns("__pycache__")
-        )
+    with _package_readable_by_all() as readable:
         refused = _main_as_nobody(readable, ["freeze", root, "--", "true"])
         skipped = _main_as_nobody(
             readable, ["freeze", "--partial-ok", root, "--", "sh", "-c", "exit 7"]
@@ -772,8 +775,6 @@ def test_partial_ok_skips_what_may_not_be_signalled(make_tree: MakeTree) -> None
         # Looking needs no permission to signal: tree and status work (running: 8).
         looked = _main_as_nobody(readable, ["tree", root])
         running = _main_as_nobody(readable, ["status", root])
-    finally:
-        shutil.rmtree(readable)
     assert (refused, skipped, nothing, looked, running) == (125, 7, 7, 0, 8)
     assert not os.path.exists(state)
     proc.assert_none_stopped(tree.pids)
