@@ -18,11 +18,12 @@ from .._cgroupfs import _SLICE, _listing, _procs, _subtree
 from .._drive import YIELD, Steps
 from .._mounts import cgroup_paths, hierarchies
 from .._report import Skip
-from .._tree import ROOT, ChildrenSource, unfreezable, walk
+from .._tree import ROOT, unfreezable, walk
 from ..errors import CgroupError, CgroupUnavailableError
 from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat
 from ._base import Plan
 from ._freezers import CgroupFreezer, V1Freezer, V2Freezer
+from ._order import parent_first
 
 __all__ = ["Target", "find_target"]
 
@@ -251,6 +252,29 @@ class _Census(_Members):
         #: Set by :meth:`problem`: what is wrong is only that top processes of the tree
         #: are in other cgroups (a candidate chosen from one of them may be too narrow).
         self.tops_elsewhere = False
+        #: Taken over from the last freeze of the same guard (see :mod:`._kept`): nothing
+        #: read again unless the task list changes.
+        self.reused = False
+
+    @property
+    def tids(self) -> set[int]:
+        """The tasks of the cgroup at the last look."""
+        return self._tids
+
+    @property
+    def seen(self) -> tuple[list[str], bytes] | None:
+        """The cgroups and task list read at the last look."""
+        return self._seen
+
+    def rebind(self, freezer: CgroupFreezer, plan: Plan) -> None:
+        """Serve another freeze of the same cgroup (see :mod:`._kept`)."""
+        self.freezer, self.plan = freezer, plan
+
+    def forget(self) -> None:
+        """Forget everything learnt: the next :meth:`survey` reads it all anew."""
+        self._seen = None
+        self._kids, self._tids, self._orphans, self.parent = {}, set(), set(), {}
+        self.reused = False
 
     def survey(self) -> Steps[None]:
         """List the cgroup and read the ``children`` file of each task not read yet. The
@@ -259,6 +283,9 @@ class _Census(_Members):
         changed = self.look()
         if changed is None:
             return
+        if self.reused:  # what the last freeze learnt no longer holds: read it all
+            self.forget()
+            self._seen = changed
         dirs, tasks = changed
         tids = self._tids = set(map(int, tasks.split()))
         yield from self._read_children(tids)
@@ -322,7 +349,9 @@ class _Census(_Members):
                 f"processes of the tree are in another cgroup: {_describe_pids(outside, fs)}"
                 " (moved there?); freezing it would leave them running (use backend='signal')"
             )
-        elsewhere = self._threads_elsewhere()
+        # (Taken over, the census stands for a task list that reads as it did, with no
+        # task born since: no thread can have moved.)
+        elsewhere = [] if self.reused else self._threads_elsewhere()
         if elsewhere:
             shown = ", ".join(
                 f"thread {tid} of PID {_describe_pids([pid], fs)}" for pid, tid in elsewhere[:10]
@@ -370,31 +399,4 @@ class _Census(_Members):
         kids: dict[int, list[int]] = {}
         for pid in sorted(self.procs - self.top):
             kids.setdefault(self.parent.get(pid, 0), []).append(pid)  # 0: it died meanwhile
-        return _parent_first(sorted(self.top & self.procs), kids, self.plan.fs)
-
-
-class _Known(ChildrenSource):
-    """Children from a map built already (the order of a frozen cgroup's processes)."""
-
-    def __init__(self, fs: ProcFS, kids: dict[int, list[int]]) -> None:
-        super().__init__(fs)
-        self.kids = kids
-
-    def children(self, pid: int, stat: Stat) -> list[int]:
-        return list(self.kids.get(pid, ()))
-
-
-def _parent_first(tops: list[int], kids: dict[int, list[int]], fs: ProcFS) -> list[int]:
-    """The processes below ``tops`` in ``kids``, parents before children (the core walk
-    over a map built already)."""
-    return list(walk(tops, lambda pid: ROOT, _Known(fs, kids)))
-
-
-def _by_ppid(stats: dict[int, Stat], fs: ProcFS) -> list[int]:
-    """The processes of ``stats`` parents first, by their ppids."""
-    kids: dict[int, list[int]] = {}
-    tops: list[int] = []
-    for pid in sorted(stats, key=lambda p: (stats[p].starttime, p)):
-        ppid = stats[pid].ppid
-        (kids.setdefault(ppid, []) if ppid in stats else tops).append(pid)
-    return _parent_first(tops, kids, fs)
+        return parent_first(sorted(self.top & self.procs), kids, self.plan.fs)

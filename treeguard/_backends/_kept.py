@@ -1,0 +1,96 @@
+"""A census kept from one freeze to the next freeze of the same guard.
+
+A supervisor that freezes the same tree every few seconds need not read every task's
+``children`` file each time: what the last census proved still holds if nothing that could
+change it happened since. Three things could: a task of the tree forked or exited (the
+kernel's process events say so, :mod:`treeguard._proc_events`), a task moved in or out (the
+cgroup's task list reads differently), or the cgroup is another one (its directory's inode
+differs: cgroupfs never reuses one). The census is taken over only when the task list reads
+byte for byte as it did, and no fork or exit named one of its tasks since; otherwise it is
+read in full, as at a first freeze. Once the cgroup is frozen the events are read again: the
+forks of a frozen cgroup's tasks are over and each was queued before ``fork()`` returned, so
+a census taken over that turns out stale is read anew there, from the frozen cgroup.
+
+Without process events (another namespace, an old kernel) nothing is kept.
+"""
+
+from __future__ import annotations
+
+from .._drive import Steps
+from .._proc_events import ProcEvents
+from ._base import Plan
+from ._census import Target, _Census
+from ._freezers import CgroupFreezer
+
+__all__ = ["Kept"]
+
+_KEY = "cgroup census"
+
+
+class Kept:
+    """The process events subscription of a guard, and the census its last freeze proved
+    (if it may be taken over)."""
+
+    def __init__(self, events: ProcEvents) -> None:
+        self.events = events
+        self.census: _Census | None = None
+        self._where: tuple[int, str, int, frozenset[int]] | None = None
+
+    @classmethod
+    def of(cls, plan: Plan) -> Kept | None:
+        """The guard's, subscribed at its first cgroup freeze (``None`` without a guard,
+        or where the kernel gives no process events)."""
+        memo = plan.memo
+        if memo is None:
+            return None
+        kept = memo.get(_KEY)
+        if isinstance(kept, Kept):
+            return kept
+        events = ProcEvents.open()
+        if events is None:
+            return None
+        kept = cls(events)
+        memo.put(_KEY, kept)
+        return kept
+
+    def census_for(self, target: Target, freezer: CgroupFreezer, plan: Plan) -> _Census:
+        """The census for this freeze: the last one if it still holds (see the module),
+        else a new one. Called before anything is frozen; the events read here are those
+        since the last freeze."""
+        census, self.census = self.census, None
+        where = (freezer.version, freezer.path, freezer.inode, target.top)
+        fresh = _Census(freezer, target.top, plan)
+        if census is None or where != self._where or target.listing is None:
+            self.events.quiet((), _budget(fresh))  # what counts starts here
+            self._where = where
+            return fresh
+        quiet = self.events.quiet(census.tids, _budget(census))
+        if not quiet or census.seen != target.listing:
+            return fresh
+        census.rebind(freezer, plan)
+        census.reused = True
+        return census
+
+    def confirm(self, census: _Census) -> Steps[None]:
+        """Once the cgroup is frozen: read the events of the freeze. A census taken over
+        that they contradict is read in full now (nothing changes in a frozen cgroup); a
+        census read during this freeze is kept for the next one only if none came."""
+        quiet = self.events.quiet(census.tids, _budget(census))
+        if census.reused and not quiet:
+            census.forget()
+            yield from census.survey()
+        self.census = census if quiet else None
+
+    def drop(self) -> None:
+        """Keep nothing for the next freeze (this one found a problem)."""
+        self.census = None
+
+    def close(self) -> None:
+        self.census = None
+        self.events.close()
+
+
+def _budget(census: _Census) -> int:
+    """Events worth reading before a full census costs less (a read of either costs a few
+    microseconds): two per task, and a few hundred for a machine's background forks."""
+    return max(256, 2 * len(census.tids))
