@@ -130,13 +130,14 @@ def test_a_quiet_tree_is_not_read_again(
     kids = [_fork_one(forker), _fork_one(forker)]
     guard = ProcessesGuard(forker.pid, include_root=True, backend="cgroup")
     try:
-        for freeze in range(3):
+        for freeze in range(4):
             children_reads.clear()
             with guard:
                 assert sorted(guard.pids) == sorted([forker.pid, *kids])
                 assert cg.frozen
-            # The first freeze reads every task's file; later ones only what is new.
-            assert (sorted(children_reads) == sorted([forker.pid, *kids])) == (freeze == 0)
+            # The first two freezes read every task's file (a guard subscribes to the
+            # events at its second), later ones only what is new.
+            assert (sorted(children_reads) == sorted([forker.pid, *kids])) == (freeze < 2)
         assert not children_reads
         # A fork is heard of: the next freeze reads the tree again, and holds the newcomer.
         newcomer = _fork_one(forker)
@@ -161,8 +162,9 @@ def test_a_child_forked_and_moved_out_since_the_last_freeze_is_found(
     guard = ProcessesGuard(forker.pid, include_root=True, backend="cgroup")
     escaped = 0
     try:
-        with guard:
-            assert guard.pids == (forker.pid,)
+        for _ in range(2):  # subscribed at the second freeze: the census is kept from it
+            with guard:
+                assert guard.pids == (forker.pid,)
         escaped = _fork_one(forker)
         assert other.adopt([escaped]) == [escaped]
         assert cg.pids() == [forker.pid]
@@ -187,8 +189,9 @@ def test_a_census_kept_is_dropped_when_the_cgroup_is_another(
     forker = spawn_forker(first.spawn)
     guard = ProcessesGuard(forker.pid, include_root=True, backend="cgroup")
     try:
-        with guard:
-            pass
+        for _ in range(2):
+            with guard:
+                pass
         assert second.adopt([forker.pid]) == [forker.pid]
         children_reads.clear()
         with guard:
@@ -196,3 +199,63 @@ def test_a_census_kept_is_dropped_when_the_cgroup_is_another(
             assert children_reads == [forker.pid]
     finally:
         guard.close()
+
+
+def test_a_census_taken_over_but_contradicted_once_frozen_is_read_from_the_frozen_cgroup(
+    cgroup: MakeCgroup,
+    children_reads: list[int],
+    spawn_forker: SpawnForker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    require_root("process events")
+    cg = cgroup(2)
+    forker = spawn_forker(cg.spawn)
+    kid = _fork_one(forker)
+    guard = ProcessesGuard(forker.pid, include_root=True, backend="cgroup")
+    try:
+        for _ in range(2):
+            with guard:
+                pass
+        # Quiet before the write, then a fork heard of by the time the cgroup is frozen.
+        answers = iter([True, False])
+        monkeypatch.setattr(ProcEvents, "quiet", lambda self, pids, budget: next(answers))
+        children_reads.clear()
+        with guard:
+            assert sorted(children_reads) == sorted([forker.pid, kid])
+            assert sorted(guard.pids) == sorted([forker.pid, kid])
+            assert cg.frozen
+    finally:
+        guard.close()
+
+
+def _sockets() -> set[str]:
+    """The sockets this process holds (as ``socket:[inode]``)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the listing's own descriptor
+            continue
+        if target.startswith("socket:"):
+            found.add(target)
+    return found
+
+
+def test_a_guard_frozen_once_never_subscribes_and_close_unsubscribes(
+    cgroup: MakeCgroup, spawn_forker: SpawnForker
+) -> None:
+    require_root("process events")
+    cg = cgroup(2)
+    forker = spawn_forker(cg.spawn)
+    before = _sockets()
+    guard = ProcessesGuard(forker.pid, include_root=True, backend="cgroup")
+    try:
+        with guard:
+            pass
+        assert _sockets() == before
+        with guard:
+            pass
+        assert len(_sockets() - before) == 1  # the subscription, kept for the next freeze
+    finally:
+        guard.close()
+    assert _sockets() == before

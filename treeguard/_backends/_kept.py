@@ -38,20 +38,24 @@ class Kept:
 
     @classmethod
     def of(cls, plan: Plan) -> Kept | None:
-        """The guard's, subscribed at its first cgroup freeze (``None`` without a guard,
-        or where the kernel gives no process events)."""
+        """The guard's, subscribed at its second cgroup freeze: a guard frozen once never
+        subscribes. ``None`` without a guard, at a first freeze, or where the kernel gives
+        no process events (then nothing is kept, ever)."""
         memo = plan.memo
         if memo is None:
             return None
         kept = memo.get(_KEY)
         if isinstance(kept, Kept):
             return kept
-        events = ProcEvents.open()
-        if events is None:
+        if kept is None:
+            memo.put(_KEY, "frozen once")
             return None
-        kept = cls(events)
-        memo.put(_KEY, kept)
-        return kept
+        if kept != "frozen once":
+            return None  # no events to be had
+        events = ProcEvents.open()
+        found = None if events is None else cls(events)
+        memo.put(_KEY, found or "no events")
+        return found
 
     def census_for(self, target: Target, freezer: CgroupFreezer, plan: Plan) -> _Census:
         """The census for this freeze: the last one if it still holds (see the module),
@@ -73,12 +77,13 @@ class Kept:
 
     def confirm(self, census: _Census) -> Steps[None]:
         """Once the cgroup is frozen: read the events of the freeze. A census taken over
-        that they contradict is read in full now (nothing changes in a frozen cgroup); a
-        census read during this freeze is kept for the next one only if none came."""
+        that they contradict is read in full now (nothing forks in a frozen cgroup); a
+        census read while the kernel froze is kept for the next freeze only if none came."""
         quiet = self.events.quiet(census.tids, _budget(census))
         if census.reused and not quiet:
             census.forget()
             yield from census.survey()
+            quiet = True  # read whole from the frozen cgroup: it holds for the next freeze
         self.census = census if quiet else None
 
     def drop(self) -> None:
