@@ -33,7 +33,7 @@ _EVENTS_NEW_TASK = frozenset(
 class Proc:
     """A process of the tree met by the walk (or born during the freeze) and seized."""
 
-    __slots__ = ("denied", "ours", "pid", "ppid", "starttime", "stat", "tasks")
+    __slots__ = ("alone", "denied", "ours", "pid", "ppid", "starttime", "stat", "tasks")
 
     def __init__(self, pid: int, stat: Stat) -> None:
         self.pid = pid
@@ -44,6 +44,7 @@ class Proc:
         self.ours = stat.state != "T"
         self.tasks: list[Task] = []
         self.denied = ""  # why a thread of it may not be seized (partial_ok lets it go)
+        self.alone = False  # its leader, stopped, was seen as its only thread (Hold.alone)
 
 
 class Task:
@@ -256,7 +257,8 @@ class Hold:
         if data is None:
             return False
         state, threads, starttime = parse_stat_brief(data)
-        return state == "t" and threads == 1 and starttime == proc.starttime
+        proc.alone = state == "t" and threads == 1 and starttime == proc.starttime
+        return proc.alone
 
     def state(self, pid: int, tid: int) -> str | None:
         data = self.fs.read(f"{pid}/task/{tid}/stat")

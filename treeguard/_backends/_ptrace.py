@@ -20,7 +20,7 @@ algorithm:
 4. *Prove*: every task held reported its ptrace-stop to waitid (the kernel's word for that
    very TID: the stop lasts until this tracer ends it, or SIGKILL ends the task), or was
    seen ``t`` in /proc twice when another thread of this process took the report; the
-   stat of a single-threaded process, read once its leader stopped, shows ``t``.
+   leader of every process shows ``t`` in /proc once all its threads stopped.
 
 The thaw detaches every task, children first; PTRACE_DETACH resumes it. Every request
 comes from one tracer thread per freeze (the kernel takes requests only from the thread
@@ -44,7 +44,7 @@ from ..errors import (
     StopTimeoutError,
     TreeUnstableError,
 )
-from ..procfs import Stat
+from ..procfs import DEAD_STATES, Stat
 from ._base import Backend, Plan
 from ._hold import Hold, Proc, Task
 from ._tracer import Tracer
@@ -282,15 +282,25 @@ class PtraceBackend(Backend):
         return found
 
     def _verify(self) -> None:
-        """Count the tasks held. Each one is proven stopped already: by the kernel's report
-        of its ptrace-stop (waitid, for that very TID; only this tracer can end the stop,
-        and SIGKILL, which makes it exit), or by two looks at ``t`` in /proc when another
-        thread of this process took that report. The leader of every single-threaded
-        process was also seen ``t`` in /proc (:meth:`Hold.alone`)."""
+        """Count the tasks held, each proven stopped already: by the kernel's report of its
+        ptrace-stop (waitid, for that very TID: only this tracer ends the stop, and SIGKILL,
+        which makes the task exit), or by two looks at ``t`` in /proc when another thread of
+        this process took that report. The leader of a process not seen alone once stopped
+        (:meth:`Hold.alone`) shows ``t`` in /proc once more: a thread that was never seized
+        and exec'd meanwhile would have taken the leader's PID, and runs."""
+        late: list[tuple[int, int, str]] = []
         for proc in self._held(True) + self._held(False):
             for task in proc.tasks:
                 if task.stopped and not task.done:
                     self.report.tasks += 1
+            leader = self._hold.tasks.get(proc.pid)
+            if proc.alone or leader is None or leader.done or not leader.stopped:
+                continue
+            state = self._hold.state(proc.pid, proc.pid)
+            if state is not None and state != "t" and state not in DEAD_STATES:
+                late.append((proc.pid, proc.pid, state))
+        if late:
+            raise FreezeError(f"tasks not in a ptrace-stop after the freeze: {late}")
 
     # -- thawing (tracer thread) -----------------------------------------------------------
 
