@@ -123,6 +123,12 @@ class PtraceBackend(Backend):
     # -- freezing (tracer thread) ----------------------------------------------------------
 
     def _freeze_work(self) -> None:
+        try:
+            self._seize_tree()
+        finally:
+            self._hold.close_kept()
+
+    def _seize_tree(self) -> None:
         plan, report = self.plan, self.report
         clock = time.perf_counter
         self._deadline = clock() + plan.timeout
@@ -179,6 +185,7 @@ class PtraceBackend(Backend):
         if found is None:
             return self._skip(pid, Skip.EXITED)
         statfd, stat = found
+        kept = False
         try:
             if parent is not None and stat.ppid != parent:
                 return self._skip(pid, Skip.EXITED)  # its PID reused meanwhile
@@ -193,8 +200,10 @@ class PtraceBackend(Backend):
             t0 = time.perf_counter()
             self._hold.seize_threads(proc, statfd)
             report.signal_seconds += time.perf_counter() - t0
+            kept = self._hold.keep(proc, statfd)
         finally:
-            os.close(statfd)
+            if not kept:
+                os.close(statfd)
         if proc.denied:
             if not plan.partial_ok:
                 self._denied[pid] = proc.denied
