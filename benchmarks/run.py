@@ -349,12 +349,16 @@ def main(argv: list[str] | None = None) -> int:
         "extra": extra,
         "failures": failures,
         "seconds": time.time() - started,
+        "targets": tables.targets(results),
     }
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
     print()
     print(tables.table(results, OWN_FLOOR))
     print()
+    if report["targets"]:
+        print(tables.targets_text(report["targets"]))
+        print()
     if enumeration is not None:
         crowd = enumeration["crowd"]
         print(f"enumeration of a 10-process tree, alone vs with {crowd} idle others:")

@@ -7,7 +7,18 @@ from typing import Any
 import contenders
 
 FLOOR = contenders.KernelFloor.name
+SIGSTOP_FLOOR = "C floor (signal)"
 Result = dict[str, Any]
+
+#: The targets of the speed issue: each backend's freeze (and thaw) against the floor it
+#: names, the C SIGSTOP floor for the signal and ptrace backends, the kernel's cgroup v2
+#: freezer for the cgroup ones.
+TARGETS: dict[str, tuple[str, float]] = {
+    "treeguard signal": (SIGSTOP_FLOOR, 1.25),
+    "treeguard ptrace": (SIGSTOP_FLOOR, 2.0),
+    "treeguard cgroup": (FLOOR, 1.5),
+    "treeguard Cgroup.freeze()": (FLOOR, 1.3),
+}
 
 
 def table(results: list[Result], own_floor: dict[str, str]) -> str:
@@ -41,6 +52,57 @@ def table(results: list[Result], own_floor: dict[str, str]) -> str:
             cells.append(f"{c['verified']:>4}")
             rows.append(" ".join(cells))
     return "\n".join(rows)
+
+
+def targets(results: list[Result]) -> list[Result]:
+    """Each backend's freeze and thaw against the floor its target names (:data:`TARGETS`),
+    per workload: medians of the same run, and whether the freeze meets the target."""
+    found: list[Result] = []
+    for r in results:
+        cs = r["contenders"]
+        for name, (floor_name, target) in TARGETS.items():
+            c, floor = cs.get(name), cs.get(floor_name)
+            if not c or not floor:
+                continue
+            ratios = {}
+            for key in ("freeze_ms", "thaw_ms"):
+                mine, base = c.get(key), floor.get(key)
+                ratios[key] = mine["median"] / base["median"] if mine and base else None
+            freeze = ratios["freeze_ms"]
+            found.append(
+                {
+                    "workload": r["workload"],
+                    "contender": name,
+                    "floor": floor_name,
+                    "target": target,
+                    "freeze_ratio": freeze,
+                    "thaw_ratio": ratios["thaw_ms"],
+                    "met": freeze is not None and freeze <= target,
+                }
+            )
+    return found
+
+
+def targets_text(found: list[Result]) -> str:
+    """The printed lines of :func:`targets`: one per workload, each backend's ratios."""
+    if not found:
+        return ""
+    lines = ["targets: freeze / thaw median against the floor each target names"]
+    by_workload: dict[str, list[Result]] = {}
+    for t in found:
+        by_workload.setdefault(t["workload"], []).append(t)
+    for workload, items in by_workload.items():
+        cells = []
+        for t in items:
+            short = t["contender"].removeprefix("treeguard ")
+            floor = "SIGSTOP" if t["floor"] == SIGSTOP_FLOOR else "kernel"
+            freeze, thaw = t["freeze_ratio"], t["thaw_ratio"]
+            text = f"{freeze:.2f}x" if freeze is not None else "failed"
+            text += f" / {thaw:.2f}x" if thaw is not None else ""
+            mark = "met" if t["met"] else "MISSED"
+            cells.append(f"{short} {text} ({floor} floor, target {t['target']:g}x: {mark})")
+        lines.append(f"  {workload:26} " + "; ".join(cells))
+    return "\n".join(lines)
 
 
 def plot(results: list[Result], path: str) -> bool:

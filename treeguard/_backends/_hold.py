@@ -11,7 +11,7 @@ import threading
 from .. import _ptrace
 from .._report import FreezeReport
 from ..errors import FreezePermissionError
-from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat, parse_stat, parse_stat_brief
+from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat, parse_stat_brief
 from ._base import Journal
 from ._proof import VFORK_WCHAN
 
@@ -22,6 +22,11 @@ __all__ = ["Hold", "Proc", "Task"]
 # another guard of this process holding a task must not be taken for the kernel's doing.
 _HELD: dict[int, Hold] = {}
 
+#: How many stat descriptors a freeze keeps open at most (see :meth:`Hold.keep`).
+_KEEP = 64
+#: waitid's options to collect a ptrace-stop without blocking.
+_WAIT_STOP = os.WSTOPPED | os.WNOHANG | _ptrace.WALL
+
 _EVENTS_NEW_TASK = frozenset(
     {_ptrace.PTRACE_EVENT_FORK, _ptrace.PTRACE_EVENT_VFORK, _ptrace.PTRACE_EVENT_CLONE}
 )
@@ -30,7 +35,7 @@ _EVENTS_NEW_TASK = frozenset(
 class Proc:
     """A process of the tree met by the walk (or born during the freeze) and seized."""
 
-    __slots__ = ("denied", "ours", "pid", "ppid", "starttime", "stat", "tasks")
+    __slots__ = ("alone", "denied", "ours", "pid", "ppid", "starttime", "stat", "statfd", "tasks")
 
     def __init__(self, pid: int, stat: Stat) -> None:
         self.pid = pid
@@ -41,6 +46,8 @@ class Proc:
         self.ours = stat.state != "T"
         self.tasks: list[Task] = []
         self.denied = ""  # why a thread of it may not be seized (partial_ok lets it go)
+        self.alone = False  # its leader, stopped, was seen as its only thread (Hold.alone)
+        self.statfd = -1  # its stat, kept open from the meeting until it settled
 
 
 class Task:
@@ -71,6 +78,7 @@ class Hold:
         self.known: dict[int, Proc | None] = {}  # every PID met: None if not held
         self.tasks: dict[int, Task] = {}
         self.pending: list[Task] = []  # seized, stop not collected yet
+        self.kept: list[Proc] = []  # those whose stat descriptor is kept (Hold.keep)
 
     def seize_threads(self, proc: Proc, statfd: int = -1) -> None:
         """Seize and interrupt each thread of ``proc`` not held yet, as its thread list
@@ -126,7 +134,7 @@ class Hold:
             # A stat descriptor opened when the process was met reads only while that very
             # process lives (a /proc file holds the process, not the number: procfs.py).
             data = self.fs.reread(statfd) if statfd >= 0 else self.fs.read(f"{tid}/stat")
-            mine = data is not None and parse_stat(data).starttime == proc.starttime
+            mine = data is not None and parse_stat_brief(data)[2] == proc.starttime
         else:  # the leader, seized first, is proven: is this one of its threads?
             mine = os.path.exists(f"{self.fs.root}/{proc.pid}/task/{tid}")
         if not mine:
@@ -155,17 +163,21 @@ class Hold:
         if _HELD.get(task.tid) is self:
             del _HELD[task.tid]
 
-    def poll(self, task: Task) -> str | None:
+    def poll(self, task: Task, look: bool = True) -> str | None:
         """Collect ``task``'s stop if it reported one. None if it needs no more waiting
-        (stopped, gone, or blocked in vfork behind a child we hold), else its state."""
+        (stopped, gone, or blocked in vfork behind a child we hold), else its state (``"?"``
+        without ``look``: /proc was not read, as the first waits after an interrupt need
+        not, the stop being on its way)."""
         try:
-            found = os.waitid(os.P_PID, task.tid, os.WSTOPPED | os.WNOHANG | _ptrace.WALL)
+            found = os.waitid(os.P_PID, task.tid, _WAIT_STOP)
         except ChildProcessError:
             self._finish(task)  # not a tracee of ours any more: it was reaped
             return None
         if found is not None:
             self._stopped(task, found.si_status)
             return None
+        if not look:
+            return "?"
         pid = task.proc.pid
         state = self.state(pid, task.tid)
         if state is None or state in DEAD_STATES:
@@ -232,6 +244,48 @@ class Hold:
                 if found is None:
                     return  # a leader waits for its threads: again later
         self._finish(task)
+
+    def keep(self, proc: Proc, statfd: int) -> bool:
+        """Keep ``proc``'s stat descriptor (opened when it was met) for :meth:`alone`,
+        which then costs one ``pread``; False (the caller closes it) past :data:`_KEEP`
+        descriptors, so that a wide tree does not use up this process's descriptors."""
+        if len(self.kept) >= _KEEP or not proc.tasks or proc.denied:
+            return False
+        proc.statfd = statfd
+        self.kept.append(proc)
+        return True
+
+    def close_kept(self) -> None:
+        """Close the stat descriptors still kept (the freeze ended, or gave up)."""
+        for proc in self.kept:
+            if proc.statfd >= 0:
+                os.close(proc.statfd)
+                proc.statfd = -1
+        self.kept.clear()
+
+    def alone(self, proc: Proc) -> bool:
+        """Whether ``proc``'s leader, held and stopped, is its only thread: its stat, read
+        now, shows the process met (its starttime), ``t`` (the leader in a ptrace-stop) and
+        one thread. Then no thread can be missing: a thread made before the leader's seize
+        (a clone in flight) counts in the stat once the leader has stopped, and every later
+        one is the kernel's to attach. One read, where listing the threads costs several."""
+        fd, proc.statfd = proc.statfd, -1
+        try:
+            tasks = proc.tasks
+            if len(tasks) != 1:
+                return False
+            task = tasks[0]
+            if task.tid != proc.pid or not task.stopped or task.done:
+                return False
+            data = self.fs.reread(fd) if fd >= 0 else self.fs.read(f"{proc.pid}/stat")
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if data is None:
+            return False
+        state, threads, starttime = parse_stat_brief(data)
+        proc.alone = state == "t" and threads == 1 and starttime == proc.starttime
+        return proc.alone
 
     def state(self, pid: int, tid: int) -> str | None:
         data = self.fs.read(f"{pid}/task/{tid}/stat")

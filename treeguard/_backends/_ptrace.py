@@ -17,7 +17,10 @@ algorithm:
    by the kernel itself on detach (a process stopped before the freeze stays stopped).
 3. *Re-enumerate*: only the passed-through processes (they run) may have new children;
    newcomers begin another pass.
-4. *Verify*: every task held shows ``t`` in /proc.
+4. *Prove*: every task held reported its ptrace-stop to waitid (the kernel's word for that
+   very TID: the stop lasts until this tracer ends it, or SIGKILL ends the task), or was
+   seen ``t`` in /proc twice when another thread of this process took the report; the
+   leader of every process shows ``t`` in /proc once all its threads stopped.
 
 The thaw detaches every task, children first; PTRACE_DETACH resumes it. Every request
 comes from one tracer thread per freeze (the kernel takes requests only from the thread
@@ -50,6 +53,8 @@ __all__ = ["PtraceBackend"]
 
 #: Longest pause between two looks at tasks that have not reported their stop yet.
 _MAX_BACKOFF = 0.002
+#: How long tasks that have not reported their stop yet are asked only through waitid.
+_SPIN = 0.0002
 
 
 class PtraceBackend(Backend):
@@ -57,7 +62,7 @@ class PtraceBackend(Backend):
 
     def __init__(self, plan: Plan) -> None:
         super().__init__(plan)
-        self.report.verified_by = "ptrace-stops collected by waitid, /proc task states"
+        self.report.verified_by = "the ptrace-stop of every task, reported by waitid"
         self._me = os.getpid()
         self._hold = Hold(plan.fs, self.report, plan.journal)
         self._through: list[int] = []
@@ -118,6 +123,12 @@ class PtraceBackend(Backend):
     # -- freezing (tracer thread) ----------------------------------------------------------
 
     def _freeze_work(self) -> None:
+        try:
+            self._seize_tree()
+        finally:
+            self._hold.close_kept()
+
+    def _seize_tree(self) -> None:
         plan, report = self.plan, self.report
         clock = time.perf_counter
         self._deadline = clock() + plan.timeout
@@ -174,6 +185,7 @@ class PtraceBackend(Backend):
         if found is None:
             return self._skip(pid, Skip.EXITED)
         statfd, stat = found
+        kept = False
         try:
             if parent is not None and stat.ppid != parent:
                 return self._skip(pid, Skip.EXITED)  # its PID reused meanwhile
@@ -188,8 +200,10 @@ class PtraceBackend(Backend):
             t0 = time.perf_counter()
             self._hold.seize_threads(proc, statfd)
             report.signal_seconds += time.perf_counter() - t0
+            kept = self._hold.keep(proc, statfd)
         finally:
-            os.close(statfd)
+            if not kept:
+                os.close(statfd)
         if proc.denied:
             if not plan.partial_ok:
                 self._denied[pid] = proc.denied
@@ -214,21 +228,32 @@ class PtraceBackend(Backend):
         while True:
             count = len(proc.tasks)
             self._collect(proc.tasks)
+            if self._hold.alone(proc):
+                return
             self._hold.seize_threads(proc)
             if len(proc.tasks) == count or proc.denied:
                 return
 
     def _collect(self, tasks: list[Task]) -> None:
         """Wait until each of ``tasks`` has reported a stop (or exited, or waits in vfork
-        for a child we hold); new tasks appended to the list meanwhile are waited for too."""
+        for a child we hold); new tasks appended to the list meanwhile are waited for too.
+
+        A task interrupted a moment ago stops within microseconds once it runs: for the
+        first :data:`_SPIN` seconds only waitid is asked, between yields of the CPU (the
+        task may need this one). Past that, /proc says what keeps a task (gone, in vfork,
+        stopped with its report taken by another thread), and the waits grow."""
+        poll = self._hold.poll
+        clock = time.perf_counter
+        spin_until = 0.0
         backoff = 0.0
         while True:
             count = len(tasks)
+            look = spin_until != 0.0 and clock() > spin_until
             late: list[tuple[int, int, str]] = []
             for task in tasks[:count]:
                 if task.stopped or task.done or task.vfork:
                     continue
-                state = self._hold.poll(task)
+                state = poll(task, look)
                 if state is not None:
                     late.append((task.proc.pid, task.tid, state))
             if not late:
@@ -239,7 +264,12 @@ class PtraceBackend(Backend):
                 return
             if self._abort:
                 raise FreezeError("the freeze was abandoned")
-            if time.perf_counter() > self._deadline and backoff >= _MAX_BACKOFF:
+            if not look:
+                if spin_until == 0.0:
+                    spin_until = clock() + _SPIN
+                os.sched_yield()
+                continue
+            if clock() > self._deadline and backoff >= _MAX_BACKOFF:
                 raise StopTimeoutError(self.plan.timeout, late)
             time.sleep(backoff)
             backoff = min(_MAX_BACKOFF, backoff * 2 if backoff else 0.00002)
@@ -261,17 +291,23 @@ class PtraceBackend(Backend):
         return found
 
     def _verify(self) -> None:
-        """Every task held shows ``t`` (ptrace-stopped) in /proc."""
+        """Count the tasks held, each proven stopped already: by the kernel's report of its
+        ptrace-stop (waitid, for that very TID: only this tracer ends the stop, and SIGKILL,
+        which makes the task exit), or by two looks at ``t`` in /proc when another thread of
+        this process took that report. The leader of a process not seen alone once stopped
+        (:meth:`Hold.alone`) shows ``t`` in /proc once more: a thread that was never seized
+        and exec'd meanwhile would have taken the leader's PID, and runs."""
         late: list[tuple[int, int, str]] = []
         for proc in self._held(True) + self._held(False):
             for task in proc.tasks:
-                if task.done or not task.stopped:
-                    continue
-                state = self._hold.state(proc.pid, task.tid)
-                if state == "t":
+                if task.stopped and not task.done:
                     self.report.tasks += 1
-                elif state is not None and state not in DEAD_STATES:
-                    late.append((proc.pid, task.tid, state))
+            leader = self._hold.tasks.get(proc.pid)
+            if proc.alone or leader is None or leader.done or not leader.stopped:
+                continue
+            state = self._hold.state(proc.pid, proc.pid)
+            if state is not None and state != "t" and state not in DEAD_STATES:
+                late.append((proc.pid, proc.pid, state))
         if late:
             raise FreezeError(f"tasks not in a ptrace-stop after the freeze: {late}")
 

@@ -3,11 +3,12 @@ for it without blocking.
 
 The kernel accepts ptrace requests for a tracee only from the thread that attached it
 (ptrace(2)); a guard's thaw may come from a finalizer, another thread, or an event loop.
-So each freeze owns a :class:`Tracer` thread, and any thread hands it work through a queue
-and waits for the result as a :class:`~treeguard._drive.Wait` on an eventfd that the
-tracer writes when the work is done: the sync driver polls it, the anyio driver awaits it,
-and neither blocks anything else meanwhile. A caller interrupted while waiting does not
-stop the work: the tracer finishes it.
+So each freeze holds a tracer thread (:class:`Tracer`) from its first seize to its last
+detach, and any thread hands it work through a queue and waits for the result as a
+:class:`~treeguard._drive.Wait` on an eventfd that the tracer writes when the work is done:
+the sync driver polls it, the anyio driver awaits it, and neither blocks anything else
+meanwhile. A caller interrupted while waiting does not stop the work: the tracer finishes
+it. A thread let go waits a while for the next freeze of this process (:class:`_Worker`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ T = TypeVar("T")
 _LINGER_POLL = 0.05
 #: Longest sleep between two looks at a request when no eventfd could be had.
 _POLL = 0.0005
-#: Every signal, as plain numbers (see :meth:`Tracer.start`).
+#: How long an idle tracer thread waits for the next freeze before it ends.
+_IDLE = 10.0
+#: Every signal, as plain numbers (see :meth:`_Worker.start`).
 _EVERY_SIGNAL = frozenset(_signal.valid_signals())
 
 
@@ -83,11 +86,12 @@ class _Request(Generic[T]):
 
 
 class Tracer:
-    """The thread that owns a freeze's tracees, from the first seize to the last detach.
+    """A freeze's hold on a tracer thread, from the first seize to the last detach.
 
     ``linger`` is called between requests once :attr:`finished` is set (the thaw ran): it
-    lets go of tasks the thaw could not detach yet and says whether any remain. The thread
-    ends when none do.
+    lets go of tasks the thaw could not detach yet and says whether any remain. When none
+    do, the hold ends: its thread waits, idle, for the next freeze of this process (starting
+    a thread costs more than a small freeze), and ends after :data:`_IDLE` seconds unused.
     """
 
     def __init__(self, linger: Callable[[], bool]) -> None:
@@ -96,31 +100,28 @@ class Tracer:
         self._queue: queue.SimpleQueue[_Request[object]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
-        # A daemon thread: interpreter exit does not wait for it, and it still serves the
-        # thaws that finalizers run at exit (atexit runs before daemon threads stop).
-        self._thread = threading.Thread(target=self._run, name="treeguard-ptrace", daemon=True)
+        self._worker: _Worker | None = None
 
     def start(self) -> None:
-        """Start the thread with every signal blocked: a handler that raises (Ctrl-C) must
-        not land inside threading's own locks, and the thread inherits the mask, so that
-        process-directed signals go to the other threads (pthread_sigmask(3)). A signal
-        that arrived meanwhile is acted on when the mask is restored, after the start."""
-        # The C functions themselves: the signal module's wrappers turn each of the 64
-        # signals of both masks into an enum member, a third of a millisecond per freeze.
-        previous = _signal.pthread_sigmask(signal.SIG_BLOCK, _EVERY_SIGNAL)
-        try:
-            self._thread.start()
-        finally:
-            _signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        """Take the idle tracer thread, or start one (see :meth:`_Worker.start`)."""
+        worker = _Worker.take()
+        if worker is None:
+            worker = _Worker()
+            self._worker = worker
+            worker.start(self)
+        else:
+            self._worker = worker
+            worker.assign(self)
 
     def steps(self, work: Callable[[], T]) -> Steps[T | None]:
-        """Run ``work`` in the tracer thread; its result, or None if the tracer has ended
+        """Run ``work`` in the tracer thread; its result, or None if this hold has ended
         (everything was let go already)."""
-        if threading.get_ident() == self._thread.ident:
+        worker = self._worker
+        if worker is not None and threading.get_ident() == worker.ident:
             return work()  # a finalizer that the garbage collector ran in this very thread
         request: _Request[T] = _Request(work)
         with self._lock:
-            if self._closed or self._thread.ident is None:  # ended, or never started
+            if self._closed or worker is None:  # ended, or never started
                 request.close()
                 return None
             self._queue.put(request)  # type: ignore[arg-type]
@@ -131,7 +132,8 @@ class Tracer:
             request.close()
         return request.result()
 
-    def _run(self) -> None:
+    def _serve(self) -> None:
+        """Serve this hold's requests in the tracer thread, until it has let go of all."""
         while True:
             if self.finished:
                 try:
@@ -147,3 +149,79 @@ class Tracer:
             except queue.Empty:
                 continue
             request.run()
+
+
+class _Worker:
+    """A tracer thread: it serves one :class:`Tracer` at a time, and in between waits to
+    be taken by the next (at most one waits: :data:`_idle`)."""
+
+    def __init__(self) -> None:
+        self._assigned: queue.SimpleQueue[Tracer] = queue.SimpleQueue()
+        self._pid = os.getpid()
+        # A daemon thread: interpreter exit does not wait for it, and it still serves the
+        # thaws that finalizers run at exit (atexit runs before daemon threads stop).
+        self._thread = threading.Thread(target=self._run, name="treeguard-ptrace", daemon=True)
+        self.ident: int | None = None
+
+    @staticmethod
+    def take() -> _Worker | None:
+        """The idle tracer thread of this process, now taken; None if there is none."""
+        global _idle
+        with _idle_lock:
+            worker, _idle = _idle, None
+        if worker is None or worker._pid != os.getpid() or not worker._thread.is_alive():
+            return None  # none, or a thread of the parent of this forked process
+        return worker
+
+    def start(self, first: Tracer) -> None:
+        """Start the thread with every signal blocked: a handler that raises (Ctrl-C) must
+        not land inside threading's own locks, and the thread inherits the mask, so that
+        process-directed signals go to the other threads (pthread_sigmask(3)). A signal
+        that arrived meanwhile is acted on when the mask is restored, after the start."""
+        self._assigned.put(first)
+        # The C functions themselves: the signal module's wrappers turn each of the 64
+        # signals of both masks into an enum member, a third of a millisecond per freeze.
+        previous = _signal.pthread_sigmask(signal.SIG_BLOCK, _EVERY_SIGNAL)
+        try:
+            self._thread.start()
+        finally:
+            _signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        self.ident = self._thread.ident
+
+    def assign(self, tracer: Tracer) -> None:
+        self._assigned.put(tracer)
+
+    def _run(self) -> None:
+        tracer: Tracer | None = self._assigned.get()
+        while tracer is not None:
+            tracer._serve()
+            tracer = self._park()
+
+    def _park(self) -> Tracer | None:
+        """Wait to be taken by the next freeze: its hold, or None to end the thread."""
+        global _idle
+        with _idle_lock:
+            if _idle is not None:
+                return None  # one idle thread is enough
+            _idle = self
+        try:
+            return self._assigned.get(timeout=_IDLE)
+        except queue.Empty:
+            with _idle_lock:
+                if _idle is self:
+                    _idle = None
+                    return None
+            return self._assigned.get()  # taken as the wait ended: its hold is on the way
+
+
+_idle: _Worker | None = None
+_idle_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # The idle thread is the parent's, and the lock may have been held by it at the fork.
+    global _idle, _idle_lock
+    _idle, _idle_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
