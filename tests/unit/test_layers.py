@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_backends._freezer_v1",
             "_backends._freezer_v2",
             "_backends._census",
+            "_backends._target",
             "_backends._kept",
             "_backends._order",
             "_backends._hold",

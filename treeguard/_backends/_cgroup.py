@@ -37,10 +37,11 @@ from ..errors import (
     CgroupError,
 )
 from ._base import Backend, Plan
-from ._census import Target, _Census, _Members, find_target
+from ._census import _Census, _Members
 from ._freezers import CgroupFreezer, freezer_for
 from ._kept import Kept
 from ._order import by_ppid
+from ._target import Target, find_target
 
 __all__ = ["CgroupBackend", "CgroupV1Backend", "CgroupV2Backend"]
 

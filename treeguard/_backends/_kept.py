@@ -19,8 +19,9 @@ from __future__ import annotations
 from .._drive import Steps
 from .._proc_events import ProcEvents
 from ._base import Plan
-from ._census import Target, _Census
+from ._census import _Census
 from ._freezers import CgroupFreezer
+from ._target import Target
 
 __all__ = ["Kept"]
 
