@@ -100,6 +100,14 @@ class _Census(_Members):
         return self._tids
 
     @property
+    def watched(self) -> set[int]:
+        """What a fork or exit event must not name for this census to hold: every task it
+        read (listed at any look, though it may have exited since), and every process (a
+        new thread's event names its parent process and its thread group, whose leader is
+        in no task list once it exited alone)."""
+        return self._tids | self._kids.keys() | self.procs
+
+    @property
     def seen(self) -> tuple[list[str], bytes] | None:
         """The cgroups and task list read at the last look."""
         return self._seen
