@@ -124,7 +124,7 @@ def _subscribe() -> socket.socket | None:
         # filtered out) is ignored by older kernels, where every event comes.
         token = int.from_bytes(os.urandom(3), "little") + 1
         sock.send(_request(struct.pack("=I", _MCAST_LISTEN), token))
-        if _acknowledged(sock.recv(65536), token + 1):
+        if _confirmed(sock, token + 1):
             sock.send(_request(struct.pack("=II", _MCAST_LISTEN, _EVENT_FORK | _EVENT_EXIT), 0))
             return sock
     except OSError:
@@ -133,10 +133,29 @@ def _subscribe() -> socket.socket | None:
     return None
 
 
-def _acknowledged(data: bytes, ack: int) -> bool:
-    """Whether ``data`` holds the kernel's acknowledgement ``ack`` of a request, with no
+#: Messages read, at most, before the acknowledgement of a subscription.
+_BEFORE_ACK = 1024
+
+
+def _confirmed(sock: socket.socket, ack: int) -> bool:
+    """Whether the kernel acknowledged a request with no error. The acknowledgement is
+    queued before ``send()`` returns (the connector runs its callback in the sender's
+    context), but once anyone else listens, the events of the machine reach a socket from
+    its ``bind()`` on: those queued before the acknowledgement are skipped."""
+    for _ in range(_BEFORE_ACK):
+        try:
+            found = _acknowledged(sock.recv(65536), ack)
+        except BlockingIOError:
+            return False
+        if found is not None:
+            return found
+    return False
+
+
+def _acknowledged(data: bytes, ack: int) -> bool | None:
+    """Whether ``data`` holds the kernel's acknowledgement ``ack`` of a request with no
     error (the acknowledgement is a ``PROC_EVENT_NONE`` whose ``ack`` is the request's
-    plus one)."""
+    plus one); ``None`` if it holds no acknowledgement ``ack``."""
     off = 0
     while off + _HEAD + _DATA + 4 <= len(data):
         length = _NLMSG.unpack_from(data, off)[0]
@@ -146,7 +165,7 @@ def _acknowledged(data: bytes, ack: int) -> bool:
         if what == 0 and got == ack:
             return bool(err == 0)
         off += max((length + 3) & ~3, _NLMSG.size)
-    return False
+    return None
 
 
 def _names(data: bytes, pids: Collection[int]) -> bool:
