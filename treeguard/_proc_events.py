@@ -24,6 +24,7 @@ import errno
 import os
 import socket
 import struct
+import weakref
 from collections.abc import Collection
 
 __all__ = ["ProcEvents"]
@@ -64,6 +65,7 @@ class ProcEvents:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._owner = os.getpid()
+        _OPEN.add(self)
 
     @classmethod
     def open(cls) -> ProcEvents | None:
@@ -103,6 +105,21 @@ class ProcEvents:
         """Unsubscribe (closing the socket is enough). Idempotent; in a forked child, it
         closes only the child's copy of the descriptor."""
         self._sock.close()
+
+
+#: The subscriptions of this process: a forked child closes its copies at once, or a
+#: long-lived child (a worker forked by a supervisor) would keep alive each subscription
+#: its parent closed, the kernel queueing every fork and exit of the machine on it until
+#: its buffer is full (megabytes each), for nobody.
+_OPEN: weakref.WeakSet[ProcEvents] = weakref.WeakSet()
+
+
+def _close_inherited() -> None:
+    for events in list(_OPEN):
+        events.close()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
 
 
 def _subscribe() -> socket.socket | None:

@@ -225,3 +225,33 @@ def test_a_subscription_is_confirmed_though_events_come_before_its_acknowledgeme
             events.close()
     finally:
         other.close()
+
+
+def test_a_forked_child_holds_no_copy_of_a_subscription() -> None:
+    # A copy would keep the subscription alive after its owner closed it (and the kernel
+    # queueing the machine's events on it, for nobody) as long as the child lives.
+    require_root("process events")
+    events = _listener()
+    try:
+        mine = {
+            os.readlink(f"/proc/self/fd/{fd}")
+            for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")
+        }
+        theirs = f"socket:[{os.fstat(events._sock.fileno()).st_ino}]"
+        assert theirs in mine
+        pid = os.fork()
+        if pid == 0:
+            held = set()
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    held.add(os.readlink(f"/proc/self/fd/{fd}"))
+                except OSError:
+                    pass
+            os._exit(1 if theirs in held else 0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child holds the subscription"
+        subprocess.run(["true"], check=True)
+        assert not events.quiet({os.getpid()}, 64)  # still the parent's, and open
+    finally:
+        events.close()
