@@ -255,3 +255,80 @@ def test_a_forked_child_holds_no_copy_of_a_subscription() -> None:
         assert not events.quiet({os.getpid()}, 64)  # still the parent's, and open
     finally:
         events.close()
+
+
+# A subreaper (the tree's root) whose child, the monitor, runs _MONITOR on its stdin and
+# stdout; the monitor's PID goes to stderr. The subreaper reaps what it adopts.
+_SUBREAPER = """
+import ctypes, os, signal, subprocess, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+monitor = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+os.write(2, b"%d\\n" % monitor.pid)
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        signal.pause()
+"""
+
+# On each byte read, fork a child that forks a grandchild (which sleeps) and exits at once:
+# the grandchild, orphaned, goes to the closest subreaper above. Prints its PID.
+_MONITOR = """
+import os, signal
+while os.read(0, 1):
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        grandchild = os.fork()
+        if grandchild == 0:
+            signal.pause()
+            os._exit(0)
+        os.write(w, b"%d\\n" % grandchild)
+        os._exit(0)
+    os.waitpid(child, 0)
+    os.close(w)
+    os.write(1, os.read(r, 64))
+    os.close(r)
+"""
+
+
+def test_an_orphan_of_an_excluded_monitor_adopted_by_a_subreaper_of_the_tree_is_found(
+    cgroup: MakeCgroup,
+) -> None:
+    # The monitor is excluded and lives in another cgroup: its forks and exits name no
+    # task of the census. An orphan of its subtree is adopted by the closest subreaper
+    # (find_new_reaper), here the tree's root: a child of the tree in another cgroup, of
+    # which no event names a task of the tree.
+    require_root("process events")
+    cg, other = cgroup(2), cgroup(2)
+    root = cg.spawn(
+        [sys.executable, "-c", _SUBREAPER, _MONITOR],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert root.stdin is not None and root.stdout is not None and root.stderr is not None
+    try:
+        monitor = int(root.stderr.readline())
+        assert other.adopt([monitor]) == [monitor]
+        guard = ProcessesGuard(root.pid, include_root=True, exclude=[monitor], backend="cgroup")
+        try:
+            for _ in range(2):  # subscribed at the second freeze: the census is kept from it
+                with guard:
+                    assert guard.pids == (root.pid,)
+            root.stdin.write(b"x")
+            root.stdin.flush()
+            orphan = int(root.stdout.readline())
+            proc.wait_until(lambda: proc.ppid(orphan) == root.pid, what="the adoption")
+            assert orphan in other.pids()
+            with pytest.raises(CgroupError, match=f"in another cgroup: {orphan} "):
+                guard.freeze()
+            assert not cg.frozen
+        finally:
+            guard.close()
+    finally:
+        root.stdin.close()
+        root.stdout.close()
+        root.stderr.close()
+        other.kill()
+        cg.kill()

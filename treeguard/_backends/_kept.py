@@ -90,8 +90,9 @@ class Kept:
         return quiet
 
     def keep(self, census: _Census) -> None:
-        """Keep ``census`` for the next freeze: confirmed, and proven to hold the tree."""
-        self.census = census
+        """Keep ``census`` for the next freeze: confirmed, and proven to hold the tree
+        (unless a later freeze may not take it over: see :attr:`_Census.keepable`)."""
+        self.census = census if census.keepable else None
 
     def close(self) -> None:
         self.census = None
