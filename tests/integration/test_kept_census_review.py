@@ -19,6 +19,7 @@ from treeguard._backends._census import _Census
 from treeguard._proc_events import ProcEvents
 from treeguard.cgroup import Cgroup
 from treeguard.errors import CgroupError
+from treeguard.procfs import ProcFS
 
 # A process with a second thread, which prints its TID and sleeps.
 _TWO_THREADS = """
@@ -329,6 +330,80 @@ def test_an_orphan_of_an_excluded_monitor_adopted_by_a_subreaper_of_the_tree_is_
     finally:
         root.stdin.close()
         root.stdout.close()
+        root.stderr.close()
+        other.kill()
+        cg.kill()
+
+
+# On "f", fork a child that sleeps and print its PID; on anything else, exit.
+_FORK_THEN_EXIT = """
+import os, signal
+while os.read(0, 1) == b"f":
+    pid = os.fork()
+    if pid == 0:
+        signal.pause()
+        os._exit(0)
+    os.write(1, b"%d\\n" % pid)
+os._exit(0)
+"""
+
+
+def test_a_census_raced_while_read_is_not_kept_for_the_next_freeze(
+    cgroup: MakeCgroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # backend="auto" reads the census before the freeze. Right after the children files
+    # are read, a child of the tree forks, its child is moved to another cgroup, and the
+    # parent exits: the orphan is adopted by the subreaper root, whose file was read
+    # already. That freeze misses it (a race the census documents); its events name a
+    # task it read, though, which then exited: the census must not be kept, or every
+    # later freeze would miss the orphan too.
+    require_root("process events")
+    cg, other = cgroup(2), cgroup(2)
+    root = cg.spawn(
+        [sys.executable, "-c", _SUBREAPER, _FORK_THEN_EXIT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert root.stdin is not None and root.stdout is not None and root.stderr is not None
+    stdin, stdout = root.stdin, root.stdout
+    escaped: list[int] = []
+    try:
+        child = int(root.stderr.readline())
+        guard = ProcessesGuard(root.pid, include_root=True, backend="auto")
+        try:
+            with guard:
+                assert sorted(guard.pids) == sorted([root.pid, child])
+            real = ProcFS.children
+            reads: list[int] = []
+
+            def racing(self: ProcFS, pid: int, tid: int | None = None) -> list[int] | None:
+                found = real(self, pid, tid)
+                reads.append(pid)
+                if len(reads) == 2:  # both files read: the race
+                    stdin.write(b"f")
+                    stdin.flush()
+                    orphan = int(stdout.readline())
+                    escaped.append(orphan)
+                    assert other.adopt([orphan]) == [orphan]
+                    stdin.write(b"x")
+                    stdin.flush()
+                    proc.wait_until(lambda: proc.ppid(orphan) == root.pid, what="the adoption")
+                return found
+
+            with monkeypatch.context() as patch:
+                patch.setattr(ProcFS, "children", racing)
+                with guard:  # subscribed here: the census is read in full
+                    assert guard.report.backend == "cgroup"
+            assert escaped
+            with guard:
+                assert escaped[0] in guard.pids
+                assert proc.state(escaped[0]) in ("t", "T")
+        finally:
+            guard.close()
+    finally:
+        stdin.close()
+        stdout.close()
         root.stderr.close()
         other.kill()
         cg.kill()
