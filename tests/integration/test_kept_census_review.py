@@ -4,7 +4,6 @@ census kept could let a freeze return with a task of the tree running in another
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,6 @@ from tests import proc
 from tests.conftest import MakeCgroup, require_root
 from treeguard import ProcessesGuard
 from treeguard._backends._census import _Census
-from treeguard._proc_events import ProcEvents
 from treeguard.cgroup import Cgroup
 from treeguard.errors import CgroupError
 from treeguard.procfs import ProcFS
@@ -187,75 +185,6 @@ def test_a_thread_born_to_a_process_whose_leader_exited_is_heard_of(
     finally:
         guard.close()
     assert proc.state(gone, serve) in ("S", "R")
-
-
-def _listener() -> ProcEvents:
-    """A subscription of its own (another listener on the machine), retried: it may race
-    with the events of others, the very thing tested below."""
-    for _ in range(20):
-        found = ProcEvents.open()
-        if found is not None:
-            return found
-    raise AssertionError("the kernel gave no process events subscription")
-
-
-def test_a_subscription_is_confirmed_though_events_come_before_its_acknowledgement(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Bound to the group, a socket receives the events of the machine at once when anyone
-    # listens already (cn_filter lets everything through before the socket's request):
-    # a fork between the bind and the request queues an event before the acknowledgement.
-    require_root("process events")
-    other = _listener()
-    real = socket.socket
-
-    class Busy(real):  # type: ignore[misc, valid-type]
-        def bind(self, address: Any) -> None:
-            super().bind(address)
-            subprocess.run(["true"], check=True)  # a fork and exits, heard by `other`
-
-    try:
-        with monkeypatch.context() as patch:
-            patch.setattr(socket, "socket", Busy)
-            events = ProcEvents.open()
-        assert events is not None, "refused: an event came before the acknowledgement"
-        try:
-            subprocess.run(["true"], check=True)
-            assert not events.quiet({os.getpid()}, 64)
-        finally:
-            events.close()
-    finally:
-        other.close()
-
-
-def test_a_forked_child_holds_no_copy_of_a_subscription() -> None:
-    # A copy would keep the subscription alive after its owner closed it (and the kernel
-    # queueing the machine's events on it, for nobody) as long as the child lives.
-    require_root("process events")
-    events = _listener()
-    try:
-        mine = {
-            os.readlink(f"/proc/self/fd/{fd}")
-            for fd in os.listdir("/proc/self/fd")
-            if os.path.exists(f"/proc/self/fd/{fd}")
-        }
-        theirs = f"socket:[{os.fstat(events._sock.fileno()).st_ino}]"
-        assert theirs in mine
-        pid = os.fork()
-        if pid == 0:
-            held = set()
-            for fd in os.listdir("/proc/self/fd"):
-                try:
-                    held.add(os.readlink(f"/proc/self/fd/{fd}"))
-                except OSError:
-                    pass
-            os._exit(1 if theirs in held else 0)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, "the child holds the subscription"
-        subprocess.run(["true"], check=True)
-        assert not events.quiet({os.getpid()}, 64)  # still the parent's, and open
-    finally:
-        events.close()
 
 
 # A subreaper (the tree's root) whose child, the monitor, runs _MONITOR on its stdin and
