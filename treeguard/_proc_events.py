@@ -24,6 +24,7 @@ import errno
 import os
 import socket
 import struct
+import weakref
 from collections.abc import Collection
 
 __all__ = ["ProcEvents"]
@@ -64,6 +65,7 @@ class ProcEvents:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._owner = os.getpid()
+        _OPEN.add(self)
 
     @classmethod
     def open(cls) -> ProcEvents | None:
@@ -105,6 +107,21 @@ class ProcEvents:
         self._sock.close()
 
 
+#: The subscriptions of this process: a forked child closes its copies at once, or a
+#: long-lived child (a worker forked by a supervisor) would keep alive each subscription
+#: its parent closed, the kernel queueing every fork and exit of the machine on it until
+#: its buffer is full (megabytes each), for nobody.
+_OPEN: weakref.WeakSet[ProcEvents] = weakref.WeakSet()
+
+
+def _close_inherited() -> None:
+    for events in list(_OPEN):
+        events.close()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
+
 def _subscribe() -> socket.socket | None:
     try:
         sock = socket.socket(
@@ -124,7 +141,7 @@ def _subscribe() -> socket.socket | None:
         # filtered out) is ignored by older kernels, where every event comes.
         token = int.from_bytes(os.urandom(3), "little") + 1
         sock.send(_request(struct.pack("=I", _MCAST_LISTEN), token))
-        if _acknowledged(sock.recv(65536), token + 1):
+        if _confirmed(sock, token + 1):
             sock.send(_request(struct.pack("=II", _MCAST_LISTEN, _EVENT_FORK | _EVENT_EXIT), 0))
             return sock
     except OSError:
@@ -133,10 +150,29 @@ def _subscribe() -> socket.socket | None:
     return None
 
 
-def _acknowledged(data: bytes, ack: int) -> bool:
-    """Whether ``data`` holds the kernel's acknowledgement ``ack`` of a request, with no
+#: Messages read, at most, before the acknowledgement of a subscription.
+_BEFORE_ACK = 1024
+
+
+def _confirmed(sock: socket.socket, ack: int) -> bool:
+    """Whether the kernel acknowledged a request with no error. The acknowledgement is
+    queued before ``send()`` returns (the connector runs its callback in the sender's
+    context), but once anyone else listens, the events of the machine reach a socket from
+    its ``bind()`` on: those queued before the acknowledgement are skipped."""
+    for _ in range(_BEFORE_ACK):
+        try:
+            found = _acknowledged(sock.recv(65536), ack)
+        except BlockingIOError:
+            return False
+        if found is not None:
+            return found
+    return False
+
+
+def _acknowledged(data: bytes, ack: int) -> bool | None:
+    """Whether ``data`` holds the kernel's acknowledgement ``ack`` of a request with no
     error (the acknowledgement is a ``PROC_EVENT_NONE`` whose ``ack`` is the request's
-    plus one)."""
+    plus one); ``None`` if it holds no acknowledgement ``ack``."""
     off = 0
     while off + _HEAD + _DATA + 4 <= len(data):
         length = _NLMSG.unpack_from(data, off)[0]
@@ -146,7 +182,7 @@ def _acknowledged(data: bytes, ack: int) -> bool:
         if what == 0 and got == ack:
             return bool(err == 0)
         off += max((length + 3) & ~3, _NLMSG.size)
-    return False
+    return None
 
 
 def _names(data: bytes, pids: Collection[int]) -> bool:

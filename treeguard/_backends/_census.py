@@ -100,6 +100,24 @@ class _Census(_Members):
         return self._tids
 
     @property
+    def watched(self) -> set[int]:
+        """What a fork or exit event must not name for this census to hold: every task it
+        read (listed at any look, though it may have exited since), and every process (a
+        new thread's event names its parent process and its thread group, whose leader is
+        in no task list once it exited alone)."""
+        return self._tids | self._kids.keys() | self.procs
+
+    @property
+    def keepable(self) -> bool:
+        """Whether a later freeze may take this census over. Not if a process that must keep
+        running (excluded, the caller) is a child of the tree, in another cgroup: no event
+        of its subtree names a task of the census, yet an orphan of that subtree may be
+        adopted by a subreaper of the tree (the kernel's find_new_reaper), a child of the
+        tree in another cgroup that only reading the children files again finds."""
+        kept = self.plan.passthrough | self.plan.blocked.keys()
+        return not any(kid in kept for kids in self._kids.values() for kid in kids)
+
+    @property
     def seen(self) -> tuple[list[str], bytes] | None:
         """The cgroups and task list read at the last look."""
         return self._seen

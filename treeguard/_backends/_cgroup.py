@@ -169,12 +169,12 @@ class CgroupBackend(Backend):
         # census reads the task list once more and learns only what is new. (Should this
         # fail, freeze() thaws.)
         yield from members.survey()
-        kept = self._kept
-        if census is not None and kept is not None:
-            yield from kept.confirm(census)
+        kept, keep = self._kept, None
+        if census is not None and kept is not None and (yield from kept.confirm(census)):
+            keep = census
         problem = None if census is None else census.problem()
-        if problem is not None and kept is not None:
-            kept.drop()
+        if kept is not None and keep is not None and problem is None:
+            kept.keep(keep)  # only now: an interrupt before leaves nothing kept
         report.prove_seconds += time.perf_counter() - t0
         self._procs = members.procs
         report.stopped = len(self._procs)

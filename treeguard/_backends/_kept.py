@@ -69,27 +69,30 @@ class Kept:
             self.events.quiet((), _budget(fresh))  # what counts starts here
             self._where = where
             return fresh
-        quiet = self.events.quiet(census.tids, _budget(census))
+        quiet = self.events.quiet(census.watched, _budget(census))
         if not quiet or census.seen != target.listing:
             return fresh
         census.rebind(freezer, plan)
         census.reused = True
         return census
 
-    def confirm(self, census: _Census) -> Steps[None]:
+    def confirm(self, census: _Census) -> Steps[bool]:
         """Once the cgroup is frozen: read the events of the freeze. A census taken over
         that they contradict is read in full now (nothing forks in a frozen cgroup); a
-        census read while the kernel froze is kept for the next freeze only if none came."""
-        quiet = self.events.quiet(census.tids, _budget(census))
+        census read while the kernel froze may be kept for the next freeze only if none
+        came. Returns whether it may: :meth:`keep` it once its problem() found nothing
+        (kept before, an interrupt in between would leave a census never proven)."""
+        quiet = self.events.quiet(census.watched, _budget(census))
         if census.reused and not quiet:
             census.forget()
             yield from census.survey()
             quiet = True  # read whole from the frozen cgroup: it holds for the next freeze
-        self.census = census if quiet else None
+        return quiet
 
-    def drop(self) -> None:
-        """Keep nothing for the next freeze (this one found a problem)."""
-        self.census = None
+    def keep(self, census: _Census) -> None:
+        """Keep ``census`` for the next freeze: confirmed, and proven to hold the tree
+        (unless a later freeze may not take it over: see :attr:`_Census.keepable`)."""
+        self.census = census if census.keepable else None
 
     def close(self) -> None:
         self.census = None
