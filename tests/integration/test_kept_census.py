@@ -15,7 +15,7 @@ import pytest
 from tests import proc
 from tests.conftest import MakeCgroup, require_root
 from treeguard import ProcessesGuard
-from treeguard._backends import Memo
+from treeguard._backends import Memo, _kept
 from treeguard._proc_events import ProcEvents
 from treeguard.errors import CgroupError
 from treeguard.procfs import ProcFS
@@ -139,6 +139,14 @@ def test_a_quiet_tree_is_not_read_again(
             # events at its second), later ones only what is new.
             assert (sorted(children_reads) == sorted([forker.pid, *kids])) == (freeze < 2)
         assert not children_reads
+        # Every so many freezes the census is read in full, whatever the events say.
+        reads = []
+        for _ in range(_kept._MAX_TAKEN + 1):
+            children_reads.clear()
+            with guard:
+                pass
+            reads.append(bool(children_reads))
+        assert reads == [False] * (_kept._MAX_TAKEN - 2) + [True, False, False]
         # A fork is heard of: the next freeze reads the tree again, and holds the newcomer.
         newcomer = _fork_one(forker)
         with guard:

@@ -26,6 +26,10 @@ from ._target import Target
 __all__ = ["Kept"]
 
 _KEY = "cgroup census"
+#: Freezes in a row that may take a census over before one reads it in full: the kernel
+#: drops an event silently if it cannot allocate its message (cn_netlink_send_mult), so
+#: what such a loss could hide is found again within this many freezes.
+_MAX_TAKEN = 32
 
 
 class Kept:
@@ -35,6 +39,7 @@ class Kept:
     def __init__(self, events: ProcEvents) -> None:
         self.events = events
         self.census: _Census | None = None
+        self._taken = 0  # freezes in a row that took the census over
         self._where: tuple[int, str, int, frozenset[int]] | None = None
 
     @classmethod
@@ -70,7 +75,9 @@ class Kept:
             self._where = where
             return fresh
         quiet = self.events.quiet(census.watched, _budget(census))
-        if not quiet or census.seen != target.listing:
+        self._taken += 1
+        if not quiet or census.seen != target.listing or self._taken > _MAX_TAKEN:
+            self._taken = 0
             return fresh
         census.rebind(freezer, plan)
         census.reused = True
