@@ -65,10 +65,22 @@ def check_process(name: str, pid: int, fs: ProcFS, *, zombie_ok: bool = True) ->
         its zombie: it will never run again).
     :raises InvalidArgumentError: if ``pid`` is a thread of another process.
     """
-    # Two fields of /proc/PID/status, found without parsing the other fifty (this runs at
-    # every freeze).
+    # This runs at every freeze: the stat line (the kernel formats /proc/PID/status, fifty
+    # lines with memory figures, in several times as long) says whether it lives, and a
+    # pidfd whether it leads its thread group (pidfd_open refuses another thread, EINVAL).
+    stat = fs.stat(pid)
+    if stat is None or (not zombie_ok and stat.state in ("Z", "X")):
+        raise NoSuchProcessError(pid)
+    if fs.root == "/proc":
+        try:
+            os.close(os.pidfd_open(pid))
+            return
+        except ProcessLookupError:
+            raise NoSuchProcessError(pid) from None
+        except OSError:
+            pass  # a thread (EINVAL), or no descriptor to spare: the status file says
     status = fs.read(f"{pid}/status")
-    if status is None or (not zombie_ok and _field(status, b"State")[:1] in ("Z", "X")):
+    if status is None:
         raise NoSuchProcessError(pid)
     tgid = _field(status, b"Tgid") or str(pid)
     if tgid != str(pid):

@@ -17,7 +17,7 @@ import pytest
 
 import treeguard
 from tests import proc
-from treeguard import NoSuchProcessError, ProcessesGuard
+from treeguard import InvalidArgumentError, NoSuchProcessError, ProcessesGuard
 from treeguard._workers import WorkerTree, wide
 
 MakeTree = Callable[..., WorkerTree]
@@ -82,6 +82,16 @@ def test_a_finished_process_object_is_no_process() -> None:
         ProcessesGuard(popen, include_root=True)
     with pytest.raises(NoSuchProcessError):
         ProcessesGuard(handle, include_root=True)
+
+
+def test_a_thread_is_no_process_and_its_process_is_named(make_tree: MakeTree) -> None:
+    tree = make_tree(wide(2, threads=1))
+    leader = tree.pids[1]
+    thread = next(tid for tid in proc.task_states(leader) if tid != leader)
+    for options in ({"root": thread}, {"exclude": [thread]}):
+        with pytest.raises(InvalidArgumentError, match=f"{thread} is a thread of process {leader}"):
+            ProcessesGuard(**options)  # type: ignore[arg-type]
+    proc.assert_none_stopped(tree.pids)
 
 
 def test_nested_with_blocks_thaw_at_the_outermost_exit(make_tree: MakeTree) -> None:
