@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import select
+import sys
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ async def run_async(steps: Steps[T]) -> T:
     import anyio
     import anyio.lowlevel
 
+    between = _on_trio()
     try:
         wait = next(steps)
         while True:
@@ -119,8 +121,25 @@ async def run_async(steps: Steps[T]) -> T:
                 await anyio.sleep(wait.seconds)
             else:
                 await anyio.lowlevel.checkpoint()
+            if between:
+                # trio runs each batch of ready tasks in either order, so two stretches of
+                # work, one each side of a wait, could follow each other with no other task
+                # between (twice SLICE): one more turn puts every other task between them.
+                await anyio.lowlevel.checkpoint()
             wait = steps.send(None)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
     finally:
         steps.close()
+
+
+def _on_trio() -> bool:
+    """Whether the running event loop is trio's (imported, and this task is one of it)."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
