@@ -124,7 +124,8 @@ class SignalBackend(Backend):
                     break
                 if report.passes >= plan.max_passes:
                     raise TreeUnstableError(report.passes, [pid for pid, _ in frontier])
-            self._watchers.settle()
+            if self._watchers:
+                self._watchers.settle()
             for entry in (*self._entries, *self._foreign):
                 close_stat(entry)
                 if slices.due():
@@ -393,7 +394,8 @@ class SignalBackend(Backend):
                 yield YIELD
         while self._foreign:
             release(self._foreign.pop())
-        yield from self._watchers.resume()
+        if self._watchers:
+            yield from self._watchers.resume()
         if self.plan.journal is not None:
             self.plan.journal.released()
         self.report.thaw_seconds = time.perf_counter() - t0
