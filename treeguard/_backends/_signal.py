@@ -116,6 +116,8 @@ class SignalBackend(Backend):
                 report.passes += 1
                 while frontier:
                     frontier = yield from self._generation(frontier, deadline)
+                if not self._through:
+                    break  # newcomers come only from processes that run: none here
                 t0 = clock()
                 plan.source.refresh()
                 frontier = self._newcomers()
