@@ -35,6 +35,10 @@ __all__ = ["CgroupFreezer"]
 #: ms; at 1,000 the look costs about 0.05 ms. (At 1 KiB, 150 processes, the two ways were
 #: even, and at 300 the thread won by 0.25 ms.)
 _FEW_TASKS = 256
+#: A freeze write that took longer than this (half a slice of work: about 400 tasks here)
+#: has its thaw written by a thread; a shorter one is written by the caller, for whom a
+#: thread costs 0.2 to 0.5 ms more (a thaw of 100 processes took twice as long).
+_SLOW_WRITE = 0.001
 
 
 def _write_during(
@@ -50,14 +54,15 @@ def _write_during(
     are. A write made by the thread fails after ``meanwhile`` did. The writer is handed to
     ``freezer`` before it starts, so that its undo waits for it (see
     :meth:`CgroupFreezer.settle`). The write's time counts as signalling in ``report``."""
-    freezer.threaded = thread
     if not thread:
         t0 = time.perf_counter()
         try:
             job()
         finally:
+            took = time.perf_counter() - t0
+            freezer.slow_write = took > _SLOW_WRITE
             if report is not None:
-                report.signal_seconds += time.perf_counter() - t0
+                report.signal_seconds += took
         if meanwhile is not None:
             yield from meanwhile
         return
@@ -73,6 +78,7 @@ def _write_during(
             yield Wait(_RECHECK, writer.done_fd)
     finally:
         writer.close()
+        freezer.slow_write = writer.seconds > _SLOW_WRITE
         if report is not None:
             report.signal_seconds += writer.seconds
     if writer.error is not None:
@@ -101,10 +107,9 @@ class CgroupFreezer:
         self.was_frozen = False
         self.froze = False  # this freezer wrote (or is writing) the freeze: it must undo it
         self.writer: _Writer | None = None  # the thread writing the freeze (or thaw), if any
-        # The freeze was written by a thread (a cgroup of many tasks): so is the thaw, which
-        # takes as long in the kernel (milliseconds for a thousand tasks), so that an event
-        # loop runs on meanwhile.
-        self.threaded = False
+        # The freeze took the kernel longer than _SLOW_WRITE: so will the thaw (both go over
+        # every task), which a thread then writes, so that an event loop runs on meanwhile.
+        self.slow_write = False
         #: The cgroups and task list read just before (by the census), if any.
         self.listed: tuple[list[str], bytes] | None = None
         self._inode: int | None = None
@@ -177,7 +182,7 @@ class CgroupFreezer:
         """
         if not self.froze:
             return  # not ours to thaw (it was frozen before us, or never frozen)
-        if self.threaded:
+        if self.slow_write:
             self.settle()
             # The thaw written by a thread: cut short (GeneratorExit while waiting), the
             # writer is waited for and froze stays set, so the next thaw writes it again.
