@@ -18,7 +18,7 @@ from .._cgroupfs import (
     _Writer,
     write_file,
 )
-from .._drive import YIELD, Steps, Wait
+from .._drive import Steps, Wait
 from .._report import FreezeReport
 from ..errors import (
     CgroupError,
@@ -70,9 +70,6 @@ def _write_during(
     try:
         writer.start()
         if meanwhile is not None:
-            # An event loop runs before the work meanwhile (finding the cgroup took up to a
-            # millisecond already), and the thread gets the GIL to begin its write.
-            yield YIELD
             yield from meanwhile
         while not writer.over:
             yield Wait(_RECHECK, writer.done_fd)
