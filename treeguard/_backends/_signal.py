@@ -172,7 +172,10 @@ class SignalBackend(Backend):
         children: list[tuple[int, int | None]] = []
         for entry in met:
             if entry.alive:
-                children += ((kid, entry.pid) for kid in self._children_of(entry))
+                kids = self._children_of(entry)
+                if kids:  # most processes of a tree are leaves
+                    pid = entry.pid
+                    children += [(kid, pid) for kid in kids]
             if slices.due():
                 yield YIELD
         fs, source = self.plan.fs, self.plan.source
