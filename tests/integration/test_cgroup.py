@@ -558,11 +558,11 @@ def test_the_event_loop_runs_while_the_kernel_freezes(
 @pytest.mark.parametrize(
     "case", ["many tasks", "few tasks", "no thread to be had", "no descriptor to be had"]
 )
-@pytest.mark.parametrize("slow", [False, True], ids=["quick write", "slow write"])
+@pytest.mark.parametrize("thaw", ["sync", "async"])
 def test_who_writes_the_freeze(
     version: int,
     case: str,
-    slow: bool,
+    thaw: str,
     cgroup: MakeCgroup,
     make_tree: Callable[..., WorkerTree],
     monkeypatch: pytest.MonkeyPatch,
@@ -570,8 +570,9 @@ def test_who_writes_the_freeze(
     # For many tasks a thread of its own writes, so that the census (and an event loop)
     # runs meanwhile; for a cgroup with few tasks, or where no thread can be had
     # (RLIMIT_NPROC, ...), the caller does. The same small tree counts as many tasks when a
-    # list of 8 bytes is too long. The thaw is written by a thread when the freeze's write
-    # was slow (it goes over every task again), else by the caller.
+    # list of 8 bytes is too long. Under an event loop, the thaw of a cgroup whose freeze a
+    # thread wrote is written by a thread too when its task list is long (it takes as long);
+    # a synchronous caller, who waits anyway, writes it.
     from treeguard import _cgroupfs
     from treeguard._backends import _freezer_base
 
@@ -579,7 +580,7 @@ def test_who_writes_the_freeze(
     tree = make_tree(demo_spec(), spawn=cg.spawn)
     if case != "few tasks":
         monkeypatch.setattr(_freezer_base, "_FEW_TASKS", 8)
-    monkeypatch.setattr(_freezer_base, "_SLOW_WRITE", 0.0 if slow else 1e9)
+    monkeypatch.setattr(_freezer_base, "_MANY_TASKS", 8)
     real_write = _freezer_base.write_file
     writers: list[int] = []
     refused: list[int] = []
@@ -602,14 +603,19 @@ def test_who_writes_the_freeze(
         monkeypatch.setattr(_cgroupfs._thread, "start_new_thread", no_thread)
     if case == "no descriptor to be had":  # for the eventfd that says the write is over
         monkeypatch.setattr(_cgroupfs.os, "eventfd", no_descriptor)
-    with ProcessesGuard(root=tree.root, include_root=True, backend="cgroup") as guard:
+    guard = ProcessesGuard(root=tree.root, include_root=True, backend="cgroup").freeze()
+    try:
         assert cg.frozen
         assert guard.report.stopped == tree.size
         assert proc.counters_still(tree.counters, tree.period)
+        if thaw == "async":
+            anyio.run(run_async, guard._thaw_steps())
+    finally:
+        guard.release()
     assert not cg.frozen
     assert bool(refused) is case.startswith("no ")
     by_caller = [w == threading.get_ident() for w in writers]  # the freeze, the thaw
-    assert by_caller == [case != "many tasks", not slow or case.startswith("no ")]
+    assert by_caller == [case != "many tasks", thaw == "sync" or case != "many tasks"]
     proc.counters_moving(tree.counters, _main_slots(tree))
 
 
