@@ -172,11 +172,12 @@ class _Writer:
         self._done = False
 
     def start(self) -> None:
-        """Start the write (in the caller if no thread can be had)."""
-        self.done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        """Start the write (in the caller if no thread, or no descriptor to learn when it is
+        over, can be had: a thaw must not fail for want of either)."""
         try:
+            self.done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             _thread.start_new_thread(self._run, ())
-        except RuntimeError:  # no thread to be had (RLIMIT_NPROC, ...)
+        except (RuntimeError, OSError):  # RLIMIT_NPROC, RLIMIT_NOFILE, ...
             if self._claim.setdefault("by", "caller") == "caller":
                 t0 = time.perf_counter()
                 try:

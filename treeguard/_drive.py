@@ -12,14 +12,26 @@ raises ``GeneratorExit`` at its pending ``yield``: the algorithms thaw on that p
 
 from __future__ import annotations
 
+import contextvars
 import os
 import select
+import sys
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["SLICE", "YIELD", "Slices", "Steps", "Wait", "run_async", "run_sync", "run_to_end"]
+__all__ = [
+    "SLICE",
+    "YIELD",
+    "Slices",
+    "Steps",
+    "Wait",
+    "run_async",
+    "run_sync",
+    "run_to_end",
+    "under_event_loop",
+]
 
 T = TypeVar("T")
 
@@ -41,6 +53,18 @@ YIELD = Wait()
 SLICE = 0.002
 
 
+# Which driver runs the steps of this context (a task's, or the thread's): "async" while
+# run_async drives them, else "sync".
+_DRIVER: contextvars.ContextVar[str] = contextvars.ContextVar("treeguard_driver", default="sync")
+
+
+def under_event_loop() -> bool:
+    """Whether the steps running now are driven by :func:`run_async` (an event loop waits
+    on them), not by :func:`run_sync`: what a step may hand to a thread so that the loop
+    runs on is better done at once by a caller who waits anyway."""
+    return _DRIVER.get() == "async"
+
+
 class Slices:
     """Says when a stretch of work has run for :data:`SLICE`: time to let an event loop
     run (``if slices.due(): yield YIELD``)."""
@@ -60,6 +84,7 @@ class Slices:
 
 def run_sync(steps: Steps[T]) -> T:
     """Run ``steps`` to completion in this thread, sleeping where it asks to wait."""
+    driver = _DRIVER.set("sync")
     try:
         wait = next(steps)
         while True:
@@ -76,6 +101,7 @@ def run_sync(steps: Steps[T]) -> T:
         return done.value  # type: ignore[no-any-return]
     finally:
         steps.close()
+        _DRIVER.reset(driver)
 
 
 def run_to_end(make: Callable[[], Steps[None]]) -> BaseException | None:
@@ -109,6 +135,8 @@ async def run_async(steps: Steps[T]) -> T:
     import anyio
     import anyio.lowlevel
 
+    between = _on_trio()
+    driver = _DRIVER.set("async")
     try:
         wait = next(steps)
         while True:
@@ -119,8 +147,26 @@ async def run_async(steps: Steps[T]) -> T:
                 await anyio.sleep(wait.seconds)
             else:
                 await anyio.lowlevel.checkpoint()
+            if between:
+                # trio runs each batch of ready tasks in either order, so two stretches of
+                # work, one each side of a wait, could follow each other with no other task
+                # between (twice SLICE): one more turn puts every other task between them.
+                await anyio.lowlevel.checkpoint()
             wait = steps.send(None)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
     finally:
         steps.close()
+        _DRIVER.reset(driver)
+
+
+def _on_trio() -> bool:
+    """Whether the running event loop is trio's (imported, and this task is one of it)."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True

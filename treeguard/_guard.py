@@ -154,18 +154,21 @@ class ProcessesGuard:
         me = os.getpid()
         blocked = {pid: Skip.EXCLUDED for pid in self._exclude}
         blocked.update((pid, Skip.SUPERVISOR) for pid in (*self._helpers, *helper_pids()))
-        chain = ancestors(fs)
         if self._scope == "namespace":
             starts: tuple[int, ...] = (0,)
-            passthrough = {0, 1, me, *chain}
+            passthrough = {0, 1, me, *ancestors(fs)}
         else:
             root = me if self._root is None else self._root
             if self._root_object is not None:
                 as_pid("root", self._root_object)
             check_process("root", root, fs, zombie_ok=False)
             starts = (root,)
-            # Never stop whoever waits for us: the caller's ancestors are walked through.
-            passthrough = set(chain)
+            # Never stop whoever waits for us: the caller's ancestors are walked through. A
+            # signal walk from the caller meets only its descendants (a live PID names one
+            # process, and none is its own ancestor), so it needs no list of them (a cgroup
+            # is checked to hold none of them before it is frozen).
+            walks_down = root == me and self._backend_name == "signal"
+            passthrough = set() if walks_down else set(ancestors(fs))
             if self._include_root:
                 passthrough.discard(root)
             else:

@@ -155,6 +155,36 @@ async def test_event_loop_runs_while_1000_processes_freeze_on_every_backend(
     assert min(runs) < 0.050, f"the event loop stalled for {min(runs) * 1000:.1f} ms"
 
 
+async def test_every_other_task_runs_between_two_steps() -> None:
+    """Between two stretches of a freeze's work (separated by a yield or a wait), every other
+    ready task of the loop gets a turn: on trio too, which runs a batch of ready tasks in
+    either order (a task ready at each turn would otherwise see two stretches back to back,
+    its loop gap doubled)."""
+    from treeguard._drive import YIELD, Steps, Wait, run_async
+
+    turns: list[int] = []  # the ticker's turns seen at each step
+    ticks = 0
+
+    def steps() -> Steps[None]:
+        for i in range(60):
+            turns.append(ticks)
+            yield YIELD if i % 3 else Wait(0.0001)
+        turns.append(ticks)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        await run_async(steps())
+        tg.cancel_scope.cancel()
+    assert all(b > a for a, b in zip(turns, turns[1:], strict=False)), turns
+
+
 async def test_body_cancelled_by_a_timeout_thaws(make_tree: MakeTree) -> None:
     tree = make_tree(demo_spec())
     entered = False

@@ -8,6 +8,7 @@ that must not move.
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import os
 import resource
@@ -554,18 +555,24 @@ def test_the_event_loop_runs_while_the_kernel_freezes(
 
 
 @pytest.mark.parametrize("version", [2, 1])
-@pytest.mark.parametrize("case", ["many tasks", "few tasks", "no thread to be had"])
+@pytest.mark.parametrize(
+    "case", ["many tasks", "few tasks", "no thread to be had", "no descriptor to be had"]
+)
+@pytest.mark.parametrize("thaw", ["sync", "async"])
 def test_who_writes_the_freeze(
     version: int,
     case: str,
+    thaw: str,
     cgroup: MakeCgroup,
     make_tree: Callable[..., WorkerTree],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # For many tasks a thread of its own writes, so that the census (and an event loop)
-    # runs meanwhile, and so it does the thaw; for a cgroup with few tasks, or where no
-    # thread can be had (RLIMIT_NPROC, ...), the caller does. The same small tree counts as
-    # many tasks when a list of 8 bytes is too long.
+    # runs meanwhile; for a cgroup with few tasks, or where no thread can be had
+    # (RLIMIT_NPROC, ...), the caller does. The same small tree counts as many tasks when a
+    # list of 8 bytes is too long. Under an event loop, the thaw of a cgroup whose freeze a
+    # thread wrote is written by a thread too when its task list is long (it takes as long);
+    # a synchronous caller, who waits anyway, writes it.
     from treeguard import _cgroupfs
     from treeguard._backends import _freezer_base
 
@@ -573,6 +580,7 @@ def test_who_writes_the_freeze(
     tree = make_tree(demo_spec(), spawn=cg.spawn)
     if case != "few tasks":
         monkeypatch.setattr(_freezer_base, "_FEW_TASKS", 8)
+    monkeypatch.setattr(_freezer_base, "_MANY_TASKS", 8)
     real_write = _freezer_base.write_file
     writers: list[int] = []
     refused: list[int] = []
@@ -586,16 +594,28 @@ def test_who_writes_the_freeze(
         raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(_freezer_base, "write_file", recorded_write)
+
+    def no_descriptor(*args: object) -> int:
+        refused.append(1)
+        raise OSError(errno.EMFILE, "Too many open files")
+
     if case == "no thread to be had":
         monkeypatch.setattr(_cgroupfs._thread, "start_new_thread", no_thread)
-    with ProcessesGuard(root=tree.root, include_root=True, backend="cgroup") as guard:
+    if case == "no descriptor to be had":  # for the eventfd that says the write is over
+        monkeypatch.setattr(_cgroupfs.os, "eventfd", no_descriptor)
+    guard = ProcessesGuard(root=tree.root, include_root=True, backend="cgroup").freeze()
+    try:
         assert cg.frozen
         assert guard.report.stopped == tree.size
         assert proc.counters_still(tree.counters, tree.period)
+        if thaw == "async":
+            anyio.run(run_async, guard._thaw_steps())
+    finally:
+        guard.release()
     assert not cg.frozen
-    assert bool(refused) is (case == "no thread to be had")
-    # The freeze, then the thaw, written the same way (a thaw takes as long in the kernel).
-    assert [w == threading.get_ident() for w in writers] == [case != "many tasks"] * 2
+    assert bool(refused) is case.startswith("no ")
+    by_caller = [w == threading.get_ident() for w in writers]  # the freeze, the thaw
+    assert by_caller == [case != "many tasks", thaw == "sync" or case != "many tasks"]
     proc.counters_moving(tree.counters, _main_slots(tree))
 
 

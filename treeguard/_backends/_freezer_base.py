@@ -18,7 +18,7 @@ from .._cgroupfs import (
     _Writer,
     write_file,
 )
-from .._drive import YIELD, Steps, Wait
+from .._drive import YIELD, Steps, Wait, under_event_loop
 from .._report import FreezeReport
 from ..errors import (
     CgroupError,
@@ -35,6 +35,12 @@ __all__ = ["CgroupFreezer"]
 #: ms; at 1,000 the look costs about 0.05 ms. (At 1 KiB, 150 processes, the two ways were
 #: even, and at 300 the thread won by 0.25 ms.)
 _FEW_TASKS = 256
+#: Under an event loop, a cgroup whose freeze a thread wrote, and whose task list does not
+#: fit in this many bytes (about 400 tasks), is thawed by a thread too: the kernel's thaw
+#: then takes over a millisecond (half a slice of work), as long as its freeze. Otherwise
+#: the caller writes the thaw: a thread cost a thaw of 100 processes 0.2 to 0.5 ms, and a
+#: caller who waits for it anyway 2 to 6 ms at 1,000 (woken among the tasks just thawed).
+_MANY_TASKS = 2800
 
 
 def _write_during(
@@ -65,10 +71,14 @@ def _write_during(
     try:
         writer.start()
         if meanwhile is not None:
-            # An event loop runs before the work meanwhile (finding the cgroup took up to a
-            # millisecond already), and the thread gets the GIL to begin its write.
-            yield YIELD
+            # Under an event loop, a turn for it each side of the work meanwhile: finding
+            # the cgroup took up to a millisecond already, and what follows the last slice of
+            # that work (the proof of the census) takes as long.
+            if under_event_loop():
+                yield YIELD
             yield from meanwhile
+            if under_event_loop():
+                yield YIELD
         while not writer.over:
             yield Wait(_RECHECK, writer.done_fd)
     finally:
@@ -101,10 +111,7 @@ class CgroupFreezer:
         self.was_frozen = False
         self.froze = False  # this freezer wrote (or is writing) the freeze: it must undo it
         self.writer: _Writer | None = None  # the thread writing the freeze (or thaw), if any
-        # The freeze was written by a thread (a cgroup of many tasks): so is the thaw, which
-        # takes as long in the kernel (milliseconds for a thousand tasks), so that an event
-        # loop runs on meanwhile.
-        self.threaded = False
+        self.threaded = False  # the freeze was to be written by a thread (many tasks)
         #: The cgroups and task list read just before (by the census), if any.
         self.listed: tuple[list[str], bytes] | None = None
         self._inode: int | None = None
@@ -177,7 +184,8 @@ class CgroupFreezer:
         """
         if not self.froze:
             return  # not ours to thaw (it was frozen before us, or never frozen)
-        if self.threaded:
+        if self.threaded and under_event_loop() and not self._fits(_MANY_TASKS):
+            # Written by a thread, so that an event loop runs on meanwhile.
             self.settle()
             # The thaw written by a thread: cut short (GeneratorExit while waiting), the
             # writer is waited for and froze stays set, so the next thaw writes it again.
@@ -214,11 +222,16 @@ class CgroupFreezer:
 
     def has_few_tasks(self) -> bool:
         """Whether the cgroup has no cgroups below it and lists all its tasks in
-        :data:`_FEW_TASKS` bytes (one short read: a read returns less than asked for only
-        at the end of the list; none if the census has just read it)."""
+        :data:`_FEW_TASKS` bytes."""
+        return self._fits(_FEW_TASKS)
+
+    def _fits(self, size: int) -> bool:
+        """Whether the cgroup has no cgroups below it and lists all its tasks in ``size``
+        bytes (one short read: a read returns less than asked for only at the end of the
+        list; none if the census has read it)."""
         if self.listed is not None:
             dirs, tasks = self.listed
-            return len(dirs) == 1 and len(tasks) < _FEW_TASKS
+            return len(dirs) == 1 and len(tasks) < size
         if len(_subtree(self.path)) > 1:
             return False
         try:
@@ -226,7 +239,7 @@ class CgroupFreezer:
         except OSError:
             return False  # the write will say what is wrong
         try:
-            return len(os.read(fd, _FEW_TASKS)) < _FEW_TASKS
+            return len(os.read(fd, size)) < size
         except OSError:
             return False
         finally:

@@ -42,6 +42,10 @@ class Look:
     tasks: int
 
 
+#: What :func:`look` finds most often (one task, stopped), made once.
+_ONE_STOPPED = Look([], 1)
+
+
 def look(entry: Entry, fs: ProcFS, report: FreezeReport) -> Look | object:
     """Look at ``entry``'s tasks once: a :class:`Look`, :data:`GONE` or :data:`TRACED`.
 
@@ -60,7 +64,7 @@ def look(entry: Entry, fs: ProcFS, report: FreezeReport) -> Look | object:
         entry.stat = parse_stat(data)  # the children of every thread are read later
     if threads <= 1 or (state not in SETTLED and state != "D"):
         if threads <= 1 and state in SETTLED:  # the common case: one task, stopped
-            return Look([], 1)
+            return _ONE_STOPPED
         # One task only, or the main thread still runs: the other threads are looked at
         # once it has stopped; until then it is enough to wait on.
         tasks = [(pid, state)]

@@ -35,6 +35,9 @@ class Watchers:
         # pid -> (starttime, stopped before the freeze)
         self._seen: dict[int, tuple[int, bool]] = {}
 
+    def __bool__(self) -> bool:
+        return bool(self._seen)
+
     def watch(self, pid: int) -> None:
         """Remember ``pid``, the parent of a process about to be stopped (not stopped by
         this freeze itself): it is told of the stop (SIGCHLD, ``waitpid(WUNTRACED)``)."""

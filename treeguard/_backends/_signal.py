@@ -116,6 +116,8 @@ class SignalBackend(Backend):
                 report.passes += 1
                 while frontier:
                     frontier = yield from self._generation(frontier, deadline)
+                if not self._through:
+                    break  # newcomers come only from processes that run: none here
                 t0 = clock()
                 plan.source.refresh()
                 frontier = self._newcomers()
@@ -124,7 +126,8 @@ class SignalBackend(Backend):
                     break
                 if report.passes >= plan.max_passes:
                     raise TreeUnstableError(report.passes, [pid for pid, _ in frontier])
-            self._watchers.settle()
+            if self._watchers:
+                self._watchers.settle()
             for entry in (*self._entries, *self._foreign):
                 close_stat(entry)
                 if slices.due():
@@ -169,7 +172,10 @@ class SignalBackend(Backend):
         children: list[tuple[int, int | None]] = []
         for entry in met:
             if entry.alive:
-                children += ((kid, entry.pid) for kid in self._children_of(entry))
+                kids = self._children_of(entry)
+                if kids:  # most processes of a tree are leaves
+                    pid = entry.pid
+                    children += [(kid, pid) for kid in kids]
             if slices.due():
                 yield YIELD
         fs, source = self.plan.fs, self.plan.source
@@ -393,7 +399,8 @@ class SignalBackend(Backend):
                 yield YIELD
         while self._foreign:
             release(self._foreign.pop())
-        yield from self._watchers.resume()
+        if self._watchers:
+            yield from self._watchers.resume()
         if self.plan.journal is not None:
             self.plan.journal.released()
         self.report.thaw_seconds = time.perf_counter() - t0
