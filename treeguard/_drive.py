@@ -82,6 +82,32 @@ class Slices:
         return True
 
 
+class Backoff:
+    """The waits between two looks at something about to happen (a signalled task stopping):
+    a bare yield of the CPU for the first ``spin`` seconds (it usually happens within a few
+    hundred microseconds, and a sleep that short overshoots by the timer slack, 50 us), then
+    sleeps doubling from 20 us up to ``cap``."""
+
+    __slots__ = ("_cap", "_sleep", "_spin_until")
+
+    def __init__(self, cap: float = 0.002, spin: float = 0.001) -> None:
+        self._cap = cap
+        self._sleep = 0.0
+        self._spin_until = time.perf_counter() + spin
+
+    @property
+    def capped(self) -> bool:
+        """Whether the sleeps have grown to their cap (a few milliseconds of looking)."""
+        return self._sleep >= self._cap
+
+    def next(self) -> Wait:
+        if not self._sleep and time.perf_counter() < self._spin_until:
+            return YIELD
+        wait = Wait(self._sleep)
+        self._sleep = min(self._cap, self._sleep * 2 if self._sleep else 0.00002)
+        return wait
+
+
 def run_sync(steps: Steps[T]) -> T:
     """Run ``steps`` to completion in this thread, sleeping where it asks to wait."""
     driver = _DRIVER.set("sync")

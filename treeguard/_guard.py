@@ -163,10 +163,8 @@ class ProcessesGuard:
                 as_pid("root", self._root_object)
             check_process("root", root, fs, zombie_ok=False)
             starts = (root,)
-            # Never stop whoever waits for us: the caller's ancestors are walked through. A
-            # signal walk from the caller meets only its descendants (a live PID names one
-            # process, and none is its own ancestor), so it needs no list of them (a cgroup
-            # is checked to hold none of them before it is frozen).
+            # Never stop whoever waits for us: the caller's ancestors are walked through (a
+            # signal walk down from the caller meets none: no process is its own ancestor).
             walks_down = root == me and self._backend_name == "signal"
             passthrough = set() if walks_down else set(ancestors(fs))
             if self._include_root:

@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 
+from .._drive import YIELD, Slices, Steps
 from .._thaw import signal_identity
 from ..errors import FreezeError
 from ..procfs import Stat
@@ -30,6 +31,7 @@ __all__ = [
     "release",
     "release_pidfd",
     "resignal",
+    "resume",
 ]
 
 _held = 0  # descriptors (pidfds, stat files) held by all guards of this process
@@ -164,3 +166,21 @@ def resignal(entry: Entry, sig: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def resume(entries: list[Entry], slices: Slices) -> Steps[list[int]]:
+    """SIGCONT each of ``entries``, last first (children before their parents), each
+    forgotten only once signalled, so that a resume cut short goes on where it stopped.
+    Returns the PIDs that refused (changed hands by a setuid exec: not ours any more)."""
+    refused: list[int] = []
+    while entries:
+        entry = entries[-1]
+        try:
+            resignal(entry, signal.SIGCONT)
+        except PermissionError:
+            refused.append(entry.pid)
+        entries.pop()
+        release(entry)
+        if slices.due():
+            yield YIELD
+    return refused

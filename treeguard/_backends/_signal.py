@@ -30,7 +30,7 @@ import errno
 import signal
 import time
 
-from .._drive import YIELD, Slices, Steps, Wait
+from .._drive import YIELD, Backoff, Slices, Steps
 from .._report import Skip
 from .._thaw import keep_reserve, pidfd_inode
 from .._tree import ROOT, ChildrenFiles, unfreezable
@@ -48,18 +48,12 @@ from ._pidfds import (
     release,
     release_pidfd,
     resignal,
+    resume,
 )
 from ._proof import GONE, TRACED, Look, look, traced_reason
 from ._relays import Watchers
 
 __all__ = ["SignalBackend"]
-
-#: Longest pause between two looks at tasks that have not stopped yet.
-_MAX_BACKOFF = 0.002
-#: How long tasks that have not stopped yet are looked at again after a bare yield of the
-#: CPU, before the looks are spaced by sleeps: a signalled task usually stops within a few
-#: hundred microseconds, and a sleep that short overshoots by the timer slack (50 us).
-_SPIN = 0.001
 
 
 class SignalBackend(Backend):
@@ -307,10 +301,9 @@ class SignalBackend(Backend):
     # -- verifying ------------------------------------------------------------------------
 
     def _wait_stopped(self, entries: list[Entry], deadline: float) -> Steps[None]:
-        backoff = 0.0
+        backoff = Backoff()
         pending = entries
         slices = self._slices
-        spin_until = time.perf_counter() + _SPIN
         while True:
             running: list[tuple[int, int, str]] = []
             still: list[Entry] = []
@@ -327,13 +320,9 @@ class SignalBackend(Backend):
                 self.plan.journal.check()  # a lease that ran out resumed what we wait for
             # Past the deadline, give up only once the backoff has grown to its cap (a few
             # milliseconds of looking): a task signalled a moment ago deserves that chance.
-            if time.perf_counter() > deadline and backoff >= _MAX_BACKOFF:
+            if time.perf_counter() > deadline and backoff.capped:
                 raise StopTimeoutError(self.plan.timeout, running)
-            if backoff or time.perf_counter() > spin_until:
-                yield Wait(backoff)
-                backoff = min(_MAX_BACKOFF, backoff * 2 if backoff else 0.00002)
-            else:
-                yield YIELD
+            yield backoff.next()
             pending = still
 
     def _check(self, entry: Entry) -> list[tuple[int, int, str]]:
@@ -384,19 +373,8 @@ class SignalBackend(Backend):
         watchers that relayed the stop. Resumable: a process is forgotten only after it was
         signalled, so a thaw cut short (an interrupt, an error) finishes on the next call."""
         t0 = time.perf_counter()
-        entries = self._entries
-        refused: list[int] = []
-        self._slices = slices = Slices()
-        while entries:
-            entry = entries[-1]
-            try:
-                resignal(entry, signal.SIGCONT)
-            except PermissionError:
-                refused.append(entry.pid)  # it changed hands (setuid exec): not ours any more
-            entries.pop()
-            release(entry)
-            if slices.due():
-                yield YIELD
+        self._slices = Slices()
+        refused = yield from resume(self._entries, self._slices)
         while self._foreign:
             release(self._foreign.pop())
         if self._watchers:
