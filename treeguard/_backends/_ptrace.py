@@ -129,7 +129,8 @@ class PtraceBackend(Backend):
             self._hold.close_kept()
 
     def _seize_tree(self) -> None:
-        plan, report = self.plan, self.report
+        plan, report, tracer = self.plan, self.report, self._tracer
+        assert tracer is not None
         clock = time.perf_counter
         self._deadline = clock() + plan.timeout
         plan.source.refresh()
@@ -140,6 +141,7 @@ class PtraceBackend(Backend):
             for _ in walk(pending, self._visit, self._listing):
                 if self._abort:
                     raise FreezeError("the freeze was abandoned")
+                tracer.pause_if_due()
             # The report's parts are disjoint: the seizes made while walking count apart.
             report.enumerate_seconds += clock() - t0 - (report.signal_seconds - seized)
             if self._denied and not plan.partial_ok:
@@ -172,6 +174,8 @@ class PtraceBackend(Backend):
     def _meet(self, pid: int, parent: int | None) -> Stat | None:
         """Meet ``pid`` (listed by ``parent``): skip, pass through, or seize it."""
         known, plan, report = self._hold.known, self.plan, self.report
+        assert self._tracer is not None
+        self._tracer.pause_if_due()  # siblings are met in a batch: a long one, maybe
         if pid in known:
             return None
         reason = plan.blocked.get(pid)
@@ -314,10 +318,13 @@ class PtraceBackend(Backend):
     # -- thawing (tracer thread) -----------------------------------------------------------
 
     def _thaw_work(self) -> None:
+        tracer = self._tracer
+        assert tracer is not None
         for proc in reversed(self._hold.procs):
             for task in proc.tasks:
                 if not task.done:
                     self._hold.release(task)
+            tracer.pause_if_due()
         # A task killed while held exits at once: wait for it a while. A vfork parent stops
         # only once its child execs or exits, which may take long: the tracer thread keeps
         # looking after the thaw returned, and lets each go as soon as it can.
@@ -326,8 +333,7 @@ class PtraceBackend(Backend):
         while time.perf_counter() < deadline and any(not t.vfork for t in self._hold.linger()):
             time.sleep(backoff)
             backoff = min(_MAX_BACKOFF, backoff * 2)
-        assert self._tracer is not None
-        self._tracer.finished = True
+        tracer.finished = True
 
 
 class _Listing(ChildrenSource):

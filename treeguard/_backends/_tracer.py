@@ -17,11 +17,13 @@ import _signal  # type: ignore[import-not-found]  # the C half of signal (no stu
 import os
 import queue
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .._drive import Steps, Wait
+from .._drive import SLICE, YIELD, Steps, Wait
 
 __all__ = ["Tracer"]
 
@@ -33,14 +35,23 @@ _LINGER_POLL = 0.05
 _POLL = 0.0005
 #: How long an idle tracer thread waits for the next freeze before it ends.
 _IDLE = 10.0
+#: Longest wait of a paused tracer for the event loop it let run (see :class:`_Request`).
+_PAUSE = 0.05
 #: Every signal, as plain numbers (see :meth:`_Worker.start`).
 _EVERY_SIGNAL = frozenset(_signal.valid_signals())
 
 
 class _Request(Generic[T]):
-    """One piece of work for the tracer, and the eventfd that says it is done."""
+    """One piece of work for the tracer, and the eventfd that says it is done.
 
-    def __init__(self, work: Callable[[], T]) -> None:
+    ``sliced``: the waiter runs an event loop, which waits on the eventfd for the GIL that
+    the tracer thread holds but for its system calls. CPython hands the GIL to a waiting
+    thread only once it has waited a whole switch interval (5 ms) without a release, and
+    each short release wakes the waiter to try again, so a loop can starve for longer than
+    that. So every :data:`~treeguard._drive.SLICE` of work the tracer writes the eventfd
+    and waits until the loop's thread has come for it (:meth:`pause`)."""
+
+    def __init__(self, work: Callable[[], T], sliced: bool) -> None:
         self.work = work
         self.done = False
         self._value: T | None = None
@@ -51,8 +62,13 @@ class _Request(Generic[T]):
             self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         except OSError:
             self.fd = -1  # out of descriptors: the waiter polls instead
+        self.sliced = sliced and self.fd >= 0
+        self.paused = False
+        self.next_pause = 0.0
+        self._resume = threading.Event()
 
     def run(self) -> None:
+        self.next_pause = time.perf_counter() + SLICE
         try:
             self._value = self.work()
         except BaseException as err:  # handed to the waiter, who raises it
@@ -68,10 +84,35 @@ class _Request(Generic[T]):
                 else:
                     os.eventfd_write(self.fd, 1)
 
+    def pause(self) -> None:
+        """(The tracer thread.) Let the waiter run: wake it, and wait until it has come
+        (:meth:`resume`), or for :data:`_PAUSE` seconds at most."""
+        self._resume.clear()
+        with self._lock:
+            if self._abandoned or self.fd < 0:
+                return
+            self.paused = True
+            os.eventfd_write(self.fd, 1)
+        self._resume.wait(_PAUSE)
+        self.next_pause = time.perf_counter() + SLICE
+
+    def resume(self) -> None:
+        """(The waiter.) Woken: read the eventfd empty, and let a paused tracer go on."""
+        with self._lock:
+            if self.fd >= 0:
+                try:
+                    os.eventfd_read(self.fd)
+                except BlockingIOError:
+                    pass  # nothing written since the last look
+            if self.paused:
+                self.paused = False
+                self._resume.set()
+
     def close(self) -> None:
         """The waiter is done with this request: close the eventfd now, or let the tracer
         close it once the work ends."""
         with self._lock:
+            self._resume.set()  # a pause waits for nobody now
             if self.fd >= 0:
                 if self.done:
                     os.close(self.fd)
@@ -101,6 +142,7 @@ class Tracer:
         self._lock = threading.Lock()
         self._closed = False
         self._worker: _Worker | None = None
+        self._running: _Request[object] | None = None
 
     def start(self) -> None:
         """Take the idle tracer thread, or start one (see :meth:`_Worker.start`)."""
@@ -119,7 +161,7 @@ class Tracer:
         worker = self._worker
         if worker is not None and threading.get_ident() == worker.ident:
             return work()  # a finalizer that the garbage collector ran in this very thread
-        request: _Request[T] = _Request(work)
+        request: _Request[T] = _Request(work, _in_event_loop())
         with self._lock:
             if self._closed or worker is None:  # ended, or never started
                 request.close()
@@ -128,9 +170,22 @@ class Tracer:
         try:
             while not request.done:
                 yield Wait(_LINGER_POLL, request.fd) if request.fd >= 0 else Wait(_POLL)
+                if request.paused:
+                    # The loop's other tasks run first (the tracer takes the GIL as soon
+                    # as this thread lets go of it, in the loop's next system call).
+                    yield YIELD
+                if request.sliced:
+                    request.resume()
         finally:
             request.close()
         return request.result()
+
+    def pause_if_due(self) -> None:
+        """(The tracer thread, between two steps of a request's work.) Let the event loop
+        that waits for the request run, once every :data:`~treeguard._drive.SLICE`."""
+        request = self._running
+        if request is not None and request.sliced and time.perf_counter() >= request.next_pause:
+            request.pause()
 
     def _serve(self) -> None:
         """Serve this hold's requests in the tracer thread, until it has let go of all."""
@@ -148,7 +203,11 @@ class Tracer:
                 request = self._queue.get(timeout=_LINGER_POLL if self.finished else None)
             except queue.Empty:
                 continue
-            request.run()
+            self._running = request
+            try:
+                request.run()
+            finally:
+                self._running = None
 
 
 class _Worker:
@@ -212,6 +271,19 @@ class _Worker:
                     _idle = None
                     return None
             return self._assigned.get()  # taken as the wait ended: its hold is on the way
+
+
+def _in_event_loop() -> bool:
+    """Whether this thread runs an event loop (asyncio or trio), as sniffio tells: it is
+    imported with anyio, which the async face uses."""
+    sniffio = sys.modules.get("sniffio")
+    if sniffio is None:
+        return False
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+    return True
 
 
 _idle: _Worker | None = None
