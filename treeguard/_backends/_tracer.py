@@ -56,7 +56,13 @@ class _Request(Generic[T]):
         self.done = False
         self._value: T | None = None
         self._error: BaseException | None = None
+        # The eventfd is closed by the last of the two to let go of it: the tracer once the
+        # work ran, the waiter once it stopped waiting. So it is never written or read once
+        # closed (and perhaps reused for another file), and neither makes a system call
+        # under the lock that the other may then wait for (a thread to wake, on the path
+        # of every request).
         self._lock = threading.Lock()
+        self._holders = 2
         self._abandoned = False
         try:
             self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -65,7 +71,7 @@ class _Request(Generic[T]):
         self.sliced = sliced and self.fd >= 0
         self.paused = False
         self.next_pause = 0.0
-        self._resume = threading.Event()
+        self._resume = threading.Event() if self.sliced else None
 
     def run(self) -> None:
         self.next_pause = time.perf_counter() + SLICE
@@ -73,52 +79,53 @@ class _Request(Generic[T]):
             self._value = self.work()
         except BaseException as err:  # handed to the waiter, who raises it
             self._error = err
-        with self._lock:
-            # Written under the lock the waiter closes it with: the descriptor is never
-            # written after it was closed (and perhaps reused for another file).
-            self.done = True
-            if self.fd >= 0:
-                if self._abandoned:
-                    os.close(self.fd)
-                    self.fd = -1
-                else:
-                    os.eventfd_write(self.fd, 1)
+        self.done = True
+        if self.fd >= 0 and not self._abandoned:
+            os.eventfd_write(self.fd, 1)
+        self._let_go()
 
     def pause(self) -> None:
         """(The tracer thread.) Let the waiter run: wake it, and wait until it has come
         (:meth:`resume`), or for :data:`_PAUSE` seconds at most."""
-        self._resume.clear()
-        with self._lock:
-            if self._abandoned or self.fd < 0:
-                return
-            self.paused = True
-            os.eventfd_write(self.fd, 1)
-        self._resume.wait(_PAUSE)
+        resume = self._resume
+        assert resume is not None
+        resume.clear()
+        if self._abandoned:
+            return
+        self.paused = True
+        os.eventfd_write(self.fd, 1)  # the tracer holds the descriptor until the work ends
+        resume.wait(_PAUSE)
         self.next_pause = time.perf_counter() + SLICE
 
     def resume(self) -> None:
         """(The waiter.) Woken: read the eventfd empty, and let a paused tracer go on."""
-        with self._lock:
-            if self.fd >= 0:
-                try:
-                    os.eventfd_read(self.fd)
-                except BlockingIOError:
-                    pass  # nothing written since the last look
-            if self.paused:
-                self.paused = False
-                self._resume.set()
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass  # nothing written since the last look
+        if self.paused and self._resume is not None:
+            self.paused = False
+            self._resume.set()
 
     def close(self) -> None:
-        """The waiter is done with this request: close the eventfd now, or let the tracer
-        close it once the work ends."""
-        with self._lock:
+        """The waiter is done with this request (the work may go on without it)."""
+        self._abandoned = True
+        if self._resume is not None:
             self._resume.set()  # a pause waits for nobody now
-            if self.fd >= 0:
-                if self.done:
-                    os.close(self.fd)
-                    self.fd = -1
-                else:
-                    self._abandoned = True
+        self._let_go()
+
+    def drop(self) -> None:
+        """A request that was never handed to the tracer: nothing of it remains."""
+        self._holders = 1
+        self.close()
+
+    def _let_go(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def result(self) -> T:
         if self._error is not None:
@@ -164,7 +171,7 @@ class Tracer:
         request: _Request[T] = _Request(work, _in_event_loop())
         with self._lock:
             if self._closed or worker is None:  # ended, or never started
-                request.close()
+                request.drop()
                 return None
             self._queue.put(request)  # type: ignore[arg-type]
         try:
