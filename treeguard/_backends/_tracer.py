@@ -149,18 +149,15 @@ class Tracer:
         self._lock = threading.Lock()
         self._closed = False
         self._worker: _Worker | None = None
+        self._launched = False
         self._running: _Request[object] | None = None
 
     def start(self) -> None:
-        """Take the idle tracer thread, or start one (see :meth:`_Worker.start`)."""
-        worker = _Worker.take()
-        if worker is None:
-            worker = _Worker()
-            self._worker = worker
-            worker.start(self)
-        else:
-            self._worker = worker
-            worker.assign(self)
+        """Take the idle tracer thread, or make one: it is woken (or started, see
+        :meth:`_Worker.start`) with the first request already queued, so that it wakes
+        once, not once for the hold and once more for the request."""
+        self._worker = _Worker.take() or _Worker()
+        self._launched = False
 
     def steps(self, work: Callable[[], T]) -> Steps[T | None]:
         """Run ``work`` in the tracer thread; its result, or None if this hold has ended
@@ -174,6 +171,9 @@ class Tracer:
                 request.drop()
                 return None
             self._queue.put(request)  # type: ignore[arg-type]
+            launch, self._launched = not self._launched, True
+        if launch:
+            worker.serve(self)
         try:
             while not request.done:
                 yield Wait(_LINGER_POLL, request.fd) if request.fd >= 0 else Wait(_POLL)
@@ -239,12 +239,17 @@ class _Worker:
             return None  # none, or a thread of the parent of this forked process
         return worker
 
-    def start(self, first: Tracer) -> None:
+    def serve(self, tracer: Tracer) -> None:
+        """Serve ``tracer`` next: wake this thread, or start it."""
+        self._assigned.put(tracer)
+        if self.ident is None:
+            self._start()
+
+    def _start(self) -> None:
         """Start the thread with every signal blocked: a handler that raises (Ctrl-C) must
         not land inside threading's own locks, and the thread inherits the mask, so that
         process-directed signals go to the other threads (pthread_sigmask(3)). A signal
         that arrived meanwhile is acted on when the mask is restored, after the start."""
-        self._assigned.put(first)
         # The C functions themselves: the signal module's wrappers turn each of the 64
         # signals of both masks into an enum member, a third of a millisecond per freeze.
         previous = _signal.pthread_sigmask(signal.SIG_BLOCK, _EVERY_SIGNAL)
@@ -253,9 +258,6 @@ class _Worker:
         finally:
             _signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.ident = self._thread.ident
-
-    def assign(self, tracer: Tracer) -> None:
-        self._assigned.put(tracer)
 
     def _run(self) -> None:
         tracer: Tracer | None = self._assigned.get()
