@@ -236,6 +236,7 @@ class PtraceBackend(Backend):
                 return
             self._hold.seize_threads(proc)
             if len(proc.tasks) == count or proc.denied:
+                self._hold.prove(proc)
                 return
 
     def _collect(self, tasks: list[Task]) -> None:
@@ -298,16 +299,15 @@ class PtraceBackend(Backend):
         """Count the tasks held, each proven stopped already: by the kernel's report of its
         ptrace-stop (waitid, for that very TID: only this tracer ends the stop, and SIGKILL,
         which makes the task exit), or by two looks at ``t`` in /proc when another thread of
-        this process took that report. The leader of a process not seen alone once stopped
-        (:meth:`Hold.alone`) shows ``t`` in /proc once more: a thread that was never seized
-        and exec'd meanwhile would have taken the leader's PID, and runs."""
+        this process took that report. The leader of a process not proven once settled
+        (:meth:`Hold.prove`) shows ``t`` in /proc now."""
         late: list[tuple[int, int, str]] = []
         for proc in self._held(True) + self._held(False):
             for task in proc.tasks:
                 if task.stopped and not task.done:
                     self.report.tasks += 1
             leader = self._hold.tasks.get(proc.pid)
-            if proc.alone or leader is None or leader.done or not leader.stopped:
+            if proc.proven or leader is None or leader.done or not leader.stopped:
                 continue
             state = self._hold.state(proc.pid, proc.pid)
             if state is not None and state != "t" and state not in DEAD_STATES:
