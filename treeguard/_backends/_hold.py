@@ -79,6 +79,7 @@ class Hold:
         self.tasks: dict[int, Task] = {}
         self.pending: list[Task] = []  # seized, stop not collected yet
         self.kept: list[Proc] = []  # those whose stat descriptor is kept (Hold.keep)
+        self.left: list[Task] | None = None  # what a thaw could not let go yet (linger)
 
     def seize_threads(self, proc: Proc, statfd: int = -1) -> None:
         """Seize and interrupt each thread of ``proc`` not held yet, as its thread list
@@ -152,6 +153,7 @@ class Hold:
 
     def _add(self, proc: Proc, tid: int) -> None:
         task = Task(tid, proc)
+        self.left = None  # a task held since the last thaw: look at all again
         _HELD[tid] = self
         self.tasks[tid] = task
         proc.tasks.append(task)
@@ -323,12 +325,16 @@ class Hold:
 
     def linger(self) -> list[Task]:
         """Let go of what a thaw could not yet; the tasks still left. Called by the thaw,
-        then by the tracer thread while it waits for requests."""
+        then by the tracer thread while it waits for requests: only the tasks left at the
+        last look (:attr:`left`) are looked at again, once the thaw has listed them."""
+        pool = self.left
+        if pool is None:
+            pool = [task for proc in self.procs for task in proc.tasks]
         left: list[Task] = []
-        for proc in self.procs:
-            for task in proc.tasks:
+        for task in pool:
+            if not task.done:
+                self.release(task)
                 if not task.done:
-                    self.release(task)
-                    if not task.done:
-                        left.append(task)
+                    left.append(task)
+        self.left = left
         return left

@@ -318,13 +318,17 @@ class PtraceBackend(Backend):
     # -- thawing (tracer thread) -----------------------------------------------------------
 
     def _thaw_work(self) -> None:
-        tracer = self._tracer
+        tracer, hold = self._tracer, self._hold
         assert tracer is not None
-        for proc in reversed(self._hold.procs):
+        left: list[Task] = []
+        for proc in reversed(hold.procs):
             for task in proc.tasks:
                 if not task.done:
-                    self._hold.release(task)
+                    hold.release(task)
+                    if not task.done:
+                        left.append(task)
             tracer.pause_if_due()
+        hold.left = left
         # A task killed while held exits at once: wait for it a while. A vfork parent stops
         # only once its child execs or exits, which may take long: the tracer thread keeps
         # looking after the thaw returned, and lets each go as soon as it can.
