@@ -133,9 +133,13 @@ class Hold:
         # the listing is a stranger), and a thread must be one of its threads.
         if tid == proc.pid:
             # A stat descriptor opened when the process was met reads only while that very
-            # process lives (a /proc file holds the process, not the number: procfs.py).
-            data = self.fs.reread(statfd) if statfd >= 0 else self.fs.read(f"{tid}/stat")
-            mine = data is not None and parse_stat_brief(data)[2] == proc.starttime
+            # process lives (a /proc file holds the process, not the number: procfs.py), and
+            # a PID is not given again while its process lives: read, it names the seized.
+            if statfd >= 0:
+                mine = bool(self.fs.reread(statfd))
+            else:
+                data = self.fs.read(f"{tid}/stat")
+                mine = data is not None and parse_stat_brief(data)[2] == proc.starttime
         else:  # the leader, seized first, is proven: is this one of its threads?
             mine = os.path.exists(f"{self.fs.root}/{proc.pid}/task/{tid}")
         if not mine:

@@ -248,6 +248,13 @@ class PtraceBackend(Backend):
         task may need this one). Past that, /proc says what keeps a task (gone, in vfork,
         stopped with its report taken by another thread), and the waits grow."""
         poll = self._hold.poll
+        if len(tasks) == 1:  # one task whose stop has come already: the common case
+            task = tasks[0]
+            if task.stopped or task.done or task.vfork or poll(task, False) is None:
+                if len(tasks) == 1:  # no task born meanwhile
+                    if tasks is self._hold.pending:
+                        tasks.clear()
+                    return
         clock = time.perf_counter
         spin_until = 0.0
         backoff = 0.0
