@@ -22,11 +22,12 @@ algorithm:
    seen ``t`` in /proc twice when another thread of this process took the report; the
    leader of every process shows ``t`` in /proc once all its threads stopped.
 
-The thaw detaches every task, children first; PTRACE_DETACH resumes it. Every request
-comes from one tracer thread per freeze (the kernel takes requests only from the thread
-that attached), so a thaw works from any thread, a finalizer or an event loop: the step
-generators hand work to that thread and wait on an eventfd. If this process dies, the
-kernel detaches its tracees and they run on.
+The thaw detaches every task, children first; PTRACE_DETACH resumes it. Every request of
+a freeze comes from the one tracer thread that holds it (the kernel takes requests only
+from the thread that attached; a thread let go serves the next freeze), so a thaw works
+from any thread, a finalizer or an event loop: the step generators hand work to that
+thread and wait on an eventfd. If this process dies, the kernel detaches its tracees and
+they run on.
 """
 
 from __future__ import annotations
