@@ -77,6 +77,23 @@ class TreeguardBackend(TreeguardSignal):
         self.guard = ProcessesGuard(root=tree.root, include_root=True, backend=self.backend)
 
 
+class TreeguardFirst(TreeguardBackend):
+    """The cgroup backend with a new guard for every freeze: the census is read in full
+    each time (a guard frozen again keeps it while no task of the tree forked or exited)."""
+
+    def __init__(self) -> None:
+        super().__init__("cgroup")
+        self.name = "treeguard cgroup (new guard)"
+
+    def freeze(self) -> None:
+        self.guard = ProcessesGuard(root=self.tree.root, include_root=True, backend="cgroup")
+        self.guard.freeze()
+
+    def thaw(self) -> None:
+        self.guard.release()
+        self.guard.close()
+
+
 class TreeguardDirect(TreeguardBackend):
     """``Cgroup.freeze()``: treeguard's v2 freezer on a cgroup named directly, the one the
     kernel floor moved the tree into (so it is set up after the floor). There is no tree
@@ -346,7 +363,7 @@ def freezers() -> list[Contender]:
         found.remove(found[1])
         print("note: no cgroup v2 mount: the kernel floor is not measured")
         return found + treeguard_backends()
-    return found + treeguard_backends() + [TreeguardDirect()]
+    return found + treeguard_backends() + [TreeguardFirst(), TreeguardDirect()]
 
 
 # -- enumeration of the tree below a root (no freezing) -----------------------------------

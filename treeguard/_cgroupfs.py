@@ -194,8 +194,12 @@ class _Writer:
             self.error = err
         finally:
             self.seconds = time.perf_counter() - t0
+            # Over before it is said: the caller, woken by the eventfd, must find it over
+            # at once (waiting for this thread to get the GIL back costs up to the
+            # interpreter's 5 ms switch interval). The write to done_fd comes last:
+            # close() closes it only once it reads readable.
+            self._done = True
             os.eventfd_write(self.done_fd, 1)
-            self._done = True  # last: close() closes done_fd once it reads this
 
     @property
     def over(self) -> bool:
@@ -207,10 +211,13 @@ class _Writer:
         before, or a thaw could land before the freeze. Idempotent; the write's own
         failure is left in :attr:`error`."""
         interrupted: BaseException | None = None
-        if self._claim.setdefault("by", "caller") == "thread":
-            while not self._done:
+        claimed = self._claim.setdefault("by", "caller")
+        if claimed == "thread" and self.done_fd >= 0:  # (closed already: it was over)
+            # done_fd turns readable with the thread's last act: then it may be closed.
+            while True:
                 try:
-                    select.select([self.done_fd], [], [], _RECHECK)
+                    if select.select([self.done_fd], [], [], _RECHECK)[0]:
+                        break
                 except BaseException as err:  # noqa: BLE001 - raised below, once it is over
                     interrupted = err
         fd, self.done_fd = self.done_fd, -1

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, final
 
-from ._backends import BACKENDS, Backend, Journal, Plan, create
+from ._backends import BACKENDS, Backend, Journal, Memo, Plan, create
 from ._checks import (
     as_pid,
     check_guard,
@@ -138,6 +138,8 @@ class ProcessesGuard:
         self._want_watchdog = watchdog
         self._max_frozen = None if max_frozen is None else float(max_frozen)
         self._watchdog: Watchdog | None = None
+        self._memo = Memo()  # what a freeze keeps for the next (the cgroup census)
+        weakref.finalize(self, self._memo.close)
         if subreaper:
             set_subreaper()
         self.report = FreezeReport(backend=backend, scope=scope)
@@ -183,6 +185,7 @@ class ProcessesGuard:
             journal=self._journal,
             report=FreezeReport(backend=self._backend_name, scope=self._scope),
             trace_ok=self._max_frozen is None and not self._portable,
+            memo=self._memo,
         )
 
     def _freeze_steps(self) -> Steps[ProcessesGuard]:
@@ -296,6 +299,7 @@ class ProcessesGuard:
         starts a new helper. A guard that is garbage-collected closes itself.
         """
         self.release()
+        self._memo.close()
         dog, self._watchdog = self._watchdog, None
         if dog is not None:
             dog.close()

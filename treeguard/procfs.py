@@ -43,6 +43,8 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _RECORD_SLACK = 64
 # Errors that mean "this process or thread is gone" when reading its /proc files.
 _GONE = (FileNotFoundError, ProcessLookupError)
+# ProcFS.has_children_files() of the system's /proc, once known.
+_CHILDREN_FILES: dict[str, bool] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,10 +284,16 @@ class ProcFS:
         return None if data is None else parse_children(data)
 
     def has_children_files(self) -> bool:
-        """Whether this kernel provides ``children`` files (CONFIG_PROC_CHILDREN)."""
-        return os.path.exists(f"{self.root}/self/task/{os.getpid()}/children") or (
-            os.path.exists(f"{self.root}/1/task/1/children")
-        )
+        """Whether this kernel provides ``children`` files (CONFIG_PROC_CHILDREN). A fact of
+        the running kernel: asked of the system's /proc once per process."""
+        known = _CHILDREN_FILES.get(self.root)
+        if known is None:
+            known = os.path.exists(f"{self.root}/self/task/{os.getpid()}/children") or (
+                os.path.exists(f"{self.root}/1/task/1/children")
+            )
+            if self.root == "/proc":
+                _CHILDREN_FILES[self.root] = known
+        return known
 
     def pids(self) -> list[int]:
         """Every process visible in this /proc (a snapshot: it changes as you read)."""

@@ -39,6 +39,7 @@ def test_quick_mode_runs_and_every_freeze_verifies(tmp_path: Path) -> None:
     expected = {
         "treeguard signal",
         "treeguard cgroup",
+        "treeguard cgroup (new guard)",
         "treeguard auto",
         "treeguard ptrace",
         "treeguard Cgroup.freeze()",

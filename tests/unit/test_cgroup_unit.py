@@ -4,6 +4,8 @@ directories (plain files in tmp_path) for the paths a real kernel rarely takes."
 from __future__ import annotations
 
 import os
+import select
+import threading
 from pathlib import Path
 
 import pytest
@@ -452,3 +454,34 @@ def test_a_freeze_cut_short_in_its_census_writes_the_thaw_back(
             run_sync(freezer.freeze(0.5, FreezeReport(), meanwhile=census()))
         assert control.read_text().strip() == ("0" if version == 2 else "THAWED")
         assert not freezer.froze
+
+
+def test_the_writer_is_over_when_it_says_so_and_closes_twice() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def job() -> None:
+        started.set()
+        assert release.wait(10)
+
+    writer = _cgroupfs._Writer(job)
+    writer.start()
+    assert started.wait(10)
+    assert not writer.over
+    assert not select.select([writer.done_fd], [], [], 0)[0]
+    release.set()
+    # Woken by done_fd, the caller finds the write over at once (no GIL hand-over needed).
+    assert select.select([writer.done_fd], [], [], 10)[0]
+    assert writer.over
+    writer.close()
+    writer.close()  # idempotent: nothing left to wait for
+    assert writer.done_fd == -1 and writer.error is None
+
+
+def test_a_writer_closed_before_its_thread_ran_never_writes() -> None:
+    calls: list[int] = []
+    writer = _cgroupfs._Writer(lambda: calls.append(1))
+    writer.done_fd = os.eventfd(0, os.EFD_CLOEXEC)
+    writer.close()  # claims the writer first: the thread, were it started now, must not write
+    writer._run()
+    assert calls == []

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "treeguard"
 #: Lowest first. A module may import from its own layer and every layer below it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"errors", "_report", "_types", "_drive", "_version", "_jsonshape"}),
-    ("kernel", {"procfs", "_checks", "_ptrace", "_subreaper", "_signames"}),
+    ("kernel", {"procfs", "_checks", "_ptrace", "_subreaper", "_signames", "_proc_events"}),
     ("facts", {"_thaw", "_tree", "_mounts", "_delegation", "_journal", "_cgroupfs"}),
     (
         "backends",
@@ -31,6 +31,9 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_backends._freezer_v1",
             "_backends._freezer_v2",
             "_backends._census",
+            "_backends._target",
+            "_backends._kept",
+            "_backends._order",
             "_backends._hold",
             "_backends._tracer",
             "_backends._ptrace",

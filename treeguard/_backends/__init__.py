@@ -9,7 +9,7 @@ from .._mounts import discover
 from .._thaw import thaw_identities
 from ..errors import FreezeError, FreezePermissionError, InvalidArgumentError, TokenError
 from ._auto import AutoBackend
-from ._base import Backend, Journal, Plan
+from ._base import Backend, Journal, Memo, Plan
 from ._cgroup import CgroupBackend
 from ._freezers import thaw_cgroup
 from ._ptrace import PtraceBackend
@@ -19,6 +19,7 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "Journal",
+    "Memo",
     "Plan",
     "create",
     "thaw_described",

@@ -27,10 +27,10 @@ from .._report import FreezeReport
 from .._tree import ancestors
 from ..errors import CgroupError, FreezePermissionError
 from ._base import Backend, Plan
-from ._census import find_target
 from ._cgroup import CgroupBackend
 from ._ptrace import PtraceBackend
 from ._signal import SignalBackend
+from ._target import find_target
 
 __all__ = ["AutoBackend"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -11,7 +12,34 @@ from .._report import FreezeReport, Skip
 from .._tree import ChildrenFiles, ChildrenSource
 from ..procfs import ProcFS
 
-__all__ = ["Backend", "Journal", "Plan"]
+__all__ = ["Backend", "Journal", "Memo", "Plan"]
+
+
+class Memo:
+    """What a guard's backends keep from one freeze to the next freeze of the same guard
+    (each says what, and how it checks that it still holds), for the process that made it
+    only: a forked child that freezes with an inherited guard starts afresh."""
+
+    __slots__ = ("_items", "_owner")
+
+    def __init__(self) -> None:
+        self._owner = os.getpid()
+        self._items: dict[str, object] = {}
+
+    def get(self, key: str) -> object | None:
+        return self._items.get(key) if os.getpid() == self._owner else None
+
+    def put(self, key: str, value: object) -> None:
+        if os.getpid() == self._owner:
+            self._items[key] = value
+
+    def close(self) -> None:
+        """Let go of what is kept (what holds a descriptor has a ``close()``)."""
+        items, self._items = self._items, {}
+        for item in items.values():
+            close = getattr(item, "close", None)
+            if close is not None:
+                close()
 
 
 @dataclass(slots=True)
@@ -38,6 +66,8 @@ class Plan:
     #: Whether a ptrace hold may serve this freeze: False when another process is to end it
     #: (a token's holder, a lease's watchdog), since a hold ends only with this process.
     trace_ok: bool = True
+    #: What the last freeze of the same guard kept, if the plan comes from a guard.
+    memo: Memo | None = None
 
     @classmethod
     def bare(cls, *, timeout: float = 1.0, scope: str = "tree", fs: ProcFS | None = None) -> Plan:

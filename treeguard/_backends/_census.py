@@ -1,184 +1,23 @@
-"""Finding the cgroup of a tree, and proving it holds exactly the tree: the census.
+"""Proving that a cgroup holds exactly a tree: the census.
 
-The candidate is the cgroup of the tree's first top process (the root's first child, or the
-root), and the few processes that must keep running (the caller, its ancestors, excluded
-PIDs) are checked to be outside it, in its task list, BEFORE anything is frozen. That it
-holds the whole tree and nothing else is proven from that list, the ``children`` files of
-all its tasks, and each process's thread count (:class:`_Census`).
+The cgroup is found by :mod:`._target`. That it holds the whole tree and nothing else is
+proven from its task list, the ``children`` files of all its tasks, and each process's
+thread count (:class:`_Census`).
 """
 
 from __future__ import annotations
 
-import itertools
-import os
 import time
-from dataclasses import dataclass
 
 from .._cgroupfs import _SLICE, _listing, _procs, _subtree
 from .._drive import YIELD, Steps
-from .._mounts import cgroup_paths, hierarchies
-from .._report import Skip
-from .._tree import ROOT, ChildrenSource, unfreezable, walk
-from ..errors import CgroupError, CgroupUnavailableError
-from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat
+from ..procfs import DEAD_STATES, PF_EXITING
 from ._base import Plan
-from ._freezers import CgroupFreezer, V1Freezer, V2Freezer
+from ._freezers import CgroupFreezer
+from ._order import parent_first
+from ._target import describe_pids, refusal
 
-__all__ = ["Target", "find_target"]
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """The cgroup that holds a tree, and the tree's top processes (where it enters it).
-
-    ``whole`` says the cgroup was chosen from every top process; otherwise from the first
-    one, and the census finds out whether the others are in it too.
-    """
-
-    version: int
-    path: str
-    top: frozenset[int]
-    whole: bool = True
-    listing: tuple[list[str], bytes] | None = None  #: its cgroups and task list, as read
-
-
-def _top(plan: Plan) -> list[int]:
-    """The tree's topmost processes: the core walk from the plan's starts, descending only
-    through the processes walked through but never stopped (the root, the caller's
-    ancestors). Every other process of the tree descends from one of them."""
-    fs, report = plan.fs, plan.report
-    top: list[int] = []
-    seen: set[int] = set()
-
-    def visit(pid: int) -> Stat | None:
-        if pid in seen:
-            return None
-        seen.add(pid)
-        reason = plan.blocked.get(pid)
-        if reason is not None:
-            report.skipped[pid] = reason
-            return None
-        if pid in plan.passthrough:
-            return fs.stat(pid) if pid else ROOT
-        stat = fs.stat(pid)
-        if stat is None:
-            return None
-        skip = unfreezable(stat)
-        if skip is not None:
-            report.skipped[pid] = skip
-        else:
-            top.append(pid)
-        return None
-
-    plan.source.refresh()
-    for _ in walk(plan.starts, visit, plan.source):
-        pass
-    return top
-
-
-def _describe_pids(pids: list[int], fs: ProcFS) -> str:
-    shown = []
-    for pid in pids[:10]:
-        st = fs.stat(pid)
-        shown.append(f"{pid} ({st.name})" if st else str(pid))
-    return ", ".join(shown) + (" ..." if len(pids) > 10 else "")
-
-
-def _refusal(inside: list[int], plan: Plan) -> str:
-    """Why a cgroup holding ``inside`` (processes that must keep running) cannot be frozen."""
-    fs = plan.fs
-    excluded = [p for p in inside if plan.blocked.get(p) is Skip.EXCLUDED]
-    roots = [p for p in inside if p in plan.starts and p != os.getpid()]
-    callers = [p for p in inside if p not in excluded and p not in roots]
-    if callers:
-        return (
-            f"the calling process, its ancestors or helpers ({_describe_pids(callers, fs)}) "
-            "are in it: freezing it would freeze the caller; spawn the tree into a cgroup "
-            "of its own (treeguard.cgroup.Cgroup.create)"
-        )
-    if excluded:
-        return (
-            f"excluded PID(s) {_describe_pids(excluded, fs)} are in it, and a cgroup freezes "
-            "all its processes: move the monitor out of the cgroup or use backend='signal'"
-        )
-    return (
-        f"it also holds processes outside the tree: the root {_describe_pids(roots, fs)}, "
-        "which is not frozen without include_root=True (pass it, or use backend='signal')"
-    )
-
-
-def _common_parent(paths: list[str]) -> str:
-    common = os.path.commonpath(paths)
-    return common if common.startswith("/") else "/"
-
-
-def find_target(plan: Plan, *, whole: bool = False) -> Target | None:
-    """The cgroup that holds the plan's tree; ``None`` if the tree has no processes.
-
-    The candidate is the cgroup of the tree's first top process, or with ``whole`` the
-    closest common cgroup of them all (the freezer is hierarchical): a thousand children
-    of the root need one ``/proc/PID/cgroup`` read, not a thousand. Only the few processes
-    that must keep running are checked here (the caller, its ancestors, the root unless
-    included, excluded PIDs: in the candidate's task list, one read); that the candidate
-    holds exactly the tree is proven by :class:`_Census`.
-
-    :raises CgroupUnavailableError: if no cgroup hierarchy is mounted.
-    :raises CgroupError: if no cgroup can hold the tree alone (saying why), nothing frozen.
-    """
-
-    top = _top(plan)
-    if not top:
-        return None
-    fs = plan.fs
-    v2, freezer = hierarchies(fs)
-    if v2 is None and freezer is None:
-        raise CgroupUnavailableError(
-            f"{fs.root}/self/mountinfo", "neither cgroup v2 nor a v1 freezer is mounted"
-        )
-    guarded = sorted(p for p in {*plan.passthrough, *plan.blocked} if p > 0)
-    whole = whole or len(top) == 1
-    problems: list[str] = []
-    for version, hierarchy in ((2, v2), (1, freezer)):
-        if hierarchy is None:
-            continue
-        key = "" if version == 2 else "freezer"
-        kind = "cgroup v2" if version == 2 else "v1 freezer cgroup"
-
-        def cgroup_of(pid: int, key: str = key) -> str | None:
-            data = fs.read(f"{pid}/cgroup")
-            return None if data is None else cgroup_paths(data).get(key)
-
-        known = (r for r in map(cgroup_of, top) if r is not None)
-        rels = list(known) if whole else list(itertools.islice(known, 1))
-        if not rels:
-            continue
-        rel = _common_parent(rels)
-        path = hierarchy.directory(rel)
-        if rel == "/" or path is None:
-            problems.append(
-                f"the tree is in the root {kind}"
-                + (
-                    " (it spans cgroups whose only common ancestor is the root)"
-                    * (len(set(rels)) > 1)
-                )
-                + ", which cannot be frozen"
-            )
-            continue
-        # Who must keep running is looked for in the cgroup's task list (one read, which the
-        # census starts from): a process is in it through its leader, whose TID is its PID.
-        dirs = _subtree(path)
-        tasks = _listing(dirs, (V2Freezer if version == 2 else V1Freezer).tasks_file)
-        listed = set(map(int, tasks.split()))
-        inside = [pid for pid in guarded if pid in listed]
-        if not inside:
-            return Target(version, path, frozenset(top), whole, (dirs, tasks))
-        problems.append(f"{kind} {path}: {_refusal(inside, plan)}")
-    raise CgroupError(
-        f"of the tree of PID {plan.starts[0] if plan.starts else '?'}",
-        "no cgroup holds this tree alone, so backend='cgroup' cannot freeze it ("
-        + "; ".join(problems or ["its processes are in no cgroup hierarchy this process sees"])
-        + ")",
-    )
+__all__ = ["_Census", "_Members"]
 
 
 class _Members:
@@ -251,6 +90,47 @@ class _Census(_Members):
         #: Set by :meth:`problem`: what is wrong is only that top processes of the tree
         #: are in other cgroups (a candidate chosen from one of them may be too narrow).
         self.tops_elsewhere = False
+        #: Taken over from the last freeze of the same guard (see :mod:`._kept`): nothing
+        #: read again unless the task list changes.
+        self.reused = False
+
+    @property
+    def tids(self) -> set[int]:
+        """The tasks of the cgroup at the last look."""
+        return self._tids
+
+    @property
+    def watched(self) -> set[int]:
+        """What a fork or exit event must not name for this census to hold: every task it
+        read (listed at any look, though it may have exited since), and every process (a
+        new thread's event names its parent process and its thread group, whose leader is
+        in no task list once it exited alone)."""
+        return self._tids | self._kids.keys() | self.procs
+
+    @property
+    def keepable(self) -> bool:
+        """Whether a later freeze may take this census over. Not if a process that must keep
+        running (excluded, the caller) is a child of the tree, in another cgroup: no event
+        of its subtree names a task of the census, yet an orphan of that subtree may be
+        adopted by a subreaper of the tree (the kernel's find_new_reaper), a child of the
+        tree in another cgroup that only reading the children files again finds."""
+        kept = self.plan.passthrough | self.plan.blocked.keys()
+        return not any(kid in kept for kids in self._kids.values() for kid in kids)
+
+    @property
+    def seen(self) -> tuple[list[str], bytes] | None:
+        """The cgroups and task list read at the last look."""
+        return self._seen
+
+    def rebind(self, freezer: CgroupFreezer, plan: Plan) -> None:
+        """Serve another freeze of the same cgroup (see :mod:`._kept`)."""
+        self.freezer, self.plan = freezer, plan
+
+    def forget(self) -> None:
+        """Forget everything learnt: the next :meth:`survey` reads it all anew."""
+        self._seen = None
+        self._kids, self._tids, self._orphans, self.parent = {}, set(), set(), {}
+        self.reused = False
 
     def survey(self) -> Steps[None]:
         """List the cgroup and read the ``children`` file of each task not read yet. The
@@ -259,6 +139,9 @@ class _Census(_Members):
         changed = self.look()
         if changed is None:
             return
+        if self.reused:  # what the last freeze learnt no longer holds: read it all
+            self.forget()
+            self._seen = changed
         dirs, tasks = changed
         tids = self._tids = set(map(int, tasks.split()))
         yield from self._read_children(tids)
@@ -295,7 +178,7 @@ class _Census(_Members):
         kept = plan.passthrough | plan.blocked.keys()
         moved_in = sorted(procs & kept)
         if moved_in:  # since find_target looked
-            return _refusal(moved_in, plan)
+            return refusal(moved_in, plan)
         foreign = []
         for pid in sorted(self._orphans):
             st = fs.stat(pid)
@@ -306,7 +189,7 @@ class _Census(_Members):
         self._orphans = set()
         if foreign:
             return (
-                f"it also holds processes outside the tree: {_describe_pids(foreign, fs)}; "
+                f"it also holds processes outside the tree: {describe_pids(foreign, fs)}; "
                 "freezing it stops them too (use backend='signal')"
             )
         outside = []
@@ -319,13 +202,15 @@ class _Census(_Members):
         if outside:
             self.tops_elsewhere = all(pid in self.top for pid in outside)
             return (
-                f"processes of the tree are in another cgroup: {_describe_pids(outside, fs)}"
+                f"processes of the tree are in another cgroup: {describe_pids(outside, fs)}"
                 " (moved there?); freezing it would leave them running (use backend='signal')"
             )
-        elsewhere = self._threads_elsewhere()
+        # (Taken over, the census stands for a task list that reads as it did, with no
+        # task born since: no thread can have moved.)
+        elsewhere = [] if self.reused else self._threads_elsewhere()
         if elsewhere:
             shown = ", ".join(
-                f"thread {tid} of PID {_describe_pids([pid], fs)}" for pid, tid in elsewhere[:10]
+                f"thread {tid} of PID {describe_pids([pid], fs)}" for pid, tid in elsewhere[:10]
             )
             return (
                 f"threads of the tree are in another cgroup: {shown}"
@@ -370,31 +255,4 @@ class _Census(_Members):
         kids: dict[int, list[int]] = {}
         for pid in sorted(self.procs - self.top):
             kids.setdefault(self.parent.get(pid, 0), []).append(pid)  # 0: it died meanwhile
-        return _parent_first(sorted(self.top & self.procs), kids, self.plan.fs)
-
-
-class _Known(ChildrenSource):
-    """Children from a map built already (the order of a frozen cgroup's processes)."""
-
-    def __init__(self, fs: ProcFS, kids: dict[int, list[int]]) -> None:
-        super().__init__(fs)
-        self.kids = kids
-
-    def children(self, pid: int, stat: Stat) -> list[int]:
-        return list(self.kids.get(pid, ()))
-
-
-def _parent_first(tops: list[int], kids: dict[int, list[int]], fs: ProcFS) -> list[int]:
-    """The processes below ``tops`` in ``kids``, parents before children (the core walk
-    over a map built already)."""
-    return list(walk(tops, lambda pid: ROOT, _Known(fs, kids)))
-
-
-def _by_ppid(stats: dict[int, Stat], fs: ProcFS) -> list[int]:
-    """The processes of ``stats`` parents first, by their ppids."""
-    kids: dict[int, list[int]] = {}
-    tops: list[int] = []
-    for pid in sorted(stats, key=lambda p: (stats[p].starttime, p)):
-        ppid = stats[pid].ppid
-        (kids.setdefault(ppid, []) if ppid in stats else tops).append(pid)
-    return _parent_first(tops, kids, fs)
+        return parent_first(sorted(self.top & self.procs), kids, self.plan.fs)

@@ -37,8 +37,11 @@ from ..errors import (
     CgroupError,
 )
 from ._base import Backend, Plan
-from ._census import Target, _by_ppid, _Census, _Members, find_target
+from ._census import _Census, _Members
 from ._freezers import CgroupFreezer, freezer_for
+from ._kept import Kept
+from ._order import by_ppid
+from ._target import Target, find_target
 
 __all__ = ["CgroupBackend", "CgroupV1Backend", "CgroupV2Backend"]
 
@@ -84,16 +87,24 @@ class CgroupBackend(Backend):
         self._path = path
         self._freezer: CgroupFreezer | None = None
         self._census: _Census | None = None
+        self._kept: Kept | None = None
         self._procs: set[int] = set()
         self._pids: list[int] | None = None
         self._identities: list[tuple[int, int]] | None = None
 
     def _aim(self, target: Target) -> _Census:
-        freezer = freezer_for(target.version, target.path, self.plan.fs, self.plan.journal)
+        plan = self.plan
+        freezer = freezer_for(target.version, target.path, plan.fs, plan.journal)
         self._freezer = freezer
-        self._census = _Census(freezer, target.top, self.plan)
-        freezer.listed = self._census.listed = target.listing  # read by find_target
-        return self._census
+        self._kept = kept = Kept.of(plan)
+        census = (
+            _Census(freezer, target.top, plan)
+            if kept is None
+            else kept.census_for(target, freezer, plan)
+        )
+        self._census = census
+        freezer.listed = census.listed = target.listing  # read by find_target
+        return census
 
     def freeze(self) -> Steps[None]:
         keep_reserve()  # before the freeze: its thaw must never lack a descriptor
@@ -158,7 +169,12 @@ class CgroupBackend(Backend):
         # census reads the task list once more and learns only what is new. (Should this
         # fail, freeze() thaws.)
         yield from members.survey()
+        kept, keep = self._kept, None
+        if census is not None and kept is not None and (yield from kept.confirm(census)):
+            keep = census
         problem = None if census is None else census.problem()
+        if kept is not None and keep is not None and problem is None:
+            kept.keep(keep)  # only now: an interrupt before leaves nothing kept
         report.prove_seconds += time.perf_counter() - t0
         self._procs = members.procs
         report.stopped = len(self._procs)
@@ -173,7 +189,7 @@ class CgroupBackend(Backend):
             fs = self.plan.fs
             pids = self._procs if self._census is None else self._parent_first()
             stats = {pid: st for pid in pids if (st := fs.stat(pid)) is not None}
-            order = _by_ppid(stats, fs) if self._census is None else self._parent_first()
+            order = by_ppid(stats, fs) if self._census is None else self._parent_first()
             self._identities = [(pid, stats[pid].starttime) for pid in order if pid in stats]
         return self._identities
 

@@ -6,6 +6,7 @@ resumable and idempotent. The versions are :mod:`._freezer_v2` and :mod:`._freez
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from .._cgroupfs import (
     _Writer,
     write_file,
 )
-from .._drive import Steps, Wait
+from .._drive import YIELD, Steps, Wait
 from .._report import FreezeReport
 from ..errors import (
     CgroupError,
@@ -40,7 +41,7 @@ def _write_during(
     freezer: CgroupFreezer,
     job: Callable[[], None],
     meanwhile: Steps[None] | None,
-    report: FreezeReport,
+    report: FreezeReport | None,
     *,
     thread: bool,
 ) -> Steps[None]:
@@ -48,13 +49,15 @@ def _write_during(
     first the write, whose failure is raised at once, then ``meanwhile``); over when both
     are. A write made by the thread fails after ``meanwhile`` did. The writer is handed to
     ``freezer`` before it starts, so that its undo waits for it (see
-    :meth:`CgroupFreezer.settle`)."""
+    :meth:`CgroupFreezer.settle`). The write's time counts as signalling in ``report``."""
+    freezer.threaded = thread
     if not thread:
         t0 = time.perf_counter()
         try:
             job()
         finally:
-            report.signal_seconds += time.perf_counter() - t0
+            if report is not None:
+                report.signal_seconds += time.perf_counter() - t0
         if meanwhile is not None:
             yield from meanwhile
         return
@@ -62,12 +65,16 @@ def _write_during(
     try:
         writer.start()
         if meanwhile is not None:
+            # An event loop runs before the work meanwhile (finding the cgroup took up to a
+            # millisecond already), and the thread gets the GIL to begin its write.
+            yield YIELD
             yield from meanwhile
         while not writer.over:
             yield Wait(_RECHECK, writer.done_fd)
     finally:
         writer.close()
-        report.signal_seconds += writer.seconds
+        if report is not None:
+            report.signal_seconds += writer.seconds
     if writer.error is not None:
         raise writer.error
 
@@ -93,7 +100,11 @@ class CgroupFreezer:
         self.journal = journal  # the watchdog's, told before the freeze is written
         self.was_frozen = False
         self.froze = False  # this freezer wrote (or is writing) the freeze: it must undo it
-        self.writer: _Writer | None = None  # the thread writing the freeze, if any
+        self.writer: _Writer | None = None  # the thread writing the freeze (or thaw), if any
+        # The freeze was written by a thread (a cgroup of many tasks): so is the thaw, which
+        # takes as long in the kernel (milliseconds for a thousand tasks), so that an event
+        # loop runs on meanwhile.
+        self.threaded = False
         #: The cgroups and task list read just before (by the census), if any.
         self.listed: tuple[list[str], bytes] | None = None
         self._inode: int | None = None
@@ -166,7 +177,15 @@ class CgroupFreezer:
         """
         if not self.froze:
             return  # not ours to thaw (it was frozen before us, or never frozen)
-        self.undo()
+        if self.threaded:
+            self.settle()
+            # The thaw written by a thread: cut short (GeneratorExit while waiting), the
+            # writer is waited for and froze stays set, so the next thaw writes it again.
+            job = functools.partial(self.write_control, self.thawed)
+            yield from _write_during(self, job, None, None, thread=True)
+            self.froze = False
+        else:
+            self.undo()
         # Thawing is immediate in the kernel (v2: cgroup_do_freeze; v1: freezer_change_state
         # thaws every task before the write returns); waiting only confirms it. A cgroup
         # that is gone, or still frozen by an ancestor, is fine.

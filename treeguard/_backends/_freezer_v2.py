@@ -17,7 +17,7 @@ from .._cgroupfs import (
     procs_below,
     read_file,
 )
-from .._drive import Steps, Wait
+from .._drive import YIELD, Steps, Wait
 from .._report import FreezeReport
 from ..errors import (
     CgroupError,
@@ -26,6 +26,11 @@ from ..errors import (
 from ._freezer_base import CgroupFreezer, _write_during
 
 __all__ = ["V2Freezer"]
+
+#: How long a wait re-reads ``cgroup.events`` at once (letting others run in between)
+#: before it sleeps in poll: the kernel usually finishes within this, and a wake-up from
+#: poll costs more than the whole freeze of a small cgroup.
+_SPIN = 0.002
 
 
 class V2Freezer(CgroupFreezer):
@@ -55,6 +60,7 @@ class V2Freezer(CgroupFreezer):
         """Wait until ``frozen`` reads ``want``; False at the deadline."""
         watch = _Events(self.file("cgroup.events"))
         backoff = 0.00005
+        spin_until = time.perf_counter() + _SPIN
         try:
             while True:
                 fields = watch.read()
@@ -64,9 +70,13 @@ class V2Freezer(CgroupFreezer):
                     return True  # usually at once: the kernel is done when the write returns
                 if want == "1":
                     self._lease_check()
-                left = deadline - time.perf_counter()
+                now = time.perf_counter()
+                left = deadline - now
                 if left <= 0:
                     return False
+                if now < spin_until:
+                    yield YIELD
+                    continue
                 fd = watch.ready_fd()
                 if fd is not None:
                     # Never trust the event alone: the file is re-read after every wake-up.

@@ -47,7 +47,11 @@ def budget() -> int:
     if soft == resource.RLIM_INFINITY:
         return 1 << 20
     try:
-        in_use = len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
+        # Since Linux 6.2 the size of /proc/self/fd is the number of open descriptors: one
+        # stat(2) (a freeze asks at every start) instead of listing the directory.
+        in_use = os.stat("/proc/self/fd").st_size
+        if in_use <= 0:
+            in_use = len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
     except OSError:
         in_use = soft
     return _held + max(0, soft - in_use - 32) // 2

@@ -1,0 +1,178 @@
+"""Finding the cgroup of a tree, before anything is frozen.
+
+The candidate is the cgroup of the tree's first top process (the root's first child, or the
+root), and the few processes that must keep running (the caller, its ancestors, excluded
+PIDs) are checked to be outside it, in its task list. That it holds the whole tree and
+nothing else is proven by the census (:mod:`._census`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+
+from .._cgroupfs import _listing, _subtree
+from .._mounts import cgroup_paths, hierarchies
+from .._report import Skip
+from .._tree import ROOT, unfreezable, walk
+from ..errors import CgroupError, CgroupUnavailableError
+from ..procfs import ProcFS, Stat
+from ._base import Plan
+from ._freezers import V1Freezer, V2Freezer
+
+__all__ = ["Target", "describe_pids", "find_target", "refusal"]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The cgroup that holds a tree, and the tree's top processes (where it enters it).
+
+    ``whole`` says the cgroup was chosen from every top process; otherwise from the first
+    one, and the census finds out whether the others are in it too.
+    """
+
+    version: int
+    path: str
+    top: frozenset[int]
+    whole: bool = True
+    listing: tuple[list[str], bytes] | None = None  #: its cgroups and task list, as read
+
+
+def _top(plan: Plan) -> list[int]:
+    """The tree's topmost processes: the core walk from the plan's starts, descending only
+    through the processes walked through but never stopped (the root, the caller's
+    ancestors). Every other process of the tree descends from one of them."""
+    fs, report = plan.fs, plan.report
+    top: list[int] = []
+    seen: set[int] = set()
+
+    def visit(pid: int) -> Stat | None:
+        if pid in seen:
+            return None
+        seen.add(pid)
+        reason = plan.blocked.get(pid)
+        if reason is not None:
+            report.skipped[pid] = reason
+            return None
+        if pid in plan.passthrough:
+            return fs.stat(pid) if pid else ROOT
+        stat = fs.stat(pid)
+        if stat is None:
+            return None
+        skip = unfreezable(stat)
+        if skip is not None:
+            report.skipped[pid] = skip
+        else:
+            top.append(pid)
+        return None
+
+    plan.source.refresh()
+    for _ in walk(plan.starts, visit, plan.source):
+        pass
+    return top
+
+
+def describe_pids(pids: list[int], fs: ProcFS) -> str:
+    shown = []
+    for pid in pids[:10]:
+        st = fs.stat(pid)
+        shown.append(f"{pid} ({st.name})" if st else str(pid))
+    return ", ".join(shown) + (" ..." if len(pids) > 10 else "")
+
+
+def refusal(inside: list[int], plan: Plan) -> str:
+    """Why a cgroup holding ``inside`` (processes that must keep running) cannot be frozen."""
+    fs = plan.fs
+    excluded = [p for p in inside if plan.blocked.get(p) is Skip.EXCLUDED]
+    roots = [p for p in inside if p in plan.starts and p != os.getpid()]
+    callers = [p for p in inside if p not in excluded and p not in roots]
+    if callers:
+        return (
+            f"the calling process, its ancestors or helpers ({describe_pids(callers, fs)}) "
+            "are in it: freezing it would freeze the caller; spawn the tree into a cgroup "
+            "of its own (treeguard.cgroup.Cgroup.create)"
+        )
+    if excluded:
+        return (
+            f"excluded PID(s) {describe_pids(excluded, fs)} are in it, and a cgroup freezes "
+            "all its processes: move the monitor out of the cgroup or use backend='signal'"
+        )
+    return (
+        f"it also holds processes outside the tree: the root {describe_pids(roots, fs)}, "
+        "which is not frozen without include_root=True (pass it, or use backend='signal')"
+    )
+
+
+def _common_parent(paths: list[str]) -> str:
+    common = os.path.commonpath(paths)
+    return common if common.startswith("/") else "/"
+
+
+def find_target(plan: Plan, *, whole: bool = False) -> Target | None:
+    """The cgroup that holds the plan's tree; ``None`` if the tree has no processes.
+
+    The candidate is the cgroup of the tree's first top process, or with ``whole`` the
+    closest common cgroup of them all (the freezer is hierarchical): a thousand children
+    of the root need one ``/proc/PID/cgroup`` read, not a thousand. Only the few processes
+    that must keep running are checked here (the caller, its ancestors, the root unless
+    included, excluded PIDs: in the candidate's task list, one read); that the candidate
+    holds exactly the tree is proven by :class:`_Census`.
+
+    :raises CgroupUnavailableError: if no cgroup hierarchy is mounted.
+    :raises CgroupError: if no cgroup can hold the tree alone (saying why), nothing frozen.
+    """
+
+    top = _top(plan)
+    if not top:
+        return None
+    fs = plan.fs
+    v2, freezer = hierarchies(fs)
+    if v2 is None and freezer is None:
+        raise CgroupUnavailableError(
+            f"{fs.root}/self/mountinfo", "neither cgroup v2 nor a v1 freezer is mounted"
+        )
+    guarded = sorted(p for p in {*plan.passthrough, *plan.blocked} if p > 0)
+    whole = whole or len(top) == 1
+    problems: list[str] = []
+    for version, hierarchy in ((2, v2), (1, freezer)):
+        if hierarchy is None:
+            continue
+        key = "" if version == 2 else "freezer"
+        kind = "cgroup v2" if version == 2 else "v1 freezer cgroup"
+
+        def cgroup_of(pid: int, key: str = key) -> str | None:
+            data = fs.read(f"{pid}/cgroup")
+            return None if data is None else cgroup_paths(data).get(key)
+
+        known = (r for r in map(cgroup_of, top) if r is not None)
+        rels = list(known) if whole else list(itertools.islice(known, 1))
+        if not rels:
+            continue
+        rel = _common_parent(rels)
+        path = hierarchy.directory(rel)
+        if rel == "/" or path is None:
+            problems.append(
+                f"the tree is in the root {kind}"
+                + (
+                    " (it spans cgroups whose only common ancestor is the root)"
+                    * (len(set(rels)) > 1)
+                )
+                + ", which cannot be frozen"
+            )
+            continue
+        # Who must keep running is looked for in the cgroup's task list (one read, which the
+        # census starts from): a process is in it through its leader, whose TID is its PID.
+        dirs = _subtree(path)
+        tasks = _listing(dirs, (V2Freezer if version == 2 else V1Freezer).tasks_file)
+        listed = set(map(int, tasks.split()))
+        inside = [pid for pid in guarded if pid in listed]
+        if not inside:
+            return Target(version, path, frozenset(top), whole, (dirs, tasks))
+        problems.append(f"{kind} {path}: {refusal(inside, plan)}")
+    raise CgroupError(
+        f"of the tree of PID {plan.starts[0] if plan.starts else '?'}",
+        "no cgroup holds this tree alone, so backend='cgroup' cannot freeze it ("
+        + "; ".join(problems or ["its processes are in no cgroup hierarchy this process sees"])
+        + ")",
+    )
