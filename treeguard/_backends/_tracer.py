@@ -154,7 +154,7 @@ class Tracer:
 
     def start(self) -> None:
         """Take the idle tracer thread, or make one: it is woken (or started, see
-        :meth:`_Worker.start`) with the first request already queued, so that it wakes
+        :meth:`_Worker.serve`) with the first request already queued, so that it wakes
         once, not once for the hold and once more for the request."""
         self._worker = _Worker.take() or _Worker()
         self._launched = False
@@ -164,7 +164,9 @@ class Tracer:
         (everything was let go already)."""
         worker = self._worker
         if worker is not None and threading.get_ident() == worker.ident:
-            return work()  # a finalizer that the garbage collector ran in this very thread
+            # A finalizer that the garbage collector ran in this very thread (which may
+            # serve another freeze by now: an ended hold has nothing left to do).
+            return None if self._closed else work()
         request: _Request[T] = _Request(work, _in_event_loop())
         with self._lock:
             if self._closed or worker is None:  # ended, or never started
