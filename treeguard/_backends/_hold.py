@@ -334,11 +334,13 @@ class Hold:
         pool = self.left
         if pool is None:
             pool = [task for proc in self.procs for task in proc.tasks]
+        held = len(self.tasks)
         left: list[Task] = []
         for task in pool:
             if not task.done:
                 self.release(task)
                 if not task.done:
                     left.append(task)
-        self.left = left
+        # A fork reported meanwhile (a task stopping as it is let go) adds a task: all again.
+        self.left = left if len(self.tasks) == held else None
         return left

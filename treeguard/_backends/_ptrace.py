@@ -329,6 +329,7 @@ class PtraceBackend(Backend):
         tracer, hold = self._tracer, self._hold
         assert tracer is not None
         left: list[Task] = []
+        held = len(hold.tasks)
         for proc in reversed(hold.procs):
             for task in proc.tasks:
                 if not task.done:
@@ -336,7 +337,8 @@ class PtraceBackend(Backend):
                     if not task.done:
                         left.append(task)
             tracer.pause_if_due()
-        hold.left = left
+        if len(hold.tasks) == held:  # else a fork reported meanwhile: linger looks at all
+            hold.left = left
         # A task killed while held exits at once: wait for it a while. A vfork parent stops
         # only once its child execs or exits, which may take long: the tracer thread keeps
         # looking after the thaw returned, and lets each go as soon as it can.
