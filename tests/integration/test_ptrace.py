@@ -428,6 +428,34 @@ def test_two_guards_of_this_process(make_tree: MakeTree) -> None:
     running(tree)
 
 
+def _tracer_tid(pid: int) -> int:
+    """The thread tracing ``pid`` (TracerPid names a thread), from /proc."""
+    for line in proc.read_text(f"/proc/{pid}/status").splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no TracerPid in /proc/{pid}/status")
+
+
+def test_freezes_one_after_another_share_a_tracer_thread(make_tree: MakeTree) -> None:
+    # A thread costs more to start than a small tree to freeze: the one a freeze let go of
+    # serves the next freeze, of any guard. Two freezes at once have a thread each.
+    one, two = make_tree(wide(2)), make_tree(wide(2))
+    seen = []
+    for _ in range(3):
+        with ProcessesGuard(root=one.root, include_root=True, backend="ptrace"):
+            held(one)
+            seen.append(_tracer_tid(one.root))
+        running(one)
+    assert 0 not in seen and len(set(seen)) < len(seen), seen
+    with ProcessesGuard(root=one.root, include_root=True, backend="ptrace"):
+        with ProcessesGuard(root=two.root, include_root=True, backend="ptrace"):
+            held(one)
+            held(two)
+            assert _tracer_tid(one.root) != _tracer_tid(two.root)
+    running(one)
+    running(two)
+
+
 def test_token_refuses_ptrace_before_touching_anything(make_tree: MakeTree) -> None:
     tree = make_tree(wide(2))
     with pytest.raises(treeguard.InvalidArgumentError, match="ptrace"):

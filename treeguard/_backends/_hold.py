@@ -35,7 +35,7 @@ _EVENTS_NEW_TASK = frozenset(
 class Proc:
     """A process of the tree met by the walk (or born during the freeze) and seized."""
 
-    __slots__ = ("alone", "denied", "ours", "pid", "ppid", "starttime", "stat", "statfd", "tasks")
+    __slots__ = ("denied", "ours", "pid", "ppid", "proven", "starttime", "stat", "statfd", "tasks")
 
     def __init__(self, pid: int, stat: Stat) -> None:
         self.pid = pid
@@ -46,7 +46,7 @@ class Proc:
         self.ours = stat.state != "T"
         self.tasks: list[Task] = []
         self.denied = ""  # why a thread of it may not be seized (partial_ok lets it go)
-        self.alone = False  # its leader, stopped, was seen as its only thread (Hold.alone)
+        self.proven = False  # its leader seen ``t`` in /proc once all its threads stopped
         self.statfd = -1  # its stat, kept open from the meeting until it settled
 
 
@@ -79,6 +79,7 @@ class Hold:
         self.tasks: dict[int, Task] = {}
         self.pending: list[Task] = []  # seized, stop not collected yet
         self.kept: list[Proc] = []  # those whose stat descriptor is kept (Hold.keep)
+        self.left: list[Task] | None = None  # what a thaw could not let go yet (linger)
 
     def seize_threads(self, proc: Proc, statfd: int = -1) -> None:
         """Seize and interrupt each thread of ``proc`` not held yet, as its thread list
@@ -132,9 +133,13 @@ class Hold:
         # the listing is a stranger), and a thread must be one of its threads.
         if tid == proc.pid:
             # A stat descriptor opened when the process was met reads only while that very
-            # process lives (a /proc file holds the process, not the number: procfs.py).
-            data = self.fs.reread(statfd) if statfd >= 0 else self.fs.read(f"{tid}/stat")
-            mine = data is not None and parse_stat_brief(data)[2] == proc.starttime
+            # process lives (a /proc file holds the process, not the number: procfs.py), and
+            # a PID is not given again while its process lives: read, it names the seized.
+            if statfd >= 0:
+                mine = bool(self.fs.reread(statfd))
+            else:
+                data = self.fs.read(f"{tid}/stat")
+                mine = data is not None and parse_stat_brief(data)[2] == proc.starttime
         else:  # the leader, seized first, is proven: is this one of its threads?
             mine = os.path.exists(f"{self.fs.root}/{proc.pid}/task/{tid}")
         if not mine:
@@ -152,6 +157,7 @@ class Hold:
 
     def _add(self, proc: Proc, tid: int) -> None:
         task = Task(tid, proc)
+        self.left = None  # a task held since the last thaw: look at all again
         _HELD[tid] = self
         self.tasks[tid] = task
         proc.tasks.append(task)
@@ -246,9 +252,10 @@ class Hold:
         self._finish(task)
 
     def keep(self, proc: Proc, statfd: int) -> bool:
-        """Keep ``proc``'s stat descriptor (opened when it was met) for :meth:`alone`,
-        which then costs one ``pread``; False (the caller closes it) past :data:`_KEEP`
-        descriptors, so that a wide tree does not use up this process's descriptors."""
+        """Keep ``proc``'s stat descriptor (opened when it was met) for the look at its
+        leader once it settled (:meth:`alone`, :meth:`prove`): one ``pread`` then. False
+        (the caller closes it) past :data:`_KEEP` descriptors, so that a wide tree does not
+        use up this process's descriptors."""
         if len(self.kept) >= _KEEP or not proc.tasks or proc.denied:
             return False
         proc.statfd = statfd
@@ -269,23 +276,36 @@ class Hold:
         one thread. Then no thread can be missing: a thread made before the leader's seize
         (a clone in flight) counts in the stat once the leader has stopped, and every later
         one is the kernel's to attach. One read, where listing the threads costs several."""
-        fd, proc.statfd = proc.statfd, -1
-        try:
-            tasks = proc.tasks
-            if len(tasks) != 1:
-                return False
-            task = tasks[0]
-            if task.tid != proc.pid or not task.stopped or task.done:
-                return False
-            data = self.fs.reread(fd) if fd >= 0 else self.fs.read(f"{proc.pid}/stat")
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        tasks = proc.tasks
+        if len(tasks) != 1 or tasks[0].tid != proc.pid or not tasks[0].stopped or tasks[0].done:
+            return False
+        data = self._stat_now(proc)
         if data is None:
             return False
         state, threads, starttime = parse_stat_brief(data)
-        proc.alone = state == "t" and threads == 1 and starttime == proc.starttime
-        return proc.alone
+        proc.proven = state == "t" and threads == 1 and starttime == proc.starttime
+        return proc.proven
+
+    def prove(self, proc: Proc) -> None:
+        """Once every thread of ``proc`` listed is held and stopped: whether its leader shows
+        ``t`` in /proc (a thread never seized that exec'd would hold the leader's PID, and
+        run). Not proven so, it is looked at again at the end of the freeze."""
+        leader = self.tasks.get(proc.pid)
+        if leader is None or leader.done or not leader.stopped:
+            self._stat_now(proc, read=False)
+            return
+        data = self._stat_now(proc)
+        proc.proven = data is not None and parse_stat_brief(data)[0] == "t"
+
+    def _stat_now(self, proc: Proc, read: bool = True) -> bytes | None:
+        """The stat of ``proc`` read now, through the descriptor kept for it (then closed)."""
+        fd, proc.statfd = proc.statfd, -1
+        if fd < 0:
+            return self.fs.read(f"{proc.pid}/stat") if read else None
+        try:
+            return self.fs.reread(fd) if read else None
+        finally:
+            os.close(fd)
 
     def state(self, pid: int, tid: int) -> str | None:
         data = self.fs.read(f"{pid}/task/{tid}/stat")
@@ -309,12 +329,18 @@ class Hold:
 
     def linger(self) -> list[Task]:
         """Let go of what a thaw could not yet; the tasks still left. Called by the thaw,
-        then by the tracer thread while it waits for requests."""
+        then by the tracer thread while it waits for requests: only the tasks left at the
+        last look (:attr:`left`) are looked at again, once the thaw has listed them."""
+        pool = self.left
+        if pool is None:
+            pool = [task for proc in self.procs for task in proc.tasks]
+        held = len(self.tasks)
         left: list[Task] = []
-        for proc in self.procs:
-            for task in proc.tasks:
+        for task in pool:
+            if not task.done:
+                self.release(task)
                 if not task.done:
-                    self.release(task)
-                    if not task.done:
-                        left.append(task)
+                    left.append(task)
+        # A fork reported meanwhile (a task stopping as it is let go) adds a task: all again.
+        self.left = left if len(self.tasks) == held else None
         return left

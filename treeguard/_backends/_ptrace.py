@@ -22,11 +22,12 @@ algorithm:
    seen ``t`` in /proc twice when another thread of this process took the report; the
    leader of every process shows ``t`` in /proc once all its threads stopped.
 
-The thaw detaches every task, children first; PTRACE_DETACH resumes it. Every request
-comes from one tracer thread per freeze (the kernel takes requests only from the thread
-that attached), so a thaw works from any thread, a finalizer or an event loop: the step
-generators hand work to that thread and wait on an eventfd. If this process dies, the
-kernel detaches its tracees and they run on.
+The thaw detaches every task, children first; PTRACE_DETACH resumes it. Every request of
+a freeze comes from the one tracer thread that holds it (the kernel takes requests only
+from the thread that attached; a thread let go serves the next freeze), so a thaw works
+from any thread, a finalizer or an event loop: the step generators hand work to that
+thread and wait on an eventfd. If this process dies, the kernel detaches its tracees and
+they run on.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ class PtraceBackend(Backend):
             self._hold.close_kept()
 
     def _seize_tree(self) -> None:
-        plan, report = self.plan, self.report
+        plan, report, tracer = self.plan, self.report, self._tracer
+        assert tracer is not None
         clock = time.perf_counter
         self._deadline = clock() + plan.timeout
         plan.source.refresh()
@@ -140,6 +142,7 @@ class PtraceBackend(Backend):
             for _ in walk(pending, self._visit, self._listing):
                 if self._abort:
                     raise FreezeError("the freeze was abandoned")
+                tracer.pause_if_due()
             # The report's parts are disjoint: the seizes made while walking count apart.
             report.enumerate_seconds += clock() - t0 - (report.signal_seconds - seized)
             if self._denied and not plan.partial_ok:
@@ -172,6 +175,8 @@ class PtraceBackend(Backend):
     def _meet(self, pid: int, parent: int | None) -> Stat | None:
         """Meet ``pid`` (listed by ``parent``): skip, pass through, or seize it."""
         known, plan, report = self._hold.known, self.plan, self.report
+        assert self._tracer is not None
+        self._tracer.pause_if_due()  # siblings are met in a batch: a long one, maybe
         if pid in known:
             return None
         reason = plan.blocked.get(pid)
@@ -232,6 +237,7 @@ class PtraceBackend(Backend):
                 return
             self._hold.seize_threads(proc)
             if len(proc.tasks) == count or proc.denied:
+                self._hold.prove(proc)
                 return
 
     def _collect(self, tasks: list[Task]) -> None:
@@ -243,6 +249,13 @@ class PtraceBackend(Backend):
         task may need this one). Past that, /proc says what keeps a task (gone, in vfork,
         stopped with its report taken by another thread), and the waits grow."""
         poll = self._hold.poll
+        if len(tasks) == 1:  # one task whose stop has come already: the common case
+            task = tasks[0]
+            if task.stopped or task.done or task.vfork or poll(task, False) is None:
+                if len(tasks) == 1:  # no task born meanwhile
+                    if tasks is self._hold.pending:
+                        tasks.clear()
+                    return
         clock = time.perf_counter
         spin_until = 0.0
         backoff = 0.0
@@ -294,16 +307,15 @@ class PtraceBackend(Backend):
         """Count the tasks held, each proven stopped already: by the kernel's report of its
         ptrace-stop (waitid, for that very TID: only this tracer ends the stop, and SIGKILL,
         which makes the task exit), or by two looks at ``t`` in /proc when another thread of
-        this process took that report. The leader of a process not seen alone once stopped
-        (:meth:`Hold.alone`) shows ``t`` in /proc once more: a thread that was never seized
-        and exec'd meanwhile would have taken the leader's PID, and runs."""
+        this process took that report. The leader of a process not proven once settled
+        (:meth:`Hold.prove`) shows ``t`` in /proc now."""
         late: list[tuple[int, int, str]] = []
         for proc in self._held(True) + self._held(False):
             for task in proc.tasks:
                 if task.stopped and not task.done:
                     self.report.tasks += 1
             leader = self._hold.tasks.get(proc.pid)
-            if proc.alone or leader is None or leader.done or not leader.stopped:
+            if proc.proven or leader is None or leader.done or not leader.stopped:
                 continue
             state = self._hold.state(proc.pid, proc.pid)
             if state is not None and state != "t" and state not in DEAD_STATES:
@@ -314,10 +326,19 @@ class PtraceBackend(Backend):
     # -- thawing (tracer thread) -----------------------------------------------------------
 
     def _thaw_work(self) -> None:
-        for proc in reversed(self._hold.procs):
+        tracer, hold = self._tracer, self._hold
+        assert tracer is not None
+        left: list[Task] = []
+        held = len(hold.tasks)
+        for proc in reversed(hold.procs):
             for task in proc.tasks:
                 if not task.done:
-                    self._hold.release(task)
+                    hold.release(task)
+                    if not task.done:
+                        left.append(task)
+            tracer.pause_if_due()
+        if len(hold.tasks) == held:  # else a fork reported meanwhile: linger looks at all
+            hold.left = left
         # A task killed while held exits at once: wait for it a while. A vfork parent stops
         # only once its child execs or exits, which may take long: the tracer thread keeps
         # looking after the thaw returned, and lets each go as soon as it can.
@@ -326,8 +347,7 @@ class PtraceBackend(Backend):
         while time.perf_counter() < deadline and any(not t.vfork for t in self._hold.linger()):
             time.sleep(backoff)
             backoff = min(_MAX_BACKOFF, backoff * 2)
-        assert self._tracer is not None
-        self._tracer.finished = True
+        tracer.finished = True
 
 
 class _Listing(ChildrenSource):

@@ -17,11 +17,13 @@ import _signal  # type: ignore[import-not-found]  # the C half of signal (no stu
 import os
 import queue
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .._drive import Steps, Wait
+from .._drive import SLICE, YIELD, Steps, Wait
 
 __all__ = ["Tracer"]
 
@@ -33,51 +35,97 @@ _LINGER_POLL = 0.05
 _POLL = 0.0005
 #: How long an idle tracer thread waits for the next freeze before it ends.
 _IDLE = 10.0
+#: Longest wait of a paused tracer for the event loop it let run (see :class:`_Request`).
+_PAUSE = 0.05
 #: Every signal, as plain numbers (see :meth:`_Worker.start`).
 _EVERY_SIGNAL = frozenset(_signal.valid_signals())
 
 
 class _Request(Generic[T]):
-    """One piece of work for the tracer, and the eventfd that says it is done."""
+    """One piece of work for the tracer, and the eventfd that says it is done.
 
-    def __init__(self, work: Callable[[], T]) -> None:
+    ``sliced``: the waiter runs an event loop, which waits on the eventfd for the GIL that
+    the tracer thread holds but for its system calls. CPython hands the GIL to a waiting
+    thread only once it has waited a whole switch interval (5 ms) without a release, and
+    each short release wakes the waiter to try again, so a loop can starve for longer than
+    that. So every :data:`~treeguard._drive.SLICE` of work the tracer writes the eventfd
+    and waits until the loop's thread has come for it (:meth:`pause`)."""
+
+    def __init__(self, work: Callable[[], T], sliced: bool) -> None:
         self.work = work
         self.done = False
         self._value: T | None = None
         self._error: BaseException | None = None
+        # The eventfd is closed by the last of the two to let go of it: the tracer once the
+        # work ran, the waiter once it stopped waiting. So it is never written or read once
+        # closed (and perhaps reused for another file), and neither makes a system call
+        # under the lock that the other may then wait for (a thread to wake, on the path
+        # of every request).
         self._lock = threading.Lock()
+        self._holders = 2
         self._abandoned = False
         try:
             self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         except OSError:
             self.fd = -1  # out of descriptors: the waiter polls instead
+        self.sliced = sliced and self.fd >= 0
+        self.paused = False
+        self.next_pause = 0.0
+        self._resume = threading.Event() if self.sliced else None
 
     def run(self) -> None:
+        self.next_pause = time.perf_counter() + SLICE
         try:
             self._value = self.work()
         except BaseException as err:  # handed to the waiter, who raises it
             self._error = err
-        with self._lock:
-            # Written under the lock the waiter closes it with: the descriptor is never
-            # written after it was closed (and perhaps reused for another file).
-            self.done = True
-            if self.fd >= 0:
-                if self._abandoned:
-                    os.close(self.fd)
-                    self.fd = -1
-                else:
-                    os.eventfd_write(self.fd, 1)
+        self.done = True
+        if self.fd >= 0 and not self._abandoned:
+            os.eventfd_write(self.fd, 1)
+        self._let_go()
+
+    def pause(self) -> None:
+        """(The tracer thread.) Let the waiter run: wake it, and wait until it has come
+        (:meth:`resume`), or for :data:`_PAUSE` seconds at most."""
+        resume = self._resume
+        assert resume is not None
+        resume.clear()
+        if self._abandoned:
+            return
+        self.paused = True
+        os.eventfd_write(self.fd, 1)  # the tracer holds the descriptor until the work ends
+        resume.wait(_PAUSE)
+        self.next_pause = time.perf_counter() + SLICE
+
+    def resume(self) -> None:
+        """(The waiter.) Woken: read the eventfd empty, and let a paused tracer go on."""
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass  # nothing written since the last look
+        if self.paused and self._resume is not None:
+            self.paused = False
+            self._resume.set()
 
     def close(self) -> None:
-        """The waiter is done with this request: close the eventfd now, or let the tracer
-        close it once the work ends."""
+        """The waiter is done with this request (the work may go on without it)."""
+        self._abandoned = True
+        if self._resume is not None:
+            self._resume.set()  # a pause waits for nobody now
+        self._let_go()
+
+    def drop(self) -> None:
+        """A request that was never handed to the tracer: nothing of it remains."""
+        self._holders = 1
+        self.close()
+
+    def _let_go(self) -> None:
         with self._lock:
-            if self.fd >= 0:
-                if self.done:
-                    os.close(self.fd)
-                    self.fd = -1
-                else:
-                    self._abandoned = True
+            self._holders -= 1
+            last = self._holders == 0
+        if last and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def result(self) -> T:
         if self._error is not None:
@@ -101,36 +149,52 @@ class Tracer:
         self._lock = threading.Lock()
         self._closed = False
         self._worker: _Worker | None = None
+        self._launched = False
+        self._running: _Request[object] | None = None
 
     def start(self) -> None:
-        """Take the idle tracer thread, or start one (see :meth:`_Worker.start`)."""
-        worker = _Worker.take()
-        if worker is None:
-            worker = _Worker()
-            self._worker = worker
-            worker.start(self)
-        else:
-            self._worker = worker
-            worker.assign(self)
+        """Take the idle tracer thread, or make one: it is woken (or started, see
+        :meth:`_Worker.serve`) with the first request already queued, so that it wakes
+        once, not once for the hold and once more for the request."""
+        self._worker = _Worker.take() or _Worker()
+        self._launched = False
 
     def steps(self, work: Callable[[], T]) -> Steps[T | None]:
         """Run ``work`` in the tracer thread; its result, or None if this hold has ended
         (everything was let go already)."""
         worker = self._worker
         if worker is not None and threading.get_ident() == worker.ident:
-            return work()  # a finalizer that the garbage collector ran in this very thread
-        request: _Request[T] = _Request(work)
+            # A finalizer that the garbage collector ran in this very thread (which may
+            # serve another freeze by now: an ended hold has nothing left to do).
+            return None if self._closed else work()
+        request: _Request[T] = _Request(work, _in_event_loop())
         with self._lock:
             if self._closed or worker is None:  # ended, or never started
-                request.close()
+                request.drop()
                 return None
             self._queue.put(request)  # type: ignore[arg-type]
+            launch, self._launched = not self._launched, True
+        if launch:
+            worker.serve(self)
         try:
             while not request.done:
                 yield Wait(_LINGER_POLL, request.fd) if request.fd >= 0 else Wait(_POLL)
+                if request.paused:
+                    # The loop's other tasks run first (the tracer takes the GIL as soon
+                    # as this thread lets go of it, in the loop's next system call).
+                    yield YIELD
+                if request.sliced:
+                    request.resume()
         finally:
             request.close()
         return request.result()
+
+    def pause_if_due(self) -> None:
+        """(The tracer thread, between two steps of a request's work.) Let the event loop
+        that waits for the request run, once every :data:`~treeguard._drive.SLICE`."""
+        request = self._running
+        if request is not None and request.sliced and time.perf_counter() >= request.next_pause:
+            request.pause()
 
     def _serve(self) -> None:
         """Serve this hold's requests in the tracer thread, until it has let go of all."""
@@ -148,7 +212,11 @@ class Tracer:
                 request = self._queue.get(timeout=_LINGER_POLL if self.finished else None)
             except queue.Empty:
                 continue
-            request.run()
+            self._running = request
+            try:
+                request.run()
+            finally:
+                self._running = None
 
 
 class _Worker:
@@ -173,12 +241,17 @@ class _Worker:
             return None  # none, or a thread of the parent of this forked process
         return worker
 
-    def start(self, first: Tracer) -> None:
+    def serve(self, tracer: Tracer) -> None:
+        """Serve ``tracer`` next: wake this thread, or start it."""
+        self._assigned.put(tracer)
+        if self.ident is None:
+            self._start()
+
+    def _start(self) -> None:
         """Start the thread with every signal blocked: a handler that raises (Ctrl-C) must
         not land inside threading's own locks, and the thread inherits the mask, so that
         process-directed signals go to the other threads (pthread_sigmask(3)). A signal
         that arrived meanwhile is acted on when the mask is restored, after the start."""
-        self._assigned.put(first)
         # The C functions themselves: the signal module's wrappers turn each of the 64
         # signals of both masks into an enum member, a third of a millisecond per freeze.
         previous = _signal.pthread_sigmask(signal.SIG_BLOCK, _EVERY_SIGNAL)
@@ -187,9 +260,6 @@ class _Worker:
         finally:
             _signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.ident = self._thread.ident
-
-    def assign(self, tracer: Tracer) -> None:
-        self._assigned.put(tracer)
 
     def _run(self) -> None:
         tracer: Tracer | None = self._assigned.get()
@@ -212,6 +282,19 @@ class _Worker:
                     _idle = None
                     return None
             return self._assigned.get()  # taken as the wait ended: its hold is on the way
+
+
+def _in_event_loop() -> bool:
+    """Whether this thread runs an event loop (asyncio or trio), as sniffio tells: it is
+    imported with anyio, which the async face uses."""
+    sniffio = sys.modules.get("sniffio")
+    if sniffio is None:
+        return False
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+    return True
 
 
 _idle: _Worker | None = None
