@@ -161,7 +161,11 @@ class CgroupBackend(Backend):
         # A cgroup given by name is frozen whole (no proof needed): what it holds is
         # listed once, when frozen (a look meanwhile would only be read again).
         members = _Members(freezer) if census is None else census
-        meanwhile = None if census is None else _timed(census.survey(), report)
+        meanwhile = None
+        if census is not None and census.reused:
+            census.listed = None  # taken over: only the look once frozen can tell a change
+        elif census is not None:
+            meanwhile = _timed(census.survey(), report)
         yield from freezer.freeze(max(left, 0.0), report, meanwhile=meanwhile)
         report.passes = max(report.passes, 1)
         t0 = time.perf_counter()

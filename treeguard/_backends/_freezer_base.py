@@ -220,6 +220,13 @@ class CgroupFreezer:
                 + " directory",
             )
 
+    def threaded_write(self, meanwhile: Steps[None] | None) -> bool:
+        """Whether the freeze is written by a thread: when there is work to do meanwhile (a
+        census to read) or an event loop to keep running, and the write is long (many
+        tasks). A synchronous caller with nothing to do meanwhile waits anyway: a thread
+        would only add its start and the wake-up that says it is over."""
+        return (meanwhile is not None or under_event_loop()) and not self.has_few_tasks()
+
     def has_few_tasks(self) -> bool:
         """Whether the cgroup has no cgroups below it and lists all its tasks in
         :data:`_FEW_TASKS` bytes."""

@@ -88,7 +88,7 @@ class V1Freezer(CgroupFreezer):
             self.froze = not self.was_frozen  # before the write: an interrupt undoes it
             if attempt == 0:
                 job = functools.partial(self.set_state, "FROZEN")
-                thread = not self.has_few_tasks()
+                thread = self.threaded_write(meanwhile)
                 yield from _write_during(self, job, meanwhile, report, thread=thread)
             else:
                 t0 = time.perf_counter()

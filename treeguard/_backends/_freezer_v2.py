@@ -104,7 +104,7 @@ class V2Freezer(CgroupFreezer):
                 self._announce()
                 self.froze = True  # before the write: an interrupted freeze is undone
                 job = functools.partial(self.put, "cgroup.freeze", "1")
-                thread = not self.has_few_tasks()
+                thread = self.threaded_write(meanwhile)
                 yield from _write_during(self, job, meanwhile, report, thread=thread)
             elif meanwhile is not None:
                 yield from meanwhile
