@@ -129,8 +129,9 @@ def plot(results: list[Result], path: str) -> bool:
                 for r in rows
                 if name in r["contenders"] and r["contenders"][name]["freeze_ms"]
             ]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+            if pts:  # the floors dashed, so that each stands out from the contenders
+                style = "--" if "floor" in name else "-"
+                ax.plot(*zip(*pts, strict=True), style, marker="o", label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("processes in the tree (wide, idle)")
