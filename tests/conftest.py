@@ -155,3 +155,17 @@ def cgroup() -> Iterator[MakeCgroup]:
                 cg.remove()
         for cg in made:
             assert not os.path.exists(cg.path)
+
+
+class Ticker:
+    """A task that counts its turns on the event loop: ``tg.start_soon(ticker.run)``."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    async def run(self) -> None:
+        import anyio.lowlevel
+
+        while True:
+            self.ticks += 1
+            await anyio.lowlevel.checkpoint()

@@ -14,7 +14,7 @@ import pytest
 
 import treeguard
 from tests import proc
-from tests.conftest import require_root
+from tests.conftest import Ticker, require_root
 from treeguard._workers import WorkerTree, demo_spec, wide
 
 pytestmark = pytest.mark.anyio
@@ -163,22 +163,16 @@ async def test_every_other_task_runs_between_two_steps() -> None:
     from treeguard._drive import YIELD, Steps, Wait, run_async
 
     turns: list[int] = []  # the ticker's turns seen at each step
-    ticks = 0
+    ticker = Ticker()
 
     def steps() -> Steps[None]:
         for i in range(60):
-            turns.append(ticks)
+            turns.append(ticker.ticks)
             yield YIELD if i % 3 else Wait(0.0001)
-        turns.append(ticks)
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await anyio.lowlevel.checkpoint()
+        turns.append(ticker.ticks)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
+        tg.start_soon(ticker.run)
         await anyio.lowlevel.checkpoint()
         await run_async(steps())
         tg.cancel_scope.cancel()

@@ -222,6 +222,16 @@ while os.read(0, 1):
 """
 
 
+def _spawn_subreaper(cg: Cgroup, script: str) -> subprocess.Popen[bytes]:
+    """A subreaper root started in ``cg``, running ``script``, its standard streams piped."""
+    return cg.spawn(
+        [sys.executable, "-c", _SUBREAPER, script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
 def test_an_orphan_of_an_excluded_monitor_adopted_by_a_subreaper_of_the_tree_is_found(
     cgroup: MakeCgroup,
 ) -> None:
@@ -231,12 +241,7 @@ def test_an_orphan_of_an_excluded_monitor_adopted_by_a_subreaper_of_the_tree_is_
     # which no event names a task of the tree.
     require_root("process events")
     cg, other = cgroup(2), cgroup(2)
-    root = cg.spawn(
-        [sys.executable, "-c", _SUBREAPER, _MONITOR],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    root = _spawn_subreaper(cg, _MONITOR)
     assert root.stdin is not None and root.stdout is not None and root.stderr is not None
     try:
         monitor = int(root.stderr.readline())
@@ -288,12 +293,7 @@ def test_a_census_raced_while_read_is_not_kept_for_the_next_freeze(
     # later freeze would miss the orphan too.
     require_root("process events")
     cg, other = cgroup(2), cgroup(2)
-    root = cg.spawn(
-        [sys.executable, "-c", _SUBREAPER, _FORK_THEN_EXIT],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    root = _spawn_subreaper(cg, _FORK_THEN_EXIT)
     assert root.stdin is not None and root.stdout is not None and root.stderr is not None
     stdin, stdout = root.stdin, root.stdout
     escaped: list[int] = []

@@ -21,7 +21,7 @@ import pytest
 
 import treeguard
 from tests import proc
-from tests.conftest import require_root, slot
+from tests.conftest import Ticker, require_root, slot
 from treeguard import ProcessesGuard, Skip
 from treeguard._drive import run_sync
 from treeguard._storms import descendants
@@ -656,20 +656,13 @@ def test_cli_freeze_with_ptrace(make_tree: MakeTree) -> None:
 )
 async def test_async_face(make_tree: MakeTree, anyio_backend: Any) -> None:
     tree = make_tree(demo_spec())
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await anyio.lowlevel.checkpoint()
-
+    ticker = Ticker()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
+        tg.start_soon(ticker.run)
         async with treeguard.guard(root=tree.root, include_root=True, backend="ptrace") as g:
             assert g.report.backend == "ptrace"
             held(tree)
         assert not g.frozen
         tg.cancel_scope.cancel()
-    assert ticks > 0
+    assert ticker.ticks > 0
     running(tree)
