@@ -100,25 +100,12 @@ class Backoff:
         """Whether the sleeps have grown to their cap (a few milliseconds of looking)."""
         return self._sleep >= self._cap
 
-    @property
-    def spun(self) -> bool:
-        """Whether the bare yields are over (time to look closer at what is late)."""
-        return time.perf_counter() >= self._spin_until
-
     def next(self) -> Wait:
-        if not self._sleep and not self.spun:
+        if not self._sleep and time.perf_counter() < self._spin_until:
             return YIELD
         wait = Wait(self._sleep)
         self._sleep = min(self._cap, self._sleep * 2 if self._sleep else 0.00002)
         return wait
-
-    def pause(self) -> None:
-        """Wait as :meth:`next` says, in this thread (a thread that is not a step's)."""
-        seconds = self.next().seconds
-        if seconds:
-            time.sleep(seconds)
-        else:
-            os.sched_yield()
 
 
 def run_sync(steps: Steps[T]) -> T:
