@@ -25,7 +25,7 @@ import os
 import socket
 import struct
 import weakref
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 __all__ = ["ProcEvents"]
 
@@ -169,31 +169,34 @@ def _confirmed(sock: socket.socket, ack: int) -> bool:
     return False
 
 
+def _messages(data: bytes) -> Iterator[tuple[int, int, tuple[int, int, int, int]]]:
+    """``(what, ack, pids)`` of each process event in a datagram: its kind, the ``ack`` of
+    its connector header, and the first four 32-bit fields of its data (a fork's parent
+    and child, an exit's task; an acknowledgement's error first)."""
+    off = 0
+    while off + _HEAD + _DATA + _PIDS.size <= len(data):
+        length = _NLMSG.unpack_from(data, off)[0]
+        ack = _CN_MSG.unpack_from(data, off + _NLMSG.size)[3]
+        (what,) = _WHAT.unpack_from(data, off + _HEAD)
+        yield what, ack, _PIDS.unpack_from(data, off + _HEAD + _DATA)
+        off += max((length + 3) & ~3, _NLMSG.size)
+
+
 def _acknowledged(data: bytes, ack: int) -> bool | None:
     """Whether ``data`` holds the kernel's acknowledgement ``ack`` of a request with no
     error (the acknowledgement is a ``PROC_EVENT_NONE`` whose ``ack`` is the request's
     plus one); ``None`` if it holds no acknowledgement ``ack``."""
-    off = 0
-    while off + _HEAD + _DATA + 4 <= len(data):
-        length = _NLMSG.unpack_from(data, off)[0]
-        _, _, _, got, _, _ = _CN_MSG.unpack_from(data, off + _NLMSG.size)
-        (what,) = _WHAT.unpack_from(data, off + _HEAD)
-        (err,) = _WHAT.unpack_from(data, off + _HEAD + _DATA)
+    for what, got, fields in _messages(data):
         if what == 0 and got == ack:
-            return bool(err == 0)
-        off += max((length + 3) & ~3, _NLMSG.size)
+            return fields[0] == 0
     return None
 
 
 def _names(data: bytes, pids: Collection[int]) -> bool:
     """Whether a fork or exit event in ``data`` names one of ``pids``."""
-    off = 0
-    while off + _HEAD + _DATA + _PIDS.size <= len(data):
-        length = _NLMSG.unpack_from(data, off)[0]
-        (what,) = _WHAT.unpack_from(data, off + _HEAD)
-        if what in (_EVENT_FORK, _EVENT_EXIT):
-            named = _PIDS.unpack_from(data, off + _HEAD + _DATA)
-            if any(pid in pids for pid in (named if what == _EVENT_FORK else named[:2])):
-                return True
-        off += max((length + 3) & ~3, _NLMSG.size)
+    for what, _, named in _messages(data):
+        if what == _EVENT_FORK and any(pid in pids for pid in named):
+            return True
+        if what == _EVENT_EXIT and (named[0] in pids or named[1] in pids):
+            return True
     return False
