@@ -4,7 +4,6 @@ that nothing of the tree forked or exited, and the cgroup's task list reads as i
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -20,20 +19,19 @@ from treeguard._proc_events import ProcEvents
 from treeguard.errors import CgroupError
 from treeguard.procfs import ProcFS
 
-# A process that forks a child (which waits for a signal) on each SIGUSR1 and prints its PID.
-_FORKER = """
+# Fork a child (which waits for a signal) for each "f" read on standard input, and print the
+# child's PID; end on anything else.
+FORK_ON_F = """
 import os, signal
-def fork(*_):
+while os.read(0, 1) == b"f":
     pid = os.fork()
     if pid == 0:
         signal.pause()
         os._exit(0)
     os.write(1, b"%d\\n" % pid)
-signal.signal(signal.SIGUSR1, fork)
-os.write(1, b"ready\\n")
-while True:
-    signal.pause()
 """
+# The same, once it said it is ready.
+_FORKER = 'import os\nos.write(1, b"ready\\n")' + FORK_ON_F
 
 
 @pytest.fixture
@@ -55,8 +53,10 @@ def spawn_forker() -> Iterator[
     pipes: list[Any] = []
 
     def start(spawn: Callable[..., subprocess.Popen[Any]]) -> subprocess.Popen[Any]:
-        forker = spawn([sys.executable, "-c", _FORKER], stdout=subprocess.PIPE)
-        pipes.append(forker.stdout)
+        forker = spawn(
+            [sys.executable, "-c", _FORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        pipes.extend((forker.stdin, forker.stdout))
         assert forker.stdout is not None
         assert forker.stdout.readline() == b"ready\n"
         return forker
@@ -72,8 +72,9 @@ SpawnForker = Callable[[Callable[..., subprocess.Popen[Any]]], subprocess.Popen[
 
 
 def _fork_one(forker: subprocess.Popen[Any]) -> int:
-    assert forker.stdout is not None
-    forker.send_signal(signal.SIGUSR1)
+    assert forker.stdin is not None and forker.stdout is not None
+    forker.stdin.write(b"f")
+    forker.stdin.flush()
     return int(forker.stdout.readline())
 
 
@@ -91,21 +92,34 @@ def children_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return reads
 
 
-def test_events_name_the_forks_and_exits_of_the_pids_asked_about(events: ProcEvents) -> None:
+@pytest.fixture
+def sleeper() -> Iterator[int]:
+    """A process that neither forks nor exits while the test runs: the PID no event names."""
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_events_name_the_forks_and_exits_of_the_pids_asked_about(
+    events: ProcEvents, sleeper: int
+) -> None:
     assert events.quiet((), 64)
-    child = subprocess.run(["true"], check=True)
-    assert child.returncode == 0
-    assert not events.quiet({os.getpid()}, 64)  # it forked (and reaped) a child
-    assert events.quiet({os.getpid()}, 64)  # read already: nothing new
+    child = subprocess.Popen(["true"])
+    assert child.wait() == 0
+    assert not events.quiet({child.pid}, 64)  # its fork and its exit
+    assert events.quiet({child.pid}, 64)  # read already: nothing new
     subprocess.run(["true"], check=True)
-    assert events.quiet({1}, 64)  # forks and exits of others do not count
+    assert events.quiet({sleeper}, 64)  # forks and exits of others do not count
 
 
-def test_too_many_events_are_not_trusted_and_dropped(events: ProcEvents) -> None:
+def test_too_many_events_are_not_trusted_and_dropped(events: ProcEvents, sleeper: int) -> None:
     for _ in range(20):
         subprocess.run(["true"], check=True)
-    assert not events.quiet({1}, 10)  # forty events and more: over the budget
-    assert events.quiet({1}, 10)  # subscribed anew: the backlog is gone
+    assert not events.quiet({sleeper}, 10)  # forty events and more: over the budget
+    assert events.quiet({sleeper}, 10)  # subscribed anew: the backlog is gone
 
 
 def test_a_forked_child_never_reads_its_parents_events(events: ProcEvents) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from tests import proc
 from tests.conftest import MakeCgroup, require_root
+from tests.integration.test_kept_census import FORK_ON_F
 from treeguard import ProcessesGuard
 from treeguard._backends._census import _Census
 from treeguard.cgroup import Cgroup
@@ -269,19 +270,6 @@ def test_an_orphan_of_an_excluded_monitor_adopted_by_a_subreaper_of_the_tree_is_
         cg.kill()
 
 
-# On "f", fork a child that sleeps and print its PID; on anything else, exit.
-_FORK_THEN_EXIT = """
-import os, signal
-while os.read(0, 1) == b"f":
-    pid = os.fork()
-    if pid == 0:
-        signal.pause()
-        os._exit(0)
-    os.write(1, b"%d\\n" % pid)
-os._exit(0)
-"""
-
-
 def test_a_census_raced_while_read_is_not_kept_for_the_next_freeze(
     cgroup: MakeCgroup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -293,7 +281,7 @@ def test_a_census_raced_while_read_is_not_kept_for_the_next_freeze(
     # later freeze would miss the orphan too.
     require_root("process events")
     cg, other = cgroup(2), cgroup(2)
-    root = _spawn_subreaper(cg, _FORK_THEN_EXIT)
+    root = _spawn_subreaper(cg, FORK_ON_F)
     assert root.stdin is not None and root.stdout is not None and root.stderr is not None
     stdin, stdout = root.stdin, root.stdout
     escaped: list[int] = []
