@@ -14,7 +14,7 @@ import pytest
 from tests import proc
 from tests.conftest import MakeCgroup, require_root
 from treeguard import ProcessesGuard
-from treeguard._backends import Memo, _kept
+from treeguard._backends import Memo, _cgroup, _kept
 from treeguard._proc_events import ProcEvents
 from treeguard.errors import CgroupError
 from treeguard.procfs import ProcFS
@@ -136,22 +136,38 @@ def test_a_forked_child_never_reads_its_parents_events(events: ProcEvents) -> No
 
 @pytest.mark.parametrize("version", [2, 1])
 def test_a_quiet_tree_is_not_read_again(
-    version: int, cgroup: MakeCgroup, children_reads: list[int], spawn_forker: SpawnForker
+    version: int,
+    cgroup: MakeCgroup,
+    children_reads: list[int],
+    spawn_forker: SpawnForker,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     require_root("process events")
     cg = cgroup(version)
     forker = spawn_forker(cg.spawn)
     kids = [_fork_one(forker), _fork_one(forker)]
+    found: list[str] = []
+    real_find = _cgroup.find_target
+
+    def finding(plan: Any, *, whole: bool = False) -> Any:
+        target = real_find(plan, whole=whole)
+        found.append(target.path)
+        return target
+
+    monkeypatch.setattr(_cgroup, "find_target", finding)
     guard = ProcessesGuard(forker.pid, include_root=True, backend="cgroup")
     try:
         for freeze in range(4):
             children_reads.clear()
+            found.clear()
             with guard:
                 assert sorted(guard.pids) == sorted([forker.pid, *kids])
                 assert cg.frozen
             # The first two freezes read every task's file (a guard subscribes to the
             # events at its second), later ones only what is new.
             assert (sorted(children_reads) == sorted([forker.pid, *kids])) == (freeze < 2)
+            # Nor is the cgroup looked for again: it is the one the census was proven in.
+            assert found == ([] if freeze >= 2 else [cg.path])
         assert not children_reads
         # Every so many freezes the census is read in full, whatever the events say.
         reads = []
@@ -221,6 +237,38 @@ def test_a_census_kept_is_dropped_when_the_cgroup_is_another(
             assert children_reads == [forker.pid]
     finally:
         guard.close()
+
+
+def test_a_top_process_born_outside_the_cgroup_since_the_last_freeze_is_found(
+    cgroup: MakeCgroup, spawn_forker: SpawnForker
+) -> None:
+    # The root is not frozen and lives in another cgroup; its children are the tree's top
+    # processes. A new child is born in the root's cgroup: no event names a task of the
+    # census and the cgroup's task list reads as it did, so only the top processes, found
+    # again at every freeze, tell that the cgroup kept from the last freeze is too narrow.
+    require_root("process events")
+    cg, home = cgroup(2), cgroup(2)
+    forker = spawn_forker(home.spawn)
+    first = _fork_one(forker)
+    assert cg.adopt([first]) == [first]
+    guard = ProcessesGuard(forker.pid, backend="cgroup")
+    try:
+        for _ in range(3):  # the census is kept from the second freeze on
+            with guard:
+                assert guard.pids == (first,)
+                assert cg.frozen
+        second = _fork_one(forker)
+        assert home.pids() == sorted([forker.pid, second])
+        with pytest.raises(CgroupError):
+            guard.freeze()
+        assert not guard.frozen
+        assert not cg.frozen and not home.frozen
+        assert proc.state(second) in "SR"
+    finally:
+        guard.close()
+        home.kill()  # the forker first: its child in the other cgroup becomes this process's
+        cg.kill()
+        os.waitpid(first, 0)
 
 
 def test_a_census_taken_over_but_contradicted_once_frozen_is_read_from_the_frozen_cgroup(

@@ -88,15 +88,23 @@ class CgroupBackend(Backend):
         self._freezer: CgroupFreezer | None = None
         self._census: _Census | None = None
         self._kept: Kept | None = None
+        self._kept_looked = False  # Kept.of() was asked (once a freeze: it subscribes)
+        self._target: Target | None = None
         self._procs: set[int] = set()
         self._pids: list[int] | None = None
         self._identities: list[tuple[int, int]] | None = None
 
+    def _kept_state(self) -> Kept | None:
+        """The guard's kept census and subscription (see :mod:`._kept`), asked for once."""
+        if not self._kept_looked:
+            self._kept, self._kept_looked = Kept.of(self.plan), True
+        return self._kept
+
     def _aim(self, target: Target) -> _Census:
         plan = self.plan
         freezer = freezer_for(target.version, target.path, plan.fs, plan.journal)
-        self._freezer = freezer
-        self._kept = kept = Kept.of(plan)
+        self._freezer, self._target = freezer, target
+        kept = self._kept_state()
         census = (
             _Census(freezer, target.top, plan)
             if kept is None
@@ -146,7 +154,10 @@ class CgroupBackend(Backend):
             assert self.version is not None
             self._freezer = freezer_for(self.version, self._path, plan.fs, plan.journal)
         elif census is None:
-            target = find_target(plan, whole=whole)
+            kept = None if whole else self._kept_state()
+            target = None if kept is None else kept.target(plan)
+            if target is None:
+                target = find_target(plan, whole=whole)
             if target is None:
                 report.verified_by = "nothing to freeze: the tree has no processes"
                 return None
@@ -178,7 +189,7 @@ class CgroupBackend(Backend):
             keep = census
         problem = None if census is None else census.problem()
         if kept is not None and keep is not None and problem is None:
-            kept.keep(keep)  # only now: an interrupt before leaves nothing kept
+            kept.keep(keep, self._target)  # only now: an interrupt before keeps nothing
         report.prove_seconds += time.perf_counter() - t0
         self._procs = members.procs
         report.stopped = len(self._procs)

@@ -11,17 +11,23 @@ read in full, as at a first freeze. Once the cgroup is frozen the events are rea
 forks of a frozen cgroup's tasks are over and each was queued before ``fork()`` returned, so
 a census taken over that turns out stale is read anew there, from the frozen cgroup.
 
+The cgroup itself is taken over with the census: while the census may be, the tree is still
+in the cgroup it was in if its top processes are the same and the task list reads as it did
+(which also says that no process that must keep running moved in), so the cgroup need not be
+found again (:meth:`Kept.target`).
+
 Without process events (another namespace, an old kernel) nothing is kept.
 """
 
 from __future__ import annotations
 
+from .._cgroupfs import _listing, _subtree
 from .._drive import Steps
 from .._proc_events import ProcEvents
 from ._base import Plan
 from ._census import _Census
 from ._freezers import CgroupFreezer
-from ._target import Target
+from ._target import Target, _top
 
 __all__ = ["Kept"]
 
@@ -39,6 +45,7 @@ class Kept:
     def __init__(self, events: ProcEvents) -> None:
         self.events = events
         self.census: _Census | None = None
+        self._target: Target | None = None  # the cgroup the census was proven in
         self._taken = 0  # freezes in a row that took the census over
         self._where: tuple[int, str, int, frozenset[int]] | None = None
 
@@ -62,6 +69,27 @@ class Kept:
         found = None if events is None else cls(events)
         memo.put(_KEY, found or "no events")
         return found
+
+    def target(self, plan: Plan) -> Target | None:
+        """The cgroup of the kept census, if the tree is still there: the same top
+        processes, the cgroups and their task list reading byte for byte as when the
+        census was proven, and none of the processes that must keep running in it. ``None``
+        otherwise: then find_target looks for it anew. Whether the census itself may be
+        taken over is for :meth:`census_for` to say (the process events)."""
+        census, last = self.census, self._target
+        if census is None or last is None or census.seen is None:
+            return None
+        if frozenset(_top(plan)) != last.top:
+            return None
+        dirs = _subtree(last.path)
+        listing = dirs, _listing(dirs, census.freezer.tasks_file)
+        if listing != census.seen:
+            return None
+        # (Read as when no process that must keep running was in it; those may differ from
+        # one freeze to the next: a helper started since.)
+        if not census.tids.isdisjoint({*plan.passthrough, *plan.blocked} - {0}):
+            return None
+        return Target(last.version, last.path, last.top, last.whole, listing)
 
     def census_for(self, target: Target, freezer: CgroupFreezer, plan: Plan) -> _Census:
         """The census for this freeze: the last one if it still holds (see the module),
@@ -96,13 +124,15 @@ class Kept:
             quiet = True  # read whole from the frozen cgroup: it holds for the next freeze
         return quiet
 
-    def keep(self, census: _Census) -> None:
-        """Keep ``census`` for the next freeze: confirmed, and proven to hold the tree
-        (unless a later freeze may not take it over: see :attr:`_Census.keepable`)."""
+    def keep(self, census: _Census, target: Target | None) -> None:
+        """Keep ``census`` for the next freeze, and the cgroup ``target`` it was proven in:
+        confirmed, and proven to hold the tree (unless a later freeze may not take it over:
+        see :attr:`_Census.keepable`)."""
         self.census = census if census.keepable else None
+        self._target = target if self.census is not None else None
 
     def close(self) -> None:
-        self.census = None
+        self.census = self._target = None
         self.events.close()
 
 
