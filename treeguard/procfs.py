@@ -9,7 +9,6 @@ the syscall count per process, not the parsing, decides the cost.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from .errors import ProcfsParseError
@@ -76,15 +75,24 @@ class Stat:
         return bool(self.flags & PF_KTHREAD)
 
 
-# What follows ')' in a stat line: state ppid pgrp session tty_nr tpgid flags, ten
-# counters (minflt .. cstime, priority, nice), num_threads itrealvalue starttime, the rest.
-# Only the fields parse_stat checks are constrained (ASCII digits, '-' where signed); the
-# others, as there, are any bytes but a space: it accepts a subset of what the checks
-# accept, and reads the same values from it.
-_STAT_TAIL = re.compile(
-    rb" ([A-Za-z]) (-?[0-9]+) (-?[0-9]+) (-?[0-9]+) [^ ]* [^ ]* ([0-9]+)"
-    rb"(?: [^ ]*){10} ([0-9]+) [^ ]* ([0-9]+)(?: |\n)"
-)
+def _tail(data: bytes) -> list[bytes] | None:
+    """The fields after the command name of a stat line, split at spaces (state first,
+    the 21st the rest of the line), if the line is one the fast paths may take: ``PID (``
+    ahead, a space after the last ``)``, and more after starttime. ``None`` otherwise: the
+    full checks of :func:`parse_stat` say what is wrong."""
+    space = data.find(b" ")
+    close = data.rfind(b")")
+    if 0 < space < close - 1 and data[space + 1] == 0x28 and data[:space].isdigit():
+        fields = data[close + 1 :].split(b" ", 21)
+        if len(fields) == 22 and not fields[0]:
+            del fields[0]
+            return fields
+    return None
+
+
+def _signed(field: bytes) -> bool:
+    """Whether ``field`` is an integer as the full checks accept one where signed."""
+    return (field[1:] if field[:1] == b"-" else field).isdigit()
 
 
 def _number(field: bytes, what: str, data: bytes, signed: bool = False) -> int:
@@ -106,25 +114,34 @@ def parse_stat(data: bytes | str) -> Stat:
     :raises ProcfsParseError: if the data is not a well-formed stat line.
     """
     if type(data) is bytes:
-        # The fast path (the freezer parses a stat per process, twice): one regular
-        # expression that accepts only lines the checks below accept, with equal fields.
-        space = data.find(b" ")
-        close = data.rfind(b")")
-        if 0 < space < close - 1 and data[space + 1] == 0x28 and data[:space].isdigit():
-            m = _STAT_TAIL.match(data, close + 1)
-            if m is not None:
-                state, ppid, pgrp, session, flags, threads, start = m.groups()
-                return Stat(
-                    int(data[:space]),
-                    data[space + 2 : close],
-                    state.decode("ascii"),
-                    int(ppid),
-                    int(pgrp),
-                    int(session),
-                    int(flags),
-                    int(threads),
-                    int(start),
-                )
+        # The fast path (the freezer parses a stat per process): one split, and the fields
+        # used checked as the full checks below check them, so that it takes only lines
+        # they accept, and reads the same values (a line it leaves is refused there, with
+        # the reason).
+        f = _tail(data)
+        if (
+            f is not None
+            and len(f[0]) == 1
+            and f[0].isalpha()
+            and _signed(f[1])
+            and _signed(f[2])
+            and _signed(f[3])
+            and f[6].isdigit()
+            and f[17].isdigit()
+            and f[19].isdigit()
+        ):
+            space = data.find(b" ")
+            return Stat(
+                int(data[:space]),
+                data[space + 2 : data.rfind(b")")],
+                f[0].decode("ascii"),
+                int(f[1]),
+                int(f[2]),
+                int(f[3]),
+                int(f[6]),
+                int(f[17]),
+                int(f[19]),
+            )
     if isinstance(data, str):
         try:
             raw = data.encode("utf-8", "surrogateescape")
@@ -176,15 +193,11 @@ def parse_stat_brief(data: bytes) -> tuple[str, int, int]:
 
     :raises ProcfsParseError: if the data is not a well-formed stat line.
     """
-    space = data.find(b" ")
-    close = data.rfind(b")")
-    m = None
-    if 0 < space < close - 1 and data[space + 1] == 0x28 and data[:space].isdigit():
-        m = _STAT_TAIL.match(data, close + 1)
-    if m is None:
+    f = _tail(data)
+    if f is None or not (len(f[0]) == 1 and f[0].isalpha() and f[17].isdigit() and f[19].isdigit()):
         st = parse_stat(data)  # the authority on what is wrong with the line
         return st.state, st.num_threads, st.starttime
-    return m[1].decode("ascii"), int(m[6]), int(m[7])
+    return f[0].decode("ascii"), int(f[17]), int(f[19])
 
 
 def parse_children(data: bytes) -> list[int]:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tests.unit.strategies import StatLine, stat_lines
 from treeguard import FreezeError, ProcfsParseError
-from treeguard.procfs import ProcFS, parse_children, parse_stat
+from treeguard.procfs import ProcFS, Stat, parse_children, parse_stat, parse_stat_brief
 
 
 @given(stat_lines())
@@ -40,6 +40,35 @@ def test_random_bytes_parse_or_raise_the_documented_error(data: bytes) -> None:
     except ProcfsParseError as err:
         assert isinstance(err, FreezeError)
         assert isinstance(err, ValueError)
+
+
+def _either(data: bytes | bytearray) -> object:
+    try:
+        return parse_stat(data)
+    except ProcfsParseError:
+        return ProcfsParseError
+
+
+@given(stat_lines())
+def test_the_fast_path_takes_only_what_the_full_checks_accept_and_reads_the_same(
+    line: StatLine,
+) -> None:
+    # bytes take the fast path (and what it leaves, the full checks), a bytearray the
+    # full checks only: the two must agree on the line, and on it with any one of the
+    # fields up to starttime marred (each way the checks tell apart).
+    head, _, tail = line.raw.rpartition(b")")
+    fields = tail.split(b" ")  # fields[0] is the empty one before the state
+    lines = [line.raw]
+    for at in range(min(len(fields), 22)):
+        for junk in (b"", b" ", b"-", b"+", b")", b"\n", b"x", b"_1", b"\xff"):
+            for drop in (0, 1):
+                marred = [*fields[:at], junk + fields[at][drop:], *fields[at + 1 :]]
+                lines.append(head + b")" + b" ".join(marred))
+    for raw in lines:
+        full = _either(bytearray(raw))
+        assert _either(raw) == full, raw
+        if isinstance(full, Stat):
+            assert parse_stat_brief(raw) == (full.state, full.num_threads, full.starttime)
 
 
 @given(stat_lines(), st.data())
