@@ -154,7 +154,9 @@ class CgroupBackend(Backend):
             assert self.version is not None
             self._freezer = freezer_for(self.version, self._path, plan.fs, plan.journal)
         elif census is None:
-            kept = None if whole else self._kept_state()
+            # Held already, not asked for: asked for here (before a cgroup is found), a
+            # guard whose tree no cgroup holds would subscribe at its second attempt.
+            kept = None if whole else Kept.held(plan)
             target = None if kept is None else kept.target(plan)
             if target is None:
                 target = find_target(plan, whole=whole)

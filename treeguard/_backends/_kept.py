@@ -70,6 +70,13 @@ class Kept:
         memo.put(_KEY, found or "no events")
         return found
 
+    @staticmethod
+    def held(plan: Plan) -> Kept | None:
+        """The guard's subscription if it has one already (see :meth:`of`), without
+        asking for one: only a subscription can hold a census."""
+        kept = None if plan.memo is None else plan.memo.get(_KEY)
+        return kept if isinstance(kept, Kept) else None
+
     def target(self, plan: Plan) -> Target | None:
         """The cgroup of the kept census, if the tree is still there: the same top
         processes, the cgroups and their task list reading byte for byte as when the
