@@ -96,7 +96,7 @@ class Kept:
         # one freeze to the next: a helper started since.)
         if not census.tids.isdisjoint({*plan.passthrough, *plan.blocked} - {0}):
             return None
-        return Target(last.version, last.path, last.top, last.whole, listing)
+        return Target(last.version, last.path, last.top, listing)
 
     def census_for(self, target: Target, freezer: CgroupFreezer, plan: Plan) -> _Census:
         """The census for this freeze: the last one if it still holds (see the module),

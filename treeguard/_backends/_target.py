@@ -26,16 +26,11 @@ __all__ = ["Target", "describe_pids", "find_target", "refusal"]
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """The cgroup that holds a tree, and the tree's top processes (where it enters it).
-
-    ``whole`` says the cgroup was chosen from every top process; otherwise from the first
-    one, and the census finds out whether the others are in it too.
-    """
+    """The cgroup that holds a tree, and the tree's top processes (where it enters it)."""
 
     version: int
     path: str
     top: frozenset[int]
-    whole: bool = True
     listing: tuple[list[str], bytes] | None = None  #: its cgroups and task list, as read
 
 
@@ -168,7 +163,7 @@ def find_target(plan: Plan, *, whole: bool = False) -> Target | None:
         listed = set(map(int, tasks.split()))
         inside = [pid for pid in guarded if pid in listed]
         if not inside:
-            return Target(version, path, frozenset(top), whole, (dirs, tasks))
+            return Target(version, path, frozenset(top), (dirs, tasks))
         problems.append(f"{kind} {path}: {refusal(inside, plan)}")
     raise CgroupError(
         f"of the tree of PID {plan.starts[0] if plan.starts else '?'}",
