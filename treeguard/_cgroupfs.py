@@ -11,6 +11,7 @@ import os
 import select
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from ._thaw import close_fd, open_file
 from .errors import (
@@ -21,9 +22,11 @@ from .procfs import ProcFS
 
 __all__ = [
     "OWN_PREFIX",
+    "holds_process",
     "parse_keyed",
     "procs_below",
     "read_file",
+    "write_error",
     "write_file",
 ]
 
@@ -58,15 +61,34 @@ class _Events:
             self.fd = open_file(path, os.O_RDONLY | os.O_CLOEXEC)  # a thaw's wait too
         except (FileNotFoundError, NotADirectoryError):
             self.fd = -1
+        self._owned = True
         self._epoll: select.epoll | None = None
         self._pollable = True
 
+    @classmethod
+    def on(cls, fd: int) -> _Events:
+        """A watch of a descriptor of ``cgroup.events`` held by someone else (-1: none, the
+        cgroup is gone), who closes it: :meth:`close` closes only the epoll instance."""
+        watch = cls.__new__(cls)
+        watch.fd, watch._owned = fd, False
+        watch._epoll, watch._pollable = None, True
+        return watch
+
     def read(self) -> dict[str, str] | None:
         """The file's fields, ``None`` if the cgroup is gone."""
+        data = self._bytes()
+        return None if data is None else parse_keyed(data.decode())
+
+    def lines(self) -> list[bytes] | None:
+        """The file's lines (``b"frozen 1"``, unparsed), ``None`` if the cgroup is gone."""
+        data = self._bytes()
+        return None if data is None else data.split(b"\n")
+
+    def _bytes(self) -> bytes | None:
         if self.fd < 0:
             return None
         try:
-            return parse_keyed(os.pread(self.fd, 4096, 0).decode())
+            return os.pread(self.fd, 4096, 0)
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ENODEV):
                 return None  # removed since it was opened
@@ -96,11 +118,17 @@ class _Events:
             self._epoll = None
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            close_fd(fd)
+            if self._owned:
+                close_fd(fd)
 
 
 def read_file(path: str) -> str | None:
     """A cgroup file's content, or ``None`` if it (or its cgroup) is gone."""
+    data = _read_bytes(path)
+    return None if data is None else data.decode("utf-8", "replace")
+
+
+def _read_bytes(path: str) -> bytes | None:
     try:
         fd = open_file(path, os.O_RDONLY | os.O_CLOEXEC)  # a thaw's wait reads too
     except (FileNotFoundError, NotADirectoryError):
@@ -109,7 +137,7 @@ def read_file(path: str) -> str | None:
         chunks = []
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
-        return b"".join(chunks).decode("utf-8", "replace")
+        return b"".join(chunks)
     except OSError as err:
         # A file of a cgroup removed after the open reads as ENODEV.
         if err.errno in (errno.ENOENT, errno.ENODEV):
@@ -136,11 +164,17 @@ def write_file(path: str, value: str) -> None:
     except ProcessLookupError:
         raise
     except OSError as err:
-        cls = CgroupUnavailableError if err.errno in (errno.EROFS, errno.EACCES) else CgroupError
-        raise cls(
-            os.path.dirname(path),
-            f"cannot write {value!r} to {os.path.basename(path)}: {err.strerror}",
-        ) from err
+        raise write_error(path, value, err) from err
+
+
+def write_error(path: str, value: str, err: OSError) -> CgroupError:
+    """The error of a write of ``value`` to the cgroup file ``path`` that failed with
+    ``err`` (raise it ``from err``: :meth:`CgroupFreezer.write_control` looks at the cause)."""
+    cls = CgroupUnavailableError if err.errno in (errno.EROFS, errno.EACCES) else CgroupError
+    return cls(
+        os.path.dirname(path),
+        f"cannot write {value!r} to {os.path.basename(path)}: {err.strerror}",
+    )
 
 
 class _Writer:
@@ -238,45 +272,56 @@ def parse_keyed(text: str) -> dict[str, str]:
     return out
 
 
-def _subtree(path: str) -> list[str]:
+class Held(Protocol):
+    """A cgroup directory's files held open (:class:`treeguard._cgroupfiles.CgroupFiles`):
+    the listings below read the files of :attr:`path` through it."""
+
+    path: str
+
+    def read(self, name: str) -> bytes | None:
+        """The whole file ``name``; ``None`` if the cgroup is gone."""
+        ...
+
+
+def _read_in(d: str, name: str, held: Held | None) -> bytes | None:
+    """The file ``name`` of the cgroup ``d``, through ``held`` if it holds that cgroup;
+    ``None`` if the cgroup (or the file) is gone."""
+    if held is not None and d == held.path:
+        return held.read(name)
+    return _read_bytes(os.path.join(d, name))
+
+
+def _subtree(path: str, held: Held | None = None) -> list[str]:
     """``path`` and every cgroup below it (the freezer is hierarchical in v1 and v2)."""
     dirs = [path]
     # A v2 cgroup counts its descendants in cgroup.stat: the usual leaf costs one small
     # read instead of a directory walk (a tenth of a millisecond less per freeze, cold).
-    stat = read_file(os.path.join(path, "cgroup.stat"))
-    if stat is not None and parse_keyed(stat).get("nr_descendants") == "0":
+    stat = _read_in(path, "cgroup.stat", held)
+    if stat is not None and parse_keyed(stat.decode()).get("nr_descendants") == "0":
         return dirs
     for top, subdirs, _ in os.walk(path):
         dirs += (os.path.join(top, d) for d in subdirs)
     return dirs
 
 
-def _listing(dirs: list[str], name: str) -> bytes:
+def _listing(dirs: list[str], name: str, held: Held | None = None) -> bytes:
     """The file ``name`` (``cgroup.procs``, ``cgroup.threads``, ``tasks``) of each cgroup
-    of ``dirs``, one after the other; a cgroup removed meanwhile lists nothing."""
+    of ``dirs``, one after the other (the one ``held`` holds read through it); a cgroup
+    removed meanwhile lists nothing."""
     out = []
     for d in dirs:
-        try:
-            fd = os.open(os.path.join(d, name), os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        try:
-            while chunk := os.read(fd, 65536):
-                out.append(chunk)
-        except OSError as err:
-            if err.errno not in (errno.ENOENT, errno.ENODEV):
-                raise
-        finally:
-            os.close(fd)
+        data = _read_in(d, name, held)
+        if data is not None:
+            out.append(data)
     return b"".join(out)  # each entry ends with a newline
 
 
-def _ids(dirs: list[str], name: str) -> set[int]:
+def _ids(dirs: list[str], name: str, held: Held | None = None) -> set[int]:
     """The PIDs (or TIDs) listed in the file ``name`` of each cgroup of ``dirs``."""
-    return set(map(int, _listing(dirs, name).split()))
+    return set(map(int, _listing(dirs, name, held).split()))
 
 
-def _procs(dirs: list[str], fs: ProcFS | None = None) -> set[int]:
+def _procs(dirs: list[str], fs: ProcFS | None = None, held: Held | None = None) -> set[int]:
     """The processes in the cgroups ``dirs`` (``cgroup.procs``).
 
     A threaded v2 cgroup refuses to list its processes (EOPNOTSUPP: cgroup-v2.rst,
@@ -286,12 +331,12 @@ def _procs(dirs: list[str], fs: ProcFS | None = None) -> set[int]:
     found: set[int] = set()
     for d in dirs:
         try:
-            found |= _ids([d], "cgroup.procs")
+            found |= _ids([d], "cgroup.procs", held)
         except OSError as err:
             if err.errno != errno.EOPNOTSUPP:
                 raise
             fs = fs or ProcFS()
-            for tid in _ids([d], "cgroup.threads"):
+            for tid in _ids([d], "cgroup.threads", held):
                 status = fs.status(tid)
                 if status is not None and status.get("Tgid", "").isdigit():
                     found.add(int(status["Tgid"]))
@@ -301,6 +346,24 @@ def _procs(dirs: list[str], fs: ProcFS | None = None) -> set[int]:
 def procs_below(path: str) -> list[int]:
     """Every process in the cgroup ``path`` and its descendants (``cgroup.procs``)."""
     return sorted(_procs(_subtree(path)))
+
+
+def holds_process(path: str, pid: int, held: Held | None = None) -> bool:
+    """Whether the process ``pid`` is in the cgroup ``path`` or one below it (its
+    ``cgroup.procs`` lists it; the list is searched, not parsed)."""
+    entry = b"%d\n" % pid
+    for d in _subtree(path, held):
+        try:
+            listed = _read_in(d, "cgroup.procs", held)
+        except OSError as err:
+            if err.errno != errno.EOPNOTSUPP:
+                raise
+            if pid in _procs([d], held=held):  # threaded: from its threads
+                return True
+            continue
+        if listed is not None and (listed.startswith(entry) or b"\n" + entry in listed):
+            return True
+    return False
 
 
 def _unfrozen_tasks(pids: list[int], fs: ProcFS, frozen_shows: str) -> list[tuple[int, int, str]]:

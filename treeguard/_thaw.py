@@ -113,10 +113,11 @@ def open_pidfd(pid: int) -> int:
     return _opening(lambda: os.pidfd_open(pid))
 
 
-def open_file(path: str, flags: int) -> int:
-    """``os.open(path, flags)``, spending the reserve descriptors when the table is full (a
-    thaw's write to a cgroup control file); close it with :func:`close_fd`."""
-    return _opening(lambda: os.open(path, flags))
+def open_file(path: str, flags: int, *, dir_fd: int | None = None) -> int:
+    """``os.open(path, flags, dir_fd=dir_fd)``, spending the reserve descriptors when the
+    table is full (a thaw's write to a cgroup control file); close it with
+    :func:`close_fd`."""
+    return _opening(lambda: os.open(path, flags, dir_fd=dir_fd))
 
 
 def close_fd(fd: int) -> None:

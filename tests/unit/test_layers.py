@@ -15,7 +15,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "treeguard"
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"errors", "_report", "_types", "_drive", "_version", "_jsonshape"}),
     ("kernel", {"procfs", "_checks", "_ptrace", "_subreaper", "_signames", "_proc_events"}),
-    ("facts", {"_thaw", "_tree", "_mounts", "_delegation", "_journal", "_cgroupfs"}),
+    (
+        "facts",
+        {"_thaw", "_tree", "_mounts", "_delegation", "_journal", "_cgroupfs", "_cgroupfiles"},
+    ),
     (
         "backends",
         {

@@ -1,0 +1,220 @@
+"""A cgroup v2 directory's files held open: from a freeze to its thaw, and from one freeze to
+the next where something lives that long (a guard, a :class:`~treeguard.cgroup.Cgroup`).
+
+Here an open, a read to the end and a close of a cgroup file cost 7 to 8 us (kernfs
+allocates its open-file state at each open), a pread or pwrite on a descriptor held open
+about 1 us. A kernfs seq file starts over when read at offset 0, so ``pread(fd, size, 0)``
+reads it anew; a write to a cgroup control file ignores the offset (cgroup_file_write).
+One read returns at most what the file's seq buffer holds (a page at first: a task list of
+1,000 tasks takes two reads), and a read that stops at a full buffer stops at the end of a
+whole line: one that returns less than :data:`_SHORT` bytes read to the end of the file.
+
+Which cgroup they are: the directory is held too (``O_PATH``) and every file is opened
+relative to it, so all of them belong to one cgroup, whose inode is :attr:`CgroupFiles.inode`
+(cgroupfs never reuses one). Once that cgroup is removed every read and write through them
+fails with ENODEV, and so does a file opened again after :meth:`CgroupFiles.close` if the
+directory at the path is another one: nothing done through them ever reaches a cgroup made
+again under the same path. Before each freeze, whoever keeps them asks for
+:meth:`CgroupFiles.current`: the same files, or new ones if the cgroup at the path is
+another one now.
+
+A thaw through them needs no new descriptor: a full descriptor table never stops it.
+
+Only the process that opened them uses or closes them: a forked child gets copies of the
+descriptors, whose numbers it may close and reuse; it opens its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import weakref
+
+from ._cgroupfs import _Events, write_error
+from ._thaw import close_fd, open_file
+
+__all__ = ["CgroupFiles"]
+
+#: What one read asks for; a file longer than one read returns is read on from where the
+#: last read ended, until a read returns nothing.
+_CHUNK = 65536
+#: A read that returns fewer bytes than this read the whole file: a kernfs seq buffer holds
+#: at least a page (4 KiB) and ends early only before a line that does not fit, and no
+#: line of these files comes near 2 KiB.
+_SHORT = 2048
+#: The errors of a file whose cgroup is gone (removed: ENODEV through a descriptor held).
+_GONE = (errno.ENOENT, errno.ENODEV, errno.ENOTDIR)
+#: The files written, held open for reading and writing alike.
+_WRITTEN = frozenset({"cgroup.freeze"})
+#: The key of the directory's own descriptor.
+_DIR = ""
+
+
+class _Held:
+    """The descriptors of a :class:`CgroupFiles`, by file name, and the process that opened
+    them: what its finalizer closes, without a reference to it."""
+
+    __slots__ = ("fds", "owner", "watch")
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+        self.owner = os.getpid()
+        self.watch: _Events | None = None
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, {}
+        watch, self.watch = self.watch, None
+        if os.getpid() != self.owner:
+            return  # a forked child's copies: their numbers may name its own files now
+        if watch is not None:
+            watch.close()  # its epoll instance (the descriptor is among fds)
+        for fd in fds.values():
+            close_fd(fd)
+
+
+class CgroupFiles:
+    """The files of the cgroup v2 directory ``path``, each opened on first use and held.
+
+    :param kept: someone that outlives a freeze keeps these (a guard's memo, a ``Cgroup``)
+        and closes them; otherwise the freezer closes them once its thaw is confirmed.
+    """
+
+    def __init__(self, path: str, *, kept: bool = False) -> None:
+        self.path = path
+        self.kept = kept
+        #: The inode of the directory held (0: none yet, whatever is at the path will do).
+        self.inode = 0
+        self._held = _Held()
+        weakref.finalize(self, self._held.close)
+
+    def _mine(self) -> _Held:
+        held = self._held
+        if held.owner != os.getpid():  # a forked child: the parent's are not ours to use
+            held = self._held = _Held()
+            weakref.finalize(self, held.close)
+        return held
+
+    def current(self) -> CgroupFiles:
+        """Before a freeze: these files if the directory at :attr:`path` is still the one
+        they are of (or none was opened yet), else new ones, for whatever is there now
+        (these are closed: a thaw still due through them finds their cgroup gone)."""
+        if self.inode:
+            try:
+                inode = os.stat(self.path).st_ino
+            except OSError:
+                inode = 0
+            if inode != self.inode:
+                self.close()
+                return CgroupFiles(self.path, kept=self.kept)
+        return self
+
+    def opened(self) -> int:
+        """The directory's inode, opening it if need be.
+
+        :raises OSError: if it cannot be opened (ENODEV: it is another cgroup than the one
+            these files were of).
+        """
+        self._dir()
+        return self.inode
+
+    def _dir(self) -> int:
+        held = self._mine()
+        fd = held.fds.get(_DIR)
+        if fd is None:
+            fd = open_file(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                inode = os.fstat(fd).st_ino
+            except BaseException:
+                close_fd(fd)
+                raise
+            if self.inode and inode != self.inode:
+                # Opened again after close() (a thaw after its owner was closed, say):
+                # these files are of the cgroup that was there, and it is gone.
+                close_fd(fd)
+                raise OSError(errno.ENODEV, "the cgroup was removed", self.path)
+            self.inode = inode
+            held.fds[_DIR] = fd
+        return fd
+
+    def _fd(self, name: str) -> int:
+        held = self._mine()
+        fd = held.fds.get(name)
+        if fd is None:
+            mode = os.O_RDWR if name in _WRITTEN else os.O_RDONLY
+            fd = open_file(name, mode | os.O_CLOEXEC, dir_fd=self._dir())
+            held.fds[name] = fd
+        return fd
+
+    def read(self, name: str) -> bytes | None:
+        """The whole file ``name``; ``None`` if the cgroup is gone.
+
+        :raises OSError: if the read fails otherwise (EOPNOTSUPP: the ``cgroup.procs`` of a
+            threaded cgroup).
+        """
+        return self._read(name, _CHUNK, whole=True)
+
+    def head(self, name: str, size: int) -> bytes | None:
+        """The first ``size`` bytes of the file ``name`` at most (fewer: all of it, for a
+        ``size`` within a page, which one read returns whole)."""
+        return self._read(name, size, whole=False)
+
+    def _read(self, name: str, size: int, *, whole: bool) -> bytes | None:
+        own = -1
+        try:
+            try:
+                fd = self._fd(name)
+            except PermissionError:
+                if name not in _WRITTEN:
+                    raise
+                # May be read, not written (this user): read through a descriptor of its
+                # own; a write says what is wrong.
+                fd = own = open_file(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir())
+            data = os.pread(fd, size, 0)
+            if whole and len(data) >= _SHORT:
+                chunks = [data]
+                offset = len(data)
+                while chunk := os.pread(fd, _CHUNK, offset):
+                    chunks.append(chunk)
+                    offset += len(chunk)
+                data = b"".join(chunks)
+            return data
+        except OSError as err:
+            if err.errno in _GONE:
+                return None
+            raise
+        finally:
+            if own >= 0:
+                close_fd(own)
+
+    def write(self, name: str, value: str) -> None:
+        """Write ``value`` to the file ``name`` (``cgroup.freeze``), as one write(2).
+
+        :raises CgroupError: if the write fails (gone: caused by ENODEV or ENOENT).
+        """
+        try:
+            os.pwrite(self._fd(name), value.encode(), 0)
+        except OSError as err:
+            raise write_error(os.path.join(self.path, name), value, err) from err
+
+    def watch(self) -> _Events:
+        """``cgroup.events``, to read and wait on (held, with its epoll instance, until
+        :meth:`close`); its descriptor is -1 if the cgroup is gone."""
+        held = self._mine()
+        if held.watch is None:
+            try:
+                fd = self._fd("cgroup.events")
+            except OSError as err:
+                if err.errno in _GONE:
+                    return _Events.on(-1)
+                raise
+            held.watch = _Events.on(fd)
+        return held.watch
+
+    def close(self) -> None:
+        """Close the descriptors (idempotent; a forked child only forgets them). A later use
+        opens them again, if the directory at :attr:`path` is still the one they were of
+        (else ENODEV, as through the descriptors of a removed cgroup)."""
+        self._held.close()
+
+    def __repr__(self) -> str:
+        return f"<CgroupFiles {self.path} inode {self.inode}: {len(self._held.fds)} open>"
