@@ -29,7 +29,8 @@ from ._backends import Plan
 from ._backends._cgroup import CgroupV1Backend, CgroupV2Backend
 from ._backends._freezers import freezer_for
 from ._cgroup_members import adopt_into, kill_members
-from ._cgroupfs import parse_keyed, procs_below, read_file
+from ._cgroupfiles import CgroupFiles
+from ._cgroupfs import holds_process, parse_keyed, procs_below, read_file
 from ._delegation import choose
 from ._drive import run_sync
 from ._mounts import (
@@ -89,6 +90,9 @@ class Cgroup:
         self._made = False
         self._spawned: list[subprocess.Popen[Any]] = []
         self._freezer: Any = None
+        # v2: its files, held open from the first freeze until remove() or garbage
+        # collection (each freeze checks they are still those of the directory at path).
+        self._files = CgroupFiles(self.path, kept=True) if found == 2 else None
 
     # -- making one -------------------------------------------------------------------
 
@@ -244,10 +248,15 @@ class Cgroup:
         from ._checks import check_options
 
         check_options(timeout=timeout, max_passes=1, partial_ok=False)
-        self._refuse_if_caller_inside("freeze")
+        files = None if self._files is None else self._files.current()
+        self._files = files
+        self._refuse_if_caller_inside("freeze", files)
         plan = Plan.bare(timeout=float(timeout), scope="cgroup")
-        kind = CgroupV2Backend if self.version == 2 else CgroupV1Backend
-        backend = kind(plan, self.path)
+        backend: CgroupV1Backend | CgroupV2Backend
+        if files is not None:
+            backend = CgroupV2Backend(plan, self.path, files)
+        else:
+            backend = CgroupV1Backend(plan, self.path)
         if self._freezer is None:
             # Kept before the freeze starts: a freeze interrupted after the kernel froze
             # the cgroup is still ours to thaw. (Frozen by us already: the new freeze
@@ -264,10 +273,17 @@ class Cgroup:
             run_sync(backend.thaw())
             self._freezer = None  # forgotten only once thawed
 
-    def _refuse_if_caller_inside(self, what: str) -> None:
-        """:raises CgroupError: if the calling process is in this cgroup (or below it)."""
-        mine = discover().own_directory(self.version)
-        if mine is not None and (mine == self.path or mine.startswith(self.path + "/")):
+    def _refuse_if_caller_inside(self, what: str, files: CgroupFiles | None = None) -> None:
+        """:raises CgroupError: if the calling process is in this cgroup (or below it).
+
+        v2 asks the cgroup's own list (through ``files`` if given: 1 to 2 us, where
+        reading the caller's cgroup and the mount table costs 20)."""
+        if self.version == 2:
+            inside = holds_process(self.path, os.getpid(), files)
+        else:
+            mine = discover().own_directory(self.version)
+            inside = mine is not None and (mine == self.path or mine.startswith(self.path + "/"))
+        if inside:
             raise CgroupError(self.path, f"the calling process is in it and would {what} itself")
 
     # -- cleaning up ------------------------------------------------------------------
@@ -311,8 +327,10 @@ class Cgroup:
             them first: :meth:`kill`).
         """
         if not os.path.isdir(self.path):
+            self._close_files()
             return
         self._thaw_all()
+        self._close_files()
         deadline = time.monotonic() + timeout
         while self.pids():
             if time.monotonic() > deadline:
@@ -327,6 +345,11 @@ class Cgroup:
         _rmdir(self.path, deadline)
         for proc in self._spawned:
             proc.poll()
+
+    def _close_files(self) -> None:
+        """Close the files held (a later freeze opens those of the cgroup there then)."""
+        if self._files is not None:
+            self._files.close()
 
     def __enter__(self) -> Cgroup:
         return self

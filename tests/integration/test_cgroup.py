@@ -258,6 +258,9 @@ def test_refused_and_thawed_when_the_cgroup_holds_an_outsider(
     assert not cg.frozen
     proc.counters_moving(outsider.counters, [slot(0), slot(0, 1)])
     proc.counters_moving(tree.counters, _main_slots(tree))
+    # (Closed first: the guard holds cgroup.freeze open for writing since its freeze, and
+    # the close of that descriptor is an IN_CLOSE_WRITE.)
+    guard.close()
     # backend="auto" proves it before freezing: the next way (ptrace, as root) runs, the
     # cgroup is never written.
     writes = _Writes(os.path.join(cg.path, "cgroup.freeze"))
@@ -416,17 +419,18 @@ def test_a_release_cut_short_is_finished_by_the_next(
     cg = cgroup(version)
     tree = make_tree(demo_spec(), spawn=cg.spawn)
     guard = ProcessesGuard(backend="cgroup").freeze()
-    real = _freezer_base.write_file
+    freezer = _freezer_base.CgroupFreezer
+    real = freezer.put
 
-    def interrupted(path: str, value: str) -> None:
+    def interrupted(self: _freezer_base.CgroupFreezer, name: str, value: str) -> None:
         if value == _THAWED[version]:
-            monkeypatch.setattr(_freezer_base, "write_file", real)  # once
+            monkeypatch.setattr(freezer, "put", real)  # once
             if after_the_write:
-                real(path, value)
+                real(self, name, value)
             raise KeyboardInterrupt
-        real(path, value)
+        real(self, name, value)
 
-    monkeypatch.setattr(_freezer_base, "write_file", interrupted)
+    monkeypatch.setattr(freezer, "put", interrupted)
     try:
         # release() holds the interrupt until its thaw, run again, is done; then raises it.
         with pytest.raises(KeyboardInterrupt):
@@ -450,13 +454,14 @@ def test_a_direct_thaw_cut_short_is_finished_by_the_next(
     cg = cgroup(version)
     tree = make_tree({"threads": 1}, spawn=cg.spawn)
     cg.freeze()
-    real = _freezer_base.write_file
+    freezer = _freezer_base.CgroupFreezer
+    real = freezer.put
 
-    def interrupted(path: str, value: str) -> None:
-        monkeypatch.setattr(_freezer_base, "write_file", real)
+    def interrupted(self: _freezer_base.CgroupFreezer, name: str, value: str) -> None:
+        monkeypatch.setattr(freezer, "put", real)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_freezer_base, "write_file", interrupted)
+    monkeypatch.setattr(freezer, "put", interrupted)
     try:
         with pytest.raises(KeyboardInterrupt):
             cg.thaw()
@@ -523,30 +528,31 @@ def test_the_event_loop_runs_while_the_kernel_freezes(
     cg = cgroup(2)
     tree = make_tree(demo_spec(), spawn=cg.spawn)
     monkeypatch.setattr(_freezer_base, "_FEW_TASKS", 8)  # a tree this small is written to in place
-    real_write = _freezer_base.write_file
+    freezer = _freezer_base.CgroupFreezer
+    real_write = freezer.put
 
     async def freeze_while_the_loop_runs() -> None:
         writing, go_on = threading.Event(), threading.Event()
 
-        def held_write(path: str, value: str) -> None:
-            if path.endswith("cgroup.freeze") and value == "1":
+        def held_write(self: _freezer_base.CgroupFreezer, name: str, value: str) -> None:
+            if name == "cgroup.freeze" and value == "1":
                 writing.set()
                 if not go_on.wait(10):
                     raise RuntimeError("the event loop did not run while the kernel froze")
-            real_write(path, value)
+            real_write(self, name, value)
 
         async def let_it_go() -> None:
             assert await anyio.to_thread.run_sync(writing.wait, 10)
             go_on.set()
 
-        monkeypatch.setattr(_freezer_base, "write_file", held_write)
+        monkeypatch.setattr(freezer, "put", held_write)
         async with anyio.create_task_group() as tg:
             tg.start_soon(let_it_go)
             async with treeguard.guard(root=tree.root, include_root=True, backend="cgroup") as g:
                 assert cg.frozen
                 assert g.report.stopped == tree.size
                 assert proc.counters_still(tree.counters, tree.period)
-        monkeypatch.setattr(_freezer_base, "write_file", real_write)
+        monkeypatch.setattr(freezer, "put", real_write)
         assert not cg.frozen
 
     for backend in ("asyncio", "trio"):
@@ -581,19 +587,19 @@ def test_who_writes_the_freeze(
     if case != "few tasks":
         monkeypatch.setattr(_freezer_base, "_FEW_TASKS", 8)
     monkeypatch.setattr(_freezer_base, "_MANY_TASKS", 8)
-    real_write = _freezer_base.write_file
+    real_write = _freezer_base.CgroupFreezer.put
     writers: list[int] = []
     refused: list[int] = []
 
-    def recorded_write(path: str, value: str) -> None:
+    def recorded_write(self: _freezer_base.CgroupFreezer, name: str, value: str) -> None:
         writers.append(threading.get_ident())
-        real_write(path, value)
+        real_write(self, name, value)
 
     def no_thread(*args: object) -> int:
         refused.append(1)
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(_freezer_base, "write_file", recorded_write)
+    monkeypatch.setattr(_freezer_base.CgroupFreezer, "put", recorded_write)
 
     def no_descriptor(*args: object) -> int:
         refused.append(1)

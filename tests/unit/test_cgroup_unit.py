@@ -346,18 +346,19 @@ class _Interrupted(Exception):
 
 def _interrupt_once(monkeypatch: pytest.MonkeyPatch, value: str, *, after: bool) -> None:
     """Make the next write of ``value`` raise, before it is made or once it is made."""
-    real = _freezer_base.write_file
+    freezer = _freezer_base.CgroupFreezer
+    real = freezer.put
 
-    def write(path: str, written: str) -> None:
+    def put(self: _freezer_base.CgroupFreezer, name: str, written: str) -> None:
         if written != value:
-            real(path, written)
+            real(self, name, written)
             return
-        monkeypatch.setattr(_freezer_base, "write_file", real)
+        monkeypatch.setattr(freezer, "put", real)
         if after:
-            real(path, written)
+            real(self, name, written)
         raise _Interrupted
 
-    monkeypatch.setattr(_freezer_base, "write_file", write)
+    monkeypatch.setattr(freezer, "put", put)
 
 
 @pytest.mark.parametrize("after", [False, True])
@@ -401,17 +402,21 @@ def test_a_thaw_that_cannot_be_written_is_kept_to_retry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Out of descriptors (EMFILE) is not "the cgroup is gone": the thaw is not forgotten.
+    # (A thaw opens cgroup.freeze only if its files were closed meanwhile: by a guard
+    # closed while frozen, say.)
     d = _fake_v2(tmp_path)
     (d / "cgroup.events").write_text("populated 1\nfrozen 1\n")
     freezer = V2Freezer(str(d))
     run_sync(freezer.freeze(0.5, FreezeReport()))
     (d / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    assert freezer.files is not None
+    freezer.files.close()
     real_open = os.open
 
-    def no_descriptors(path: str, flags: int, *args: int) -> int:
+    def no_descriptors(path: str, flags: int, *args: int, **kwargs: int) -> int:
         if path.endswith("cgroup.freeze"):
             raise OSError(24, "Too many open files")
-        return real_open(path, flags, *args)
+        return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", no_descriptors)
     with pytest.raises(CgroupError, match="Too many open files"):
@@ -422,11 +427,39 @@ def test_a_thaw_that_cannot_be_written_is_kept_to_retry(
     assert (d / "cgroup.freeze").read_text().strip() == "0"
 
 
-def test_a_thaw_of_a_removed_cgroup_is_done(tmp_path: Path) -> None:
+def test_a_thaw_through_the_files_held_opens_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Everything a thaw writes and reads was opened by the freeze: no open may fail it.
     d = _fake_v2(tmp_path)
     (d / "cgroup.events").write_text("populated 1\nfrozen 1\n")
     freezer = V2Freezer(str(d))
     run_sync(freezer.freeze(0.5, FreezeReport()))
+    (d / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    opened: list[str] = []
+
+    def no_descriptors(path: str, *args: int, **kwargs: int) -> int:
+        opened.append(path)
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "open", no_descriptors)
+    run_sync(freezer.thaw())
+    monkeypatch.undo()
+    assert opened == []
+    assert (d / "cgroup.freeze").read_text().strip() == "0"
+    assert not freezer.froze
+
+
+def test_a_thaw_of_a_removed_cgroup_is_done(tmp_path: Path) -> None:
+    # Here the files held were closed, so the thaw looks for them by path and finds
+    # nothing; through files held, a removed cgroup reads and writes ENODEV (a kernel's
+    # cgroup only: see test_cgroup.py).
+    d = _fake_v2(tmp_path)
+    (d / "cgroup.events").write_text("populated 1\nfrozen 1\n")
+    freezer = V2Freezer(str(d))
+    run_sync(freezer.freeze(0.5, FreezeReport()))
+    assert freezer.files is not None
+    freezer.files.close()
     for f in d.iterdir():
         f.unlink()
     d.rmdir()

@@ -39,8 +39,9 @@ class _Members:
         """Read the task list: the cgroups and the list if it changed since the last
         look, ``None`` if it did not."""
         if self.listed is None:
-            dirs = _subtree(self.freezer.path)
-            self.listed = dirs, _listing(dirs, self.freezer.tasks_file)
+            freezer = self.freezer
+            dirs = _subtree(freezer.path, freezer.files)
+            self.listed = dirs, _listing(dirs, freezer.tasks_file, freezer.files)
         (dirs, tasks), self.listed = self.listed, None
         if (dirs, tasks) == self._seen:
             return None
@@ -53,7 +54,7 @@ class _Members:
         never pauses)."""
         changed = self.look()
         if changed is not None:
-            self.procs = _procs(changed[0], self.freezer.fs)
+            self.procs = _procs(changed[0], self.freezer.fs, self.freezer.files)
         yield from ()
 
 
@@ -152,7 +153,7 @@ class _Census(_Members):
         # or a process whose parent is not in the cgroup).
         procs = tids
         if not tids <= self.top.union(parent):
-            procs = _procs(dirs, self.plan.fs)
+            procs = _procs(dirs, self.plan.fs, self.freezer.files)
         # A child forked by a secondary thread is listed under that thread's TID: its
         # parent process is learnt from its ppid (see problem()), like an orphan's.
         self.parent = {kid: tid for kid, tid in parent.items() if kid in procs and tid in procs}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 
+from .._cgroupfiles import CgroupFiles
 from .._drive import Steps, run_sync
 from .._report import FreezeReport
 from .._thaw import keep_reserve
@@ -82,9 +83,12 @@ class CgroupBackend(Backend):
     name = "cgroup"
     version: int | None = None
 
-    def __init__(self, plan: Plan, path: str | None = None) -> None:
+    def __init__(
+        self, plan: Plan, path: str | None = None, files: CgroupFiles | None = None
+    ) -> None:
         super().__init__(plan)
         self._path = path
+        self._files = files  # the given cgroup's, kept (and made current) by the caller
         self._freezer: CgroupFreezer | None = None
         self._census: _Census | None = None
         self._kept: Kept | None = None
@@ -102,7 +106,7 @@ class CgroupBackend(Backend):
 
     def _aim(self, target: Target) -> _Census:
         plan = self.plan
-        freezer = freezer_for(target.version, target.path, plan.fs, plan.journal)
+        freezer = freezer_for(target.version, target.path, plan.fs, plan.journal, target.files)
         self._freezer, self._target = freezer, target
         kept = self._kept_state()
         census = (
@@ -152,7 +156,9 @@ class CgroupBackend(Backend):
         census = self._census
         if self._path is not None:
             assert self.version is not None
-            self._freezer = freezer_for(self.version, self._path, plan.fs, plan.journal)
+            self._freezer = freezer_for(
+                self.version, self._path, plan.fs, plan.journal, self._files
+            )
         elif census is None:
             # Held already, not asked for: asked for here (before a cgroup is found), a
             # guard whose tree no cgroup holds would subscribe at its second attempt.
@@ -263,8 +269,8 @@ class CgroupV2Backend(CgroupBackend):
 
     version = 2
 
-    def __init__(self, plan: Plan, path: str) -> None:
-        super().__init__(plan, path)
+    def __init__(self, plan: Plan, path: str, files: CgroupFiles | None = None) -> None:
+        super().__init__(plan, path, files)
 
 
 class CgroupV1Backend(CgroupBackend):

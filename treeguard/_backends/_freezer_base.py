@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable
 
+from .._cgroupfiles import CgroupFiles
 from .._cgroupfs import (
     _GONE_ERRNOS,
     _RECHECK,
@@ -97,6 +98,11 @@ class CgroupFreezer:
     so a thaw cut short (KeyboardInterrupt at any bytecode, a write that failed) leaves it
     set, and the next :meth:`thaw` writes the thaw again. A freeze written by a thread of its
     own is waited for first (:meth:`settle`), so that it never lands after the thaw.
+
+    With :attr:`files` (v2), every read and write goes through the cgroup's descriptors
+    held open, those of the one cgroup frozen (see :mod:`treeguard._cgroupfiles`); whoever
+    hands them over made them current first. Files of the freezer's own are closed once its
+    thaw is confirmed.
     """
 
     version = 0
@@ -104,8 +110,15 @@ class CgroupFreezer:
     #: What the control file says when thawed.
     thawed = ""
 
-    def __init__(self, path: str, fs: ProcFS | None = None, journal: Journal | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        fs: ProcFS | None = None,
+        journal: Journal | None = None,
+        files: CgroupFiles | None = None,
+    ) -> None:
         self.path = path
+        self.files = files
         self.fs = fs or ProcFS()
         self.journal = journal  # the watchdog's, told before the freeze is written
         self.was_frozen = False
@@ -122,6 +135,8 @@ class CgroupFreezer:
         thaw by another process (the watchdog, a token) to recognise it."""
         if self._inode is None:
             try:
+                if self.files is not None:
+                    return self.files.opened()  # (the one its descriptors are of)
                 self._inode = os.stat(self.path).st_ino
             except OSError as err:
                 raise CgroupError(self.path, f"the cgroup is gone: {err.strerror}") from err
@@ -164,7 +179,10 @@ class CgroupFreezer:
     def put(self, name: str, value: str) -> None:
         """Write ``value`` to this cgroup's file ``name``: every write of a freezer goes
         through here."""
-        write_file(self.file(name), value)
+        if self.files is not None:
+            self.files.write(name, value)
+        else:
+            write_file(self.file(name), value)
 
     def undo(self) -> None:
         """Write the thaw if this freezer froze the cgroup; forget that only once written.
@@ -183,6 +201,7 @@ class CgroupFreezer:
         :raises CgroupError: if the thaw could not be written (call again to retry).
         """
         if not self.froze:
+            self._let_go()
             return  # not ours to thaw (it was frozen before us, or never frozen)
         if self.threaded and under_event_loop() and not self._fits(_MANY_TASKS):
             # Written by a thread, so that an event loop runs on meanwhile.
@@ -201,6 +220,12 @@ class CgroupFreezer:
             yield from self._wait_for(self.thawed, time.perf_counter() + timeout)
         except CgroupError:
             pass
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Close the files of this freezer's own (not those someone keeps)."""
+        if self.files is not None and not self.files.kept:
+            self.files.close()
 
     def _wait_for(self, want: str, deadline: float) -> Steps[bool]:
         raise NotImplementedError
@@ -239,12 +264,18 @@ class CgroupFreezer:
         if self.listed is not None:
             dirs, tasks = self.listed
             return len(dirs) == 1 and len(tasks) < size
-        if len(_subtree(self.path)) > 1:
+        if len(_subtree(self.path, self.files)) > 1:
             return False
+        if self.files is not None:
+            try:
+                head = self.files.head(self.tasks_file, size)
+            except OSError:
+                return False  # the write will say what is wrong
+            return head is not None and len(head) < size
         try:
             fd = os.open(self.file(self.tasks_file), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            return False  # the write will say what is wrong
+            return False
         try:
             return len(os.read(fd, size)) < size
         except OSError:

@@ -3,6 +3,7 @@ of a cgroup that any process can run (a token's holder, the watchdog helper)."""
 
 from __future__ import annotations
 
+from .._cgroupfiles import CgroupFiles
 from .._drive import run_sync
 from ..errors import (
     CgroupError,
@@ -18,11 +19,16 @@ __all__ = ["CgroupFreezer", "V1Freezer", "V2Freezer", "freezer_for", "thaw_cgrou
 
 
 def freezer_for(
-    version: int, path: str, fs: ProcFS | None = None, journal: Journal | None = None
+    version: int,
+    path: str,
+    fs: ProcFS | None = None,
+    journal: Journal | None = None,
+    files: CgroupFiles | None = None,
 ) -> CgroupFreezer:
-    """The freezer of a v1 or v2 cgroup directory."""
+    """The freezer of a v1 or v2 cgroup directory (v2: through ``files``, current for this
+    freeze, if given)."""
     if version == 2:
-        return V2Freezer(path, fs, journal)
+        return V2Freezer(path, fs, journal, files)
     if version == 1:
         return V1Freezer(path, fs, journal)
     raise InvalidArgumentError("version", f"must be 1 or 2, not {version!r}")

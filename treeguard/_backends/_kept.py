@@ -27,7 +27,7 @@ from .._proc_events import ProcEvents
 from ._base import Plan
 from ._census import _Census
 from ._freezers import CgroupFreezer
-from ._target import Target, _top
+from ._target import Target, _top, held_files
 
 __all__ = ["Kept"]
 
@@ -88,15 +88,16 @@ class Kept:
             return None
         if frozenset(_top(plan)) != last.top:
             return None
-        dirs = _subtree(last.path)
-        listing = dirs, _listing(dirs, census.freezer.tasks_file)
+        files = held_files(plan, last.path) if last.version == 2 else None
+        dirs = _subtree(last.path, files)
+        listing = dirs, _listing(dirs, census.freezer.tasks_file, files)
         if listing != census.seen:
             return None
         # (Read as when no process that must keep running was in it; those may differ from
         # one freeze to the next: a helper started since.)
         if not census.tids.isdisjoint({*plan.passthrough, *plan.blocked} - {0}):
             return None
-        return Target(last.version, last.path, last.top, listing)
+        return Target(last.version, last.path, last.top, listing, files)
 
     def census_for(self, target: Target, freezer: CgroupFreezer, plan: Plan) -> _Census:
         """The census for this freeze: the last one if it still holds (see the module),

@@ -12,6 +12,7 @@ import itertools
 import os
 from dataclasses import dataclass
 
+from .._cgroupfiles import CgroupFiles
 from .._cgroupfs import _listing, _subtree
 from .._mounts import cgroup_paths, hierarchies
 from .._report import Skip
@@ -21,7 +22,10 @@ from ..procfs import ProcFS, Stat
 from ._base import Plan
 from ._freezers import V1Freezer, V2Freezer
 
-__all__ = ["Target", "describe_pids", "find_target", "refusal"]
+__all__ = ["Target", "describe_pids", "find_target", "held_files", "refusal"]
+
+#: The key, in a guard's memo, of the files of the cgroup its last freeze froze.
+_FILES = "cgroup files"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,7 @@ class Target:
     path: str
     top: frozenset[int]
     listing: tuple[list[str], bytes] | None = None  #: its cgroups and task list, as read
+    files: CgroupFiles | None = None  #: (v2) its files, held open, current for this freeze
 
 
 def _top(plan: Plan) -> list[int]:
@@ -99,6 +104,26 @@ def refusal(inside: list[int], plan: Plan) -> str:
     )
 
 
+def held_files(plan: Plan, path: str) -> CgroupFiles:
+    """The files of the cgroup v2 directory ``path`` for this freeze: those the guard kept
+    from its last freeze if that froze the same cgroup (:meth:`CgroupFiles.current`), else
+    new ones, which a guard keeps for its next freeze (and closes when it is closed)."""
+    memo = plan.memo
+    kept = None if memo is None else memo.get(_FILES)
+    if isinstance(kept, CgroupFiles) and kept.path == path:
+        files = kept.current()
+        if files is kept:
+            return files
+    else:
+        if isinstance(kept, CgroupFiles):
+            kept.close()  # the tree is in another cgroup now
+        files = CgroupFiles(path)
+    if memo is not None:
+        memo.put(_FILES, files)
+        files.kept = memo.get(_FILES) is files  # not in a forked child: its thaw closes them
+    return files
+
+
 def _common_parent(paths: list[str]) -> str:
     common = os.path.commonpath(paths)
     return common if common.startswith("/") else "/"
@@ -158,12 +183,15 @@ def find_target(plan: Plan, *, whole: bool = False) -> Target | None:
             continue
         # Who must keep running is looked for in the cgroup's task list (one read, which the
         # census starts from): a process is in it through its leader, whose TID is its PID.
-        dirs = _subtree(path)
-        tasks = _listing(dirs, (V2Freezer if version == 2 else V1Freezer).tasks_file)
+        files = held_files(plan, path) if version == 2 else None
+        dirs = _subtree(path, files)
+        tasks = _listing(dirs, (V2Freezer if version == 2 else V1Freezer).tasks_file, files)
         listed = set(map(int, tasks.split()))
         inside = [pid for pid in guarded if pid in listed]
         if not inside:
-            return Target(version, path, frozenset(top), (dirs, tasks))
+            return Target(version, path, frozenset(top), (dirs, tasks), files)
+        if files is not None and not files.kept:
+            files.close()
         problems.append(f"{kind} {path}: {refusal(inside, plan)}")
     raise CgroupError(
         f"of the tree of PID {plan.starts[0] if plan.starts else '?'}",
