@@ -15,8 +15,8 @@ relative to it, so all of them belong to one cgroup, whose inode is :attr:`Cgrou
 fails with ENODEV, and so does a file opened again after :meth:`CgroupFiles.close` if the
 directory at the path is another one: nothing done through them ever reaches a cgroup made
 again under the same path. Before each freeze, whoever keeps them asks for
-:meth:`CgroupFiles.current`: the same files, or new ones if the cgroup at the path is
-another one now.
+:meth:`CgroupFiles.current`: the same files while their cgroup exists (a v2 cgroup cannot be
+renamed, so no other can be at its path meanwhile), else new ones for the path.
 
 A thaw through them needs no new descriptor: a full descriptor table never stops it.
 
@@ -49,6 +49,18 @@ _WRITTEN = frozenset({"cgroup.freeze"})
 #: The key of the directory's own descriptor.
 _DIR = ""
 
+#: How many times this process's memory was copied by a fork: a forked child's is one more
+#: than its parent's (a look at a number, where getpid() is a system call).
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
 
 class _Held:
     """The descriptors of a :class:`CgroupFiles`, by file name, and the process that opened
@@ -58,13 +70,13 @@ class _Held:
 
     def __init__(self) -> None:
         self.fds: dict[str, int] = {}
-        self.owner = os.getpid()
+        self.owner = _forks
         self.watch: _Events | None = None
 
     def close(self) -> None:
         fds, self.fds = self.fds, {}
         watch, self.watch = self.watch, None
-        if os.getpid() != self.owner:
+        if _forks != self.owner:
             return  # a forked child's copies: their numbers may name its own files now
         if watch is not None:
             watch.close()  # its epoll instance (the descriptor is among fds)
@@ -89,24 +101,38 @@ class CgroupFiles:
 
     def _mine(self) -> _Held:
         held = self._held
-        if held.owner != os.getpid():  # a forked child: the parent's are not ours to use
+        if held.owner != _forks:  # a forked child: the parent's are not ours to use
             held = self._held = _Held()
             weakref.finalize(self, held.close)
         return held
 
     def current(self) -> CgroupFiles:
-        """Before a freeze: these files if the directory at :attr:`path` is still the one
-        they are of (or none was opened yet), else new ones, for whatever is there now
-        (these are closed: a thaw still due through them finds their cgroup gone)."""
-        if self.inode:
+        """Before a freeze: these files if the cgroup they are of still exists (or none was
+        opened yet), else new ones for whatever is at :attr:`path` now (these are closed: a
+        thaw still due through them finds their cgroup gone). A read of one byte through a
+        file held says so (ENODEV once removed), for a third of the cost of a look at the
+        path (stat); with only the directory held, its inode is compared with the path's."""
+        if not self.inode:
+            return self
+        fds = self._mine().fds
+        probe = fds.get("cgroup.freeze", fds.get("cgroup.events"))
+        if probe is None:
+            probe = next((fd for name, fd in fds.items() if name != _DIR), None)
+        if probe is not None:
             try:
-                inode = os.stat(self.path).st_ino
+                os.pread(probe, 1, 0)
+                return self
+            except OSError as err:
+                if err.errno not in _GONE:
+                    return self  # (EOPNOTSUPP, ...: still there; its reads will say)
+        else:
+            try:
+                if os.stat(self.path).st_ino == self.inode:
+                    return self
             except OSError:
-                inode = 0
-            if inode != self.inode:
-                self.close()
-                return CgroupFiles(self.path, kept=self.kept)
-        return self
+                pass
+        self.close()
+        return CgroupFiles(self.path, kept=self.kept)
 
     def opened(self) -> int:
         """The directory's inode, opening it if need be.

@@ -31,6 +31,7 @@ from ._backends._freezers import freezer_for
 from ._cgroup_members import adopt_into, kill_members
 from ._cgroupfiles import CgroupFiles
 from ._cgroupfs import holds_process, parse_keyed, procs_below, read_file
+from ._checks import check_options
 from ._delegation import choose
 from ._drive import run_sync
 from ._mounts import (
@@ -245,8 +246,6 @@ class Cgroup:
         :raises StopTimeoutError: if the kernel does not report it frozen in time; it is
             thawed then.
         """
-        from ._checks import check_options
-
         check_options(timeout=timeout, max_passes=1, partial_ok=False)
         files = None if self._files is None else self._files.current()
         self._files = files
