@@ -173,6 +173,25 @@ def test_process_exiting_during_the_freeze(make_tree: MakeTree) -> None:
     proc.assert_none_stopped(alive)
 
 
+def test_a_process_that_dies_a_zombie_during_the_freeze_is_reported_exited(
+    make_tree: MakeTree,
+) -> None:
+    # Its parent keeps its dead children as zombies, and is stopped before them: a child
+    # killed just before its own stop stays a zombie (Z) while the freeze proves the rest.
+    # A zombie never runs again: it is reported exited, not counted as frozen.
+    tree = make_tree({"zombies": 1, "children": [{}, {}, {}]})
+    victim = tree.pids[2]
+    guard = ProcessesGuard(tree.root, include_root=True)
+    guard._journal = _Journal(at=3, act=lambda pid: os.kill(victim, signal.SIGKILL))
+    with guard:
+        assert proc.task_states(victim) == {victim: "Z"}  # the stopped root reaps nothing
+        alive = [p for p in tree.pids if p != victim]
+        proc.assert_all_stopped(alive)
+        assert guard.report.skipped.get(victim) is Skip.EXITED
+        assert victim not in guard.pids
+    proc.assert_none_stopped(alive)
+
+
 def test_freeze_failing_half_way_leaves_nothing_stopped(make_tree: MakeTree) -> None:
     tree = make_tree(wide(8))
 
