@@ -247,7 +247,8 @@ class Cgroup:
             thawed then.
         """
         check_options(timeout=timeout, max_passes=1, partial_ok=False)
-        files = None if self._files is None else self._files.current()
+        held = self._files
+        files = None if held is None else held.current()
         self._files = files
         self._refuse_if_caller_inside("freeze", files)
         plan = Plan.bare(timeout=float(timeout), scope="cgroup")
@@ -256,10 +257,12 @@ class Cgroup:
             backend = CgroupV2Backend(plan, self.path, files)
         else:
             backend = CgroupV1Backend(plan, self.path)
-        if self._freezer is None:
+        if self._freezer is None or files is not held:
             # Kept before the freeze starts: a freeze interrupted after the kernel froze
             # the cgroup is still ours to thaw. (Frozen by us already: the new freeze
-            # finds it frozen and leaves it to the first one's thaw.)
+            # finds it frozen and leaves it to the first one's thaw; unless the cgroup
+            # was made again at the path, new files: the first one's is gone, and its
+            # thaw would reach nothing, leaving this one frozen.)
             self._freezer = backend
         run_sync(backend.freeze())
         return backend.report
