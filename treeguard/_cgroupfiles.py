@@ -66,20 +66,16 @@ class _Held:
     """The descriptors of a :class:`CgroupFiles`, by file name, and the process that opened
     them: what its finalizer closes, without a reference to it."""
 
-    __slots__ = ("fds", "owner", "watch")
+    __slots__ = ("fds", "owner")
 
     def __init__(self) -> None:
         self.fds: dict[str, int] = {}
         self.owner = _forks
-        self.watch: _Events | None = None
 
     def close(self) -> None:
         fds, self.fds = self.fds, {}
-        watch, self.watch = self.watch, None
         if _forks != self.owner:
             return  # a forked child's copies: their numbers may name its own files now
-        if watch is not None:
-            watch.close()  # its epoll instance (the descriptor is among fds)
         for fd in fds.values():
             close_fd(fd)
 
@@ -223,18 +219,18 @@ class CgroupFiles:
             raise write_error(os.path.join(self.path, name), value, err) from err
 
     def watch(self) -> _Events:
-        """``cgroup.events``, to read and wait on (held, with its epoll instance, until
-        :meth:`close`); its descriptor is -1 if the cgroup is gone."""
-        held = self._mine()
-        if held.watch is None:
-            try:
-                fd = self._fd("cgroup.events")
-            except OSError as err:
-                if err.errno in _GONE:
-                    return _Events.on(-1)
-                raise
-            held.watch = _Events.on(fd)
-        return held.watch
+        """``cgroup.events``, to read and wait on through the descriptor held (-1 if the
+        cgroup is gone), for one wait: its caller closes it (which closes only the epoll
+        instance a long wait makes). Not held from one wait to the next: a select.epoll
+        closes its descriptor when collected, and a forked child that collected one of
+        its parent's would close a number that may name a file of its own by then."""
+        try:
+            fd = self._fd("cgroup.events")
+        except OSError as err:
+            if err.errno in _GONE:
+                return _Events.on(-1)
+            raise
+        return _Events.on(fd)
 
     def close(self) -> None:
         """Close the descriptors (idempotent; a forked child only forgets them). A later use

@@ -5,11 +5,15 @@ descriptor names through /proc/self/fd.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 
+import pytest
+
 from tests import proc
 from tests.conftest import MakeCgroup, slot
+from treeguard._cgroupfiles import CgroupFiles
 from treeguard._workers import WorkerTree, demo_spec
 
 
@@ -42,3 +46,45 @@ def test_a_cgroup_made_again_while_frozen_is_thawed_by_the_freeze_that_froze_it(
         with open(control, "w") as f:
             f.write("0")  # (for the teardown, if the thaw left it frozen)
     proc.counters_moving(tree.counters, [slot(i) for i in range(tree.size)])
+
+
+@pytest.mark.parametrize("end", ["close", "collect"])
+def test_a_forked_child_never_closes_a_number_it_reused(end: str, cgroup: MakeCgroup) -> None:
+    # A wait that went past its spin made an epoll instance on the held cgroup.events. A
+    # forked child closes its copies of every inherited descriptor and reuses the numbers
+    # for files of its own (as a daemon does), then closes or drops the parent's files:
+    # that must close nothing of the child's.
+    cg = cgroup(2)
+    files = CgroupFiles(cg.path, kept=True)
+    watch = files.watch()
+    epfd = watch.ready_fd()
+    assert epfd is not None
+    del watch  # (the wait is over)
+    inherited = [int(name) for name in os.listdir("/proc/self/fd")]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            os.close(r)
+            mine = os.open("/dev/null", os.O_RDONLY)
+            for fd in {*inherited, epfd}:
+                if fd > 2 and fd != w:
+                    os.dup2(mine, fd)  # the number is the child's own /dev/null now
+            if end == "close":
+                files.close()
+            else:
+                files = None  # type: ignore[assignment]
+                gc.collect()
+            os.fstat(epfd)  # EBADF if closed behind the child's back
+            status = 0
+        except BaseException as err:  # noqa: BLE001 - reported to the parent
+            os.write(w, repr(err).encode())
+        finally:
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r) as said:
+        out = said.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    files.close()

@@ -101,8 +101,7 @@ class V2Freezer(CgroupFreezer):
                     yield Wait(min(left, backoff))
                     backoff = min(backoff * 2, _RECHECK)
         finally:
-            if files is None:
-                watch.close()
+            watch.close()  # (of held files: its epoll instance only)
 
     def freeze(
         self,
