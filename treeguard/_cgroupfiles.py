@@ -15,8 +15,9 @@ relative to it, so all of them belong to one cgroup, whose inode is :attr:`Cgrou
 fails with ENODEV, and so does a file opened again after :meth:`CgroupFiles.close` if the
 directory at the path is another one: nothing done through them ever reaches a cgroup made
 again under the same path. Before each freeze, whoever keeps them asks for
-:meth:`CgroupFiles.current`: the same files while their cgroup exists (a v2 cgroup cannot be
-renamed, so no other can be at its path meanwhile), else new ones for the path.
+:meth:`CgroupFiles.current`: the same files while the directory at the path is theirs (its
+inode), else new ones for the path (a v2 cgroup cannot be renamed, but a symlink or a mount
+on the way to it may name another cgroup while theirs lives on).
 
 A thaw through them needs no new descriptor: a full descriptor table never stops it.
 
@@ -103,30 +104,20 @@ class CgroupFiles:
         return held
 
     def current(self) -> CgroupFiles:
-        """Before a freeze: these files if the cgroup they are of still exists (or none was
-        opened yet), else new ones for whatever is at :attr:`path` now (these are closed: a
-        thaw still due through them finds their cgroup gone). A read of one byte through a
-        file held says so (ENODEV once removed), for a third of the cost of a look at the
-        path (stat); with only the directory held, its inode is compared with the path's."""
+        """Before a freeze: these files if the directory at :attr:`path` is still the one
+        they are of (or none was opened yet), else new ones for whatever is there now
+        (these are closed: a thaw still due through them finds their cgroup gone). The
+        path is looked at (its inode), not only whether their cgroup still exists: a path
+        through a symlink, or under a mount point, may name another cgroup while that one
+        lives on, and a freeze must be of the cgroup at the path, as everything done by
+        path around it (the caller's check below it, the census's walk)."""
         if not self.inode:
             return self
-        fds = self._mine().fds
-        probe = fds.get("cgroup.freeze", fds.get("cgroup.events"))
-        if probe is None:
-            probe = next((fd for name, fd in fds.items() if name != _DIR), None)
-        if probe is not None:
-            try:
-                os.pread(probe, 1, 0)
+        try:
+            if os.stat(self.path).st_ino == self.inode:
                 return self
-            except OSError as err:
-                if err.errno not in _GONE:
-                    return self  # (EOPNOTSUPP, ...: still there; its reads will say)
-        else:
-            try:
-                if os.stat(self.path).st_ino == self.inode:
-                    return self
-            except OSError:
-                pass
+        except OSError:
+            pass
         self.close()
         return CgroupFiles(self.path, kept=self.kept)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pathlib
 from collections.abc import Callable
 
 import pytest
@@ -15,6 +16,7 @@ from tests import proc
 from tests.conftest import MakeCgroup, slot
 from treeguard._cgroupfiles import CgroupFiles
 from treeguard._workers import WorkerTree, demo_spec
+from treeguard.cgroup import Cgroup
 
 
 def _frozen(path: str) -> bool:
@@ -88,3 +90,38 @@ def test_a_forked_child_never_closes_a_number_it_reused(end: str, cgroup: MakeCg
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, out
     files.close()
+
+
+def test_a_cgroup_at_a_path_that_names_another_one_now_is_that_one(
+    cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree], tmp_path: pathlib.Path
+) -> None:
+    # A Cgroup made of a path through a symlink: once the link names another cgroup (the
+    # first one still there), a freeze freezes the cgroup at the path, as everything else
+    # the Cgroup does by path (its pids, its kill, its remove), and not the one whose
+    # files it held from before.
+    first, second = cgroup(2), cgroup(2)
+    sleeper = first.spawn(["sleep", "60"])
+    tree = make_tree(demo_spec(), spawn=second.spawn)
+    link = tmp_path / "cg"
+    link.symlink_to(first.path)
+    cg = Cgroup(str(link))
+    cg.freeze()
+    assert _frozen(first.path)
+    cg.thaw()
+    link.unlink()
+    link.symlink_to(second.path)
+    try:
+        report = cg.freeze()
+        assert not _frozen(first.path)
+        assert _frozen(second.path)
+        assert report.stopped == tree.size
+    finally:
+        cg.thaw()
+        first.thaw()  # (thaws only what it froze: nothing)
+        for path in (first.path, second.path):
+            with open(os.path.join(path, "cgroup.freeze"), "w") as f:
+                f.write("0")  # (if the freeze went to the wrong one)
+    assert not _frozen(second.path)
+    proc.counters_moving(tree.counters, [slot(i) for i in range(tree.size)])
+    first.kill()
+    assert sleeper.wait(10) < 0
