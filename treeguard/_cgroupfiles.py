@@ -65,20 +65,49 @@ os.register_at_fork(after_in_child=_forked)
 
 class _Held:
     """The descriptors of a :class:`CgroupFiles`, by file name, and the process that opened
-    them: what its finalizer closes, without a reference to it."""
+    them: what its finalizer closes, without a reference to it.
 
-    __slots__ = ("fds", "owner")
+    Each descriptor is used (and closed) only while it still names the file it was opened
+    on (device and inode, one fstat): code that closes every descriptor it did not open
+    (a daemon library, close_range) may have handed its number to a file of its own, which
+    a freeze or thaw must never write. Such a number is forgotten, not closed, and the
+    file opened again.
+    """
+
+    __slots__ = ("fds", "ids", "owner")
 
     def __init__(self) -> None:
         self.fds: dict[str, int] = {}
+        self.ids: dict[str, tuple[int, int]] = {}
         self.owner = _forks
+
+    def put(self, name: str, fd: int, st: os.stat_result) -> None:
+        """Hold ``fd``, opened on the file ``name``, whose fstat is ``st``."""
+        self.ids[name] = (st.st_dev, st.st_ino)
+        self.fds[name] = fd
+
+    def get(self, name: str) -> int | None:
+        """The descriptor of ``name``, if held and still its own (else forgotten)."""
+        fd = self.fds.get(name)
+        if fd is not None and not self._same(name, fd):
+            del self.fds[name]
+            return None
+        return fd
+
+    def _same(self, name: str, fd: int) -> bool:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.ids.get(name)
 
     def close(self) -> None:
         fds, self.fds = self.fds, {}
         if _forks != self.owner:
             return  # a forked child's copies: their numbers may name its own files now
-        for fd in fds.values():
-            close_fd(fd)
+        for name, fd in fds.items():
+            if self._same(name, fd):
+                close_fd(fd)
 
 
 class CgroupFiles:
@@ -132,30 +161,35 @@ class CgroupFiles:
 
     def _dir(self) -> int:
         held = self._mine()
-        fd = held.fds.get(_DIR)
+        fd = held.get(_DIR)
         if fd is None:
             fd = open_file(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                inode = os.fstat(fd).st_ino
+                st = os.fstat(fd)
             except BaseException:
                 close_fd(fd)
                 raise
-            if self.inode and inode != self.inode:
+            if self.inode and st.st_ino != self.inode:
                 # Opened again after close() (a thaw after its owner was closed, say):
                 # these files are of the cgroup that was there, and it is gone.
                 close_fd(fd)
                 raise OSError(errno.ENODEV, "the cgroup was removed", self.path)
-            self.inode = inode
-            held.fds[_DIR] = fd
+            self.inode = st.st_ino
+            held.put(_DIR, fd, st)
         return fd
 
     def _fd(self, name: str) -> int:
         held = self._mine()
-        fd = held.fds.get(name)
+        fd = held.get(name)
         if fd is None:
             mode = os.O_RDWR if name in _WRITTEN else os.O_RDONLY
             fd = open_file(name, mode | os.O_CLOEXEC, dir_fd=self._dir())
-            held.fds[name] = fd
+            try:
+                st = os.fstat(fd)
+            except BaseException:
+                close_fd(fd)
+                raise
+            held.put(name, fd, st)
         return fd
 
     def read(self, name: str) -> bytes | None:

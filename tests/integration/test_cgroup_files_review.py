@@ -125,3 +125,49 @@ def test_a_cgroup_at_a_path_that_names_another_one_now_is_that_one(
     proc.counters_moving(tree.counters, [slot(i) for i in range(tree.size)])
     first.kill()
     assert sleeper.wait(10) < 0
+
+
+@pytest.mark.parametrize("when", ["before the freeze", "before the thaw"])
+def test_numbers_closed_and_reused_by_someone_else_are_never_written(
+    when: str, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree], tmp_path: pathlib.Path
+) -> None:
+    # Code that closes every descriptor it did not open itself (a daemon library, a
+    # close_range) and then opens files of its own at those numbers, in the same process:
+    # the Cgroup's descriptors are gone, and a freeze or thaw through their numbers would
+    # write into those files. Both must reach the cgroup, and the files stay as they were.
+    cg = cgroup(2)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    cg.freeze()
+    cg.thaw()
+    if when == "before the thaw":
+        cg.freeze()
+    held = [
+        fd
+        for fd in map(int, os.listdir("/proc/self/fd"))
+        if os.path.realpath(f"/proc/self/fd/{fd}").startswith(cg.path)
+    ]
+    assert held
+    victim = tmp_path / "data"
+    victim.write_bytes(b"x" * 64)
+    mine = os.open(victim, os.O_RDWR)
+    try:
+        for fd in held:
+            os.dup2(mine, fd)  # (closes the Cgroup's: the number is the victim's now)
+        if when == "before the freeze":
+            cg.freeze()
+            assert _frozen(cg.path)
+        cg.thaw()
+        assert not _frozen(cg.path)
+        assert victim.read_bytes() == b"x" * 64
+    finally:
+        ours = os.fstat(mine)
+        for fd in held:
+            try:
+                if os.path.samestat(os.fstat(fd), ours):
+                    os.close(fd)  # (if treeguard closed it, it closed the victim's)
+            except OSError:
+                pass
+        os.close(mine)
+        with open(os.path.join(cg.path, "cgroup.freeze"), "w") as f:
+            f.write("0")  # (if it was left frozen)
+    proc.counters_moving(tree.counters, [slot(i) for i in range(tree.size)])
