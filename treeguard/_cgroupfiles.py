@@ -134,12 +134,13 @@ class CgroupFiles:
 
     def current(self) -> CgroupFiles:
         """Before a freeze: these files if the directory at :attr:`path` is still the one
-        they are of (or none was opened yet), else new ones for whatever is there now
-        (these are closed: a thaw still due through them finds their cgroup gone). The
+        they are of (or none was opened yet), else new ones for whatever is there now. The
         path is looked at (its inode), not only whether their cgroup still exists: a path
         through a symlink, or under a mount point, may name another cgroup while that one
         lives on, and a freeze must be of the cgroup at the path, as everything done by
-        path around it (the caller's check below it, the census's walk)."""
+        path around it (the caller's check below it, the census's walk). These are left
+        open: whoever keeps them closes them once nothing is due through them (a thaw of
+        the cgroup they are of, which may live on elsewhere)."""
         if not self.inode:
             return self
         try:
@@ -147,7 +148,6 @@ class CgroupFiles:
                 return self
         except OSError:
             pass
-        self.close()
         return CgroupFiles(self.path, kept=self.kept)
 
     def opened(self) -> int:

@@ -249,6 +249,12 @@ class Cgroup:
         check_options(timeout=timeout, max_passes=1, partial_ok=False)
         held = self._files
         files = None if held is None else held.current()
+        if held is not None and files is not held:
+            # The path names another cgroup now (made again there, or through a symlink
+            # or mount that names another): a freeze of this Cgroup still due is undone
+            # first, through the files it froze through (nothing if its cgroup is gone).
+            self.thaw()
+            held.close()
         self._files = files
         self._refuse_if_caller_inside("freeze", files)
         plan = Plan.bare(timeout=float(timeout), scope="cgroup")
@@ -257,12 +263,10 @@ class Cgroup:
             backend = CgroupV2Backend(plan, self.path, files)
         else:
             backend = CgroupV1Backend(plan, self.path)
-        if self._freezer is None or files is not held:
+        if self._freezer is None:
             # Kept before the freeze starts: a freeze interrupted after the kernel froze
             # the cgroup is still ours to thaw. (Frozen by us already: the new freeze
-            # finds it frozen and leaves it to the first one's thaw; unless the cgroup
-            # was made again at the path, new files: the first one's is gone, and its
-            # thaw would reach nothing, leaving this one frozen.)
+            # finds it frozen and leaves it to the first one's thaw.)
             self._freezer = backend
         run_sync(backend.freeze())
         return backend.report

@@ -160,14 +160,50 @@ def test_numbers_closed_and_reused_by_someone_else_are_never_written(
         assert not _frozen(cg.path)
         assert victim.read_bytes() == b"x" * 64
     finally:
+        # The numbers still the victim's and no longer treeguard's are closed here (those
+        # it still holds, it closes when the fixture removes the cgroup).
         ours = os.fstat(mine)
-        for fd in held:
+        files = cg._files
+        kept = set() if files is None else set(files._held.fds.values())
+        for fd in set(held) - kept:
             try:
                 if os.path.samestat(os.fstat(fd), ours):
-                    os.close(fd)  # (if treeguard closed it, it closed the victim's)
+                    os.close(fd)
             except OSError:
                 pass
         os.close(mine)
         with open(os.path.join(cg.path, "cgroup.freeze"), "w") as f:
             f.write("0")  # (if it was left frozen)
     proc.counters_moving(tree.counters, [slot(i) for i in range(tree.size)])
+
+
+def test_a_cgroup_frozen_through_a_path_that_names_another_one_now_is_thawed(
+    cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree], tmp_path: pathlib.Path
+) -> None:
+    # Frozen through a symlink, not thawed; the link then names another cgroup and the
+    # Cgroup freezes again: that freezes the one at the path, and the first one, which
+    # this Cgroup would no longer thaw, is thawed first.
+    first, second = cgroup(2), cgroup(2)
+    one = make_tree(demo_spec(), spawn=first.spawn)
+    two = make_tree(demo_spec(), spawn=second.spawn)
+    link = tmp_path / "cg"
+    link.symlink_to(first.path)
+    cg = Cgroup(str(link))
+    try:
+        cg.freeze()
+        assert _frozen(first.path)
+        link.unlink()
+        link.symlink_to(second.path)
+        report = cg.freeze()
+        assert not _frozen(first.path)
+        assert _frozen(second.path)
+        assert report.stopped == two.size
+        cg.thaw()
+        assert not _frozen(second.path)
+    finally:
+        cg.thaw()
+        for path in (first.path, second.path):
+            with open(os.path.join(path, "cgroup.freeze"), "w") as f:
+                f.write("0")  # (if one was left frozen)
+    for tree in (one, two):
+        proc.counters_moving(tree.counters, [slot(i) for i in range(tree.size)])

@@ -114,6 +114,7 @@ def held_files(plan: Plan, path: str) -> CgroupFiles:
         files = kept.current()
         if files is kept:
             return files
+        kept.close()  # (nothing is due through them: this guard is not frozen)
     else:
         if isinstance(kept, CgroupFiles):
             kept.close()  # the tree is in another cgroup now
