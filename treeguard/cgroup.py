@@ -258,11 +258,11 @@ class Cgroup:
         self._files = files
         self._refuse_if_caller_inside("freeze", files)
         plan = Plan.bare(timeout=float(timeout), scope="cgroup")
-        backend: CgroupV1Backend | CgroupV2Backend
-        if files is not None:
-            backend = CgroupV2Backend(plan, self.path, files)
-        else:
-            backend = CgroupV1Backend(plan, self.path)
+        backend: CgroupV1Backend | CgroupV2Backend = (
+            CgroupV1Backend(plan, self.path)
+            if files is None
+            else CgroupV2Backend(plan, self.path, files)
+        )
         if self._freezer is None:
             # Kept before the freeze starts: a freeze interrupted after the kernel froze
             # the cgroup is still ours to thaw. (Frozen by us already: the new freeze
@@ -280,10 +280,8 @@ class Cgroup:
             self._freezer = None  # forgotten only once thawed
 
     def _refuse_if_caller_inside(self, what: str, files: CgroupFiles | None = None) -> None:
-        """:raises CgroupError: if the calling process is in this cgroup (or below it).
-
-        v2 asks the cgroup's own list (through ``files`` if given: 1 to 2 us, where
-        reading the caller's cgroup and the mount table costs 20)."""
+        """:raises CgroupError: if the calling process is in this cgroup (or below it): v2
+        searches its lists (1 to 2 us through ``files``; the caller's own cgroup, 20)."""
         if self.version == 2:
             inside = holds_process(self.path, os.getpid(), files)
         else:
