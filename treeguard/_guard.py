@@ -161,7 +161,8 @@ class ProcessesGuard:
             root = me if self._root is None else self._root
             if self._root_object is not None:
                 as_pid("root", self._root_object)
-            check_process("root", root, fs, zombie_ok=False)
+            if root != me:  # (the caller needs no look: it runs this)
+                check_process("root", root, fs, zombie_ok=False)
             starts = (root,)
             # Never stop whoever waits for us: the caller's ancestors are walked through (a
             # signal walk down from the caller meets none: no process is its own ancestor).
