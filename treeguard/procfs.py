@@ -77,16 +77,30 @@ class Stat:
 
 def _tail(data: bytes) -> list[bytes] | None:
     """The fields after the command name of a stat line, split at spaces (state first,
-    the 21st the rest of the line), if the line is one the fast paths may take: ``PID (``
-    ahead, a space after the last ``)``, and more after starttime. ``None`` otherwise: the
-    full checks of :func:`parse_stat` say what is wrong."""
+    the 21st the rest of the line), if the fast paths may take the line: bytes, ``PID (``
+    ahead, a space after the last ``)``, more after starttime, and every field either fast
+    path reads checked as the full checks of :func:`parse_stat` check it, so that both
+    take only lines those accept. ``None`` otherwise: the full checks say what is wrong."""
+    if type(data) is not bytes:
+        return None  # text, a bytearray or a stranger: the full checks (or their error)
     space = data.find(b" ")
     close = data.rfind(b")")
     if 0 < space < close - 1 and data[space + 1] == 0x28 and data[:space].isdigit():
-        fields = data[close + 1 :].split(b" ", 21)
-        if len(fields) == 22 and not fields[0]:
-            del fields[0]
-            return fields
+        f = data[close + 1 :].split(b" ", 21)
+        if (
+            len(f) == 22
+            and not f[0]
+            and len(f[1]) == 1
+            and f[1].isalpha()
+            and _signed(f[2])
+            and _signed(f[3])
+            and _signed(f[4])
+            and f[7].isdigit()
+            and f[18].isdigit()
+            and f[20].isdigit()
+        ):
+            del f[0]
+            return f
     return None
 
 
@@ -113,23 +127,12 @@ def parse_stat(data: bytes | str) -> Stat:
         ``surrogateescape``, so bytes decoded that way round-trip).
     :raises ProcfsParseError: if the data is not a well-formed stat line.
     """
-    if type(data) is bytes:
-        # The fast path (the freezer parses a stat per process): one split, and the fields
-        # used checked as the full checks below check them, so that it takes only lines
-        # they accept, and reads the same values (a line it leaves is refused there, with
-        # the reason).
+    if type(data) is bytes:  # (as _tail checks: this tells the type checker)
+        # The fast path (the freezer parses a stat per process): one split, the fields
+        # used checked as the full checks below check them (a line it leaves is refused
+        # there, with the reason).
         f = _tail(data)
-        if (
-            f is not None
-            and len(f[0]) == 1
-            and f[0].isalpha()
-            and _signed(f[1])
-            and _signed(f[2])
-            and _signed(f[3])
-            and f[6].isdigit()
-            and f[17].isdigit()
-            and f[19].isdigit()
-        ):
+        if f is not None:
             space = data.find(b" ")
             return Stat(
                 int(data[:space]),
@@ -194,7 +197,7 @@ def parse_stat_brief(data: bytes) -> tuple[str, int, int]:
     :raises ProcfsParseError: if the data is not a well-formed stat line.
     """
     f = _tail(data)
-    if f is None or not (len(f[0]) == 1 and f[0].isalpha() and f[17].isdigit() and f[19].isdigit()):
+    if f is None:
         st = parse_stat(data)  # the authority on what is wrong with the line
         return st.state, st.num_threads, st.starttime
     return f[0].decode("ascii"), int(f[17]), int(f[19])

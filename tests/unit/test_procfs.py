@@ -49,6 +49,13 @@ def _either(data: bytes | bytearray) -> object:
         return ProcfsParseError
 
 
+def _brief(data: object) -> object:
+    try:
+        return parse_stat_brief(data)  # type: ignore[arg-type]
+    except ProcfsParseError:
+        return ProcfsParseError
+
+
 @given(stat_lines())
 def test_the_fast_path_takes_only_what_the_full_checks_accept_and_reads_the_same(
     line: StatLine,
@@ -67,8 +74,23 @@ def test_the_fast_path_takes_only_what_the_full_checks_accept_and_reads_the_same
     for raw in lines:
         full = _either(bytearray(raw))
         assert _either(raw) == full, raw
-        if isinstance(full, Stat):
-            assert parse_stat_brief(raw) == (full.state, full.num_threads, full.starttime)
+        # parse_stat_brief's fast path too takes only what the full checks accept (a line
+        # with a marred ppid, pgrp, session or flags is refused though it reads none).
+        want = (full.state, full.num_threads, full.starttime) if isinstance(full, Stat) else full
+        assert _brief(raw) == want, raw
+
+
+@given(stat_lines())
+def test_parse_stat_brief_of_anything_but_bytes_reads_as_parse_stat(line: StatLine) -> None:
+    # Text, a bytearray or a memoryview read as parse_stat reads them; anything else is a
+    # ProcfsParseError, never a TypeError or an AttributeError from the fast path.
+    st = parse_stat(line.raw)
+    want = (st.state, st.num_threads, st.starttime)
+    text = line.raw.decode("utf-8", "surrogateescape")
+    for data in (text, bytearray(line.raw), memoryview(line.raw)):
+        assert _brief(data) == want
+    for junk in (None, 12, [line.raw]):
+        assert _brief(junk) is ProcfsParseError
 
 
 @given(stat_lines(), st.data())
