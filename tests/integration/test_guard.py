@@ -192,6 +192,29 @@ def test_a_process_that_dies_a_zombie_during_the_freeze_is_reported_exited(
     proc.assert_none_stopped(alive)
 
 
+@pytest.mark.parametrize("backend", ["signal", "ptrace"])
+def test_a_process_killed_once_its_stop_was_sent_is_reported_exited_by_every_backend(
+    make_tree: MakeTree, backend: str
+) -> None:
+    # Killed when its next sibling is recorded (its own stop, or seize, sent already, its
+    # proof not read yet), kept a zombie by its stopped parent: it never runs again, so
+    # neither backend may count it among the frozen.
+    if backend == "ptrace":
+        require_root("the ptrace backend")
+    tree = make_tree({"zombies": 1, "children": [{}, {}, {}]})
+    victim = tree.pids[2]
+    guard = ProcessesGuard(tree.root, include_root=True, backend=backend)  # type: ignore[arg-type]
+    guard._journal = _Journal(at=4, act=lambda pid: os.kill(victim, signal.SIGKILL))
+    with guard:
+        assert proc.task_states(victim) == {victim: "Z"}  # the stopped root reaps nothing
+        alive = [p for p in tree.pids if p != victim]
+        assert set(proc.states_of(alive).values()) == {"T" if backend == "signal" else "t"}
+        assert guard.report.skipped.get(victim) is Skip.EXITED
+        assert victim not in guard.pids
+        assert guard.report.stopped == len(alive) == guard.report.tasks
+    proc.assert_none_stopped(alive)
+
+
 def test_freeze_failing_half_way_leaves_nothing_stopped(make_tree: MakeTree) -> None:
     tree = make_tree(wide(8))
 

@@ -49,6 +49,12 @@ class Proc:
         self.proven = False  # its leader seen ``t`` in /proc once all its threads stopped
         self.statfd = -1  # its stat, kept open from the meeting until it settled
 
+    @property
+    def held(self) -> bool:
+        """Whether a task of it is held still: one whose every task exited while held is
+        gone (a zombie never runs again), not frozen; one never seized is not held."""
+        return any(not task.done for task in self.tasks)
+
 
 class Task:
     """One thread of a :class:`Proc`: the unit ptrace works on."""

@@ -77,7 +77,7 @@ class PtraceBackend(Backend):
     # -- what the guard sees -------------------------------------------------------------
 
     def _held(self, ours: bool) -> list[Proc]:
-        return [p for p in self._hold.procs if p.ours == ours and not p.denied and p.tasks]
+        return [p for p in self._hold.procs if p.ours == ours and not p.denied and p.held]
 
     @property
     def pids(self) -> tuple[int, ...]:
@@ -310,6 +310,9 @@ class PtraceBackend(Backend):
         this process took that report. The leader of a process not proven once settled
         (:meth:`Hold.prove`) shows ``t`` in /proc now."""
         late: list[tuple[int, int, str]] = []
+        for proc in self._hold.procs:
+            if proc.tasks and not proc.held and not proc.denied:  # it died while held
+                self.report.skipped.setdefault(proc.pid, Skip.EXITED)
         for proc in self._held(True) + self._held(False):
             for task in proc.tasks:
                 if task.stopped and not task.done:
