@@ -69,7 +69,7 @@ def check_process(name: str, pid: int, fs: ProcFS, *, zombie_ok: bool = True) ->
     # lines with memory figures, in several times as long) says whether it lives, and a
     # pidfd whether it leads its thread group (pidfd_open refuses another thread, EINVAL).
     stat = fs.stat(pid)
-    if stat is None or (not zombie_ok and stat.state in ("Z", "X")):
+    if stat is None or (not zombie_ok and stat.is_dead):
         raise NoSuchProcessError(pid)
     if fs.root == "/proc":
         try:

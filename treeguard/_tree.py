@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 
 from ._report import Skip
-from .procfs import DEAD_STATES, HELPER_COMM, ProcFS, Stat
+from .procfs import HELPER_COMM, ProcFS, Stat
 
 __all__ = [
     "ROOT",
@@ -38,7 +38,7 @@ def unfreezable(stat: Stat) -> Skip | None:
     this process or another: the one that would thaw)."""
     if stat.is_kernel_thread:
         return Skip.KERNEL_THREAD
-    if stat.state in DEAD_STATES and stat.num_threads <= 1:
+    if stat.is_dead:
         return Skip.ZOMBIE
     if stat.comm == HELPER_COMM:
         return Skip.SUPERVISOR

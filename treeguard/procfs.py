@@ -74,6 +74,12 @@ class Stat:
     def is_kernel_thread(self) -> bool:
         return bool(self.flags & PF_KTHREAD)
 
+    @property
+    def is_dead(self) -> bool:
+        """Whether the process never runs again: a zombie (or being reaped) with no other
+        thread. A leader that exited alone shows ``Z`` while its other threads run."""
+        return self.state in DEAD_STATES and self.num_threads <= 1
+
 
 def _tail(data: bytes) -> list[bytes] | None:
     """The fields after the command name of a stat line, split at spaces (state first,

@@ -215,6 +215,44 @@ def test_a_process_killed_once_its_stop_was_sent_is_reported_exited_by_every_bac
     proc.assert_none_stopped(alive)
 
 
+# A process whose main thread exits alone (SYS_exit, not exit_group): its leader is a
+# zombie (Z) while its other thread runs, and prints its TID; it ends at a byte on stdin.
+_LEADER_EXITS = """
+import ctypes, os, threading
+def serve():
+    os.write(1, b"%d\\n" % threading.get_native_id())
+    os.read(0, 1)
+    os._exit(0)
+threading.Thread(target=serve).start()
+ctypes.CDLL(None).syscall({"x86_64": 60, "aarch64": 93}[os.uname().machine], 0)
+"""
+
+
+def test_a_process_whose_main_thread_exited_is_a_root_that_freezes() -> None:
+    # Its leader shows Z, but a thread of it runs: it is no zombie (the walk freezes such
+    # a process met below a root alike), so as the root it must be frozen, not refused as
+    # a process that does not exist.
+    child = subprocess.Popen(
+        [sys.executable, "-c", _LEADER_EXITS], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        tid = int(child.stdout.readline())
+        proc.wait_until(lambda: proc.state(child.pid) == "Z", what="the main thread to exit")
+        with ProcessesGuard(child.pid, include_root=True) as guard:
+            assert guard.pids == (child.pid,)
+            assert proc.task_states(child.pid) == {child.pid: "Z", tid: "T"}
+        proc.assert_none_stopped([child.pid])
+        child.stdin.write(b"x")
+        child.stdin.flush()
+        assert child.wait(timeout=10) == 0
+    finally:
+        child.kill()
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
+
+
 def test_freeze_failing_half_way_leaves_nothing_stopped(make_tree: MakeTree) -> None:
     tree = make_tree(wide(8))
 

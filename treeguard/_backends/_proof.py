@@ -61,7 +61,7 @@ def look(entry: Entry, fs: ProcFS, report: FreezeReport) -> Look | object:
     if starttime != entry.starttime:
         return GONE
     if threads <= 1 and state in DEAD_STATES:
-        return GONE  # it died since it was met (a zombie now): it never runs again
+        return GONE  # dead since it was met (Stat.is_dead, on the brief fields): gone
     if threads != entry.stat.num_threads:
         entry.stat = parse_stat(data)  # the children of every thread are read later
     if threads <= 1 or (state not in SETTLED and state != "D"):
