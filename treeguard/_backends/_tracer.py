@@ -37,7 +37,10 @@ _POLL = 0.0005
 _IDLE = 10.0
 #: Longest wait of a paused tracer for the event loop it let run (see :class:`_Request`).
 _PAUSE = 0.05
-#: Every signal, as plain numbers (see :meth:`_Worker.start`).
+#: How long after its start a tracer thread that has not run is taken for lost (see
+#: :meth:`_Worker.relaunch_if_lost`).
+_RELAUNCH = 1.0
+#: Every signal, as plain numbers (see :meth:`_Worker._launch`).
 _EVERY_SIGNAL = frozenset(_signal.valid_signals())
 
 
@@ -174,11 +177,12 @@ class Tracer:
                 return None
             self._queue.put(request)  # type: ignore[arg-type]
             launch, self._launched = not self._launched, True
-        if launch:
-            worker.serve(self)
         try:
+            if launch:
+                worker.serve(self)
             while not request.done:
                 yield Wait(_LINGER_POLL, request.fd) if request.fd >= 0 else Wait(_POLL)
+                worker.relaunch_if_lost()
                 if request.paused:
                     # The loop's other tasks run first (the tracer takes the GIL as soon
                     # as this thread lets go of it, in the loop's next system call).
@@ -226,10 +230,10 @@ class _Worker:
     def __init__(self) -> None:
         self._assigned: queue.SimpleQueue[Tracer] = queue.SimpleQueue()
         self._pid = os.getpid()
-        # A daemon thread: interpreter exit does not wait for it, and it still serves the
-        # thaws that finalizers run at exit (atexit runs before daemon threads stop).
-        self._thread = threading.Thread(target=self._run, name="treeguard-ptrace", daemon=True)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None  # the thread that runs, once it does
         self.ident: int | None = None
+        self._launched = 0.0
 
     @staticmethod
     def take() -> _Worker | None:
@@ -237,29 +241,53 @@ class _Worker:
         global _idle
         with _idle_lock:
             worker, _idle = _idle, None
-        if worker is None or worker._pid != os.getpid() or not worker._thread.is_alive():
+        if worker is None or worker._pid != os.getpid():
             return None  # none, or a thread of the parent of this forked process
+        if worker._thread is None or not worker._thread.is_alive():
+            return None
         return worker
 
     def serve(self, tracer: Tracer) -> None:
         """Serve ``tracer`` next: wake this thread, or start it."""
         self._assigned.put(tracer)
         if self.ident is None:
-            self._start()
+            self._launch()
 
-    def _start(self) -> None:
-        """Start the thread with every signal blocked: a handler that raises (Ctrl-C) must
+    def relaunch_if_lost(self) -> None:
+        """(A waiter.) Start the thread again if none has run :data:`_RELAUNCH` seconds
+        after it was started: an interrupt may have cut :meth:`_launch` short before the
+        thread was made."""
+        if self.ident is None and time.monotonic() - self._launched > _RELAUNCH:
+            self._launch()
+
+    def _launch(self) -> None:
+        """Start a thread with every signal blocked: a handler that raises (Ctrl-C) must
         not land inside threading's own locks, and the thread inherits the mask, so that
         process-directed signals go to the other threads (pthread_sigmask(3)). A signal
-        that arrived meanwhile is acted on when the mask is restored, after the start."""
+        that arrived meanwhile is acted on when the mask is restored, after the start.
+
+        A handler that raises may still land anywhere in here (Python runs every handler
+        in the main thread, whatever its mask): the mask is read before it is changed, so
+        that it is always restored, and whether a thread came of it or not, the first
+        thread that runs serves (:meth:`_bootstrap`), a later one ends at once, and a
+        waiter starts one again if none ran (:meth:`relaunch_if_lost`)."""
+        self._launched = time.monotonic()
+        thread = threading.Thread(target=self._bootstrap, name="treeguard-ptrace", daemon=True)
         # The C functions themselves: the signal module's wrappers turn each of the 64
         # signals of both masks into an enum member, a third of a millisecond per freeze.
-        previous = _signal.pthread_sigmask(signal.SIG_BLOCK, _EVERY_SIGNAL)
+        previous = _signal.pthread_sigmask(signal.SIG_BLOCK, ())  # the mask, unchanged
         try:
-            self._thread.start()
+            _signal.pthread_sigmask(signal.SIG_BLOCK, _EVERY_SIGNAL)
+            thread.start()
         finally:
             _signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        self.ident = self._thread.ident
+
+    def _bootstrap(self) -> None:
+        with self._lock:
+            if self.ident is not None:
+                return  # a thread of an earlier start runs already
+            self._thread, self.ident = threading.current_thread(), threading.get_ident()
+        self._run()
 
     def _run(self) -> None:
         tracer: Tracer | None = self._assigned.get()
