@@ -100,12 +100,27 @@ class Backoff:
         """Whether the sleeps have grown to their cap (a few milliseconds of looking)."""
         return self._sleep >= self._cap
 
+    @property
+    def spun(self) -> bool:
+        """Whether the bare yields are over (time to look closer at what is late)."""
+        return time.perf_counter() >= self._spin_until
+
     def next(self) -> Wait:
-        if not self._sleep and time.perf_counter() < self._spin_until:
+        if not self._sleep and not self.spun:
             return YIELD
         wait = Wait(self._sleep)
         self._sleep = min(self._cap, self._sleep * 2 if self._sleep else 0.00002)
         return wait
+
+    def pause(self) -> None:
+        """Wait as :meth:`next` says, in this thread (one that is not a step's): a bare
+        yield of the CPU while spinning, then sleeps (the first of none: the GIL is let go
+        and taken again, as by any sleep)."""
+        wait = self.next()
+        if wait is YIELD:
+            os.sched_yield()
+        else:
+            time.sleep(wait.seconds)
 
 
 def run_sync(steps: Steps[T]) -> T:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 import time
 
-from .._drive import Steps, run_sync
+from .._drive import Backoff, Steps, run_sync
 from .._report import Skip
 from .._tree import ROOT, ChildrenFiles, ChildrenSource, unfreezable, walk
 from ..errors import (
@@ -52,8 +52,6 @@ from ._tracer import Tracer
 
 __all__ = ["PtraceBackend"]
 
-#: Longest pause between two looks at tasks that have not reported their stop yet.
-_MAX_BACKOFF = 0.002
 #: How long tasks that have not reported their stop yet are asked only through waitid.
 _SPIN = 0.0002
 
@@ -256,12 +254,10 @@ class PtraceBackend(Backend):
                     if tasks is self._hold.pending:
                         tasks.clear()
                     return
-        clock = time.perf_counter
-        spin_until = 0.0
-        backoff = 0.0
+        backoff: Backoff | None = None  # from the first look that finds a task late
         while True:
             count = len(tasks)
-            look = spin_until != 0.0 and clock() > spin_until
+            look = backoff is not None and backoff.spun
             late: list[tuple[int, int, str]] = []
             for task in tasks[:count]:
                 if task.stopped or task.done or task.vfork:
@@ -277,15 +273,11 @@ class PtraceBackend(Backend):
                 return
             if self._abort:
                 raise FreezeError("the freeze was abandoned")
-            if not look:
-                if spin_until == 0.0:
-                    spin_until = clock() + _SPIN
-                os.sched_yield()
-                continue
-            if clock() > self._deadline and backoff >= _MAX_BACKOFF:
+            if backoff is None:
+                backoff = Backoff(spin=_SPIN)
+            if look and time.perf_counter() > self._deadline and backoff.capped:
                 raise StopTimeoutError(self.plan.timeout, late)
-            time.sleep(backoff)
-            backoff = min(_MAX_BACKOFF, backoff * 2 if backoff else 0.00002)
+            backoff.pause()
 
     def _newcomers(self) -> list[int]:
         """Children of passed-through processes (they run, and may have forked since). The
@@ -346,10 +338,9 @@ class PtraceBackend(Backend):
         # only once its child execs or exits, which may take long: the tracer thread keeps
         # looking after the thaw returned, and lets each go as soon as it can.
         deadline = time.perf_counter() + max(1.0, self.plan.timeout)
-        backoff = 0.00002
+        backoff = Backoff(spin=0.0)
         while time.perf_counter() < deadline and any(not t.vfork for t in self._hold.linger()):
-            time.sleep(backoff)
-            backoff = min(_MAX_BACKOFF, backoff * 2)
+            backoff.pause()
         tracer.finished = True
 
 
