@@ -119,36 +119,43 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def in_child(work: Callable[[], str]) -> str:
+    """``work()`` in a forked child, which never returns into the caller: what it returned,
+    through a pipe made after the fork was asked for. A child that raised fails the test
+    with the error."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        status, out = 1, "nothing"
+        try:
+            os.close(rfd)
+            out, status = work(), 0
+        except BaseException as err:  # noqa: BLE001 - reported to the parent
+            out = repr(err)
+        finally:
+            os.write(wfd, out.encode())
+            os._exit(status)
+    os.close(wfd)
+    with os.fdopen(rfd) as reader:
+        out = reader.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    return out
+
+
 def as_nobody(work: Callable[[], object]) -> object:
     """``work()`` in a forked child that became uid/gid 65534 with no supplementary groups;
     its result, which must be JSON, comes back through a pipe. (Whatever ``work`` needs to
     import must be imported before: nobody may not read this interpreter's files.)"""
     import json
 
-    rfd, wfd = os.pipe()
-    try:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child reports through the pipe
-            try:
-                os.close(rfd)
-                os.setgroups([])
-                os.setresgid(65534, 65534, 65534)
-                os.setresuid(65534, 65534, 65534)
-                os.write(wfd, json.dumps(work()).encode())
-            finally:
-                os._exit(0)
-        os.close(wfd)
-        wfd = -1
-        with os.fdopen(rfd, "rb") as reader:
-            rfd = -1
-            data = reader.read()
-        os.waitpid(pid, 0)
-        assert data, "the child reported nothing (it failed as user nobody)"
-        return json.loads(data)
-    finally:
-        for fd in (rfd, wfd):
-            if fd >= 0:
-                os.close(fd)
+    def become_nobody() -> str:
+        os.setgroups([])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
+        return json.dumps(work())
+
+    return json.loads(in_child(become_nobody))
 
 
 @contextlib.contextmanager

@@ -262,34 +262,23 @@ def test_a_forked_child_opens_its_own(
             cg.thaw()
     inherited = _held(cg.path)
     assert inherited
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        status = 1
-        try:
-            null = os.open("/dev/null", os.O_RDWR)
-            for fd in inherited:
-                os.dup2(null, fd)
-            if face == "guard":
-                guard.freeze()
-            else:
-                cg.freeze(timeout=2.0)
-            frozen = _frozen(cg.path)
-            if face == "guard":
-                guard.release()
-            else:
-                cg.thaw()
-            os.write(w, f"{frozen} {_frozen(cg.path)}".encode())
-            status = 0
-        except BaseException as err:  # noqa: BLE001 - reported to the parent
-            os.write(w, repr(err).encode())
-        finally:
-            os._exit(status)
-    os.close(w)
-    with os.fdopen(r) as said:
-        out = said.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, out
+
+    def child() -> str:
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in inherited:
+            os.dup2(null, fd)
+        if face == "guard":
+            guard.freeze()
+        else:
+            cg.freeze(timeout=2.0)
+        frozen = _frozen(cg.path)
+        if face == "guard":
+            guard.release()
+        else:
+            cg.thaw()
+        return f"{frozen} {_frozen(cg.path)}"
+
+    out = proc.in_child(child)
     assert out == "True False"  # frozen by the child, thawed by it
     # The parent's own descriptors are untouched, and still serve it.
     assert _held(cg.path) == inherited

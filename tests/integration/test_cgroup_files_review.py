@@ -63,32 +63,22 @@ def test_a_forked_child_never_closes_a_number_it_reused(end: str, cgroup: MakeCg
     assert epfd is not None
     del watch  # (the wait is over)
     inherited = [int(name) for name in os.listdir("/proc/self/fd")]
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        status = 1
-        try:
-            os.close(r)
-            mine = os.open("/dev/null", os.O_RDONLY)
-            for fd in {*inherited, epfd}:
-                if fd > 2 and fd != w:
-                    os.dup2(mine, fd)  # the number is the child's own /dev/null now
-            if end == "close":
-                files.close()
-            else:
-                files = None  # type: ignore[assignment]
-                gc.collect()
-            os.fstat(epfd)  # EBADF if closed behind the child's back
-            status = 0
-        except BaseException as err:  # noqa: BLE001 - reported to the parent
-            os.write(w, repr(err).encode())
-        finally:
-            os._exit(status)
-    os.close(w)
-    with os.fdopen(r) as said:
-        out = said.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, out
+
+    def child() -> str:
+        nonlocal files
+        mine = os.open("/dev/null", os.O_RDONLY)
+        for fd in {*inherited, epfd}:
+            if fd > 2:
+                os.dup2(mine, fd)  # the number is the child's own /dev/null now
+        if end == "close":
+            files.close()
+        else:
+            files = None  # type: ignore[assignment]
+            gc.collect()
+        os.fstat(epfd)  # EBADF if closed behind the child's back
+        return ""
+
+    proc.in_child(child)
     files.close()
 
 
