@@ -78,7 +78,12 @@ class Stat:
     def is_dead(self) -> bool:
         """Whether the process never runs again: a zombie (or being reaped) with no other
         thread. A leader that exited alone shows ``Z`` while its other threads run."""
-        return self.state in DEAD_STATES and self.num_threads <= 1
+        return dead(self.state, self.num_threads)
+
+
+def dead(state: str, num_threads: int) -> bool:
+    """:attr:`Stat.is_dead` of a stat line read in brief (its state and thread count)."""
+    return state in DEAD_STATES and num_threads <= 1
 
 
 def _tail(data: bytes) -> list[bytes] | None:

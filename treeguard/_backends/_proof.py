@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._report import FreezeReport
-from ..procfs import DEAD_STATES, ProcFS, parse_stat, parse_stat_brief
+from ..procfs import DEAD_STATES, ProcFS, dead, parse_stat, parse_stat_brief
 from ._pidfds import Entry
 
 __all__ = ["GONE", "SETTLED", "TRACED", "VFORK_WCHAN", "Look", "look", "traced_reason"]
@@ -60,8 +60,8 @@ def look(entry: Entry, fs: ProcFS, report: FreezeReport) -> Look | object:
     state, threads, starttime = parse_stat_brief(data)
     if starttime != entry.starttime:
         return GONE
-    if threads <= 1 and state in DEAD_STATES:
-        return GONE  # dead since it was met (Stat.is_dead, on the brief fields): gone
+    if dead(state, threads):
+        return GONE  # it died since it was met: it never runs again
     if threads != entry.stat.num_threads:
         entry.stat = parse_stat(data)  # the children of every thread are read later
     if threads <= 1 or (state not in SETTLED and state != "D"):
