@@ -5,33 +5,19 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests import proc
 from tests.conftest import MakeCgroup, require_root
+from tests.integration.conftest import SpawnForker, fork_one
 from treeguard import ProcessesGuard
 from treeguard._backends import Memo, _cgroup, _kept
 from treeguard._proc_events import ProcEvents
 from treeguard.errors import CgroupError
 from treeguard.procfs import ProcFS
-
-# Fork a child (which waits for a signal) for each "f" read on standard input, and print the
-# child's PID; end on anything else.
-FORK_ON_F = """
-import os, signal
-while os.read(0, 1) == b"f":
-    pid = os.fork()
-    if pid == 0:
-        signal.pause()
-        os._exit(0)
-    os.write(1, b"%d\\n" % pid)
-"""
-# The same, once it said it is ready.
-_FORKER = 'import os\nos.write(1, b"ready\\n")' + FORK_ON_F
 
 
 @pytest.fixture
@@ -43,39 +29,6 @@ def events() -> Iterator[ProcEvents]:
         yield found
     finally:
         found.close()
-
-
-@pytest.fixture
-def spawn_forker() -> Iterator[
-    Callable[[Callable[..., subprocess.Popen[Any]]], subprocess.Popen[Any]]
-]:
-    """Start a forker with a cgroup's ``spawn`` (the cgroup fixture kills it)."""
-    pipes: list[Any] = []
-
-    def start(spawn: Callable[..., subprocess.Popen[Any]]) -> subprocess.Popen[Any]:
-        forker = spawn(
-            [sys.executable, "-c", _FORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        pipes.extend((forker.stdin, forker.stdout))
-        assert forker.stdout is not None
-        assert forker.stdout.readline() == b"ready\n"
-        return forker
-
-    try:
-        yield start
-    finally:
-        for pipe in pipes:
-            pipe.close()
-
-
-SpawnForker = Callable[[Callable[..., subprocess.Popen[Any]]], subprocess.Popen[Any]]
-
-
-def _fork_one(forker: subprocess.Popen[Any]) -> int:
-    assert forker.stdin is not None and forker.stdout is not None
-    forker.stdin.write(b"f")
-    forker.stdin.flush()
-    return int(forker.stdout.readline())
 
 
 @pytest.fixture
@@ -145,7 +98,7 @@ def test_a_quiet_tree_is_not_read_again(
     require_root("process events")
     cg = cgroup(version)
     forker = spawn_forker(cg.spawn)
-    kids = [_fork_one(forker), _fork_one(forker)]
+    kids = [fork_one(forker), fork_one(forker)]
     found: list[str] = []
     real_find = _cgroup.find_target
 
@@ -178,7 +131,7 @@ def test_a_quiet_tree_is_not_read_again(
             reads.append(bool(children_reads))
         assert reads == [False] * (_kept._MAX_TAKEN - 2) + [True, False, False]
         # A fork is heard of: the next freeze reads the tree again, and holds the newcomer.
-        newcomer = _fork_one(forker)
+        newcomer = fork_one(forker)
         with guard:
             assert newcomer in guard.pids
             assert set(children_reads) >= {forker.pid, *kids, newcomer}
@@ -203,7 +156,7 @@ def test_a_child_forked_and_moved_out_since_the_last_freeze_is_found(
         for _ in range(2):  # subscribed at the second freeze: the census is kept from it
             with guard:
                 assert guard.pids == (forker.pid,)
-        escaped = _fork_one(forker)
+        escaped = fork_one(forker)
         assert other.adopt([escaped]) == [escaped]
         assert cg.pids() == [forker.pid]
         with pytest.raises(CgroupError, match=f"in another cgroup: {escaped} "):
@@ -249,7 +202,7 @@ def test_a_top_process_born_outside_the_cgroup_since_the_last_freeze_is_found(
     require_root("process events")
     cg, home = cgroup(2), cgroup(2)
     forker = spawn_forker(home.spawn)
-    first = _fork_one(forker)
+    first = fork_one(forker)
     assert cg.adopt([first]) == [first]
     guard = ProcessesGuard(forker.pid, backend="cgroup")
     try:
@@ -257,7 +210,7 @@ def test_a_top_process_born_outside_the_cgroup_since_the_last_freeze_is_found(
             with guard:
                 assert guard.pids == (first,)
                 assert cg.frozen
-        second = _fork_one(forker)
+        second = fork_one(forker)
         assert home.pids() == sorted([forker.pid, second])
         with pytest.raises(CgroupError):
             guard.freeze()
@@ -280,7 +233,7 @@ def test_a_census_taken_over_but_contradicted_once_frozen_is_read_from_the_froze
     require_root("process events")
     cg = cgroup(2)
     forker = spawn_forker(cg.spawn)
-    kid = _fork_one(forker)
+    kid = fork_one(forker)
     guard = ProcessesGuard(forker.pid, include_root=True, backend="cgroup")
     try:
         for _ in range(2):

@@ -13,7 +13,7 @@ import pytest
 
 from tests import proc
 from tests.conftest import MakeCgroup, require_root
-from tests.integration.test_kept_census import FORK_ON_F
+from tests.integration.conftest import FORK_ON_F
 from treeguard import ProcessesGuard
 from treeguard._backends._census import _Census
 from treeguard.cgroup import Cgroup

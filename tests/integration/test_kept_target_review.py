@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.conftest import MakeCgroup, require_root
-from tests.integration.test_kept_census import FORK_ON_F, _fork_one, _sockets
+from tests.integration.conftest import SpawnForker, fork_one
+from tests.integration.test_kept_census import _sockets
 from treeguard import ProcessesGuard
 from treeguard._backends import Plan, _cgroup
 from treeguard._backends._freezer_base import CgroupFreezer
@@ -19,29 +18,6 @@ from treeguard._backends._target import Target
 from treeguard.cgroup import Cgroup
 from treeguard.errors import CgroupError
 from treeguard.procfs import ProcFS
-
-Forker = subprocess.Popen[bytes]
-
-
-@pytest.fixture
-def forker_in() -> Iterator[Callable[[Cgroup], Forker]]:
-    """Start a forker (FORK_ON_F) in a cgroup (the cgroup fixture kills it)."""
-    started: list[Forker] = []
-
-    def start(cg: Cgroup) -> Forker:
-        forker = cg.spawn(
-            [sys.executable, "-c", FORK_ON_F], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        started.append(forker)
-        return forker
-
-    try:
-        yield start
-    finally:
-        for forker in started:
-            assert forker.stdin is not None and forker.stdout is not None
-            forker.stdin.close()
-            forker.stdout.close()
 
 
 def test_a_guard_whose_tree_no_cgroup_holds_never_subscribes() -> None:
@@ -68,7 +44,7 @@ def test_a_guard_whose_tree_no_cgroup_holds_never_subscribes() -> None:
 def test_a_tree_moved_into_a_child_of_the_kept_cgroup_is_frozen_with_it(
     version: int,
     cgroup: MakeCgroup,
-    forker_in: Callable[[Cgroup], Forker],
+    spawn_forker: SpawnForker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The cgroups below the kept one list their tasks after it: moved into the (empty)
@@ -77,8 +53,8 @@ def test_a_tree_moved_into_a_child_of_the_kept_cgroup_is_frozen_with_it(
     require_root("process events")
     cg = cgroup(version)
     below = cgroup(version, parent=cg.path)
-    forker = forker_in(cg)
-    kid = _fork_one(forker)
+    forker = spawn_forker(cg.spawn)
+    kid = fork_one(forker)
     guard = ProcessesGuard(forker.pid, include_root=True, backend="cgroup")
     try:
         for _ in range(3):  # the census (and its cgroup) is kept from the second freeze on
@@ -109,13 +85,13 @@ def test_a_tree_moved_into_a_child_of_the_kept_cgroup_is_frozen_with_it(
 def test_a_root_moved_into_the_kept_cgroup_is_refused_before_anything_is_frozen(
     version: int,
     cgroup: MakeCgroup,
-    forker_in: Callable[[Cgroup], Forker],
+    spawn_forker: SpawnForker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     require_root("process events")
     cg, home = cgroup(version), cgroup(version)
-    forker = forker_in(home)
-    first = _fork_one(forker)
+    forker = spawn_forker(home.spawn)
+    first = fork_one(forker)
     assert cg.adopt([first]) == [first]
     guard = ProcessesGuard(forker.pid, backend="cgroup")  # the root keeps running
     writes: list[str] = []
@@ -145,14 +121,14 @@ def test_a_root_moved_into_the_kept_cgroup_is_refused_before_anything_is_frozen(
 def test_a_cgroup_made_again_under_the_same_path_is_read_anew(
     version: int,
     cgroup: MakeCgroup,
-    forker_in: Callable[[Cgroup], Forker],
+    spawn_forker: SpawnForker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The tree leaves, the cgroup is removed and made again, the tree comes back: the path
     # and the task list read as before, but the cgroup is another (its inode).
     require_root("process events")
     cg, other = cgroup(version), cgroup(version)
-    forker = forker_in(cg)
+    forker = spawn_forker(cg.spawn)
     guard = ProcessesGuard(forker.pid, include_root=True, backend="cgroup")
     reads: list[int] = []
     real = ProcFS.children
