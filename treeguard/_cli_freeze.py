@@ -118,9 +118,12 @@ def _freeze_cgroup(args: argparse.Namespace) -> int:
     dog = Watchdog.start()
     try:
         dog.arm(None)
-        # Interrupts wait until the freeze is done and CMD's handlers are in place.
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+        # Interrupts wait until the freeze is done and CMD's handlers are in place. The
+        # mask is read before it is changed, so that it is always restored (a handler may
+        # raise as the call that blocks returns).
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, ())
         try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
             if not cg.frozen:
                 dog.journal.freezing_cgroup(cg.version, cg.path, os.stat(cg.path).st_ino)
             cg.freeze(timeout=args.timeout)

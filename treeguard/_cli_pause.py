@@ -41,22 +41,25 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
     hold = _cgroup_hold(args) if args.cgroup is not None else _guard_hold(args)
     path: str = args.state
-    fd = create_exclusive(path)
     # No handler may interrupt the freeze half way, and the default action of SIGTERM would
     # leave a tree stopped with an unfinished state file: block the interrupting signals
-    # until the token is safely on disk, then act on one that arrived meanwhile
-    # (pthread_sigmask(3)). SIGKILL is left to the journal and the watchdog.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    # before the state file exists and until the token is safely on disk, then act on one
+    # that arrived meanwhile (pthread_sigmask(3)). The mask is read before it is changed, so
+    # that it is always restored: the handler of a signal that came just before runs (in
+    # the main thread) at the latest as the call that blocks returns, and no later one runs
+    # until the mask is restored. SIGKILL is left to the journal and the watchdog.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
-        report, token = _pause(hold, StateJournal(fd), args.max_frozen)
-    except BaseException:
-        os.close(fd)
-        fd = -1
-        os.unlink(path)  # we created it just now, exclusively; nothing is left stopped
-        raise
-    finally:
-        if fd >= 0:
+        signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+        fd = create_exclusive(path)
+        try:
+            report, token = _pause(hold, StateJournal(fd), args.max_frozen)
+        except BaseException:
+            os.unlink(path)  # we created it just now, exclusively; nothing is left stopped
+            raise
+        finally:
             os.close(fd)
+    finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     lease = "" if args.max_frozen is None else f" (thawed in {args.max_frozen:g} s if not)"
     skipped = f", skipped {len(report.skipped)}" if report.skipped else ""

@@ -89,6 +89,7 @@ def create_exclusive(path: str) -> int:
         os.fchmod(fd, 0o600)  # whatever the umask did, never more than owner read/write
     except OSError:
         os.close(fd)
+        os.unlink(path)  # created just now, exclusively: ours
         raise
     return fd
 

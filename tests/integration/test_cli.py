@@ -258,6 +258,46 @@ def test_pause_and_resume(make_tree: MakeTree, tmp_path: Path, paused_cleanup: l
     assert_clean_error(run("resume", "--state", str(state)), 6, "does not exist")
 
 
+_INTERRUPTED_AFTER_CREATE = """
+import os, signal, sys
+from treeguard import _cli, _statefile
+
+create = _statefile.create_exclusive
+
+def create_then_interrupted(path):
+    fd = create(path)
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C just as the state file exists
+    return fd
+
+_statefile.create_exclusive = create_then_interrupted
+sys.exit(_cli.main(sys.argv[1:]))
+"""
+
+
+def test_pause_interrupted_as_its_state_file_is_made(
+    make_tree: MakeTree, tmp_path: Path, paused_cleanup: list[Path]
+) -> None:
+    """An interrupt that comes as the state file is created undoes the pause, as one that
+    comes while it freezes: nothing stopped, no state file (never an empty one that
+    blocks the path and resumes nothing)."""
+    tree = make_tree(SPEC)
+    state = tmp_path / "paused.json"
+    paused_cleanup.append(state)
+    argv = ["pause", str(tree.root), "--state", str(state)]
+    result = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_AFTER_CREATE, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 128 + signal.SIGINT, result
+    assert "SIGINT received while frozen; the tree was thawed" in result.stderr
+    assert not state.exists()
+    proc.assert_none_stopped(tree.pids)
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+
+
 def test_malicious_state_files(
     make_tree: MakeTree, tmp_path: Path, paused_cleanup: list[Path]
 ) -> None:
