@@ -22,6 +22,7 @@ __all__ = [
     "Stat",
     "parse_stat",
     "parse_stat_brief",
+    "parse_state",
 ]
 
 #: ``/proc/PID/stat`` states in which a task cannot run: stopped, traced-stopped.
@@ -212,6 +213,24 @@ def parse_stat_brief(data: bytes) -> tuple[str, int, int]:
         st = parse_stat(data)  # the authority on what is wrong with the line
         return st.state, st.num_threads, st.starttime
     return f[0].decode("ascii"), int(f[17]), int(f[19])
+
+
+def parse_state(data: bytes) -> str:
+    """The state letter of a stat line, all the proof needs of a thread.
+
+    Only the state field is checked: a whole line (one ``read`` returns the whole line,
+    newline included) whose last ``)`` ends the command name, then `` X `` with ``X`` a
+    letter. Anything else gets the full checks of :func:`parse_stat` (their state, or their
+    error); the other fields are not looked at.
+
+    :raises ProcfsParseError: if the state cannot be read.
+    """
+    if type(data) is bytes and data[-1:] == b"\n":
+        close = data.rfind(b")")
+        field = data[close + 1 : close + 4]
+        if close > 0 and field[:1] == field[2:] == b" " and field[1:2].isalpha():
+            return chr(field[1])
+    return parse_stat(data).state
 
 
 def parse_children(data: bytes) -> list[int]:

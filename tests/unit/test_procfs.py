@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 
 from tests.unit.strategies import StatLine, stat_lines
 from treeguard import FreezeError, ProcfsParseError
-from treeguard.procfs import ProcFS, Stat, parse_children, parse_stat, parse_stat_brief
+from treeguard.procfs import (
+    ProcFS,
+    Stat,
+    parse_children,
+    parse_stat,
+    parse_stat_brief,
+    parse_state,
+)
 
 
 @given(stat_lines())
@@ -78,6 +85,54 @@ def test_the_fast_path_takes_only_what_the_full_checks_accept_and_reads_the_same
         # with a marred ppid, pgrp, session or flags is refused though it reads none).
         want = (full.state, full.num_threads, full.starttime) if isinstance(full, Stat) else full
         assert _brief(raw) == want, raw
+
+
+def _state(data: object) -> object:
+    try:
+        return parse_state(data)  # type: ignore[arg-type]
+    except ProcfsParseError:
+        return ProcfsParseError
+
+
+@given(stat_lines(), st.data())
+def test_parse_state_reads_the_state_field_as_the_full_checks_do(
+    line: StatLine, data: st.DataObject
+) -> None:
+    # Where the full checks accept a line, parse_state reads their state. Where they refuse
+    # it, it reads the state field of a whole line or refuses too; a line cut short anywhere
+    # (a short read) gets the full checks' answer, never a letter from inside the command.
+    head, _, tail = line.raw.rpartition(b")")
+    fields = tail.split(b" ")
+    lines = [line.raw]
+    for at in range(min(len(fields), 22)):
+        for junk in (b"", b" ", b")", b"\n", b"x", b"\xff"):
+            lines.append(
+                head + b")" + b" ".join([*fields[:at], junk + fields[at], *fields[at + 1 :]])
+            )
+    for raw in lines:
+        full = _either(raw)
+        got = _state(raw)
+        if isinstance(full, Stat):
+            assert got == full.state, raw
+        elif got is not ProcfsParseError:
+            assert raw.endswith(b"\n") and got == chr(raw[raw.rfind(b")") + 2]), raw
+    whole = line.raw if line.raw.endswith(b"\n") else line.raw + b"\n"
+    cut = whole[: data.draw(st.integers(min_value=0, max_value=len(whole) - 1))]
+    want = _either(cut)
+    assert _state(cut) == (want.state if isinstance(want, Stat) else want), cut
+    text = line.raw.decode("utf-8", "surrogateescape")
+    for other in (text, bytearray(line.raw), memoryview(line.raw)):
+        assert _state(other) == parse_stat(line.raw).state
+    for junk in (None, 12, [line.raw]):
+        assert _state(junk) is ProcfsParseError
+
+
+def test_parse_state_never_reads_a_letter_inside_the_command_of_a_cut_line() -> None:
+    line = b"12 (a) T (b) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0\n"
+    assert parse_state(line) == "S"
+    for end in range(len(line) - 1):
+        want = _either(line[:end])
+        assert _state(line[:end]) == (want.state if isinstance(want, Stat) else want)
 
 
 @given(stat_lines())

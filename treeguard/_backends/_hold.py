@@ -11,7 +11,7 @@ import threading
 from .. import _ptrace
 from .._report import FreezeReport
 from ..errors import FreezePermissionError
-from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat, parse_stat_brief
+from ..procfs import DEAD_STATES, PF_EXITING, ProcFS, Stat, parse_stat_brief, parse_state
 from ._base import Journal
 from ._proof import VFORK_WCHAN
 
@@ -301,7 +301,7 @@ class Hold:
             self._stat_now(proc, read=False)
             return
         data = self._stat_now(proc)
-        proc.proven = data is not None and parse_stat_brief(data)[0] == "t"
+        proc.proven = data is not None and parse_state(data) == "t"
 
     def _stat_now(self, proc: Proc, read: bool = True) -> bytes | None:
         """The stat of ``proc`` read now, through the descriptor kept for it (then closed)."""
@@ -315,7 +315,7 @@ class Hold:
 
     def state(self, pid: int, tid: int) -> str | None:
         data = self.fs.read(f"{pid}/task/{tid}/stat")
-        return None if data is None else parse_stat_brief(data)[0]
+        return None if data is None else parse_state(data)
 
     def release(self, task: Task) -> None:
         if not task.stopped:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._report import FreezeReport
-from ..procfs import DEAD_STATES, ProcFS, dead, parse_stat, parse_stat_brief
+from ..procfs import DEAD_STATES, ProcFS, dead, parse_stat, parse_stat_brief, parse_state
 from ._pidfds import Entry
 
 __all__ = ["GONE", "SETTLED", "TRACED", "VFORK_WCHAN", "Look", "look", "traced_reason"]
@@ -76,7 +76,7 @@ def look(entry: Entry, fs: ProcFS, report: FreezeReport) -> Look | object:
         for tid in entry.tids:
             tdata = data if tid == pid else fs.read(f"{pid}/task/{tid}/stat")
             if tdata is not None:
-                tasks.append((tid, parse_stat_brief(tdata)[0]))
+                tasks.append((tid, parse_state(tdata)))
     late: list[tuple[int, int, str]] = []
     for tid, state in tasks:
         if state in SETTLED:
