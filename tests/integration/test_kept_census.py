@@ -251,6 +251,33 @@ def test_a_census_taken_over_but_contradicted_once_frozen_is_read_from_the_froze
         guard.close()
 
 
+def test_what_a_census_works_out_is_what_it_read_freeze_after_freeze(
+    cgroup: MakeCgroup, spawn_forker: SpawnForker
+) -> None:
+    """A census works out once, from what it read, the sets that every freeze that takes it
+    over asks for; they must say what its reads say now, whether it was read in full,
+    taken over, or read again (a child forked since the last freeze)."""
+    require_root("process events")
+    cg = cgroup(2)
+    forker = spawn_forker(cg.spawn)
+    kids: list[int] = []
+    guard = ProcessesGuard(forker.pid, include_root=True, backend="cgroup")
+    try:
+        for round_ in range(6):
+            if round_ in (2, 4):
+                kids.append(fork_one(forker))
+            with guard:
+                assert sorted(guard.pids) == sorted([forker.pid, *kids])
+                census = guard._backend._census  # type: ignore[union-attr]
+                assert census is not None
+                read = census._kids
+                assert census.watched == census.tids | read.keys() | census.procs
+                assert census._listed_kids == set().union(*read.values()) == set(kids)
+                assert census.keepable
+    finally:
+        guard.close()
+
+
 def _sockets() -> set[str]:
     """The sockets this process holds (as ``socket:[inode]``)."""
     found = set()

@@ -94,6 +94,10 @@ class _Census(_Members):
         #: Taken over from the last freeze of the same guard (see :mod:`._kept`): nothing
         #: read again unless the task list changes.
         self.reused = False
+        # Worked out from what was read at the end of each survey that read something new
+        # (a census taken over asks for them at every freeze): see _work_out().
+        self._listed_kids: set[int] = set()
+        self._watched: set[int] = set()
 
     @property
     def tids(self) -> set[int]:
@@ -106,7 +110,13 @@ class _Census(_Members):
         read (listed at any look, though it may have exited since), and every process (a
         new thread's event names its parent process and its thread group, whose leader is
         in no task list once it exited alone)."""
-        return self._tids | self._kids.keys() | self.procs
+        return self._watched
+
+    def _work_out(self) -> None:
+        """Work out what the tasks, children files and processes read say, once they are
+        all read: every child listed, and what the events must not name."""
+        self._listed_kids = set().union(*self._kids.values())
+        self._watched = self._tids | self._kids.keys() | self.procs
 
     @property
     def keepable(self) -> bool:
@@ -116,7 +126,7 @@ class _Census(_Members):
         adopted by a subreaper of the tree (the kernel's find_new_reaper), a child of the
         tree in another cgroup that only reading the children files again finds."""
         kept = self.plan.passthrough | self.plan.blocked.keys()
-        return not any(kid in kept for kids in self._kids.values() for kid in kids)
+        return kept.isdisjoint(self._listed_kids)
 
     @property
     def seen(self) -> tuple[list[str], bytes] | None:
@@ -132,6 +142,7 @@ class _Census(_Members):
         self._seen = None
         self._kids, self._tids, self._orphans, self.parent = {}, set(), set(), {}
         self.reused = False
+        self._work_out()
 
     def survey(self) -> Steps[None]:
         """List the cgroup and read the ``children`` file of each task not read yet. The
@@ -159,6 +170,7 @@ class _Census(_Members):
         self.parent = {kid: tid for kid, tid in parent.items() if kid in procs and tid in procs}
         self._orphans = procs - self.top - self.parent.keys()
         self.procs = procs
+        self._work_out()
 
     def _read_children(self, tids: set[int]) -> Steps[None]:
         """Read the ``children`` file of each task of ``tids`` not read yet, pausing every
@@ -194,7 +206,7 @@ class _Census(_Members):
                 "freezing it stops them too (use backend='signal')"
             )
         outside = []
-        for pid in sorted(set().union(self.top, *self._kids.values()) - procs - kept):
+        for pid in sorted((self.top | self._listed_kids) - procs - kept):
             st = fs.stat(pid)
             if st is None or st.state in DEAD_STATES or st.is_kernel_thread:
                 continue  # a zombie is in no cgroup.procs
