@@ -320,6 +320,11 @@ class ProcFS:
         except _GONE:
             return None
 
+    def has_thread(self, pid: int, tid: int) -> bool:
+        """Whether ``tid`` is a thread of the process ``pid`` now (``/proc/PID/task/TID``
+        exists; looked up with the effective IDs, as a stat would, without building one)."""
+        return os.access(f"{self.root}/{pid}/task/{tid}", os.F_OK, effective_ids=True)
+
     def children(self, pid: int, tid: int) -> list[int] | None:
         """Children forked by one thread (``/proc/PID/task/TID/children``); ``None`` if gone.
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from tests import proc
 from tests.unit.strategies import StatLine, stat_lines
 from treeguard import FreezeError, ProcfsParseError
 from treeguard.procfs import (
@@ -236,3 +240,29 @@ def test_reads_this_process() -> None:
     assert fs.stat(4194304) is None  # no such PID: None, not an error
     status = fs.status(os.getpid())
     assert status is not None and status["Pid"] == str(os.getpid())
+
+
+def test_has_thread_names_the_threads_of_a_process_only() -> None:
+    fs = ProcFS()
+    started = threading.Event()
+    done = threading.Event()
+
+    def run() -> None:
+        started.set()
+        done.wait(30)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert started.wait(30)
+        tid = thread.native_id
+        assert tid is not None and tid != os.getpid()
+        assert fs.has_thread(os.getpid(), tid)
+        assert fs.has_thread(os.getpid(), os.getpid())
+        assert not fs.has_thread(os.getppid(), tid)  # a thread of another process
+        assert not fs.has_thread(os.getpid(), 0)
+    finally:
+        done.set()
+        thread.join()
+    # (join() returns as the thread's Python part ends; the kernel task goes a moment later)
+    proc.wait_until(lambda: not fs.has_thread(os.getpid(), tid), 10, "the thread to end")

@@ -147,7 +147,7 @@ class Hold:
                 data = self.fs.read(f"{tid}/stat")
                 mine = data is not None and parse_stat_brief(data)[2] == proc.starttime
         else:  # the leader, seized first, is proven: is this one of its threads?
-            mine = os.path.exists(f"{self.fs.root}/{proc.pid}/task/{tid}")
+            mine = self.fs.has_thread(proc.pid, tid)
         if not mine:
             try:
                 _ptrace.detach(tid)
