@@ -42,12 +42,19 @@ Result = dict[str, Any]
 
 
 def workloads(quick: bool, only: str = "") -> list[tuple[str, int, dict[str, Any]]]:
-    """``(label, processes, spec)`` of every freezing workload (those whose label holds
-    one of the ``|``-separated words of ``only``, if given)."""
+    """``(label, tasks, spec)`` of every freezing workload (those whose label holds one of
+    the ``|``-separated words of ``only``, if given)."""
     sizes = (10, 100) if quick else (10, 100, 1000)
-    found = [(f"wide {n}, {t} threads", n, wide(n, threads=t)) for t in (0, 4) for n in sizes]
+    found = [
+        (f"wide {n}, {t} threads", n * (1 + t), wide(n, threads=t)) for t in (0, 4) for n in sizes
+    ]
     found.append(("chain 50 deep x2 (100)", 100, chain(50, width=2)))
     return [w for w in found if _chosen(w[0], only or None)]
+
+
+#: Trees of at most this many tasks freeze in a millisecond or two, where the machine's
+#: noise weighs most: they get three times the repetitions (unless --reps says how many).
+SMALL = 500
 
 
 def _chosen(name: str, only: str | None) -> bool:
@@ -183,6 +190,7 @@ def run_workload(
         "workload": label,
         "processes": len(pids),
         "threads_per_process": spec.get("threads", 0),
+        "repetitions": reps,
         "contenders": {
             name: {
                 "freeze_ms": summary(t["freeze"]) if t["freeze"] else None,
@@ -305,9 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     extra: Result = {"quick": args.quick}
     results = []
-    for label, _, spec in workloads(args.quick, args.workloads):
+    for label, tasks, spec in workloads(args.quick, args.workloads):
         print(f"… {label}", flush=True)
-        results.append(run_workload(label, spec, reps, failures, extra, args.contenders))
+        n = reps * 3 if tasks <= SMALL and not (args.reps or args.quick) else reps
+        results.append(run_workload(label, spec, n, failures, extra, args.contenders))
     wanted = args.extras
     enumeration = None
     if _chosen("enumeration", wanted):
