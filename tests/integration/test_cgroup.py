@@ -370,8 +370,10 @@ def test_refused_when_a_thread_of_the_tree_lives_in_another_cgroup(
     # The cgroup frozen as it is: the thread elsewhere runs on. (Frozen while it held
     # the GIL, the process's main thread would stall it: tried again then.)
     for _ in range(5):
-        cg.freeze()
+        report = cg.freeze()
         try:
+            # (v2: a threaded cgroup lists no processes: each is learnt from its threads)
+            assert (report.stopped, report.tasks) == (2, 3)
             assert proc.counters_still(counters(stays), tree.period)
             if moved(tree.counters, thread, 1.0):
                 break

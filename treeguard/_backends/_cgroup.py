@@ -94,7 +94,7 @@ class CgroupBackend(Backend):
         self._kept: Kept | None = None
         self._kept_looked = False  # Kept.of() was asked (once a freeze: it subscribes)
         self._target: Target | None = None
-        self._procs: set[int] = set()
+        self._members: _Members | None = None  # what the cgroup held once frozen
         self._pids: list[int] | None = None
         self._identities: list[tuple[int, int]] | None = None
 
@@ -199,8 +199,8 @@ class CgroupBackend(Backend):
         if kept is not None and keep is not None and problem is None:
             kept.keep(keep, self._target)  # only now: an interrupt before keeps nothing
         report.prove_seconds += time.perf_counter() - t0
-        self._procs = members.procs
-        report.stopped = len(self._procs)
+        self._members = members
+        report.stopped = members.count
         report.tasks = members.tasks
         self._pids = self._identities = None
         return problem
@@ -210,11 +210,14 @@ class CgroupBackend(Backend):
         first use: the freeze costs no more than the cgroup's own)."""
         if self._identities is None:
             fs = self.plan.fs
-            pids = self._procs if self._census is None else self._parent_first()
+            pids = self._held() if self._census is None else self._parent_first()
             stats = {pid: st for pid in pids if (st := fs.stat(pid)) is not None}
             order = by_ppid(stats, fs) if self._census is None else self._parent_first()
             self._identities = [(pid, stats[pid].starttime) for pid in order if pid in stats]
         return self._identities
+
+    def _held(self) -> set[int]:
+        return set() if self._members is None else self._members.procs
 
     def _parent_first(self) -> list[int]:
         if self._pids is None:
