@@ -37,7 +37,7 @@ class NothingToPause(FreezeError):
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    from ._statefile import StateJournal, create_exclusive
+    from ._statefile import StateJournal, create_exclusive, remove_checked
 
     hold = _cgroup_hold(args) if args.cgroup is not None else _guard_hold(args)
     path: str = args.state
@@ -55,7 +55,9 @@ def cmd_pause(args: argparse.Namespace) -> int:
         try:
             report, token = _pause(hold, StateJournal(fd), args.max_frozen)
         except BaseException:
-            os.unlink(path)  # we created it just now, exclusively; nothing is left stopped
+            # Nothing is left stopped. The file we created, unless someone put another at
+            # its path since (a resume took ours away, another pause made its own there).
+            remove_checked(path, os.fstat(fd))
             raise
         finally:
             os.close(fd)

@@ -298,6 +298,49 @@ def test_pause_interrupted_as_its_state_file_is_made(
     proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
 
 
+_REPLACED_WHILE_PAUSING = """
+import os, signal, sys
+from treeguard import _cli, _statefile
+
+create = _statefile.create_exclusive
+
+def create_then_replaced(path):
+    fd = create(path)
+    # While the pause runs, a resume takes its file away and another pause makes its own
+    # at the same path; then this pause is interrupted.
+    os.unlink(path)
+    with open(path, "x") as other:
+        other.write("another pause's state file")
+    os.kill(os.getpid(), signal.SIGINT)
+    return fd
+
+_statefile.create_exclusive = create_then_replaced
+sys.exit(_cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_pause_undone_removes_its_own_state_file_only(
+    make_tree: MakeTree, tmp_path: Path
+) -> None:
+    """A pause undone removes the state file it made, never another file put at its path
+    since (that of another pause: its tree would stay stopped with nothing to resume it)."""
+    tree = make_tree(SPEC)
+    state = tmp_path / "paused.json"
+    argv = ["pause", str(tree.root), "--state", str(state)]
+    result = subprocess.run(
+        [sys.executable, "-c", _REPLACED_WHILE_PAUSING, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 128 + signal.SIGINT, result
+    assert "SIGINT received while frozen; the tree was thawed" in result.stderr
+    assert state.read_text() == "another pause's state file"
+    proc.assert_none_stopped(tree.pids)
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+
+
 def test_malicious_state_files(
     make_tree: MakeTree, tmp_path: Path, paused_cleanup: list[Path]
 ) -> None:
