@@ -244,7 +244,13 @@ def _pause(
             if why is not None:
                 raise NothingToPause(why)
             journal.completed(token)
-            arrived = sorted(signal.sigpending() & set(INTERRUPTS))
+            # One this process ignores (SIGHUP under nohup(1), SIGINT in a script's
+            # background job) is pending only because it was blocked: not an interrupt.
+            arrived = sorted(
+                sig
+                for sig in signal.sigpending() & set(INTERRUPTS)
+                if signal.getsignal(sig) is not signal.SIG_IGN
+            )
             if arrived:
                 signal.sigtimedwait(arrived, 0)  # consume it: the pause is undone
                 raise FrozenInterrupt(arrived[0])

@@ -341,6 +341,46 @@ def test_a_pause_undone_removes_its_own_state_file_only(
     proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
 
 
+_HUNG_UP_UNDER_NOHUP = """
+import os, signal, sys
+from treeguard import _cli, _statefile
+
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup(1) starts it
+create = _statefile.create_exclusive
+
+def create_then_hung_up(path):
+    fd = create(path)
+    os.kill(os.getpid(), signal.SIGHUP)  # the terminal hangs up as the pause runs
+    return fd
+
+_statefile.create_exclusive = create_then_hung_up
+sys.exit(_cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_pause_goes_on_through_a_signal_it_ignores(
+    make_tree: MakeTree, tmp_path: Path, paused_cleanup: list[Path]
+) -> None:
+    """A signal the pause was started ignoring (SIGHUP under nohup, SIGINT in a background
+    job of a script) does not undo it, blocked while it freezes or not."""
+    tree = make_tree(SPEC)
+    state = tmp_path / "paused.json"
+    paused_cleanup.append(state)
+    argv = ["pause", str(tree.root), "--state", str(state)]
+    result = subprocess.run(
+        [sys.executable, "-c", _HUNG_UP_UNDER_NOHUP, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result
+    proc.assert_all_stopped(tree.pids)
+    assert run("resume", "--state", str(state)).returncode == 0
+    assert not state.exists()
+    proc.assert_none_stopped(tree.pids)
+
+
 def test_malicious_state_files(
     make_tree: MakeTree, tmp_path: Path, paused_cleanup: list[Path]
 ) -> None:
