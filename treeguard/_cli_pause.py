@@ -19,10 +19,16 @@ if TYPE_CHECKING:
     from ._token import Token
     from .cgroup import Cgroup
 
-__all__ = ["INTERRUPTS", "NothingToPause", "cgroup_only", "cmd_pause", "cmd_resume"]
+__all__ = ["INTERRUPTS", "NothingToPause", "cgroup_only", "cmd_pause", "cmd_resume", "heeded"]
 
 #: Signals that usually end the CLI: never while a tree is half frozen or a token unsaved.
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def heeded() -> list[int]:
+    """The :data:`INTERRUPTS` this process was not started ignoring (SIGHUP under
+    nohup(1), SIGINT in a script's background job): ignored before, ignored now."""
+    return [sig for sig in INTERRUPTS if signal.getsignal(sig) is not signal.SIG_IGN]
 
 
 class NothingToPause(FreezeError):
@@ -244,13 +250,8 @@ def _pause(
             if why is not None:
                 raise NothingToPause(why)
             journal.completed(token)
-            # One this process ignores (SIGHUP under nohup(1), SIGINT in a script's
-            # background job) is pending only because it was blocked: not an interrupt.
-            arrived = sorted(
-                sig
-                for sig in signal.sigpending() & set(INTERRUPTS)
-                if signal.getsignal(sig) is not signal.SIG_IGN
-            )
+            # One ignored is pending only because it was blocked: not an interrupt.
+            arrived = sorted(signal.sigpending() & set(heeded()))
             if arrived:
                 signal.sigtimedwait(arrived, 0)  # consume it: the pause is undone
                 raise FrozenInterrupt(arrived[0])

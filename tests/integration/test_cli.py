@@ -381,6 +381,42 @@ def test_a_pause_goes_on_through_a_signal_it_ignores(
     proc.assert_none_stopped(tree.pids)
 
 
+@pytest.mark.parametrize("by", ["pid", "cgroup"])
+def test_freeze_goes_on_through_a_signal_it_ignores(
+    make_tree: MakeTree, cgroup: MakeCgroup, by: str
+) -> None:
+    """Started ignoring SIGHUP (nohup(1)), freeze goes on ignoring it: a hangup while CMD
+    runs neither ends CMD nor thaws early; CMD's status passes through."""
+    if by == "cgroup":
+        cg = cgroup(2)
+        tree = make_tree(SPEC, spawn=cg.spawn)
+        what = ["--cgroup", cg.path]
+        events = os.path.join(cg.path, "cgroup.events")
+        frozen = f"'frozen 1' in open({events!r}).read()"
+    else:
+        tree = make_tree(SPEC)
+        what = [str(tree.root)]
+        frozen = f"not proc.not_stopped({tree.pids!r})"
+    # CMD hangs up on treeguard (its parent), then says whether the tree is still frozen.
+    cmd = (
+        "import os, signal, sys; from tests import proc; "
+        "os.kill(os.getppid(), signal.SIGHUP); "
+        f"sys.exit(7 if {frozen} else 1)"
+    )
+    result = subprocess.run(
+        [*_script(), "freeze", *what, "--", sys.executable, "-c", cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
+    )
+    assert result.returncode == 7, result
+    proc.assert_none_stopped(tree.pids)
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+
+
 def test_malicious_state_files(
     make_tree: MakeTree, tmp_path: Path, paused_cleanup: list[Path]
 ) -> None:
