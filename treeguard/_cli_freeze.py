@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from ._cli_pause import INTERRUPTS
+from ._cli_pause import INTERRUPTS, heeded
 from .errors import FrozenInterrupt, InvalidArgumentError
 
 __all__ = ["EXIT_CANNOT_EXEC", "EXIT_NOT_FOUND", "CannotRun", "cmd_freeze"]
@@ -71,7 +71,7 @@ def cmd_freeze(args: argparse.Namespace) -> int:
     def interrupted(signum: int, frame: object) -> None:
         raise FrozenInterrupt(signum)
 
-    previous = {sig: signal.signal(sig, interrupted) for sig in INTERRUPTS}
+    previous = {sig: signal.signal(sig, interrupted) for sig in heeded()}
     try:
         status = freezethaw(
             run_cmd,
@@ -148,7 +148,7 @@ def _run_held(cmd: list[str], mask: Iterable[int]) -> int:
         raise FrozenInterrupt(signum)
 
     child: subprocess.Popen[bytes] | None = None
-    handlers = {sig: signal.signal(sig, interrupted) for sig in INTERRUPTS}
+    handlers = {sig: signal.signal(sig, interrupted) for sig in heeded()}
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one that waited is raised here
         try:

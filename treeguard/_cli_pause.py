@@ -19,10 +19,16 @@ if TYPE_CHECKING:
     from ._token import Token
     from .cgroup import Cgroup
 
-__all__ = ["INTERRUPTS", "NothingToPause", "cgroup_only", "cmd_pause", "cmd_resume"]
+__all__ = ["INTERRUPTS", "NothingToPause", "cgroup_only", "cmd_pause", "cmd_resume", "heeded"]
 
 #: Signals that usually end the CLI: never while a tree is half frozen or a token unsaved.
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def heeded() -> list[int]:
+    """The :data:`INTERRUPTS` this process was not started ignoring (SIGHUP under
+    nohup(1), SIGINT in a script's background job): ignored before, ignored now."""
+    return [sig for sig in INTERRUPTS if signal.getsignal(sig) is not signal.SIG_IGN]
 
 
 class NothingToPause(FreezeError):
@@ -37,7 +43,7 @@ class NothingToPause(FreezeError):
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    from ._statefile import StateJournal, create_exclusive
+    from ._statefile import StateJournal, create_exclusive, remove_checked
 
     hold = _cgroup_hold(args) if args.cgroup is not None else _guard_hold(args)
     path: str = args.state
@@ -55,7 +61,9 @@ def cmd_pause(args: argparse.Namespace) -> int:
         try:
             report, token = _pause(hold, StateJournal(fd), args.max_frozen)
         except BaseException:
-            os.unlink(path)  # we created it just now, exclusively; nothing is left stopped
+            # Nothing is left stopped. The file we created, unless someone put another at
+            # its path since (a resume took ours away, another pause made its own there).
+            remove_checked(path, os.fstat(fd))
             raise
         finally:
             os.close(fd)
@@ -242,7 +250,8 @@ def _pause(
             if why is not None:
                 raise NothingToPause(why)
             journal.completed(token)
-            arrived = sorted(signal.sigpending() & set(INTERRUPTS))
+            # One ignored is pending only because it was blocked: not an interrupt.
+            arrived = sorted(signal.sigpending() & set(heeded()))
             if arrived:
                 signal.sigtimedwait(arrived, 0)  # consume it: the pause is undone
                 raise FrozenInterrupt(arrived[0])

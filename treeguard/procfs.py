@@ -215,20 +215,31 @@ def parse_stat_brief(data: bytes) -> tuple[str, int, int]:
     return f[0].decode("ascii"), int(f[17]), int(f[19])
 
 
+#: The most bytes of a command name a stat line holds (fs/proc/array.c writes at most 63,
+#: a kernel thread's full name; a user task's is at most 15).
+_COMM_MAX = 64
+
+
 def parse_state(data: bytes) -> str:
     """The state letter of a stat line, all the proof needs of a thread.
 
     Only the state field is checked: a whole line (one ``read`` returns the whole line,
     newline included) whose last ``)`` ends the command name, then `` X `` with ``X`` a
     letter. Anything else gets the full checks of :func:`parse_stat` (their state, or their
-    error); the other fields are not looked at.
+    error); the other fields are not looked at. A newline at the end does not by itself
+    say the line is whole: one cut short right after a newline inside the command name
+    ends in one too, with a ``)`` of the name as its last. What follows the command name
+    of a whole line is longer than any command name (fields of a kernel of any age), so
+    a line with no more than :data:`_COMM_MAX` bytes after its last ``)`` gets the full
+    checks.
 
     :raises ProcfsParseError: if the state cannot be read.
     """
     if type(data) is bytes and data[-1:] == b"\n":
         close = data.rfind(b")")
         field = data[close + 1 : close + 4]
-        if close > 0 and field[:1] == field[2:] == b" " and field[1:2].isalpha():
+        whole = len(data) - close > _COMM_MAX  # else maybe cut inside the command name
+        if close > 0 and whole and field[:1] == field[2:] == b" " and field[1:2].isalpha():
             return chr(field[1])
     return parse_stat(data).state
 

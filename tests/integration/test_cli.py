@@ -298,6 +298,125 @@ def test_pause_interrupted_as_its_state_file_is_made(
     proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
 
 
+_REPLACED_WHILE_PAUSING = """
+import os, signal, sys
+from treeguard import _cli, _statefile
+
+create = _statefile.create_exclusive
+
+def create_then_replaced(path):
+    fd = create(path)
+    # While the pause runs, a resume takes its file away and another pause makes its own
+    # at the same path; then this pause is interrupted.
+    os.unlink(path)
+    with open(path, "x") as other:
+        other.write("another pause's state file")
+    os.kill(os.getpid(), signal.SIGINT)
+    return fd
+
+_statefile.create_exclusive = create_then_replaced
+sys.exit(_cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_pause_undone_removes_its_own_state_file_only(
+    make_tree: MakeTree, tmp_path: Path
+) -> None:
+    """A pause undone removes the state file it made, never another file put at its path
+    since (that of another pause: its tree would stay stopped with nothing to resume it)."""
+    tree = make_tree(SPEC)
+    state = tmp_path / "paused.json"
+    argv = ["pause", str(tree.root), "--state", str(state)]
+    result = subprocess.run(
+        [sys.executable, "-c", _REPLACED_WHILE_PAUSING, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 128 + signal.SIGINT, result
+    assert "SIGINT received while frozen; the tree was thawed" in result.stderr
+    assert state.read_text() == "another pause's state file"
+    proc.assert_none_stopped(tree.pids)
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+
+
+_HUNG_UP_UNDER_NOHUP = """
+import os, signal, sys
+from treeguard import _cli, _statefile
+
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup(1) starts it
+create = _statefile.create_exclusive
+
+def create_then_hung_up(path):
+    fd = create(path)
+    os.kill(os.getpid(), signal.SIGHUP)  # the terminal hangs up as the pause runs
+    return fd
+
+_statefile.create_exclusive = create_then_hung_up
+sys.exit(_cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_pause_goes_on_through_a_signal_it_ignores(
+    make_tree: MakeTree, tmp_path: Path, paused_cleanup: list[Path]
+) -> None:
+    """A signal the pause was started ignoring (SIGHUP under nohup, SIGINT in a background
+    job of a script) does not undo it, blocked while it freezes or not."""
+    tree = make_tree(SPEC)
+    state = tmp_path / "paused.json"
+    paused_cleanup.append(state)
+    argv = ["pause", str(tree.root), "--state", str(state)]
+    result = subprocess.run(
+        [sys.executable, "-c", _HUNG_UP_UNDER_NOHUP, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result
+    proc.assert_all_stopped(tree.pids)
+    assert run("resume", "--state", str(state)).returncode == 0
+    assert not state.exists()
+    proc.assert_none_stopped(tree.pids)
+
+
+@pytest.mark.parametrize("by", ["pid", "cgroup"])
+def test_freeze_goes_on_through_a_signal_it_ignores(
+    make_tree: MakeTree, cgroup: MakeCgroup, by: str
+) -> None:
+    """Started ignoring SIGHUP (nohup(1)), freeze goes on ignoring it: a hangup while CMD
+    runs neither ends CMD nor thaws early; CMD's status passes through."""
+    if by == "cgroup":
+        cg = cgroup(2)
+        tree = make_tree(SPEC, spawn=cg.spawn)
+        what = ["--cgroup", cg.path]
+        events = os.path.join(cg.path, "cgroup.events")
+        frozen = f"'frozen 1' in open({events!r}).read()"
+    else:
+        tree = make_tree(SPEC)
+        what = [str(tree.root)]
+        frozen = f"not proc.not_stopped({tree.pids!r})"
+    # CMD hangs up on treeguard (its parent), then says whether the tree is still frozen.
+    cmd = (
+        "import os, signal, sys; from tests import proc; "
+        "os.kill(os.getppid(), signal.SIGHUP); "
+        f"sys.exit(7 if {frozen} else 1)"
+    )
+    result = subprocess.run(
+        [*_script(), "freeze", *what, "--", sys.executable, "-c", cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
+    )
+    assert result.returncode == 7, result
+    proc.assert_none_stopped(tree.pids)
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+
+
 def test_malicious_state_files(
     make_tree: MakeTree, tmp_path: Path, paused_cleanup: list[Path]
 ) -> None:
