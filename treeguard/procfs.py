@@ -230,8 +230,7 @@ def parse_state(data: bytes) -> str:
     say the line is whole: one cut short right after a newline inside the command name
     ends in one too, with a ``)`` of the name as its last. What follows the command name
     of a whole line is longer than any command name (fields of a kernel of any age), so
-    a line with no more than :data:`_COMM_MAX` bytes after its last ``)`` gets the full
-    checks.
+    a line with no more than 64 bytes after its last ``)`` gets the full checks.
 
     :raises ProcfsParseError: if the state cannot be read.
     """
