@@ -146,12 +146,15 @@ class _CgroupHold:
     def __init__(self, cgroup: Cgroup, timeout: float) -> None:
         self.cgroup = cgroup
         self.timeout = timeout
-        self.inode = os.stat(cgroup.path).st_ino  # which cgroup: never reused
+        self.inode = 0
 
     def freeze(self, journal: StateJournal) -> FreezeReport:
         cg = self.cgroup
         if cg.frozen:
             raise NothingToPause(f"the cgroup {cg.path} was frozen already")
+        # Which cgroup (inodes are never reused), read as it is frozen: one made again at
+        # the path since the command started is the one frozen, and the one to thaw.
+        self.inode = os.stat(cg.path).st_ino
         journal.freezing_cgroup(cg.version, cg.path, self.inode)  # the file, then the helper
         return cg.freeze(timeout=self.timeout)
 

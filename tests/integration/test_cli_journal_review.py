@@ -1,0 +1,91 @@
+"""``treeguard pause`` and ``resume`` against what happens around them while the pause runs:
+a cgroup made again at its path, a resume of the state file the pause is still writing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tests import proc
+from tests.conftest import MakeCgroup, slot
+from tests.integration.test_cli import run
+from treeguard._statefile import parse_state
+from treeguard._workers import WorkerTree
+
+MakeTree = Callable[..., WorkerTree]
+SPEC = {"threads": 1, "children": [{"children": [{}]}, {"threads": 1}]}
+
+
+def _script(body: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run the command line in a fresh interpreter after ``body`` (which patches it)."""
+    code = f"import sys\nfrom treeguard import _cli\n{body}\nsys.exit(_cli.main(sys.argv[1:]))\n"
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+_MADE_AGAIN = """
+import os
+from treeguard import _watchdog
+
+start = _watchdog.Watchdog.start
+PATH, PARK = sys.argv[-2:]
+del sys.argv[-2:]
+
+def move(src, dst):
+    with open(os.path.join(src, "cgroup.procs")) as procs:
+        pids = procs.read().split()
+    for pid in pids:
+        with open(os.path.join(dst, "cgroup.procs"), "w") as to:
+            to.write(pid)
+
+def made_again():
+    # While the pause gets ready, the cgroup is removed and made again at its path with
+    # the same processes (a service restarted by its manager does this).
+    move(PATH, PARK)
+    os.rmdir(PATH)
+    os.mkdir(PATH)
+    move(PARK, PATH)
+    return start()
+
+_watchdog.Watchdog.start = staticmethod(made_again)
+"""
+
+
+def test_pause_of_a_cgroup_made_again_at_its_path_is_resumed(
+    make_tree: MakeTree, cgroup: MakeCgroup, tmp_path: Path
+) -> None:
+    """``pause --cgroup`` records the cgroup it freezes, not the one that was at the path
+    when the command started: a cgroup made again there meanwhile is the one frozen, and
+    `resume` (and the helper) must recognise it by its inode, or it stays frozen."""
+    cg = cgroup(2)
+    park = cgroup(2)
+    tree = make_tree(SPEC, spawn=cg.spawn)
+    state = tmp_path / "paused.json"
+    before = os.stat(cg.path).st_ino
+    result = _script(
+        _MADE_AGAIN, ["pause", "--cgroup", cg.path, "--state", str(state), cg.path, park.path]
+    )
+    try:
+        assert result.returncode == 0, result.stderr
+        now = os.stat(cg.path).st_ino
+        assert now != before  # made again: another cgroup
+        assert cg.frozen
+        journal = parse_state(state.read_bytes())
+        result = run("resume", "--state", str(state))
+        assert result.returncode == 0, result.stderr
+        assert not cg.frozen, "resume left the cgroup frozen"
+        proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+        assert journal.cgroups == [(2, cg.path, now)]  # the cgroup frozen, before its freeze
+        assert journal.token is not None and journal.token.payload["inode"] == now
+    finally:
+        cg.thaw()
+        with open(os.path.join(cg.path, "cgroup.freeze"), "w") as freeze:
+            freeze.write("0")  # whatever the test saw: never leave it frozen
