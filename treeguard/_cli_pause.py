@@ -284,7 +284,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from ._statefile import parse_state, read_checked, remove_checked
 
     path: str = args.state
-    data, info = read_checked(path)
+    data, info = read_checked(path, settled=True)  # never while its pause still runs
     failed = _undo(parse_state(data))
     if failed:
         # Left in place: run resume again once they may be signalled (as their owner).

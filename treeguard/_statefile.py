@@ -12,6 +12,9 @@ process whose starttime differs from the record.
 The pause journal
 -----------------
 
+``treeguard pause`` holds an ``flock(2)`` on the state file from its creation to its own end
+(its exit releases it, SIGKILL too); ``resume`` refuses a file whose pause still runs.
+
 ``treeguard pause`` writes the state file as a *journal* (format ``treeguard-pause``,
 version 2), one JSON line per entry, each appended BEFORE what it records is done, so that
 a pause cut short at any point (even by SIGKILL) leaves a file from which ``resume`` undoes
@@ -35,6 +38,7 @@ earlier versions) is still read.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
@@ -87,6 +91,10 @@ def create_exclusive(path: str) -> int:
         raise StateFileError(path, f"cannot create it: {err.strerror}") from None
     try:
         os.fchmod(fd, 0o600)  # whatever the umask did, never more than owner read/write
+        # Held until the pause is over (its descriptor closed, by its exit too): a resume
+        # meanwhile would thaw only what is journaled so far and remove the file the pause
+        # goes on journaling to (see read_checked). A reader holds it only while it reads.
+        fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError:
         os.close(fd)
         os.unlink(path)  # created just now, exclusively: ours
@@ -115,12 +123,15 @@ def _check(path: str, info: os.stat_result) -> None:
         )
 
 
-def read_checked(path: str) -> tuple[bytes, os.stat_result]:
+def read_checked(path: str, *, settled: bool = False) -> tuple[bytes, os.stat_result]:
     """Read a state file after checking it is safe to trust.
 
+    :param settled: refuse a state file whose pause still runs (it holds the file's lock):
+        for ``resume``, which must read all that the pause stopped.
     :returns: its content and its ``fstat`` (for :func:`remove_checked`).
     :raises StateFileError: if it is missing, a symlink, not a regular file, not owned by
-        the caller, writable by group or others, swapped while opening, or too large.
+        the caller, writable by group or others, swapped while opening, or too large; or,
+        if ``settled``, if its pause is still running.
     """
     try:
         before = os.lstat(path)
@@ -141,6 +152,13 @@ def read_checked(path: str) -> tuple[bytes, os.stat_result]:
             raise StateFileError(path, "it was replaced while being opened")
         if info.st_size > MAX_SIZE:
             raise StateFileError(path, f"it is larger than {MAX_SIZE} bytes")
+        if settled:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StateFileError(
+                    path, "a pause is still writing it; resume once that pause has ended"
+                ) from None
         chunks: list[bytes] = []
         size = 0
         while chunk := os.read(fd, 65536):

@@ -89,3 +89,50 @@ def test_pause_of_a_cgroup_made_again_at_its_path_is_resumed(
         cg.thaw()
         with open(os.path.join(cg.path, "cgroup.freeze"), "w") as freeze:
             freeze.write("0")  # whatever the test saw: never leave it frozen
+
+
+_RESUMED_WHILE_PAUSING = """
+from treeguard import _statefile
+
+stopping = _statefile.StateJournal.stopping
+PATH = sys.argv[sys.argv.index("--state") + 1]
+resumed = []
+
+def stopping_then_resumed(self, pid, starttime, inode=0):
+    stopping(self, pid, starttime, inode)
+    if len(resumed) == 1 and not resumed[0]:
+        # The second process journaled: a resume of the state file now, the pause not done.
+        resumed[0] = True
+        status = _cli.main(["resume", "--state", PATH])
+        print(f"resume during the pause: {status}", file=sys.stderr)
+    if not resumed:
+        resumed.append(False)
+
+_statefile.StateJournal.stopping = stopping_then_resumed
+"""
+
+
+def test_resume_while_the_pause_still_freezes_leaves_nothing_stopped(
+    make_tree: MakeTree, tmp_path: Path
+) -> None:
+    """A resume of a state file whose pause is still freezing must not thaw what was
+    journaled so far and remove the file while the pause goes on stopping the rest: those
+    would stay stopped with nothing left to resume them. It refuses (the file stays, the
+    pause completes), and a resume after the pause thaws the whole tree."""
+    tree = make_tree(SPEC)
+    state = tmp_path / "paused.json"
+    argv = ["pause", str(tree.root), "--state", str(state)]
+    result = _script(_RESUMED_WHILE_PAUSING, argv)
+    try:
+        assert "resume during the pause: " in result.stderr, result
+        assert result.returncode == 0, result.stderr
+        assert "resume during the pause: 0" not in result.stderr  # it refused
+        assert "a pause is still writing it" in result.stderr
+        assert state.exists()  # what resumes the tree
+        proc.assert_all_stopped(tree.pids)
+    finally:
+        if state.exists():
+            resumed = run("resume", "--state", str(state))
+            assert resumed.returncode == 0, resumed.stderr
+    proc.assert_none_stopped(tree.pids)
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
