@@ -136,3 +136,35 @@ def test_resume_while_the_pause_still_freezes_leaves_nothing_stopped(
             assert resumed.returncode == 0, resumed.stderr
     proc.assert_none_stopped(tree.pids)
     proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+
+
+def test_helper_never_thaws_a_cgroup_made_again_at_the_path_it_journaled(
+    make_tree: MakeTree, cgroup: MakeCgroup
+) -> None:
+    """The helper thaws the cgroup journaled (version, directory, inode), never another one
+    made at its path since and frozen by someone else; the cgroup journaled is thawed."""
+    from treeguard._watchdog import Watchdog
+    from treeguard.cgroup import Cgroup
+
+    cg = cgroup(2)
+    old = os.stat(cg.path).st_ino
+    dog = Watchdog.start()
+    try:
+        dog.arm(None)
+        dog.journal.freezing_cgroup(2, cg.path, old)
+        os.rmdir(cg.path)  # the cgroup journaled is gone; another is made at its path
+        os.mkdir(cg.path)
+        assert os.stat(cg.path).st_ino != old
+        tree = make_tree(SPEC, spawn=cg.spawn)
+        other = Cgroup(cg.path)  # someone else's freeze of the new cgroup
+        other.freeze()
+        try:
+            dog.close()  # the journal still says frozen: the helper thaws what it recorded
+            assert other.frozen, "the helper thawed a cgroup it never journaled"
+            assert proc.counters_still(tree.counters, tree.period)
+        finally:
+            other.thaw()
+        assert not other.frozen
+        proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+    finally:
+        dog.close()
