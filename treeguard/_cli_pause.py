@@ -147,6 +147,8 @@ class _CgroupHold:
         self.cgroup = cgroup
         self.timeout = timeout
         self.inode = 0
+        self.was_frozen = False
+        self.journal: StateJournal | None = None
 
     def freeze(self, journal: StateJournal) -> FreezeReport:
         cg = self.cgroup
@@ -155,11 +157,19 @@ class _CgroupHold:
         # Which cgroup (inodes are never reused), read as it is frozen: one made again at
         # the path since the command started is the one frozen, and the one to thaw.
         self.inode = os.stat(cg.path).st_ino
+        self.journal = journal
         journal.freezing_cgroup(cg.version, cg.path, self.inode)  # the file, then the helper
-        return cg.freeze(timeout=self.timeout)
+        report = cg.freeze(timeout=self.timeout)
+        # Found frozen by its own freeze (someone froze it since the check above): theirs,
+        # nothing of this pause's; its thaw and the helper's leave it frozen.
+        backend = cg._freezer
+        self.was_frozen = backend is None or bool(backend.describe()["was_frozen"])
+        return report
 
     def release(self) -> None:
-        self.cgroup.thaw()
+        self.cgroup.thaw()  # nothing if it was frozen before
+        if self.journal is not None:
+            self.journal.released()  # thawed: the helper must not thaw it again
 
     def token(self) -> Token:
         from ._token import Token
@@ -167,7 +177,12 @@ class _CgroupHold:
         cg = self.cgroup
         return Token(
             "cgroup",
-            {"version": cg.version, "path": cg.path, "inode": self.inode, "was_frozen": False},
+            {
+                "version": cg.version,
+                "path": cg.path,
+                "inode": self.inode,
+                "was_frozen": self.was_frozen,
+            },
         )
 
     def detach(self) -> None:

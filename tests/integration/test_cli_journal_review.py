@@ -168,3 +168,44 @@ def test_helper_never_thaws_a_cgroup_made_again_at_the_path_it_journaled(
         proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
     finally:
         dog.close()
+
+
+_FROZEN_MEANWHILE = """
+import os
+from treeguard import _statefile
+
+freezing = _statefile.StateJournal.freezing_cgroup
+
+def freezing_then_frozen_by_another(self, version, path, inode):
+    freezing(self, version, path, inode)
+    # Someone else freezes the cgroup after pause found it running, before its own freeze.
+    with open(os.path.join(path, "cgroup.freeze"), "w") as freeze:
+        freeze.write("1")
+
+_statefile.StateJournal.freezing_cgroup = freezing_then_frozen_by_another
+"""
+
+
+def test_pause_of_a_cgroup_frozen_meanwhile_by_another_leaves_it_to_them(
+    make_tree: MakeTree, cgroup: MakeCgroup, tmp_path: Path
+) -> None:
+    """A cgroup frozen by someone else after ``pause --cgroup`` found it running, and before
+    its own freeze, is not this pause's: it refuses (nothing to pause) and leaves it frozen,
+    never a token that makes `resume` thaw another's freeze."""
+    cg = cgroup(2)
+    tree = make_tree(SPEC, spawn=cg.spawn)
+    state = tmp_path / "paused.json"
+    argv = ["pause", "--cgroup", cg.path, "--state", str(state)]
+    try:
+        result = _script(_FROZEN_MEANWHILE, argv)
+        if state.exists():  # the pause took the freeze for its own: resume undoes it
+            assert run("resume", "--state", str(state)).returncode == 0
+        assert cg.frozen, "the other's freeze was undone"
+        assert result.returncode == 7, result  # nothing to pause
+        assert "frozen already" in result.stderr
+        assert not state.exists()
+        assert proc.counters_still(tree.counters, tree.period)
+    finally:
+        with open(os.path.join(cg.path, "cgroup.freeze"), "w") as freeze:
+            freeze.write("0")  # the other's thaw
+    proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
