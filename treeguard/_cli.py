@@ -282,7 +282,8 @@ def _parser() -> _Parser:
         "thaw a tree paused by `treeguard pause`",
         "Thaw what `treeguard pause` froze, then remove the state file. The file must be a "
         "regular file (not a symlink) owned by you and writable by nobody else; a process "
-        "whose start time differs from the record is never signalled.",
+        "whose start time differs from the record is never signalled. A state file whose "
+        "pause still runs is refused: resume once that pause has ended.",
     )
     resume.add_argument("--state", required=True, metavar="FILE", help="state file to read")
 
