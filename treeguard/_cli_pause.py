@@ -315,7 +315,7 @@ def _undo(state: PauseState) -> list[int]:
     that could not be signalled."""
     from . import _token
     from ._backends._freezers import thaw_cgroup
-    from ._thaw import thaw_identities
+    from ._thaw import resume_relay, thaw_identities
 
     token = state.token
     if token is not None and (state.version == 1 or "stopped" not in token.payload):
@@ -328,6 +328,8 @@ def _undo(state: PauseState) -> list[int]:
     # Every process journaled, whether or not the pause got to stop it (the journal is
     # written first); children first, each checked by its identity before the signal.
     failed = thaw_identities(state.stopped)[1]
+    for pid, starttime in state.watchers:  # then a relay above it that stopped itself
+        resume_relay(pid, starttime)
     if state.helper is not None:
         _stop_helper(*state.helper)
     return failed

@@ -104,6 +104,8 @@ class _Helper:
         except Exception as err:  # noqa: BLE001 - nothing can be thawed: say why, and live
             _complain(f"cannot load the thaw: {err!r}")
             return
+        from ._thaw import resume_relay  # loaded with thaw_identities above
+
         cgroup = self.cgroup()
         if cgroup is not None:
             try:
@@ -113,6 +115,9 @@ class _Helper:
         failed: list[str] = []
         for record in reversed(self.records()):
             try:
+                if record[0] < 0:  # a relay above the tree: after its child, if it stopped
+                    resume_relay(-record[0], record[1])
+                    continue
                 failed += map(str, self.thaw_identities((record,))[1])
             except Exception as err:  # noqa: BLE001 - one process never ends the thaw
                 failed.append(f"{record[0]} ({err!r})")

@@ -2,7 +2,8 @@
 
 A ``memfd`` mapped by both: a header (state, generation, lease deadline, record count,
 ``expired`` flag, flags) and one ``(pid, starttime, inode)`` record per process (the inode of
-its pidfd on kernels with pidfs, 0 elsewhere), written BEFORE the process is stopped.
+its pidfd on kernels with pidfs, 0 elsewhere), written BEFORE the process is stopped; a
+record of a negative PID is a job-control relay outside the tree (resumed if it stopped).
 Appending a record is two plain memory writes, no system call. A cgroup freeze records the
 cgroup instead (version, directory, inode), BEFORE it is frozen. Arming and releasing take an
 ``flock(2)`` on the journal that the helper also holds while it thaws for an expired lease,
@@ -86,6 +87,11 @@ class _Journal:
         # The record is complete before the count says so: the helper reads only counted ones.
         _COUNT.pack_into(mem, _COUNT_OFFSET, n + 1)
         self.check()
+
+    def watching(self, pid: int, starttime: int) -> None:
+        """Record a relay outside the tree (see :class:`~treeguard._backends.Journal`): a
+        record of PID ``-pid``, which the helper resumes only if it is stopped."""
+        self.stopping(-pid, starttime)
 
     def freezing_cgroup(self, version: int, path: str, inode: int) -> None:
         """Record the cgroup directory ``path`` (cgroup v1 or v2, with its inode); called

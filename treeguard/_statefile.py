@@ -22,6 +22,9 @@ it::
 
     {"format": "treeguard-pause", "version": 2}   the header, before anything is stopped
     ["stop", pid, starttime, inode]                before that process is sent SIGSTOP
+    ["watch", pid, starttime]                      before a process below it is stopped:
+                                                   a parent outside the tree, running,
+                                                   resumed if it stops itself (a relay)
     ["cgroup", version, path, inode]               before that cgroup's freeze is written
     ["token", {...}]                               the pause completed: the whole token
     ["helper", pid, starttime, inode, ends]        the watchdog helper keeping the lease,
@@ -213,6 +216,11 @@ class StateJournal:
         if self.inner is not None:
             self.inner.stopping(pid, starttime, inode)
 
+    def watching(self, pid: int, starttime: int) -> None:
+        self._append(["watch", pid, starttime])
+        if self.inner is not None:
+            self.inner.watching(pid, starttime)
+
     def freezing_cgroup(self, version: int, path: str, inode: int) -> None:
         self._append(["cgroup", version, path, inode])
         if self.inner is not None:
@@ -249,6 +257,8 @@ class PauseState:
     version: int
     token: Token | None = None
     stopped: list[Identity] = field(default_factory=list)
+    #: Relays outside the tree, ``(pid, starttime)``: resumed after it if they stopped.
+    watchers: list[tuple[int, int]] = field(default_factory=list)
     cgroups: list[tuple[int, str, int]] = field(default_factory=list)
     helper: Identity | None = None
     #: The Unix time by which the lease's helper thaws the tree (None: not recorded).
@@ -317,6 +327,9 @@ def _entry(state: PauseState, entry: object) -> None:
     kind, values = entry[0], entry[1:]
     if kind == "stop":
         state.stopped.append(_identity(values))
+    elif kind == "watch":
+        pid, starttime, _ = _identity([*values, 0])
+        state.watchers.append((pid, starttime))
     elif kind == "helper":  # [pid, starttime, inode] and, since it is recorded, the end
         state.helper = _identity(values[:3])
         if len(values) == 4:

@@ -32,6 +32,7 @@ __all__ = [
     "open_identity",
     "open_pidfd",
     "pidfd_inode",
+    "resume_relay",
     "signal_identity",
     "thaw_identities",
 ]
@@ -178,6 +179,30 @@ def signal_identity(
         return False
     finally:
         close_fd(fd)
+
+
+def resume_relay(pid: int, starttime: int, fs: ProcFS | None = None) -> bool:
+    """SIGCONT the process ``(pid, starttime)`` if it is stopped: a job-control relay
+    outside the tree that passed the tree's stop on by stopping itself. Never raises for
+    want of permission (SIGCONT needs the same session or user, kill(2)).
+
+    :returns: whether it was resumed.
+    """
+    fs = fs or ProcFS()
+    try:
+        fd = open_identity(pid, starttime, 0, fs)
+        if fd < 0:
+            return False
+        try:
+            stat = fs.stat(pid)
+            if stat is None or stat.state != "T":
+                return False  # running: it did not take the stop in
+            signal.pidfd_send_signal(fd, signal.SIGCONT)
+            return True
+        finally:
+            close_fd(fd)
+    except OSError:
+        return False
 
 
 def thaw_identities(

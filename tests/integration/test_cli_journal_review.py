@@ -11,11 +11,17 @@ from pathlib import Path
 
 from tests import proc
 from tests.conftest import MakeCgroup, slot
+from tests.integration import test_cli, test_reliability
+from tests.integration.test_cli import _script as _cli_script
 from tests.integration.test_cli import run
+from tests.integration.test_reliability import _relay_settled
 from treeguard._statefile import parse_state
 from treeguard._workers import WorkerTree
 
 MakeTree = Callable[..., WorkerTree]
+# Fixtures of those modules, used here too (pytest finds a fixture by its name here).
+orphans = test_cli.orphans
+relay = test_reliability.relay
 SPEC = {"threads": 1, "children": [{"children": [{}]}, {"threads": 1}]}
 
 
@@ -209,3 +215,39 @@ def test_pause_of_a_cgroup_frozen_meanwhile_by_another_leaves_it_to_them(
         with open(os.path.join(cg.path, "cgroup.freeze"), "w") as freeze:
             freeze.write("0")  # the other's thaw
     proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
+
+
+def test_resume_resumes_a_relay_above_the_paused_tree(
+    relay: Callable[[str], tuple[int, int]], tmp_path: Path
+) -> None:
+    """``su`` above a paused process stops itself when its child stops (a job-control
+    relay); `resume`, like a guard's own thaw, resumes it once the child runs again."""
+    su, child = relay("su")
+    state = tmp_path / "paused.json"
+    result = run("pause", str(child), "--state", str(state))
+    try:
+        assert result.returncode == 0, result.stderr
+        proc.wait_until(lambda: proc.stopped([su]), 5, "su to relay the stop")
+    finally:
+        resumed = run("resume", "--state", str(state))
+    assert resumed.returncode == 0, resumed.stderr
+    proc.wait_until(lambda: _relay_settled(su, child), 5, "su to run on")
+
+
+def test_the_helper_resumes_a_relay_above_the_tree(
+    relay: Callable[[str], tuple[int, int]], orphans: list[int]
+) -> None:
+    """The watchdog helper, thawing for a supervisor killed while frozen, resumes a relay
+    above the tree that stopped itself, as the supervisor's own thaw would."""
+    su, child = relay("su")
+    cmd = [sys.executable, "-c", "import time; time.sleep(120)"]
+    cli = subprocess.Popen([*_cli_script(), "freeze", str(child), "--", *cmd])
+    try:
+        proc.wait_until(lambda: len(proc.children(cli.pid)) == 2, 30, "CMD to start")
+        orphans += proc.children(cli.pid)
+        proc.assert_all_stopped([child])
+        proc.wait_until(lambda: proc.stopped([su]), 5, "su to relay the stop")
+    finally:
+        cli.kill()  # only the helper can thaw now
+        cli.wait()
+    proc.wait_until(lambda: _relay_settled(su, child), 5, "su to run on")

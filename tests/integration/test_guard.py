@@ -141,6 +141,9 @@ class _Journal:
         if self.seen == self.at:
             self.act(pid)
 
+    def watching(self, pid: int, starttime: int) -> None:
+        pass
+
     def freezing_cgroup(self, version: int, path: str, inode: int) -> None:
         pass
 

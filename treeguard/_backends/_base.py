@@ -93,6 +93,11 @@ class Journal(Protocol):
 
     def stopping(self, pid: int, starttime: int, inode: int = 0) -> None: ...
 
+    def watching(self, pid: int, starttime: int) -> None:
+        """``pid``, running and outside the frozen set, is about to be told of a stop (the
+        parent of a process stopped): a job-control relay stops itself then, and the thaw
+        resumes it if so."""
+
     def freezing_cgroup(self, version: int, path: str, inode: int) -> None: ...
 
     def check(self) -> None: ...

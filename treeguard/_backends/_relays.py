@@ -38,14 +38,20 @@ class Watchers:
     def __bool__(self) -> bool:
         return bool(self._seen)
 
-    def watch(self, pid: int) -> None:
+    def watch(self, pid: int) -> int | None:
         """Remember ``pid``, the parent of a process about to be stopped (not stopped by
-        this freeze itself): it is told of the stop (SIGCHLD, ``waitpid(WUNTRACED)``)."""
+        this freeze itself): it is told of the stop (SIGCHLD, ``waitpid(WUNTRACED)``).
+
+        :returns: its starttime if it is newly remembered and runs (one to journal, so
+            that a thaw by another process resumes it too), else None.
+        """
         if pid <= 1 or pid == os.getpid() or pid in self._seen:
-            return
+            return None
         stat = self._fs.stat(pid)
-        if stat is not None:
-            self._seen[pid] = (stat.starttime, stat.state == "T")
+        if stat is None:
+            return None
+        self._seen[pid] = (stat.starttime, stat.state == "T")
+        return None if stat.state == "T" else stat.starttime
 
     def settle(self) -> None:
         """After the freeze: keep only the watchers that were running before it."""

@@ -234,7 +234,10 @@ class SignalBackend(Backend):
             return self._skip(pid, skip, fd)
         report.skipped.pop(pid, None)  # a PID reused by a process we stop now
         if parent is None or parent in plan.passthrough:  # the top of a frozen subtree
-            self._watchers.watch(stat.ppid if parent is None else parent)
+            watcher = stat.ppid if parent is None else parent
+            start = self._watchers.watch(watcher)
+            if start is not None and plan.journal is not None:
+                plan.journal.watching(watcher, start)  # before it can be told of a stop
         entry = Entry(pid, fd, stat, stat.state != "T", statfd, identity[1])
         if not entry.ours:
             report.skipped[pid] = Skip.ALREADY_STOPPED
