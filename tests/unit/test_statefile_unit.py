@@ -53,6 +53,19 @@ def test_round_trip(
         assert parse_state(cut).stopped == records[:-1]
 
 
+def test_a_relay_watched_is_read_back(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "state", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        journal = StateJournal(fd)
+        journal.watching(40, 7)
+        journal.stopping(41, 8, 9)
+    finally:
+        os.close(fd)
+    state = parse_state((tmp_path / "state").read_bytes())
+    assert state.watchers == [(40, 7)]
+    assert state.stopped == [(41, 8, 9)]
+
+
 def test_a_helper_without_its_end_is_read_and_a_bad_end_refused() -> None:
     head = b'{"format": "treeguard-pause", "version": 2}\n'
     state = parse_state(head + b'["helper", 77, 8, 9]\n')  # written before ends was recorded
@@ -82,6 +95,9 @@ def test_version_1_is_a_bare_token() -> None:
         b'{"format":"treeguard-pause","version":2}\n["stop",true,1,0]\n',
         b'{"format":"treeguard-pause","version":2}\n["stop",1,NaN,0]\n',
         b'{"format":"treeguard-pause","version":2}\n["kill",1,1,0]\n',
+        b'{"format":"treeguard-pause","version":2}\n["watch",1]\n',
+        b'{"format":"treeguard-pause","version":2}\n["watch",1,2,3]\n',
+        b'{"format":"treeguard-pause","version":2}\n["watch",0,2]\n',
         b'{"format":"treeguard-pause","version":2}\nnot json\n["stop",1,1,0]\n',
         b'{"format":"treeguard-pause","version":2}\n["cgroup",2,"/etc",1]\n',
         b'{"format":"treeguard-pause","version":2}\n["token",{"format":"x"}]\n',
