@@ -16,14 +16,19 @@ import contextvars
 import os
 import select
 import sys
+import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
+
+from .errors import FreezeError
 
 __all__ = [
     "SLICE",
     "YIELD",
+    "OneAtATime",
     "Slices",
     "Steps",
     "Wait",
@@ -121,6 +126,37 @@ class Backoff:
             os.sched_yield()
         else:
             time.sleep(wait.seconds)
+
+
+class OneAtATime:
+    """Lets one driver at a time run the steps of one object (a guard's freeze or thaw).
+
+    Steps of one freeze share its state: a thaw run beside a freeze under way (or two thaws
+    side by side) could forget a process it never resumed, or leave the freeze to stop more
+    once its thaw is over. A driver of another thread waits its turn (a freeze ends by its
+    deadline); this thread's (another task of its event loop, a signal handler) would wait
+    for itself, so it is refused (:class:`FreezeError`), and the steps under way go on.
+    """
+
+    __slots__ = ("_holder", "_lock", "_pid")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holder = 0
+        self._pid = os.getpid()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        if self._pid != os.getpid():  # a forked child: its parent's threads are not here
+            self.__init__()  # type: ignore[misc]
+        if self._holder == threading.get_ident():
+            raise FreezeError("this guard is being frozen or thawed by another task of this thread")
+        with self._lock:
+            try:
+                self._holder = threading.get_ident()
+                yield
+            finally:
+                self._holder = 0
 
 
 def run_sync(steps: Steps[T]) -> T:
