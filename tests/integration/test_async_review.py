@@ -3,7 +3,12 @@ two threads at once, cancellations at every wait, tokens and freezethaw under st
 
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
+import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -111,3 +116,46 @@ def test_two_threads_releasing_at_once_thaw_everything(make_tree: MakeTree) -> N
             t.join()
         g.release()
         proc.assert_none_stopped(tree.pids)
+
+
+CONT_COUNTER = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGCONT, lambda *_: os.write(1, b"c"))
+os.write(1, b"r")
+while True:
+    time.sleep(1)
+"""
+
+
+class _Coroutine:
+    async def __call__(self) -> None:
+        return None
+
+
+async def _coroutine_function() -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [_coroutine_function, functools.partial(_coroutine_function), _Coroutine()],
+    ids=["async def", "partial", "async __call__"],
+)
+def test_freezethaw_refuses_a_coroutine_function_before_freezing(fn: Any) -> None:
+    """freezethaw calls fn synchronously: an async fn would only make a coroutine that never
+    runs while frozen (the tree is stopped and resumed for nothing). It is bad input: one
+    clear error, and the process is never touched (it sees no SIGCONT)."""
+    child = subprocess.Popen([sys.executable, "-c", CONT_COUNTER], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.read(1) == b"r"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the old code's lost coroutine
+            with pytest.raises(treeguard.InvalidArgumentError) as info:
+                treeguard.freezethaw(fn, root=child.pid, include_root=True)
+        assert info.value.name == "fn"
+        os.set_blocking(child.stdout.fileno(), False)
+        assert child.stdout.read() is None, "the process was stopped and resumed"
+    finally:
+        child.kill()
+        child.communicate()  # reaps it and closes its pipe
