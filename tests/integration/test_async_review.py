@@ -3,7 +3,9 @@ two threads at once, cancellations at every wait, tokens and freezethaw under st
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import gc
 import os
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import pytest
 
 import treeguard
 from tests import proc
+from tests.conftest import require_root
 from treeguard._workers import WorkerTree, wide
 
 MakeTree = Callable[..., WorkerTree]
@@ -159,3 +162,96 @@ def test_freezethaw_refuses_a_coroutine_function_before_freezing(fn: Any) -> Non
     finally:
         child.kill()
         child.communicate()  # reaps it and closes its pipe
+
+
+def _events_frozen(path: str) -> bool:
+    with open(f"{path}/cgroup.events") as f:
+        return "frozen 1" in f.read()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", ["signal", "cgroup", "ptrace"])
+async def test_a_timeout_at_any_point_of_the_freeze_leaves_nothing_stopped(
+    backend: str, make_tree: MakeTree, request: pytest.FixtureRequest
+) -> None:
+    """move_on_after with timeouts from 0 to 50 ms lands at every stage of the freeze (and
+    in the block, for the longer ones), on each backend: a block that runs holds the whole
+    tree stopped, and once the scope is left nothing is stopped (or frozen), checked
+    through /proc and the cgroup's own file."""
+    require_root(f"the {backend} backend")
+    spawn: dict[str, Any] = {}
+    path = ""
+    if backend == "cgroup":
+        cg = request.getfixturevalue("cgroup")(2)
+        spawn["spawn"], path = cg.spawn, cg.path
+    tree = make_tree(wide(40), mode="idle", **spawn)
+    ran = cut = 0
+    for timeout in (0, 1e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 5e-2) * 2:
+        with anyio.move_on_after(timeout) as scope:
+            async with treeguard.guard(tree.root, include_root=True, backend=backend) as g:  # type: ignore[arg-type]
+                ran += 1
+                assert g.frozen
+                if path:
+                    assert _events_frozen(path)
+                else:  # (T, or t under ptrace)
+                    assert not proc.not_stopped(tree.pids)
+                await anyio.sleep(1)
+        assert scope.cancelled_caught
+        cut += 1
+        if path:
+            assert not _events_frozen(path)
+        proc.assert_none_stopped(tree.pids)
+    # (A cgroup freeze that the kernel completes at once may not await at all on asyncio:
+    # then every block runs, cut short in its sleep.)
+    assert ran, "no block ran: the freezes never finished"
+
+
+@pytest.mark.anyio
+async def test_a_guard_collected_while_frozen_inside_the_loop_thaws(make_tree: MakeTree) -> None:
+    """A guard entered by hand (``__aenter__``) and dropped while frozen, the event loop
+    running: the collection thaws every process (its finalizer runs the thaw in place)."""
+    tree = make_tree(wide(30), mode="idle")
+    manager = treeguard.guard(root=tree.root, include_root=True)
+    g = await manager.__aenter__()
+    proc.assert_all_stopped(tree.pids)
+    del g, manager
+    gc.collect()
+    proc.assert_none_stopped(tree.pids)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", ["signal", "cgroup"])
+async def test_a_forked_child_of_a_frozen_async_supervisor_never_thaws(
+    backend: str, make_tree: MakeTree, request: pytest.FixtureRequest
+) -> None:
+    """Inside ``async with guard()``, a forked child releases, leaves the block on an event
+    loop of its own, closes and drops the guard: the tree stays stopped (checked through /proc
+    and the cgroup's file) until the parent's block ends."""
+    require_root(f"the {backend} backend")
+    spawn: dict[str, Any] = {}
+    path = ""
+    if backend == "cgroup":
+        cg = request.getfixturevalue("cgroup")(2)
+        spawn["spawn"], path = cg.spawn, cg.path
+    tree = make_tree(wide(10), mode="idle", **spawn)
+    manager = treeguard.guard(tree.root, include_root=True, backend=backend)  # type: ignore[arg-type]
+    async with manager as g:
+
+        def child() -> str:
+            g.release()
+            asyncio.run(manager.__aexit__(None, None, None))
+            g.close()
+            frozen = g.frozen
+            manager.guard = None  # type: ignore[assignment]
+            gc.collect()
+            return str(frozen)
+
+        assert proc.in_child(child) == "False"
+        assert g.frozen
+        if path:
+            assert _events_frozen(path)
+        else:
+            proc.assert_all_stopped(tree.pids)
+    if path:
+        assert not _events_frozen(path)
+    proc.assert_none_stopped(tree.pids)
