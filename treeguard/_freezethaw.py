@@ -186,7 +186,9 @@ def freezethaw(fn: Callable[[Unpack[Ts]], T], *args: Unpack[Ts], **options: Unpa
         stopped = err
     finally:
         previous = interrupts.restore()
-    interrupts.hand_over(previous)  # the thaw is done: as if treeguard had not been there
+        # The thaw is done: as if treeguard had not been there, also when fn (or the
+        # freeze) raised an error of its own: a signal held back is never lost.
+        interrupts.hand_over(previous)
     if stopped is not None:
         raise FrozenInterrupt(stopped.signum) from None  # fn did not finish
     return result

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import gc
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -254,4 +255,36 @@ async def test_a_forked_child_of_a_frozen_async_supervisor_never_thaws(
             proc.assert_all_stopped(tree.pids)
     if path:
         assert not _events_frozen(path)
+    proc.assert_none_stopped(tree.pids)
+
+
+class _CleanupFailed(Exception):
+    pass
+
+
+def test_a_signal_held_back_reaches_its_handler_even_when_fn_raises(make_tree: MakeTree) -> None:
+    """A signal held back while frozen is handed over after the thaw, also when fn ends with
+    an exception of its own (here a cleanup that fails in fn's ``finally``, after the held
+    signal stopped it): without treeguard the handler would have run, so it must run
+    (once, after the thaw), whatever fn raised."""
+    tree = make_tree(wide(3))
+    calls: list[tuple[int, bool]] = []
+
+    def handler(sig: int, frame: object) -> None:
+        calls.append((sig, not proc.stopped(tree.pids)))  # thawed by now?
+
+    def body() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            proc.wait_until(lambda: False, timeout=10, what="the held signal to stop fn")
+        finally:
+            raise _CleanupFailed
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with pytest.raises(_CleanupFailed):
+            treeguard.freezethaw(body, root=tree.root, include_root=True)
+        assert calls == [(signal.SIGUSR1, True)], "the held-back signal was lost"
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
     proc.assert_none_stopped(tree.pids)
