@@ -25,6 +25,7 @@ from tests.conftest import require_root
 from treeguard._workers import WorkerTree, wide
 
 MakeTree = Callable[..., WorkerTree]
+MAIN_PID = os.getpid()
 
 
 @pytest.fixture(
@@ -288,3 +289,62 @@ def test_a_signal_held_back_reaches_its_handler_even_when_fn_raises(make_tree: M
     finally:
         signal.signal(signal.SIGUSR1, previous)
     proc.assert_none_stopped(tree.pids)
+
+
+def test_a_child_forked_by_fn_leaves_freezethaw_without_thawing(make_tree: MakeTree) -> None:
+    """fn forks; the child returns through freezethaw (its thaw, its handlers' restore) as
+    the parent's code would: the tree stays stopped until the parent's own thaw."""
+    tree = make_tree(wide(5), mode="idle")
+    child_status: list[int] = []
+
+    def body() -> str:
+        pid = os.fork()
+        if pid == 0:
+            return "child"
+        _, status = os.waitpid(pid, 0)
+        child_status.append(os.waitstatus_to_exitcode(status))
+        proc.assert_all_stopped(tree.pids)
+        return "parent"
+
+    try:
+        result = treeguard.freezethaw(body, root=tree.root, include_root=True)
+    except BaseException:
+        if not child_status and os.getpid() != MAIN_PID:  # pragma: no cover - the child
+            os._exit(3)
+        raise
+    if os.getpid() != MAIN_PID:  # pragma: no cover - the child, back from freezethaw
+        os._exit(0 if result == "child" and not proc.not_stopped(tree.pids) else 1)
+    assert result == "parent"
+    assert child_status == [0], "the child thawed (or failed)"
+    proc.assert_none_stopped(tree.pids)
+
+
+def _freeze_on(go: threading.Barrier, g: treeguard.ProcessesGuard, out: list[str]) -> None:
+    go.wait()
+    try:
+        g.freeze()
+        out.append("frozen")
+    except treeguard.FreezeError:
+        out.append("refused")
+
+
+def test_two_threads_freezing_one_guard_at_once_leave_one_freeze_to_release(
+    make_tree: MakeTree,
+) -> None:
+    """Two threads freeze one guard at the same moment: one freezes, the other is refused
+    (the guard is frozen), and one release() thaws everything, while the guard is still
+    referenced (a second freeze that replaced the first would leave the first's processes
+    to the garbage collector)."""
+    tree = make_tree(wide(100), mode="idle")
+    for _ in range(5):
+        g = treeguard.ProcessesGuard(root=tree.root, include_root=True)
+        go = threading.Barrier(2)
+        out: list[str] = []
+        threads = [threading.Thread(target=_freeze_on, args=(go, g, out)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        g.release()
+        proc.assert_none_stopped(tree.pids)
+        assert sorted(out) == ["frozen", "refused"], out
