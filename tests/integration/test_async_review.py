@@ -4,6 +4,7 @@ two threads at once, cancellations at every wait, tokens and freezethaw under st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import os
@@ -348,3 +349,62 @@ def test_two_threads_freezing_one_guard_at_once_leave_one_freeze_to_release(
         g.release()
         proc.assert_none_stopped(tree.pids)
         assert sorted(out) == ["frozen", "refused"], out
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_native_asyncio_cancellations_during_the_thaw_leave_nothing_stopped(
+    make_tree: MakeTree,
+) -> None:
+    """``Task.cancel()`` (asyncio's own, which anyio's shield does not stop) sent again and
+    again while the block's thaw of 300 processes runs: the thaw is finished anyway."""
+    tree = make_tree(wide(300), mode="idle")
+    entered = asyncio.Event()
+
+    async def hold() -> None:
+        async with treeguard.guard(root=tree.root, include_root=True):
+            entered.set()
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(hold())
+    await entered.wait()
+    cancels = 0
+    while not task.done():
+        task.cancel()
+        cancels += 1
+        await asyncio.sleep(0)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert cancels > 1
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_a_signal_handler_that_releases_during_the_freeze_does_not_undermine_it(
+    make_tree: MakeTree,
+) -> None:
+    """A SIGUSR1 handler calls release() while the main thread is freezing (half way: the
+    root is stopped): the freeze is either refused that release (the handler's FreezeError
+    aborts it, which thaws) or finishes with the tree stopped; it is never undone under its
+    feet (which ended in a StopTimeoutError, or processes stopped with nothing to thaw them)."""
+    tree = make_tree(wide(200), mode="idle")
+    g = treeguard.ProcessesGuard(root=tree.root, include_root=True)
+    previous = signal.signal(signal.SIGUSR1, lambda *_: g.release())
+    sender = threading.Thread(
+        target=lambda: (
+            proc.wait_until(lambda: proc.stopped([tree.root]), what="the freeze to start"),
+            os.kill(os.getpid(), signal.SIGUSR1),
+        )
+    )
+    try:
+        sender.start()
+        try:
+            g.freeze()
+            proc.assert_all_stopped(tree.pids)
+        except treeguard.FreezeError as err:
+            assert not isinstance(err, treeguard.StopTimeoutError), err
+        sender.join()
+    finally:
+        sender.join()
+        signal.signal(signal.SIGUSR1, previous)
+        g.release()
+    proc.assert_none_stopped(tree.pids)
