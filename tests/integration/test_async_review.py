@@ -408,3 +408,35 @@ def test_a_signal_handler_that_releases_during_the_freeze_does_not_undermine_it(
         signal.signal(signal.SIGUSR1, previous)
         g.release()
     proc.assert_none_stopped(tree.pids)
+
+
+@pytest.mark.anyio
+@pytest.mark.xfail(
+    strict=True,
+    reason="known hole: two guards freezing one tree at the same time each take the other's "
+    "stops for their own or for someone else's; the first to release resumes the tree "
+    "under the other (no count of who holds a process stopped)",
+)
+async def test_two_guards_freezing_one_tree_at_once_keep_it_stopped_until_both_release(
+    make_tree: MakeTree,
+) -> None:
+    """Two tasks freeze the same tree at the same time with two guards; the one that
+    leaves first must not resume what the other still holds."""
+    tree = make_tree(wide(300), mode="idle")
+    second_left = anyio.Event()
+    first_in = anyio.Event()
+
+    async def second() -> None:
+        async with treeguard.guard(tree.root, include_root=True):
+            await first_in.wait()
+        second_left.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(second)
+        async with treeguard.guard(tree.root, include_root=True) as g:
+            first_in.set()
+            await second_left.wait()
+            assert g.frozen
+            running = proc.not_stopped(tree.pids)
+            assert not running, f"{len(running)} tasks run under a guard that holds them"
+    proc.assert_none_stopped(tree.pids)
