@@ -133,14 +133,17 @@ class OneAtATime:
 
     Steps of one freeze share its state: a thaw run beside a freeze under way (or two thaws
     side by side) could forget a process it never resumed, or leave the freeze to stop more
-    once its thaw is over. A driver of another thread waits its turn (a freeze ends by its
-    deadline); this thread's (another task of its event loop, a signal handler) would wait
-    for itself, so it is refused (:class:`FreezeError`), and the steps under way go on.
+    once its thaw is over. A driver of another thread waits its turn, for up to ``wait``
+    seconds (a freeze ends by its deadline; steps left suspended by an event loop that
+    stopped would make it wait for ever); this thread's (another task of its event loop, a
+    signal handler) would wait for itself, so it is refused (:class:`FreezeError`), and the
+    steps under way go on.
     """
 
-    __slots__ = ("_holder", "_lock", "_pid")
+    __slots__ = ("_holder", "_lock", "_pid", "wait")
 
-    def __init__(self) -> None:
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
         self._lock = threading.Lock()
         self._holder = 0
         self._pid = os.getpid()
@@ -148,15 +151,17 @@ class OneAtATime:
     @contextmanager
     def held(self) -> Iterator[None]:
         if self._pid != os.getpid():  # a forked child: its parent's threads are not here
-            self.__init__()  # type: ignore[misc]
+            self.__init__(self.wait)  # type: ignore[misc]
         if self._holder == threading.get_ident():
             raise FreezeError("this guard is being frozen or thawed by another task of this thread")
-        with self._lock:
-            try:
-                self._holder = threading.get_ident()
-                yield
-            finally:
-                self._holder = 0
+        if not self._lock.acquire(timeout=self.wait):
+            raise FreezeError(f"another thread froze or thawed this guard for over {self.wait:g} s")
+        try:
+            self._holder = threading.get_ident()
+            yield
+        finally:
+            self._holder = 0
+            self._lock.release()
 
 
 def run_sync(steps: Steps[T]) -> T:

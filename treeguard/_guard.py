@@ -139,7 +139,9 @@ class ProcessesGuard:
         self._max_frozen = None if max_frozen is None else float(max_frozen)
         self._watchdog: Watchdog | None = None
         self._memo = Memo()  # what a freeze keeps for the next (the cgroup census)
-        self._turn = OneAtATime()  # one freeze or thaw at a time (tasks, threads)
+        # One freeze or thaw at a time (tasks, threads); another thread's waits its turn for
+        # as long as a freeze may take, twice, and a second (a thaw is a burst of syscalls).
+        self._turn = OneAtATime(wait=2 * self._timeout + 1.0)
         weakref.finalize(self, self._memo.close)
         if subreaper:
             set_subreaper()

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -439,4 +440,27 @@ async def test_two_guards_freezing_one_tree_at_once_keep_it_stopped_until_both_r
             assert g.frozen
             running = proc.not_stopped(tree.pids)
             assert not running, f"{len(running)} tasks run under a guard that holds them"
+    proc.assert_none_stopped(tree.pids)
+
+
+def test_a_release_never_waits_for_ever_for_steps_left_suspended(make_tree: MakeTree) -> None:
+    """A freeze whose steps were left suspended by a driver that went away (an event loop
+    stopped with the task pending, here a thread that took one step and ended) holds the
+    guard's turn: a release from another thread gives up with FreezeError after a bounded
+    wait instead of hanging; closing the steps thaws."""
+    tree = make_tree(wide(20), mode="idle")
+    g = treeguard.ProcessesGuard(root=tree.root, include_root=True, timeout=0.1)
+    steps = g._freeze_steps()
+    stepper = threading.Thread(target=next, args=(steps,))
+    stepper.start()
+    stepper.join()
+    try:
+        assert g.frozen
+        started = time.perf_counter()
+        with pytest.raises(treeguard.FreezeError, match="another thread"):
+            g.release()
+        assert time.perf_counter() - started < 5
+    finally:
+        steps.close()  # the abandoned freeze thaws on its way out
+    assert not g.frozen
     proc.assert_none_stopped(tree.pids)
