@@ -139,8 +139,8 @@ class ProcessesGuard:
         self._max_frozen = None if max_frozen is None else float(max_frozen)
         self._watchdog: Watchdog | None = None
         self._memo = Memo()  # what a freeze keeps for the next (the cgroup census)
-        # One freeze or thaw at a time (tasks, threads); another thread's waits its turn for
-        # as long as a freeze may take, twice, and a second (a thaw is a burst of syscalls).
+        # One freeze at a time, and no thaw beside it (tasks, threads); another thread waits
+        # for as long as a freeze may take, twice, and a second.
         self._turn = OneAtATime(wait=2 * self._timeout + 1.0)
         weakref.finalize(self, self._memo.close)
         if subreaper:
@@ -194,9 +194,11 @@ class ProcessesGuard:
         )
 
     def _freeze_steps(self) -> Steps[ProcessesGuard]:
-        """Freeze, as steps for a driver (:mod:`treeguard._drive`)."""
-        with self._turn.held():
-            return (yield from self._freeze_held())
+        """Freeze, as steps for a driver (:mod:`treeguard._drive`), once no other freeze of
+        this guard is under way."""
+        steps = self._freeze_held()
+        self._turn.wait_turn(steps)
+        return steps
 
     def _freeze_held(self) -> Steps[ProcessesGuard]:
         if self.frozen:
@@ -242,10 +244,10 @@ class ProcessesGuard:
     def _thaw_steps(self) -> Steps[None]:
         """Thaw, as steps for a driver; :meth:`release` does the same synchronously (and
         finishes a thaw that these steps left cut short)."""
-        with self._turn.held():
-            if self._backend is not None and self.frozen:
-                yield from self._backend.thaw()
-                self._disarm()
+        self._turn.wait_turn()
+        if self._backend is not None and self.frozen:
+            yield from self._backend.thaw()
+            self._disarm()
 
     def _disarm(self) -> None:
         """The thaw ran to its end: forget the freeze (never before)."""
@@ -292,13 +294,13 @@ class ProcessesGuard:
         ``release()``, garbage collection or interpreter exit finishes it.
 
         In a forked child of the process that froze, this does nothing: the freeze is the
-        parent's. Called while another thread freezes or thaws this guard, it waits for that
-        to end; called from another task of the event loop that runs a freeze or thaw of this
-        guard (or from a signal handler that interrupted one), it raises FreezeError.
+        parent's. Called while another thread freezes this guard, it waits for the freeze to
+        end; called from another task of the event loop that runs a freeze of this guard (or
+        from a signal handler that interrupted one), it raises FreezeError.
         """
         if self.frozen:  # (a forked child never waits for its parent's threads)
-            with self._turn.held():
-                self._release_held()
+            self._turn.wait_turn()
+            self._release_held()
 
     def _release_held(self) -> None:
         backend = self._backend

@@ -450,14 +450,21 @@ def test_a_release_never_waits_for_ever_for_steps_left_suspended(make_tree: Make
     wait instead of hanging; closing the steps thaws."""
     tree = make_tree(wide(20), mode="idle")
     g = treeguard.ProcessesGuard(root=tree.root, include_root=True, timeout=0.1)
-    steps = g._freeze_steps()
-    stepper = threading.Thread(target=next, args=(steps,))
+    left: list[Any] = []
+
+    def one_step() -> None:
+        steps = g._freeze_steps()
+        next(steps)
+        left.append(steps)
+
+    stepper = threading.Thread(target=one_step)
     stepper.start()
     stepper.join()
+    (steps,) = left
     try:
         assert g.frozen
         started = time.perf_counter()
-        with pytest.raises(treeguard.FreezeError, match="another thread"):
+        with pytest.raises(treeguard.FreezeError, match="another thread is freezing"):
             g.release()
         assert time.perf_counter() - started < 5
     finally:
