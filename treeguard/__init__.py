@@ -55,7 +55,7 @@ _HOMES = {
     "guard": "_async",
     "freezethaw": "_freezethaw",
     "ProcessesGuard": "_guard",
-    "freeze_child_processes": "_guard",
+    "freeze_child_processes": "_child_processes",
     "FreezeReport": "_report",
     "Skip": "_report",
     "ProcessRecord": "_snapshot",
@@ -99,9 +99,9 @@ if TYPE_CHECKING:
     from . import cgroup as cgroup
     from ._async import AsyncGuard as AsyncGuard
     from ._async import guard as guard
+    from ._child_processes import freeze_child_processes as freeze_child_processes
     from ._freezethaw import freezethaw as freezethaw
     from ._guard import ProcessesGuard as ProcessesGuard
-    from ._guard import freeze_child_processes as freeze_child_processes
     from ._report import FreezeReport as FreezeReport
     from ._report import Skip as Skip
     from ._snapshot import ProcessRecord as ProcessRecord

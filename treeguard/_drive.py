@@ -16,14 +16,19 @@ import contextvars
 import os
 import select
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from .errors import FreezeError
 
 __all__ = [
     "SLICE",
     "YIELD",
+    "OneAtATime",
     "Slices",
     "Steps",
     "Wait",
@@ -121,6 +126,55 @@ class Backoff:
             os.sched_yield()
         else:
             time.sleep(wait.seconds)
+
+
+class OneAtATime:
+    """Lets one freeze at a time run on an object (a guard), and no thaw beside it.
+
+    A freeze's steps share its state with the thaw: a thaw run beside a freeze under way
+    would resume and forget what it stopped so far, and leave it to stop the rest once the
+    thaw is over. :meth:`freeze` registers the freeze's steps; :meth:`wait_turn` (before a
+    freeze or a thaw) finds a freeze under way while those steps live (begun, not finished):
+    a caller of another thread waits up to ``wait`` seconds for them to end (a freeze ends
+    by its deadline; steps left suspended by an event loop that stopped would last for
+    ever); one of this thread (another task of its event loop, a signal handler) would wait
+    for itself, so it is refused (:class:`FreezeError`) and the freeze goes on. Nothing is
+    held that an interrupt could leave held: the steps' own state says whether they run.
+    """
+
+    __slots__ = ("_lock", "_owner", "_steps", "wait")
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self._lock = threading.Lock()  # makes "none under way, now mine" one step
+        self._steps: weakref.ref[Generator[Any, Any, Any]] | None = None
+        self._owner = (0, 0)  # (pid, thread) that runs the steps
+
+    def _under_way(self) -> bool:
+        steps = self._steps() if self._steps is not None else None
+        begun = steps is not None and getattr(steps, "gi_frame", None) is not None  # not over
+        return begun and self._owner[0] == os.getpid()
+
+    def wait_turn(self, steps: Generator[Any, Any, Any] | None = None) -> None:
+        """Wait for a freeze under way to end (then register ``steps``, a freeze, if given).
+
+        :raises FreezeError: if this thread runs it, or another thread runs it for longer
+            than ``wait``.
+        """
+        deadline = time.monotonic() + self.wait
+        while True:
+            with self._lock:
+                if not self._under_way():
+                    if steps is not None:
+                        self._steps = weakref.ref(steps)
+                        self._owner = (os.getpid(), threading.get_ident())
+                    return
+                mine = self._owner[1] == threading.get_ident()
+            if mine:
+                raise FreezeError("this guard is being frozen by another task of this thread")
+            if time.monotonic() > deadline:
+                raise FreezeError(f"another thread is freezing this guard for over {self.wait:g} s")
+            time.sleep(0.001)
 
 
 def run_sync(steps: Steps[T]) -> T:

@@ -18,6 +18,7 @@ once the thaw is done.
 
 from __future__ import annotations
 
+import inspect
 import signal
 import threading
 from collections.abc import Callable
@@ -153,7 +154,8 @@ def freezethaw(fn: Callable[[Unpack[Ts]], T], *args: Unpack[Ts], **options: Unpa
     :param options: the options of :class:`ProcessesGuard` (``root``, ``scope``,
         ``exclude``, ``timeout``, ...).
     :returns: what ``fn`` returned.
-    :raises InvalidArgumentError: if ``fn`` is not callable or an option is invalid.
+    :raises InvalidArgumentError: if ``fn`` is not callable, is a coroutine function, or an
+        option is invalid.
     :raises KeyboardInterrupt: on SIGINT while frozen (after the thaw), and whatever else the
         previous handler of a held-back signal raises.
     :raises FrozenInterrupt: if a held-back signal stopped ``fn`` (or the freeze) and its
@@ -163,6 +165,11 @@ def freezethaw(fn: Callable[[Unpack[Ts]], T], *args: Unpack[Ts], **options: Unpa
     """
     if not callable(fn):
         raise InvalidArgumentError("fn", f"must be callable, not {type(fn).__name__}")
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
+        # Called here, it would only make a coroutine, run by nobody while frozen.
+        raise InvalidArgumentError(
+            "fn", "is a coroutine function: freeze around awaits with `async with guard()`"
+        )
     guard = new_guard(dict(options))
     interrupts = _Interrupts()
     if threading.current_thread() is threading.main_thread():
@@ -179,7 +186,9 @@ def freezethaw(fn: Callable[[Unpack[Ts]], T], *args: Unpack[Ts], **options: Unpa
         stopped = err
     finally:
         previous = interrupts.restore()
-    interrupts.hand_over(previous)  # the thaw is done: as if treeguard had not been there
+        # The thaw is done: as if treeguard had not been there, also when fn (or the
+        # freeze) raised an error of its own: a signal held back is never lost.
+        interrupts.hand_over(previous)
     if stopped is not None:
         raise FrozenInterrupt(stopped.signum) from None  # fn did not finish
     return result

@@ -17,7 +17,7 @@ from ._checks import (
     check_proc,
     check_process,
 )
-from ._drive import Steps, run_sync, run_to_end
+from ._drive import OneAtATime, Steps, run_sync, run_to_end
 from ._report import FreezeReport, Skip
 from ._snapshot import TreeSnapshot
 from ._subreaper import set_subreaper
@@ -27,7 +27,7 @@ from ._watchdog import Watchdog, helper_pids
 from .errors import FreezeError, InvalidArgumentError, WatchdogError
 from .procfs import ProcFS
 
-__all__ = ["ProcessesGuard", "freeze_child_processes", "new_guard"]
+__all__ = ["ProcessesGuard", "new_guard"]
 
 
 def new_guard(options: dict[str, Any]) -> ProcessesGuard:
@@ -139,6 +139,9 @@ class ProcessesGuard:
         self._max_frozen = None if max_frozen is None else float(max_frozen)
         self._watchdog: Watchdog | None = None
         self._memo = Memo()  # what a freeze keeps for the next (the cgroup census)
+        # One freeze at a time, and no thaw beside it (tasks, threads); another thread waits
+        # for as long as a freeze may take, twice, and a second.
+        self._turn = OneAtATime(wait=2 * self._timeout + 1.0)
         weakref.finalize(self, self._memo.close)
         if subreaper:
             set_subreaper()
@@ -191,7 +194,13 @@ class ProcessesGuard:
         )
 
     def _freeze_steps(self) -> Steps[ProcessesGuard]:
-        """Freeze, as steps for a driver (:mod:`treeguard._drive`)."""
+        """Freeze, as steps for a driver (:mod:`treeguard._drive`), once no other freeze of
+        this guard is under way."""
+        steps = self._freeze_held()
+        self._turn.wait_turn(steps)
+        return steps
+
+    def _freeze_held(self) -> Steps[ProcessesGuard]:
         if self.frozen:
             raise FreezeError("this guard is frozen already: release() it before freezing again")
         clock = time.perf_counter
@@ -228,13 +237,14 @@ class ProcessesGuard:
         except BaseException:
             # A backend that raised thawed on its own way out (this finishes what an
             # interrupt may have cut short); after the lease check above, this is the thaw.
-            self.release()
+            self._release_held()
             raise
         return self
 
     def _thaw_steps(self) -> Steps[None]:
         """Thaw, as steps for a driver; :meth:`release` does the same synchronously (and
         finishes a thaw that these steps left cut short)."""
+        self._turn.wait_turn()
         if self._backend is not None and self.frozen:
             yield from self._backend.thaw()
             self._disarm()
@@ -284,8 +294,15 @@ class ProcessesGuard:
         ``release()``, garbage collection or interpreter exit finishes it.
 
         In a forked child of the process that froze, this does nothing: the freeze is the
-        parent's.
+        parent's. Called while another thread freezes this guard, it waits for the freeze to
+        end; called from another task of the event loop that runs a freeze of this guard (or
+        from a signal handler that interrupted one), it raises FreezeError.
         """
+        if self.frozen:  # (a forked child never waits for its parent's threads)
+            self._turn.wait_turn()
+            self._release_held()
+
+    def _release_held(self) -> None:
         backend = self._backend
         if backend is None or not self.frozen:
             return
@@ -378,23 +395,6 @@ class ProcessesGuard:
         state = f"frozen, {len(self.pids)} processes" if self.frozen else "thawed"
         target = "namespace" if self._scope == "namespace" else f"root={self._root or os.getpid()}"
         return f"<ProcessesGuard {target} backend={self.report.backend} {state}>"
-
-
-def freeze_child_processes(
-    monitor_pid: Target | None = None, *, timeout: float = 1.0, max_passes: int = 3
-) -> ProcessesGuard:
-    """Freeze every descendant of the calling process except ``monitor_pid`` and its subtree.
-
-    The crosvm-shaped entry point: returns a frozen :class:`ProcessesGuard`; release it (or
-    let it go out of scope) to thaw.
-
-    :param monitor_pid: the monitor: a PID or a process object.
-    :raises InvalidArgumentError: if ``monitor_pid`` is not a valid PID.
-    :raises NoSuchProcessError: if it names no process.
-    :raises FreezeError: as :meth:`ProcessesGuard.freeze`.
-    """
-    exclude = () if monitor_pid is None else (as_pid("monitor_pid", monitor_pid),)
-    return ProcessesGuard(exclude=exclude, timeout=timeout, max_passes=max_passes).freeze()
 
 
 _OPTIONS = frozenset(inspect.signature(ProcessesGuard).parameters)

@@ -263,7 +263,10 @@ def thaw(token: Token) -> int:
 
     Processes are resumed last-stopped first. One whose PID now names another process
     (different starttime), or that is gone, is skipped; one that was already stopped before
-    the freeze stays stopped. Thawing twice is harmless.
+    the freeze stays stopped. Thawing twice resumes the same processes (or cgroup) again:
+    harmless while they run, but a token has no way to know it was used, so a second thaw
+    after something else stopped them again (a guard, another token's freeze) resumes them
+    under it. Thaw a token once.
 
     :param token: from :func:`freeze` or :meth:`Token.from_json`.
     :returns: how many processes were resumed.

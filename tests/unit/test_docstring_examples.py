@@ -54,12 +54,13 @@ def _sketches() -> Iterator[tuple[str, str]]:
 
 
 #: The modules whose docstrings the API reference shows: where each public name is
-#: defined, and the public modules.
+#: defined, and the public modules. (A class re-exported by the package names the package
+#: as its module, so its file is not found this way: _guard, ProcessesGuard's, is named.)
 SHOWN = {
     inspect.getfile(obj)
     for obj in CALLABLES.values()
     if inspect.isclass(obj) or inspect.isfunction(obj)
-} | {str(PACKAGE / f"{m}.py") for m in ("cgroup", "procfs", "errors", "pytest_plugin")}
+} | {str(PACKAGE / f"{m}.py") for m in ("cgroup", "procfs", "errors", "pytest_plugin", "_guard")}
 
 SKETCHES = {w: c for w, c in _sketches() if str(PACKAGE.parent / w.split(":")[0]) in SHOWN}
 

@@ -64,6 +64,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_token",
             "_async",
             "_freezethaw",
+            "_child_processes",
             "pytest_plugin",
             "_demo",
             "cgroup",
