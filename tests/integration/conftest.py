@@ -56,3 +56,15 @@ def fork_one(forker: subprocess.Popen[Any]) -> int:
     forker.stdin.write(b"f")
     forker.stdin.flush()
     return int(forker.stdout.readline())
+
+
+# The async tests' event loops: asyncio in debug mode (it reports a callback that holds the
+# loop too long, and a coroutine never awaited) and trio; a test file may choose its own.
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"debug": True}), id="asyncio"),
+        pytest.param("trio", id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param

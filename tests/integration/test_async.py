@@ -22,16 +22,6 @@ pytestmark = pytest.mark.anyio
 MakeTree = Callable[..., WorkerTree]
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {"debug": True}), id="asyncio"),
-        pytest.param("trio", id="trio"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
-
-
 def _running(tree: WorkerTree) -> None:
     """The whole tree runs: no task stopped, and every main-thread counter moves."""
     proc.wait_until(lambda: not proc.stopped(tree.pids), what="the tree to be thawed")

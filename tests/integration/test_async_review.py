@@ -26,16 +26,6 @@ from treeguard._workers import WorkerTree, wide
 MakeTree = Callable[..., WorkerTree]
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {"debug": True}), id="asyncio"),
-        pytest.param("trio", id="trio"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
-
-
 async def _release_from_another_task_once_all_stopped(tree: WorkerTree) -> bool:
     """Enter a guard while another task releases it once every process is stopped; returns
     whether that release landed before the block started (the freeze still under way)."""

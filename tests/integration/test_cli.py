@@ -258,20 +258,39 @@ def test_pause_and_resume(make_tree: MakeTree, tmp_path: Path, paused_cleanup: l
     assert_clean_error(run("resume", "--state", str(state)), 6, "does not exist")
 
 
-_INTERRUPTED_AFTER_CREATE = """
+_SIGNALLED_AS_CREATED = """
 import os, signal, sys
 from treeguard import _cli, _statefile
 
+sig, ignored = signal.Signals[sys.argv[1]], sys.argv[2] == "ignored"
+if ignored:
+    signal.signal(sig, signal.SIG_IGN)  # as nohup(1) starts it for SIGHUP
 create = _statefile.create_exclusive
 
-def create_then_interrupted(path):
+def create_then_signalled(path):
     fd = create(path)
-    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C just as the state file exists
+    os.kill(os.getpid(), sig)  # Ctrl-C, or the terminal hanging up, as the file exists
     return fd
 
-_statefile.create_exclusive = create_then_interrupted
-sys.exit(_cli.main(sys.argv[1:]))
+_statefile.create_exclusive = create_then_signalled
+sys.exit(_cli.main(sys.argv[3:]))
 """
+
+
+def pause_signalled_as_created(
+    sig: str, ignored: bool, root: int, state: Path
+) -> subprocess.CompletedProcess[str]:
+    """``treeguard pause ROOT --state STATE`` in a process that sends itself ``sig`` (one it
+    ignores, if ``ignored``) as the state file has just been created."""
+    how = "ignored" if ignored else "heeded"
+    argv = [sig, how, "pause", str(root), "--state", str(state)]
+    return subprocess.run(
+        [sys.executable, "-c", _SIGNALLED_AS_CREATED, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_pause_interrupted_as_its_state_file_is_made(
@@ -283,14 +302,7 @@ def test_pause_interrupted_as_its_state_file_is_made(
     tree = make_tree(SPEC)
     state = tmp_path / "paused.json"
     paused_cleanup.append(state)
-    argv = ["pause", str(tree.root), "--state", str(state)]
-    result = subprocess.run(
-        [sys.executable, "-c", _INTERRUPTED_AFTER_CREATE, *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    result = pause_signalled_as_created("SIGINT", False, tree.root, state)
     assert result.returncode == 128 + signal.SIGINT, result
     assert "SIGINT received while frozen; the tree was thawed" in result.stderr
     assert not state.exists()
@@ -341,23 +353,6 @@ def test_a_pause_undone_removes_its_own_state_file_only(
     proc.counters_moving(tree.counters, [slot(i) for i in range(len(tree.pids))])
 
 
-_HUNG_UP_UNDER_NOHUP = """
-import os, signal, sys
-from treeguard import _cli, _statefile
-
-signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup(1) starts it
-create = _statefile.create_exclusive
-
-def create_then_hung_up(path):
-    fd = create(path)
-    os.kill(os.getpid(), signal.SIGHUP)  # the terminal hangs up as the pause runs
-    return fd
-
-_statefile.create_exclusive = create_then_hung_up
-sys.exit(_cli.main(sys.argv[1:]))
-"""
-
-
 def test_a_pause_goes_on_through_a_signal_it_ignores(
     make_tree: MakeTree, tmp_path: Path, paused_cleanup: list[Path]
 ) -> None:
@@ -366,14 +361,7 @@ def test_a_pause_goes_on_through_a_signal_it_ignores(
     tree = make_tree(SPEC)
     state = tmp_path / "paused.json"
     paused_cleanup.append(state)
-    argv = ["pause", str(tree.root), "--state", str(state)]
-    result = subprocess.run(
-        [sys.executable, "-c", _HUNG_UP_UNDER_NOHUP, *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    result = pause_signalled_as_created("SIGHUP", True, tree.root, state)
     assert result.returncode == 0, result
     proc.assert_all_stopped(tree.pids)
     assert run("resume", "--state", str(state)).returncode == 0
