@@ -116,6 +116,18 @@ def _events_frozen(path: str) -> bool:
         return "frozen 1" in f.read()
 
 
+def _tree_for(
+    backend: str, size: int, make_tree: MakeTree, request: pytest.FixtureRequest
+) -> tuple[WorkerTree, str]:
+    """An idle tree of ``size`` processes for ``backend``, in a cgroup of its own for the
+    cgroup backend: the tree, and that cgroup's path ("" for the others)."""
+    require_root(f"the {backend} backend")
+    if backend != "cgroup":
+        return make_tree(wide(size), mode="idle"), ""
+    cg = request.getfixturevalue("cgroup")(2)
+    return make_tree(wide(size), mode="idle", spawn=cg.spawn), cg.path
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("backend", ["signal", "cgroup", "ptrace"])
 async def test_a_timeout_at_any_point_of_the_freeze_leaves_nothing_stopped(
@@ -125,13 +137,7 @@ async def test_a_timeout_at_any_point_of_the_freeze_leaves_nothing_stopped(
     in the block, for the longer ones), on each backend: a block that runs holds the whole
     tree stopped, and once the scope is left nothing is stopped (or frozen), checked
     through /proc and the cgroup's own file."""
-    require_root(f"the {backend} backend")
-    spawn: dict[str, Any] = {}
-    path = ""
-    if backend == "cgroup":
-        cg = request.getfixturevalue("cgroup")(2)
-        spawn["spawn"], path = cg.spawn, cg.path
-    tree = make_tree(wide(40), mode="idle", **spawn)
+    tree, path = _tree_for(backend, 40, make_tree, request)
     ran = cut = 0
     for timeout in (0, 1e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 5e-2) * 2:
         with anyio.move_on_after(timeout) as scope:
@@ -174,13 +180,7 @@ async def test_a_forked_child_of_a_frozen_async_supervisor_never_thaws(
     """Inside ``async with guard()``, a forked child releases, leaves the block on an event
     loop of its own, closes and drops the guard: the tree stays stopped (checked through /proc
     and the cgroup's file) until the parent's block ends."""
-    require_root(f"the {backend} backend")
-    spawn: dict[str, Any] = {}
-    path = ""
-    if backend == "cgroup":
-        cg = request.getfixturevalue("cgroup")(2)
-        spawn["spawn"], path = cg.spawn, cg.path
-    tree = make_tree(wide(10), mode="idle", **spawn)
+    tree, path = _tree_for(backend, 10, make_tree, request)
     manager = treeguard.guard(tree.root, include_root=True, backend=backend)  # type: ignore[arg-type]
     async with manager as g:
 
