@@ -12,11 +12,10 @@ that stopped itself meanwhile.
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 from .._drive import Steps, Wait
-from .._thaw import signal_identity
+from .._thaw import resume_relay
 from ..procfs import ProcFS
 
 __all__ = ["Watchers"]
@@ -68,11 +67,11 @@ class Watchers:
         deadline = time.perf_counter() + _GRACE
         while seen:
             for pid, (start, _) in list(seen.items()):
+                if resume_relay(pid, start, fs):
+                    del seen[pid]
+                    continue
                 stat = fs.stat(pid)
                 if stat is None or stat.starttime != start:
-                    del seen[pid]
-                elif stat.state == "T":
-                    signal_identity(pid, start, signal.SIGCONT, fs=fs)
                     del seen[pid]
                 elif stat.state != "R" or time.perf_counter() > deadline:
                     del seen[pid]  # asleep: it did not take the stop in
