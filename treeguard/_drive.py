@@ -162,6 +162,7 @@ class OneAtATime:
             than ``wait``.
         """
         deadline = time.monotonic() + self.wait
+        backoff: Backoff | None = None
         while True:
             with self._lock:
                 if not self._under_way():
@@ -174,7 +175,8 @@ class OneAtATime:
                 raise FreezeError("this guard is being frozen by another task of this thread")
             if time.monotonic() > deadline:
                 raise FreezeError(f"another thread is freezing this guard for over {self.wait:g} s")
-            time.sleep(0.001)
+            backoff = backoff or Backoff()
+            backoff.pause()  # (a thread that is not a step's: the one wait loop)
 
 
 def run_sync(steps: Steps[T]) -> T:
