@@ -64,6 +64,9 @@ class FreezeReport:
     declined: dict[str, str] = field(default_factory=dict)
     plan_seconds: float = 0.0
     prove_seconds: float = 0.0
+    #: Signal backend, a guard frozen again: processes met through the descriptors kept
+    #: from its last freeze (no pidfd or stat file opened for them).
+    known: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-able data (skip reasons as their strings)."""

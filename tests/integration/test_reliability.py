@@ -273,6 +273,35 @@ def test_a_traced_process_is_refused_not_taken_for_stopped(
     _running(tree, *tree.pids)
 
 
+def test_a_process_traced_since_a_guard_last_froze_it_is_refused_not_signalled(
+    make_tree: MakeTree, strace: Callable[[int], subprocess.Popen[bytes]]
+) -> None:
+    """A guard frozen again meets the processes it kept through their kept descriptors:
+    one that a tracer took since is refused (or skipped) as at a first freeze."""
+    require_root("tracing a process")
+    tree = make_tree(wide(3), period=0.002)
+    traced = tree.pids[2]
+    guard = ProcessesGuard(tree.root, include_root=True)
+    with guard:
+        pass
+    strace(traced)
+    for _ in range(10):
+        with pytest.raises(FreezePermissionError) as info:
+            guard.freeze()
+        assert info.value.pids == (traced,)
+        proc.wait_until(lambda: not proc.stopped([p for p in tree.pids if p != traced]), 5)
+    partial = ProcessesGuard(tree.root, include_root=True, partial_ok=True)
+    with partial:
+        pass
+    for _ in range(3):
+        with partial:
+            assert partial.report.skipped[traced] is Skip.TRACED
+            proc.assert_all_stopped([p for p in tree.pids if p != traced])
+    guard.close()
+    partial.close()
+    _running(tree, *tree.pids)
+
+
 # -- job-control relays ------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_backends._base",
             "_backends._pidfds",
             "_backends._proof",
+            "_backends._known",
             "_backends._relays",
             "_backends._signal",
             "_backends._cgroup",

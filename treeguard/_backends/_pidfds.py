@@ -65,9 +65,11 @@ class Entry:
 
     __slots__ = (
         "alive",
+        "borrowed",
         "fd",
         "inode",
         "ours",
+        "parent",
         "pid",
         "settled",
         "starttime",
@@ -96,6 +98,11 @@ class Entry:
         # Seen stopped by a tracer after our SIGSTOP (partial_ok): not proven stopped, so
         # not reported as frozen, but still resumed by the thaw.
         self.traced = False
+        # The parent that listed it (-1 where the walk starts): where it may be met again.
+        self.parent = -1
+        # Its descriptors are a guard's, kept between freezes (:mod:`._known`): releasing
+        # it forgets them, and the guard closes them.
+        self.borrowed = False
 
 
 def held() -> int:
@@ -142,13 +149,15 @@ def release_pidfd(entry: Entry) -> None:
     than closing it twice."""
     if entry.fd >= 0:
         fd, entry.fd = entry.fd, -1
-        close(fd)
+        if not entry.borrowed:
+            close(fd)
 
 
 def close_stat(entry: Entry) -> None:
     if entry.statfd >= 0:
         fd, entry.statfd = entry.statfd, -1
-        close(fd)
+        if not entry.borrowed:
+            close(fd)
 
 
 def release(entry: Entry) -> None:

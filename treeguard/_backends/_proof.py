@@ -13,13 +13,27 @@ waited for:
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from .._drive import YIELD, Backoff, Slices, Steps
 from .._report import FreezeReport
+from ..errors import StopTimeoutError
 from ..procfs import DEAD_STATES, ProcFS, dead, parse_stat, parse_stat_brief, parse_state
+from ._base import Plan
 from ._pidfds import Entry
 
-__all__ = ["GONE", "SETTLED", "TRACED", "VFORK_WCHAN", "Look", "look", "traced_reason"]
+__all__ = [
+    "GONE",
+    "SETTLED",
+    "TRACED",
+    "VFORK_WCHAN",
+    "Look",
+    "look",
+    "traced_reason",
+    "wait_stopped",
+]
 
 #: Where a task waits while its vfork child has not exec'd or exited (kernel/fork.c).
 VFORK_WCHAN = frozenset({"kernel_clone", "_do_fork", "do_fork"})
@@ -98,3 +112,39 @@ def traced_reason(fs: ProcFS, pid: int) -> str:
         f"traced by PID {tracer} (a debugger or strace): a traced process runs whenever its "
         "tracer lets it, so it cannot be proven stopped; detach the tracer"
     )
+
+
+def wait_stopped(
+    entries: list[Entry],
+    check: Callable[[Entry], list[tuple[int, int, str]]],
+    plan: Plan,
+    deadline: float,
+    slices: Slices,
+) -> Steps[None]:
+    """Look at ``entries`` until ``check`` finds no task of them running (it returns the
+    tasks not stopped yet), backing off from a bare yield of the CPU to a few milliseconds.
+
+    :raises StopTimeoutError: past ``deadline``, once the backoff has grown to its cap.
+    """
+    backoff = Backoff()
+    pending = entries
+    while True:
+        running: list[tuple[int, int, str]] = []
+        still: list[Entry] = []
+        for entry in pending:
+            late = check(entry)
+            if late:
+                running += late
+                still.append(entry)
+            if slices.due():
+                yield YIELD
+        if not still:
+            return
+        if plan.journal is not None:
+            plan.journal.check()  # a lease that ran out resumed what we wait for
+        # Past the deadline, give up only once the backoff has grown to its cap (a few
+        # milliseconds of looking): a task signalled a moment ago deserves that chance.
+        if time.perf_counter() > deadline and backoff.capped:
+            raise StopTimeoutError(plan.timeout, running)
+        yield backoff.next()
+        pending = still

@@ -3,7 +3,8 @@
 The algorithm goes down the tree one generation at a time:
 
 1. *Stop* every process of the generation: open a pidfd, read its stat (the pidfd was opened
-   first, and the stat must name the parent that listed it, so it is that very process),
+   first, and the stat must name the parent that listed it, so it is that very process; a
+   guard frozen again meets a process it kept through the kept descriptors, :mod:`._known`),
    record it (the backend's list, then the watchdog's journal), send SIGSTOP.
 2. *Verify* that every task of the generation shows ``T`` (polling with a backoff that starts
    at a bare yield of the CPU, not at a fixed sleep).
@@ -18,10 +19,9 @@ it runs again the stop is no longer reportable (SIGCONT clears it at once, kerne
 itself, a process it may not signal) keep running: their children are read again after each
 round, and newcomers start another round, up to ``max_passes``.
 
-Its parts: :mod:`._pidfds` (what a process is held by), :mod:`._proof` (when a process
-counts as stopped; a traced one never does), :mod:`._relays` (parents outside the frozen
-set that relay a stop, resumed after the thaw). A process met is known by its identity
-(starttime and pidfs inode), never by PID alone.
+Its parts: :mod:`._pidfds` (what holds a process), :mod:`._proof` (when it counts as
+stopped), :mod:`._relays` (relays of a stop above the frozen set, resumed after the thaw). A
+process met is known by its identity (starttime, pidfs inode), never by PID alone.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ import errno
 import signal
 import time
 
-from .._drive import YIELD, Backoff, Slices, Steps
+from .._drive import YIELD, Slices, Steps
 from .._report import Skip
 from .._thaw import keep_reserve, pidfd_inode
 from .._tree import ROOT, ChildrenFiles, unfreezable
-from ..errors import FreezeError, FreezePermissionError, StopTimeoutError, TreeUnstableError
+from ..errors import FreezeError, FreezePermissionError, TreeUnstableError
 from ._base import Backend, Plan
+from ._known import Known
 from ._pidfds import (
     OUT_OF_DESCRIPTORS,
     Entry,
@@ -50,7 +51,7 @@ from ._pidfds import (
     resignal,
     resume,
 )
-from ._proof import GONE, TRACED, Look, look, traced_reason
+from ._proof import GONE, TRACED, Look, look, traced_reason, wait_stopped
 from ._relays import Watchers
 
 __all__ = ["SignalBackend"]
@@ -73,6 +74,7 @@ class SignalBackend(Backend):
         self._watchers = Watchers(plan.fs)  # parents told of a stop we did not stop
         self._slices = Slices()  # one clock for every loop of a freeze (or thaw)
         self._budget = budget()
+        self._known: Known | None = None  # the guard's kept descriptors, lent to this freeze
 
     # -- what the guard sees -------------------------------------------------------------
 
@@ -103,6 +105,7 @@ class SignalBackend(Backend):
         deadline = start + plan.timeout
         self._slices = slices = Slices()
         try:
+            self._known = Known.lend(plan)
             keep_reserve()  # before the first stop: the thaw must never lack a descriptor
             plan.source.refresh()
             frontier: list[tuple[int, int | None]] = [(pid, None) for pid in plan.starts]
@@ -122,6 +125,8 @@ class SignalBackend(Backend):
                     raise TreeUnstableError(report.passes, [pid for pid, _ in frontier])
             if self._watchers:
                 self._watchers.settle()
+            if self._known is not None:
+                self._known.keep(self._entries)
             for entry in (*self._entries, *self._foreign):
                 close_stat(entry)
                 if slices.due():
@@ -160,7 +165,7 @@ class SignalBackend(Backend):
                 self._traced_pids, reason=traced_reason(self.plan.fs, self._traced_pids[0])
             )
         t0 = clock()
-        yield from self._wait_stopped(met, deadline)
+        yield from wait_stopped(met, self._check, self.plan, deadline, slices)
         report.verify_seconds += clock() - t0
         t0 = clock()
         children: list[tuple[int, int | None]] = []
@@ -172,11 +177,7 @@ class SignalBackend(Backend):
                     children += [(kid, pid) for kid in kids]
             if slices.due():
                 yield YIELD
-        fs, source = self.plan.fs, self.plan.source
-        for pid in self._through_now:  # running: read again at the end of the round too
-            stat = fs.stat(pid) if pid else ROOT
-            if stat is not None:
-                children += ((kid, pid) for kid in source.children(pid, stat))
+        children += self._children_through(self._through_now)  # read at the round's end too
         self._through_now = []
         report.enumerate_seconds += clock() - t0
         return children
@@ -186,6 +187,16 @@ class SignalBackend(Backend):
         if entry.tids is not None and isinstance(source, ChildrenFiles):
             return source.of_threads(entry.pid, entry.tids)
         return source.children(entry.pid, entry.stat)
+
+    def _children_through(self, pids: list[int]) -> list[tuple[int, int | None]]:
+        """The children of processes walked through (running), with their parent."""
+        fs, source = self.plan.fs, self.plan.source
+        found: list[tuple[int, int | None]] = []
+        for pid in pids:
+            stat = fs.stat(pid) if pid else ROOT
+            if stat is not None:
+                found += ((kid, pid) for kid in source.children(pid, stat))
+        return found
 
     def _meet(self, pid: int, parent: int | None) -> Entry | None:
         """Meet ``pid`` (listed by ``parent``; None where the walk starts): skip it, walk
@@ -199,6 +210,13 @@ class SignalBackend(Backend):
             self._walk_through(pid)
             return None
         t0 = time.perf_counter()
+        known = self._known
+        if known is not None and parent is not None and pid not in self._met:
+            entry = known.meet(pid, parent, plan.fs)  # its kept descriptors (see _known)
+            if entry is not None:
+                self._met[pid] = (entry.starttime, entry.inode)
+                report.known += 1
+                return self._stop(entry, t0)
         fd = open_pidfd(pid)
         if fd is None:
             return self._skip(pid, Skip.EXITED)
@@ -232,13 +250,19 @@ class SignalBackend(Backend):
                     self._traced_pids.append(pid)
                 self._walk_through(pid)  # it runs: its children are read again every round
             return self._skip(pid, skip, fd)
+        entry = Entry(pid, fd, stat, stat.state != "T", statfd, identity[1])
+        entry.parent = -1 if parent is None else parent
+        return self._stop(entry, t0)
+
+    def _stop(self, entry: Entry, t0: float) -> Entry | None:
+        """Stop ``entry``, met running (or hold it as found, stopped by someone else)."""
+        plan, report, pid = self.plan, self.report, entry.pid
         report.skipped.pop(pid, None)  # a PID reused by a process we stop now
-        if parent is None or parent in plan.passthrough:  # the top of a frozen subtree
-            watcher = stat.ppid if parent is None else parent
+        if entry.parent < 0 or entry.parent in plan.passthrough:  # the top of a frozen subtree
+            watcher = entry.stat.ppid if entry.parent < 0 else entry.parent
             start = self._watchers.watch(watcher)
             if start is not None and plan.journal is not None:
                 plan.journal.watching(watcher, start)  # before it can be told of a stop
-        entry = Entry(pid, fd, stat, stat.state != "T", statfd, identity[1])
         if not entry.ours:
             report.skipped[pid] = Skip.ALREADY_STOPPED
             self._foreign.append(entry)
@@ -247,9 +271,9 @@ class SignalBackend(Backend):
         # Recorded before it is signalled: an interrupt at any point leaves it to the thaw.
         self._entries.append(entry)
         if plan.journal is not None:
-            plan.journal.stopping(pid, stat.starttime, entry.inode)
+            plan.journal.stopping(pid, entry.starttime, entry.inode)
         try:
-            signal.pidfd_send_signal(fd, signal.SIGSTOP)
+            signal.pidfd_send_signal(entry.fd, signal.SIGSTOP)
         except ProcessLookupError:
             entry.alive = False
             release(entry)
@@ -265,7 +289,7 @@ class SignalBackend(Backend):
             return None
         finally:
             report.signal_seconds += time.perf_counter() - t0
-        if fd >= 0 and held() >= self._budget:
+        if entry.fd >= 0 and held() >= self._budget:
             release_pidfd(entry)
         return entry
 
@@ -284,14 +308,8 @@ class SignalBackend(Backend):
     def _newcomers(self) -> list[tuple[int, int | None]]:
         """Children not met yet of the processes walked through: they run, so they may have
         forked since the round began."""
-        plan = self.plan
-        found: list[tuple[int, int | None]] = []
-        for pid in self._through:
-            stat = plan.fs.stat(pid) if pid else ROOT
-            if stat is not None:
-                found += ((kid, pid) for kid in plan.source.children(pid, stat))
-        fresh = []
-        for kid, parent in dict.fromkeys(found):
+        plan, fresh = self.plan, []
+        for kid, parent in dict.fromkeys(self._children_through(self._through)):
             if kid in self._met and kid not in self._through:
                 st = plan.fs.stat(kid)
                 if st is None or st.starttime == self._met[kid][0]:
@@ -302,31 +320,6 @@ class SignalBackend(Backend):
         return fresh
 
     # -- verifying ------------------------------------------------------------------------
-
-    def _wait_stopped(self, entries: list[Entry], deadline: float) -> Steps[None]:
-        backoff = Backoff()
-        pending = entries
-        slices = self._slices
-        while True:
-            running: list[tuple[int, int, str]] = []
-            still: list[Entry] = []
-            for entry in pending:
-                late = self._check(entry)
-                if late:
-                    running += late
-                    still.append(entry)
-                if slices.due():
-                    yield YIELD
-            if not still:
-                return
-            if self.plan.journal is not None:
-                self.plan.journal.check()  # a lease that ran out resumed what we wait for
-            # Past the deadline, give up only once the backoff has grown to its cap (a few
-            # milliseconds of looking): a task signalled a moment ago deserves that chance.
-            if time.perf_counter() > deadline and backoff.capped:
-                raise StopTimeoutError(self.plan.timeout, running)
-            yield backoff.next()
-            pending = still
 
     def _check(self, entry: Entry) -> list[tuple[int, int, str]]:
         """Tasks of ``entry`` that are not stopped yet, as ``(pid, tid, state)``."""
@@ -380,6 +373,8 @@ class SignalBackend(Backend):
         refused = yield from resume(self._entries, self._slices)
         while self._foreign:
             release(self._foreign.pop())
+        if self._known is not None:
+            self._known.settle()  # every descriptor it lent is given back
         if self._watchers:
             yield from self._watchers.resume()
         if self.plan.journal is not None:
@@ -394,3 +389,5 @@ class SignalBackend(Backend):
             release(self._entries.pop())
         while self._foreign:
             release(self._foreign.pop())
+        if self._known is not None:
+            self._known.settle()

@@ -1,0 +1,168 @@
+"""What a guard's signal freezes keep from one freeze to the next: the pidfd and the open
+stat file of each process stopped, so that freezing the same tree again skips opening them.
+
+A supervisor that freezes its tree every few seconds meets the same processes each time.
+Meeting one costs a ``pidfd_open``, an ``open`` of its stat file, a read that parses every
+field, and an ``fstat`` of the pidfd for its pidfs inode: most of a small tree's freeze. Both
+descriptors name their process for good (a pidfd signals nobody once its process is reaped; a
+stat file opened for a process fails to read once it is reaped, whatever the PID holds now),
+so a process met again may be met through them:
+
+- the walk itself is unchanged: every child is still found by reading the children files of
+  its parent once the parent is proven stopped, so nothing here decides what the tree is;
+- a child listed there is taken for the process known under that PID only if it is known as
+  the child of that same parent and its kept stat file still reads, with the starttime it had,
+  in a state that is not dead, stopped, or traced. A process that lives holds its PID, and it
+  was alive before the listing, so the listing named it; anything else (reaped, a PID reused,
+  re-parented, stopped by someone else, held by a tracer, a helper now) is met afresh;
+- one ``pread`` of the kept stat file replaces the four calls and the full parse.
+
+The descriptors are counted with every other descriptor a freeze holds, and kept only while
+they stay within an eighth of ``RLIMIT_NOFILE``. They are lent to one freeze at a time (its
+entries borrow them, the thaw gives them back): :meth:`Known.close` while they are lent waits
+until the freeze's thaw has given them back, so that no entry ever signals through a
+descriptor closed under it. Only the process that made them uses or closes them (the guard's
+:class:`~treeguard._backends._base.Memo` gives a forked child nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from dataclasses import dataclass
+
+from ..procfs import DEAD_STATES, HELPER_COMM, ProcFS, Stat, parse_stat_brief
+from ._base import Plan
+from ._pidfds import Entry, close
+
+__all__ = ["Known"]
+
+_KEY = "signal walk"
+#: States a process is met again in through its kept descriptors: anything else (stopped,
+#: traced, dead) is met afresh, where the full rules decide.
+_RUNNING = frozenset("RSDIWP") - DEAD_STATES
+_HELPER = b"(" + HELPER_COMM + b") "
+
+
+@dataclass(slots=True)
+class _Proc:
+    parent: int
+    fd: int
+    statfd: int
+    stat: Stat
+    inode: int
+
+
+class Known:
+    """The processes a guard's last signal freeze stopped, by PID, each held by its pidfd
+    and its open stat file (see the module)."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, _Proc] = {}
+        self._owner = os.getpid()
+        self._lent = False
+        self._closing = False
+        # close() may come from another thread (the guard's close() beside its freeze):
+        # lending and closing are decided under one lock, so that no freeze borrows a
+        # descriptor closed under it.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def lend(cls, plan: Plan) -> Known | None:
+        """The guard's, lent to the freeze about to start (made at its first freeze);
+        ``None`` for a freeze without a guard."""
+        memo = plan.memo
+        if memo is None:
+            return None
+        known = memo.get(_KEY)
+        if not isinstance(known, Known):
+            known = cls()
+            memo.put(_KEY, known)
+            if memo.get(_KEY) is not known:
+                return None  # a forked child's freeze with an inherited guard: keep nothing
+        with known._lock:
+            known._lent = True
+        return known
+
+    def meet(self, pid: int, parent: int, fs: ProcFS) -> Entry | None:
+        """An entry for ``pid``, listed by ``parent`` (proven stopped, or walked through)
+        just now, borrowing the kept descriptors; ``None`` if it must be met afresh."""
+        proc = self._procs.get(pid)
+        if proc is None or proc.parent != parent:
+            return None
+        data = fs.reread(proc.statfd)
+        if data is None or _HELPER in data:
+            return None
+        state, threads, starttime = parse_stat_brief(data)
+        if state not in _RUNNING or starttime != proc.stat.starttime:
+            return None
+        entry = Entry(pid, proc.fd, proc.stat, True, proc.statfd, proc.inode)
+        entry.parent, entry.borrowed = parent, True
+        return entry
+
+    def keep(self, entries: list[Entry]) -> None:
+        """Once a freeze proved ``entries`` stopped: keep the descriptors of those it may
+        meet again (ours, alive, below a parent, both descriptors held), as many as the
+        cap allows; let go of every other process kept before. An entry that borrowed
+        descriptors not kept now owns them (its thaw closes them): none is closed under it."""
+        old, self._procs = self._procs, {}
+        room = _cap()
+        for entry in entries:
+            mine = old.pop(entry.pid) if entry.borrowed else None
+            if room >= 2 and _keepable(entry):
+                if mine is None:
+                    mine = _Proc(entry.parent, entry.fd, entry.statfd, entry.stat, entry.inode)
+                    entry.borrowed = True  # the descriptors are kept here now
+                self._procs[entry.pid] = mine
+                room -= 2
+            elif mine is not None:
+                entry.borrowed = False  # the entry closes what it still holds
+                for fd in {mine.fd, mine.statfd} - {entry.fd, entry.statfd}:
+                    close(fd)  # what it let go of while borrowing
+        _close_all(old)
+
+    def settle(self) -> None:
+        """The freeze gave every descriptor back (its thaw ran to its end, or it was
+        handed over): a :meth:`close` asked for meanwhile happens now."""
+        with self._lock:
+            self._lent = False
+            closing = self._closing
+        if closing:
+            self.close()
+
+    def close(self) -> None:
+        """Let every descriptor go (later, if a freeze borrows them: see :meth:`settle`).
+        In a forked child, nothing: the descriptors are the parent's to close."""
+        if os.getpid() != self._owner:
+            return
+        with self._lock:
+            self._closing = self._lent
+            if self._lent:
+                return
+            procs, self._procs = self._procs, {}
+        _close_all(procs)
+
+
+def _keepable(entry: Entry) -> bool:
+    return (
+        entry.alive
+        and entry.ours
+        and not entry.traced
+        and entry.parent >= 0
+        and entry.fd >= 0
+        and entry.statfd >= 0
+    )
+
+
+def _cap() -> int:
+    """Descriptors a guard may keep between freezes: an eighth of the soft limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (1 << 16) if soft == resource.RLIM_INFINITY else soft // 8
+
+
+def _close_all(procs: dict[int, _Proc]) -> None:
+    while procs:
+        _, proc = procs.popitem()  # forgotten before closed: a leak, never a double close
+        close(proc.fd)
+        close(proc.statfd)
