@@ -181,16 +181,17 @@ def signal_identity(
         close_fd(fd)
 
 
-def resume_relay(pid: int, starttime: int, fs: ProcFS | None = None) -> bool:
-    """SIGCONT the process ``(pid, starttime)`` if it is stopped: a job-control relay
-    outside the tree that passed the tree's stop on by stopping itself. Never raises for
-    want of permission (SIGCONT needs the same session or user, kill(2)).
+def resume_relay(pid: int, starttime: int, fs: ProcFS | None = None, *, inode: int = 0) -> bool:
+    """SIGCONT the process ``(pid, starttime, inode)`` if it is stopped: a job-control relay
+    outside the tree that passed the tree's stop on by stopping itself. ``inode`` 0 skips
+    the inode check (a record without one). Never raises for want of permission (SIGCONT
+    needs the same session or user, kill(2)).
 
     :returns: whether it was resumed.
     """
     fs = fs or ProcFS()
     try:
-        fd = open_identity(pid, starttime, 0, fs)
+        fd = open_identity(pid, starttime, inode, fs)
         if fd < 0:
             return False
         try:

@@ -2,11 +2,12 @@
 
 A :class:`Token` is what a backend's :meth:`~treeguard._backends.Backend.describe` says
 another process needs to thaw the freeze, plus the backend's name. For the signal backend
-that is ``(pid, starttime)`` of every process stopped, in stop order (parent-first), and of
-every process found stopped by someone else (never resumed). The thaw goes through the
-core's :func:`~treeguard._backends.thaw_described`, which signals a PID only while it still
-names the process that was frozen (same starttime), so a token that outlived its processes
-is harmless.
+that is ``(pid, starttime)`` of every process stopped, in stop order (parent-first), of
+every process found stopped by someone else (never resumed), and of every job-control relay
+above the tree (a parent that stops itself when its child stops: resumed after the tree if
+it did). The thaw goes through the core's :func:`~treeguard._backends.thaw_described`, which
+signals a PID only while it still names the process that was frozen (same starttime), so a
+token that outlived its processes is harmless.
 
 The JSON form carries a format name, a version and a SHA-256 digest of its content. The
 digest catches a token that was edited or damaged; it is not a signature (anyone can
@@ -35,7 +36,6 @@ __all__ = ["Token", "freeze", "thaw"]
 FORMAT = "treeguard-token"
 VERSION = 1
 _KEYS = frozenset({"format", "version", "backend", "payload", "digest"})
-_SIGNAL_KEYS = frozenset({"stopped", "already_stopped"})
 
 
 def _is_int(value: object) -> bool:
@@ -147,7 +147,7 @@ class Token:
     def _pairs(self, key: str) -> tuple[tuple[int, int], ...]:
         payload = self.payload
         # Signal-shaped payloads (also an ``auto`` freeze that used signals) list processes.
-        records = payload.get(key, []) if set(payload) == _SIGNAL_KEYS else []
+        records = payload.get(key, []) if "stopped" in payload else []
         return tuple((int(r[0]), int(r[1])) for r in records)
 
     # -- JSON -----------------------------------------------------------------------------
@@ -209,7 +209,7 @@ class Token:
         return hash(self._text)
 
     def __repr__(self) -> str:
-        if set(self.payload) == _SIGNAL_KEYS:
+        if "stopped" in self.payload:
             shown = f"{len(self.identities)} stopped, {len(self.already_stopped)} already stopped"
         else:
             shown = "payload=" + json.dumps(self.payload, sort_keys=True)[:60]
@@ -263,13 +263,16 @@ def thaw(token: Token) -> int:
 
     Processes are resumed last-stopped first. One whose PID now names another process
     (different starttime), or that is gone, is skipped; one that was already stopped before
-    the freeze stays stopped. Thawing twice resumes the same processes (or cgroup) again:
-    harmless while they run, but a token has no way to know it was used, so a second thaw
-    after something else stopped them again (a guard, another token's freeze) resumes them
-    under it. Thaw a token once.
+    the freeze stays stopped. Then each job-control relay above the tree (``su``,
+    ``runuser``, a shell: a parent, running when the freeze began, that stopped itself when
+    its child stopped) is resumed, if it is stopped and still the process recorded.
+    Thawing twice resumes the same processes (or cgroup) again: harmless while they run,
+    but a token has no way to know it was used, so a second thaw after something else
+    stopped them again (a guard, another token's freeze) resumes them under it. Thaw a
+    token once.
 
     :param token: from :func:`freeze` or :meth:`Token.from_json`.
-    :returns: how many processes were resumed.
+    :returns: how many processes of the tree were resumed (relays are not counted).
     :raises InvalidArgumentError: if ``token`` is not a :class:`Token`.
     :raises FreezePermissionError: if some processes may not be signalled by this user (the
         others were resumed).

@@ -17,7 +17,7 @@ from jsonschema import Draft202012Validator
 
 from tests import proc
 from tests.conftest import MakeCgroup
-from tests.integration import test_cli
+from tests.integration import test_cli, test_reliability
 from tests.integration.test_cli import SPEC, MakeTree, run
 from treeguard import ProcessesGuard, Token
 from treeguard._snapshot import TreeSnapshot
@@ -26,6 +26,7 @@ from treeguard._token import freeze, thaw
 from treeguard.errors import InvalidArgumentError
 
 paused_cleanup = test_cli.paused_cleanup  # a fixture: resumes what a test left paused
+relay = test_reliability.relay  # a fixture: su above a sleeper
 
 NAMES = ("snapshot-1", "token-1", "status-1")
 
@@ -145,6 +146,9 @@ def test_tokens_of_real_freezes(make_tree: MakeTree, cgroup: MakeCgroup) -> None
         wrong = copy.deepcopy(document)
         change(wrong)
         assert_invalid("token-1", wrong)
+    old = copy.deepcopy(document)  # as a token is written without relays: still valid
+    assert old["payload"].pop("relays") == []
+    assert_valid("token-1", old)
     # A cgroup freeze's token names the cgroup.
     cg = cgroup(2)
     boxed = make_tree({"children": [{}]}, spawn=cg.spawn, mode="idle")
@@ -165,6 +169,27 @@ def test_tokens_of_real_freezes(make_tree: MakeTree, cgroup: MakeCgroup) -> None
         wrong = copy.deepcopy(document)
         change(wrong)
         assert_invalid("token-1", wrong)
+
+
+def test_the_token_of_a_tree_under_a_relay(relay: Callable[[str], tuple[int, int]]) -> None:
+    su, child = relay("su")
+    token = freeze(child, include_root=True)
+    try:
+        document = json.loads(token.to_json())
+    finally:
+        thaw(token)
+    assert [r[0] for r in document["payload"]["relays"]] == [su]
+    assert_valid("token-1", document)
+    for change in (
+        lambda d: d["payload"].update(relays=[[0, 5]]),
+        lambda d: d["payload"].update(relays=[[su]]),
+        lambda d: d["payload"].update(relays=[[su, 5, 6, 7]]),
+        lambda d: d["payload"].update(relays={str(su): 5}),
+    ):
+        wrong = copy.deepcopy(document)
+        change(wrong)
+        assert_invalid("token-1", wrong)
+    proc.wait_until(lambda: test_reliability._relay_settled(su, child), 5, "su to run on")
 
 
 # -- status --json ----------------------------------------------------------------------

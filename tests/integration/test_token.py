@@ -15,11 +15,15 @@ import pytest
 import treeguard
 from tests import proc
 from tests.conftest import IN_CI, slot
+from tests.integration import test_reliability
+from tests.integration.test_reliability import _relay_settled
 from treeguard._thaw import has_pidfs
 from treeguard._workers import WorkerTree, demo_spec, wide
 from treeguard.procfs import ProcFS
 
 MakeTree = Callable[..., WorkerTree]
+# A fixture of that module, used here too: ``su`` above a sleeper, torn down whatever happens.
+relay = test_reliability.relay
 
 THAW_FROM_STDIN = (
     "import sys, treeguard\nprint(treeguard.thaw(treeguard.Token.from_json(sys.stdin.read())))\n"
@@ -200,6 +204,17 @@ def test_a_process_that_is_gone_is_skipped(frozen: tuple[WorkerTree, treeguard.T
     _running(tree)
 
 
+def test_a_token_without_relays_still_thaws(frozen: tuple[WorkerTree, treeguard.Token]) -> None:
+    """A token written without the ``relays`` member (it is optional) thaws its tree."""
+    tree, token = frozen
+    payload = token.payload
+    assert payload.pop("relays") == []  # the tree's parent is this process: no relay
+    old = treeguard.Token.from_json(treeguard.Token("signal", payload).to_json())
+    assert "relays" not in old.payload
+    assert treeguard.thaw(old) == tree.size
+    _running(tree)
+
+
 def test_processes_already_stopped_stay_stopped(make_tree: MakeTree) -> None:
     tree = make_tree(wide(3))
     held = tree.pids[2]
@@ -251,3 +266,75 @@ def test_bad_arguments_touch_nothing(kwargs: dict[str, object], make_tree: MakeT
     with pytest.raises(treeguard.InvalidArgumentError):
         treeguard.freeze(**kwargs)  # type: ignore[arg-type]
     assert not proc.stopped(tree.pids)
+
+
+# -- a job-control relay above the tree ----------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["here", "elsewhere"])
+def test_a_relay_above_the_tree_is_resumed(
+    relay: Callable[[str], tuple[int, int]], where: str
+) -> None:
+    """``su`` waits for its child with WUNTRACED and stops itself when the child stops: a
+    job-control relay above the frozen tree. The token names it, and its thaw, in this
+    process or another, resumes it after the tree, as a guard's own thaw does."""
+    su, child = relay("su")
+    token = treeguard.freeze(child, include_root=True)
+    try:
+        proc.assert_all_stopped([child])
+        proc.wait_until(lambda: proc.state(su) == "T", 5, "su to relay the stop")
+    finally:
+        if where == "here":
+            treeguard.thaw(token)
+        else:
+            done = _thaw_elsewhere(token.to_json())
+    if where == "elsewhere":
+        assert done.returncode == 0, done.stderr
+        assert int(done.stdout) == 1  # the processes of the tree; not the relay
+    proc.wait_until(lambda: _relay_settled(su, child), 5, "su and its child to run on")
+    proc.assert_none_stopped([su, child])
+    (pid, start, *inode), *others = token.payload["relays"]
+    assert (pid, start, others) == (su, proc.starttime(su), [])
+    if inode and inode[0]:
+        fd = os.pidfd_open(su)  # what the kernel says, independently of treeguard
+        try:
+            assert inode == [os.fstat(fd).st_ino]
+        finally:
+            os.close(fd)
+
+
+def test_a_relay_is_resumed_only_if_it_is_the_one_that_relayed(
+    relay: Callable[[str], tuple[int, int]],
+) -> None:
+    """A parent stopped before the freeze relayed nothing: it is not named, and stays
+    stopped. A record of a relay whose starttime or inode is not the live process's names
+    another process: that one is never resumed. The record that matches resumes it."""
+    su, child = relay("su")
+    os.kill(su, signal.SIGSTOP)  # su is this test's, started by the fixture
+    try:
+        proc.wait_until(lambda: proc.state(su) == "T", 5, "su to stop")
+        token = treeguard.freeze(child, include_root=True)
+        try:
+            assert token.payload["relays"] == []
+        finally:
+            assert treeguard.thaw(token) == 1
+        proc.assert_none_stopped([child])
+        proc.assert_all_stopped([su])
+        start = proc.starttime(su)
+        forged = [[su, start + 1]]
+        if has_pidfs():
+            fd = os.pidfd_open(su)
+            try:
+                forged.append([su, start, os.fstat(fd).st_ino + 1])
+            finally:
+                os.close(fd)
+        for record in forged:
+            empty = {"stopped": [], "already_stopped": []}
+            assert treeguard.thaw(treeguard.Token("signal", {**empty, "relays": [record]})) == 0
+            proc.assert_all_stopped([su])
+        # The control: the true record resumes it, so the checks above could have failed.
+        treeguard.thaw(treeguard.Token("signal", {**empty, "relays": [[su, start]]}))
+        proc.assert_none_stopped([su])
+    finally:
+        os.kill(su, signal.SIGCONT)
+    proc.wait_until(lambda: _relay_settled(su, child), 5, "su and its child to run on")

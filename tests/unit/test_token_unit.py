@@ -23,7 +23,11 @@ def payloads(draw: Any) -> dict[str, Any]:
     split = draw(st.integers(0, len(chosen)))
     # [pid, starttime], or with the pidfs inode where the kernel has one
     pairs = [[p, draw(starttimes), *draw(st.lists(starttimes, max_size=1))] for p in chosen]
-    return {"stopped": pairs[:split], "already_stopped": pairs[split:]}
+    relays = draw(st.integers(split, len(chosen)))
+    payload = {"stopped": pairs[:split], "already_stopped": pairs[split:relays]}
+    if draw(st.booleans()):  # the relays above the tree: optional (tokens without them)
+        payload["relays"] = pairs[relays:]
+    return payload
 
 
 @given(payloads())
@@ -54,9 +58,8 @@ def test_token_does_not_share_the_callers_payload() -> None:
 
 
 def _good() -> dict[str, Any]:
-    return json.loads(
-        Token("signal", {"stopped": [[100, 5], [101, 6]], "already_stopped": [[102, 7]]}).to_json()
-    )
+    payload = {"stopped": [[100, 5], [101, 6]], "already_stopped": [[102, 7]], "relays": [[99, 4]]}
+    return json.loads(Token("signal", payload).to_json())
 
 
 def _sealed(body: dict[str, Any]) -> str:
@@ -95,6 +98,12 @@ DAMAGE = {
     "pid in both lists": (("payload", "already_stopped", 0), [101, 9]),
     "payload not an object": (("payload",), [[100, 5]]),
     "extra payload key": (("payload", "cgroup"), "/sys/fs/cgroup/x"),
+    "relays not a list": (("payload", "relays"), {"99": 4}),
+    "relay pid zero": (("payload", "relays", 0, 0), 0),
+    "relay of one": (("payload", "relays", 0), [99]),
+    "relay of four": (("payload", "relays", 0), [99, 4, 1, 2]),
+    "relay starttime negative": (("payload", "relays", 0, 1), -1),
+    "relay pid stopped too": (("payload", "relays", 0), [100, 5]),
     "unknown backend": (("backend",), "magic"),
     "backend not a string": (("backend",), 1),
     "wrong version": (("version",), 2),
@@ -113,7 +122,12 @@ def test_malformed_tokens_are_rejected_even_when_resealed(case: str) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    [("payload", "stopped", 0, 0), ("payload", "stopped", 0, 1), ("payload", "already_stopped")],
+    [
+        ("payload", "stopped", 0, 0),
+        ("payload", "stopped", 0, 1),
+        ("payload", "already_stopped"),
+        ("payload", "relays", 0, 1),
+    ],
 )
 def test_edits_without_a_new_digest_are_caught(path: tuple[Any, ...]) -> None:
     body = _good()

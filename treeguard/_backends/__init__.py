@@ -5,14 +5,17 @@ from __future__ import annotations
 import errno
 import os
 
+from .._drive import run_sync
 from .._mounts import discover
 from .._thaw import thaw_identities
 from ..errors import FreezeError, FreezePermissionError, InvalidArgumentError, TokenError
+from ..procfs import ProcFS
 from ._auto import AutoBackend
 from ._base import Backend, Journal, Memo, Plan
 from ._cgroup import CgroupBackend
 from ._freezers import thaw_cgroup
 from ._ptrace import PtraceBackend
+from ._relays import Watchers
 from ._signal import SignalBackend
 
 __all__ = [
@@ -36,6 +39,9 @@ _PID_MAX = 4 * 1024 * 1024
 #: starttime (proc(5): unsigned long long) and a pidfs inode number are 64-bit.
 _U64_MAX = 2**64 - 1
 _SIGNAL_KEYS = frozenset({"stopped", "already_stopped"})
+#: Members a signal payload may lack: ``relays`` (the job-control relays above the tree,
+#: resumed after it); a token written without it thaws the tree alone.
+_SIGNAL_OPTIONAL = frozenset({"relays"})
 _CGROUP_KEYS = frozenset({"version", "path", "inode", "was_frozen"})
 
 
@@ -79,10 +85,13 @@ def validate_described(name: str, payload: dict[str, object]) -> None:
 
 
 def _validate_signal(payload: dict[str, object]) -> None:
-    if set(payload) != _SIGNAL_KEYS:
-        raise TokenError(f"a signal payload has exactly the keys {sorted(_SIGNAL_KEYS)}")
+    if set(payload) - _SIGNAL_OPTIONAL != _SIGNAL_KEYS:
+        raise TokenError(
+            f"a signal payload has the keys {sorted(_SIGNAL_KEYS)}, "
+            f"and may have {sorted(_SIGNAL_OPTIONAL)}"
+        )
     seen: set[int] = set()
-    for key in sorted(_SIGNAL_KEYS):
+    for key in sorted(set(payload)):
         records = payload[key]
         if not isinstance(records, list):
             raise TokenError(f"payload[{key!r}] must be a list")
@@ -133,8 +142,10 @@ def thaw_described(name: str, payload: dict[str, object]) -> int:
     """Thaw, from any process, a freeze that ``Backend.describe()`` described.
 
     The payload must have been validated by the caller (see :func:`validate_described`).
+    A signal payload's job-control relays (parents above the tree, told of its stop) are
+    resumed after the tree, each only if it is stopped and still the process recorded.
 
-    :returns: how many processes (or cgroups) were thawed.
+    :returns: how many processes (or cgroups) were thawed (the relays are not counted).
     """
     kind = _kind(name, payload)
     if kind == "signal":
@@ -142,6 +153,10 @@ def thaw_described(name: str, payload: dict[str, object]) -> int:
         assert isinstance(stopped, list)
         errors: dict[int, int] = {}
         resumed, failed = thaw_identities((tuple(int(v) for v in r) for r in stopped), None, errors)
+        relays = payload.get("relays")
+        if relays:  # after the tree, as the freezing guard's own thaw does
+            assert isinstance(relays, list)
+            run_sync(Watchers.described(relays, ProcFS()).resume())
         short = [pid for pid in failed if errors[pid] in (errno.EMFILE, errno.ENFILE)]
         if short:  # not the user's rights: this process's descriptor table is full
             raise FreezeError(

@@ -94,6 +94,7 @@ class SignalBackend(Backend):
         return {
             "stopped": [[e.pid, e.starttime, e.inode] for e in self._entries if e.alive],
             "already_stopped": [[e.pid, e.starttime, e.inode] for e in self._foreign],
+            "relays": self._watchers.records(),  # for a thaw elsewhere to resume them too
         }
 
     # -- freezing -------------------------------------------------------------------------
