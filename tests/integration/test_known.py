@@ -18,7 +18,7 @@ from tests.conftest import require_root
 from tests.integration.conftest import FORK_ON_F, fork_one
 from treeguard import ProcessesGuard, Skip
 from treeguard._backends import _known, _signal
-from treeguard._backends._known import Known, _Proc
+from treeguard._backends._known import Known, _files, _Proc
 from treeguard.errors import FreezePermissionError
 from treeguard.procfs import ProcFS
 
@@ -128,8 +128,9 @@ def test_a_pid_that_names_another_process_now_is_never_taken_for_the_one_kept(
     gone = subprocess.Popen(["true"])
     gone_fd, gone_stat = os.pidfd_open(gone.pid), os.open(f"/proc/{gone.pid}/stat", os.O_RDONLY)
     gone.wait()
+    files = _files(gone_fd, gone_stat)
     os.close(kept.fd), os.close(kept.statfd)  # (counted still: the guard closes these)
-    known._procs[kid] = _Proc(forker.pid, gone_fd, gone_stat, kept.stat, kept.inode)
+    known._procs[kid] = _Proc(forker.pid, gone_fd, gone_stat, kept.stat, kept.inode, files)
     assert kid in _frozen_again(guard, [forker.pid, kid])
     assert guard.report.known == 0
     guard.close()
@@ -300,3 +301,32 @@ def test_a_process_a_tracer_holds_since_is_never_signalled(
             if stream is not None:
                 stream.close()
     guard.close()
+
+
+def test_a_kept_descriptor_number_someone_else_reused_is_never_signalled_through(
+    forker: subprocess.Popen[Any],
+) -> None:
+    """Code that closes descriptors it did not open may give their numbers to other files
+    (here: a pidfd of a process outside the tree, while the stat file still reads as the
+    kept process's). The guard checks what each number names before it uses or closes it."""
+    kid = _fork(forker)[0]
+    guard = ProcessesGuard(root=forker.pid, include_root=True)
+    _frozen_again(guard, [forker.pid, kid])
+    known = guard._memo.get("signal walk")
+    assert isinstance(known, Known)
+    kept = known._procs[kid]
+    outsider = subprocess.Popen(["sleep", "60"])
+    try:
+        other = os.pidfd_open(outsider.pid)
+        os.dup2(other, kept.fd)  # closes ours, gives its number to the outsider's pidfd
+        os.close(other)
+        pids = _frozen_again(guard, [forker.pid, kid])
+        assert kid in pids and outsider.pid not in pids
+        assert guard.report.known == 0  # met afresh
+        assert proc.state(outsider.pid) in ("S", "R")
+        guard.close()
+        os.fstat(kept.fd)  # the outsider's pidfd: left open
+    finally:
+        os.close(kept.fd)
+        outsider.kill()
+        outsider.wait()

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from ..procfs import DEAD_STATES, HELPER_COMM, ProcFS, Stat, parse_stat_brief
 from ._base import Plan
-from ._pidfds import Entry, close
+from ._pidfds import Entry, close, uncount
 
 __all__ = ["Known"]
 
@@ -52,6 +52,22 @@ class _Proc:
     statfd: int
     stat: Stat
     inode: int
+    #: What each descriptor was when kept (device and inode of the pidfd, then of the stat
+    #: file): one used or closed is checked first against them, since code that closes
+    #: descriptors it did not open may have given the number to another file since.
+    files: tuple[int, int, int, int]
+
+    def holds(self) -> bool:
+        """Whether both descriptors still name the files they were kept on."""
+        try:
+            return _files(self.fd, self.statfd) == self.files
+        except OSError:
+            return False
+
+
+def _files(fd: int, statfd: int) -> tuple[int, int, int, int]:
+    pidfd, stat = os.fstat(fd), os.fstat(statfd)
+    return pidfd.st_dev, pidfd.st_ino, stat.st_dev, stat.st_ino
 
 
 class Known:
@@ -91,6 +107,10 @@ class Known:
         proc = self._procs.get(pid)
         if proc is None or proc.parent != parent:
             return None
+        if not proc.holds():
+            del self._procs[pid]
+            _let_go(proc)
+            return None
         data = fs.reread(proc.statfd)
         if data is None or _HELPER in data:
             return None
@@ -112,14 +132,20 @@ class Known:
             mine = old.pop(entry.pid) if entry.borrowed else None
             if room >= 2 and _keepable(entry):
                 if mine is None:
-                    mine = _Proc(entry.parent, entry.fd, entry.statfd, entry.stat, entry.inode)
+                    files = _files(entry.fd, entry.statfd)
+                    mine = _Proc(
+                        entry.parent, entry.fd, entry.statfd, entry.stat, entry.inode, files
+                    )
                     entry.borrowed = True  # the descriptors are kept here now
                 self._procs[entry.pid] = mine
                 room -= 2
             elif mine is not None:
-                entry.borrowed = False  # the entry closes what it still holds
-                for fd in {mine.fd, mine.statfd} - {entry.fd, entry.statfd}:
-                    close(fd)  # what it let go of while borrowing
+                if mine.holds():
+                    entry.borrowed = False  # the entry closes what it still holds
+                    for fd in {mine.fd, mine.statfd} - {entry.fd, entry.statfd}:
+                        close(fd)  # what it let go of while borrowing
+                else:
+                    _let_go(mine)  # (the entry, borrowing still, forgets them too)
         _close_all(old)
 
     def settle(self) -> None:
@@ -146,7 +172,8 @@ class Known:
 
 def _keepable(entry: Entry) -> bool:
     return (
-        entry.alive
+        entry.inode != 0  # a pidfd checked by its pidfs inode only (Linux 6.9+)
+        and entry.alive
         and entry.ours
         and not entry.traced
         and entry.parent >= 0
@@ -164,5 +191,14 @@ def _cap() -> int:
 def _close_all(procs: dict[int, _Proc]) -> None:
     while procs:
         _, proc = procs.popitem()  # forgotten before closed: a leak, never a double close
-        close(proc.fd)
-        close(proc.statfd)
+        if proc.holds():
+            close(proc.fd)
+            close(proc.statfd)
+        else:
+            _let_go(proc)
+
+
+def _let_go(proc: _Proc) -> None:
+    """Forget descriptors whose numbers name other files now: not ours to close."""
+    uncount(proc.fd)
+    uncount(proc.statfd)

@@ -26,6 +26,7 @@ __all__ = [
     "close",
     "close_stat",
     "count",
+    "uncount",
     "held",
     "open_pidfd",
     "release",
@@ -134,6 +135,14 @@ def count(fd: int) -> None:
     global _held
     if fd >= 0:
         _held += 1
+
+
+def uncount(fd: int) -> None:
+    """Stop counting a descriptor whose number someone else closed (and may have reused):
+    it is not ours to close any more."""
+    global _held
+    if fd >= 0:
+        _held -= 1
 
 
 def close(fd: int) -> None:
