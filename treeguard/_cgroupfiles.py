@@ -1,5 +1,7 @@
 """A cgroup v2 directory's files held open: from a freeze to its thaw, and from one freeze to
-the next where something lives that long (a guard, a :class:`~treeguard.cgroup.Cgroup`).
+the next where something lives that long (a guard, a :class:`~treeguard.cgroup.Cgroup`);
+and a v2 or v1 directory's, for the length of a thaw by another process (a token's holder,
+the watchdog helper), whose check of the inode and write must reach the same cgroup.
 
 Here an open, a read to the end and a close of a cgroup file cost 7 to 8 us (kernfs
 allocates its open-file state at each open), a pread or pwrite on a descriptor held open
@@ -46,7 +48,7 @@ _SHORT = 2048
 #: The errors of a file whose cgroup is gone (removed: ENODEV through a descriptor held).
 _GONE = (errno.ENOENT, errno.ENODEV, errno.ENOTDIR)
 #: The files written, held open for reading and writing alike.
-_WRITTEN = frozenset({"cgroup.freeze"})
+_WRITTEN = frozenset({"cgroup.freeze", "freezer.state"})
 #: The key of the directory's own descriptor.
 _DIR = ""
 
@@ -101,6 +103,12 @@ class _Held:
             return False
         return (st.st_dev, st.st_ino) == self.ids.get(name)
 
+    def drop(self, name: str) -> None:
+        """Close the descriptor of ``name`` alone, if held (a forked child only forgets it)."""
+        fd = self.fds.pop(name, None)
+        if fd is not None and _forks == self.owner and self._same(name, fd):
+            close_fd(fd)
+
     def close(self) -> None:
         fds, self.fds = self.fds, {}
         if _forks != self.owner:
@@ -111,7 +119,8 @@ class _Held:
 
 
 class CgroupFiles:
-    """The files of the cgroup v2 directory ``path``, each opened on first use and held.
+    """The files of the cgroup directory ``path`` (v2; v1 for a thaw), each opened on first
+    use and held.
 
     :param kept: someone that outlives a freeze keeps these (a guard's memo, a ``Cgroup``)
         and closes them; otherwise the freezer closes them once its thaw is confirmed.
@@ -234,7 +243,8 @@ class CgroupFiles:
                 close_fd(own)
 
     def write(self, name: str, value: str) -> None:
-        """Write ``value`` to the file ``name`` (``cgroup.freeze``), as one write(2).
+        """Write ``value`` to the file ``name`` (``cgroup.freeze``, ``freezer.state``), as
+        one write(2).
 
         :raises CgroupError: if the write fails (gone: caused by ENODEV or ENOENT).
         """
@@ -256,6 +266,11 @@ class CgroupFiles:
                 return _Events.on(-1)
             raise
         return _Events.on(fd)
+
+    def close_file(self, name: str) -> None:
+        """Close the descriptor of the file ``name`` only, if held: a later use opens it
+        again, relative to the directory held."""
+        self._mine().drop(name)
 
     def close(self) -> None:
         """Close the descriptors (idempotent; a forked child only forgets them). A later use

@@ -1125,19 +1125,23 @@ def test_watchdog_lease_thaws_the_cgroup_and_leaves_one_frozen_before_alone(
     proc.counters_moving(tree.counters, _main_slots(tree))
 
 
+@pytest.mark.parametrize("version", [2, 1])
 def test_watchdog_thaw_checks_the_cgroup_is_the_same(
-    cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
+    version: int, cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
 ) -> None:
     """A directory whose inode changed is another cgroup, made again under the same name."""
-    cg = cgroup(2)
+    cg = cgroup(version)
     tree = make_tree(demo_spec(), spawn=cg.spawn)
     inode = os.stat(cg.path).st_ino
     cg.freeze()
     try:
-        assert thaw_cgroup(2, cg.path, inode + 1) == 0
+        assert thaw_cgroup(version, cg.path, inode + 1) == 0
         assert cg.frozen
-        assert thaw_cgroup(2, cg.path, inode) == 1
+        assert thaw_cgroup(version, cg.path, inode) == 1
         assert not cg.frozen
+        assert thaw_cgroup(version, cg.path, inode) == 1  # twice is harmless
+        assert thaw_cgroup(version, cg.path) == 1  # (no inode: whatever is there)
+        assert thaw_cgroup(version, os.path.join(cg.path, "gone"), inode) == 0
     finally:
         cg.thaw()
     proc.counters_moving(tree.counters, _main_slots(tree))

@@ -1,6 +1,8 @@
 """A cgroup v2 freezer's files held open (treeguard._cgroupfiles) on real cgroups: a thaw
 that needs no descriptor, a cgroup made again under the same path, descriptors closed with
-their owner, a forked child that opens its own.
+their owner, a forked child that opens its own. And the thaw of a v2 or v1 cgroup by
+another process (thaw_cgroup), whose check of the directory and write go through one
+descriptor of it.
 
 What treeguard holds is looked at through /proc/self/fd (the target of each descriptor, its
 inode), and whether a cgroup is frozen through its own files, read by path.
@@ -21,7 +23,7 @@ import pytest
 from tests import proc
 from tests.conftest import MakeCgroup, slot
 from treeguard import ProcessesGuard, _thaw
-from treeguard._backends._freezers import V2Freezer
+from treeguard._backends._freezers import CgroupFreezer, V2Freezer, thaw_cgroup
 from treeguard._drive import run_sync
 from treeguard._report import FreezeReport
 from treeguard._workers import WorkerTree, demo_spec
@@ -186,6 +188,96 @@ def test_a_cgroup_removed_while_frozen_is_thawed_through_nothing_else(
     finally:
         with open(control, "w") as f:
             f.write("0")
+
+
+#: Per version: the control file, what freezes and what thaws, written by path.
+_CONTROL = {2: ("cgroup.freeze", "1", "0"), 1: ("freezer.state", "FROZEN", "THAWED")}
+
+
+def _write_control(version: int, path: str, value: str) -> None:
+    with open(os.path.join(path, _CONTROL[version][0]), "w") as f:
+        f.write(value)
+
+
+def _frozen_v(version: int, path: str) -> bool:
+    """What the kernel says of the v2 or v1 cgroup ``path``, read by path."""
+    if version == 2:
+        return _frozen(path)
+    return proc.read_text(os.path.join(path, "freezer.state")).strip() == "FROZEN"
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_cgroup_made_again_between_the_check_and_the_write_is_not_thawed(
+    version: int, cgroup: MakeCgroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # thaw_cgroup (a token's, the watchdog helper's, `treeguard resume`'s) checks the
+    # directory's inode, then writes the thaw. A cgroup removed and made again under the
+    # same name in between, and frozen by someone else on purpose, is another cgroup: it
+    # stays frozen, and the thaw counts its own cgroup as gone.
+    outer = cgroup(version)  # removes what is left below it, even if this test fails
+    path = os.path.join(outer.path, "target")
+    os.mkdir(path)
+    try:
+        _write_control(version, path, _CONTROL[version][1])  # as a token's freeze left it
+        proc.wait_until(lambda: _frozen_v(version, path), what="the first one frozen")
+        inode = os.stat(path).st_ino
+        made_again: list[int] = []
+        write_control = CgroupFreezer.write_control
+
+        def made_again_first(freezer: CgroupFreezer, value: str) -> None:
+            # The window: after the check of the inode, before the thaw is written.
+            if not made_again:
+                os.rmdir(path)  # (empty: frozen or not, it may be removed)
+                os.mkdir(path)
+                made_again.append(os.stat(path).st_ino)
+                _write_control(version, path, _CONTROL[version][1])
+                proc.wait_until(lambda: _frozen_v(version, path), what="the new one frozen")
+            write_control(freezer, value)
+
+        monkeypatch.setattr(CgroupFreezer, "write_control", made_again_first)
+        thawed = thaw_cgroup(version, path, inode)
+        monkeypatch.undo()
+        assert made_again and made_again[0] != inode
+        assert os.stat(path).st_ino == made_again[0]
+        assert _frozen_v(version, path)
+        assert thawed == 0
+        assert _held(path) == {}  # nothing left open
+    finally:
+        monkeypatch.undo()
+        if os.path.isdir(path):
+            _write_control(version, path, _CONTROL[version][2])
+            os.rmdir(path)
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_thaw_by_another_process_works_with_a_full_descriptor_table(
+    version: int,
+    cgroup: MakeCgroup,
+    make_tree: Callable[..., WorkerTree],
+    full_table: FullTable,
+) -> None:
+    # thaw_cgroup holds the directory open and opens its files relative to it: with not
+    # one descriptor free, the two kept in reserve must do for the write and the wait.
+    cg = cgroup(version)
+    tree = make_tree(demo_spec(), spawn=cg.spawn)
+    _write_control(version, cg.path, _CONTROL[version][1])
+    proc.wait_until(lambda: _frozen_v(version, cg.path), what="the cgroup frozen")
+    inode = os.stat(cg.path).st_ino
+    _thaw.keep_reserve()
+    assert len(_thaw._reserve) == 2
+    try:
+        full_table.fill()
+        with pytest.raises(OSError, match="Too many open files"):
+            os.open("/dev/null", os.O_RDONLY)
+        thawed = thaw_cgroup(version, cg.path, inode)
+        full_table.free()
+        assert thawed == 1
+        assert not _frozen_v(version, cg.path)
+    finally:
+        full_table.free()
+        _write_control(version, cg.path, _CONTROL[version][2])
+    assert _held(cg.path) == {}
+    proc.counters_moving(tree.counters, _main_slots(tree))
 
 
 def test_descriptors_are_closed_with_their_owner(

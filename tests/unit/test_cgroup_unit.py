@@ -13,7 +13,7 @@ import pytest
 from treeguard import _backends, _cgroupfs
 from treeguard._backends import Plan, _freezer_base, _freezer_v1
 from treeguard._backends import _census as census_module
-from treeguard._backends._freezers import V1Freezer, V2Freezer
+from treeguard._backends._freezers import V1Freezer, V2Freezer, thaw_cgroup
 from treeguard._drive import YIELD, Steps, run_sync
 from treeguard._report import FreezeReport
 from treeguard._tree import ChildrenFiles
@@ -425,6 +425,32 @@ def test_a_thaw_that_cannot_be_written_is_kept_to_retry(
     assert freezer.froze
     run_sync(freezer.thaw())
     assert (d / "cgroup.freeze").read_text().strip() == "0"
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_thaw_by_another_process_out_of_descriptors_is_not_told_gone(
+    version: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # thaw_cgroup says 0 for a cgroup gone, which its callers take as nothing left to do;
+    # a directory it could not even open for want of a descriptor is not gone: it says
+    # so (CgroupError), and a later call thaws.
+    d = _fake_v2(tmp_path) if version == 2 else _fake_v1(tmp_path, "FROZEN")
+    if version == 2:
+        (d / "cgroup.freeze").write_text("1\n")
+    inode = os.stat(d).st_ino
+    real_open = os.open
+
+    def no_descriptors(path: str, flags: int, *args: int, **kwargs: int) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "open", no_descriptors)
+    with pytest.raises(CgroupError, match="Too many open files"):
+        thaw_cgroup(version, str(d), inode)
+    monkeypatch.setattr(os, "open", real_open)
+    assert thaw_cgroup(version, str(d), inode) == 1
+    control = "cgroup.freeze" if version == 2 else "freezer.state"
+    assert (d / control).read_text().strip() == ("0" if version == 2 else "THAWED")
+    assert thaw_cgroup(version, str(tmp_path / "gone"), inode) == 0
 
 
 def test_a_thaw_through_the_files_held_opens_nothing(

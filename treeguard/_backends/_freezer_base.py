@@ -17,6 +17,7 @@ from .._cgroupfs import (
     _RECHECK,
     _subtree,
     _Writer,
+    read_file,
     write_file,
 )
 from .._drive import YIELD, Steps, Wait, under_event_loop
@@ -28,7 +29,7 @@ from ..errors import (
 from ..procfs import ProcFS
 from ._base import Journal
 
-__all__ = ["CgroupFreezer"]
+__all__ = ["CgroupFreezer", "is_gone"]
 
 #: A cgroup whose task list fits in this many bytes (about 30 to 40 tasks) is written to by
 #: the caller: a thread for a write that short costs more than the census it lets run
@@ -42,6 +43,13 @@ _FEW_TASKS = 256
 #: the caller writes the thaw: a thread cost a thaw of 100 processes 0.2 to 0.5 ms, and a
 #: caller who waits for it anyway 2 to 6 ms at 1,000 (woken among the tasks just thawed).
 _MANY_TASKS = 2800
+
+
+def is_gone(err: CgroupError) -> bool:
+    """Whether ``err`` failed for want of the cgroup (removed, or never there), by its
+    cause: out of descriptors, say, is not gone."""
+    cause = err.__cause__
+    return isinstance(cause, OSError) and cause.errno in _GONE_ERRNOS
 
 
 def _write_during(
@@ -99,10 +107,11 @@ class CgroupFreezer:
     set, and the next :meth:`thaw` writes the thaw again. A freeze written by a thread of its
     own is waited for first (:meth:`settle`), so that it never lands after the thaw.
 
-    With :attr:`files` (v2), every read and write goes through the cgroup's descriptors
-    held open, those of the one cgroup frozen (see :mod:`treeguard._cgroupfiles`); whoever
-    hands them over made them current first. Files of the freezer's own are closed once its
-    thaw is confirmed.
+    With :attr:`files` (v2; v1 too for a thaw by another process), every read and write
+    goes through the cgroup's descriptors held open, those of the one cgroup frozen (see
+    :mod:`treeguard._cgroupfiles`); whoever hands them over made them current first. Files
+    of the freezer's own are closed once its thaw is confirmed (the control file's once the
+    thaw is written).
     """
 
     version = 0
@@ -128,6 +137,8 @@ class CgroupFreezer:
         #: The cgroups and task list read just before (by the census), if any.
         self.listed: tuple[list[str], bytes] | None = None
         self._inode: int | None = None
+        #: The last write of the control file found the cgroup gone (nothing was written).
+        self.gone = False
 
     @property
     def inode(self) -> int:
@@ -139,11 +150,18 @@ class CgroupFreezer:
                     return self.files.opened()  # (the one its descriptors are of)
                 self._inode = os.stat(self.path).st_ino
             except OSError as err:
-                raise CgroupError(self.path, f"the cgroup is gone: {err.strerror}") from err
+                raise CgroupError(self.path, f"cannot open the cgroup: {err.strerror}") from err
         return self._inode
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
+
+    def _read(self, name: str) -> str | None:
+        """The file ``name``, through the files held if there are; ``None`` if gone."""
+        if self.files is None:
+            return read_file(self.file(name))
+        data = self.files.read(name)
+        return None if data is None else data.decode("utf-8", "replace")
 
     def _announce(self) -> None:
         """Tell the watchdog (if any) which cgroup is about to be frozen.
@@ -169,9 +187,11 @@ class CgroupFreezer:
         try:
             self._write(value)
         except CgroupError as err:
-            cause = err.__cause__
-            if not (isinstance(cause, OSError) and cause.errno in _GONE_ERRNOS):
+            if not is_gone(err):
                 raise
+            self.gone = True
+        else:
+            self.gone = False
 
     def _write(self, value: str) -> None:
         self.put(self.control, value)
@@ -213,6 +233,12 @@ class CgroupFreezer:
             self.froze = False
         else:
             self.undo()
+        if self.files is not None and not self.files.kept:
+            # Files of its own are closed after this thaw anyway: the control file's
+            # descriptor is given back before the wait opens the file it reads (v2:
+            # cgroup.events), so that a thaw that opens them all (thaw_cgroup) holds two at
+            # a time, the directory's and one, as many as the reserve gives a full table.
+            self.files.close_file(self.control)
         # Thawing is immediate in the kernel (v2: cgroup_do_freeze; v1: freezer_change_state
         # thaws every task before the write returns); waiting only confirms it. A cgroup
         # that is gone, or still frozen by an ancestor, is fine.

@@ -12,7 +12,6 @@ import time
 from .._cgroupfs import (
     _unfrozen_tasks,
     procs_below,
-    read_file,
 )
 from .._drive import YIELD, Steps, Wait
 from .._report import FreezeReport
@@ -38,7 +37,7 @@ class V1Freezer(CgroupFreezer):
     thawed = "THAWED"
 
     def state(self) -> str:
-        text = read_file(self.file("freezer.state"))
+        text = self._read("freezer.state")
         if text is None:
             raise CgroupError(self.path, "the cgroup was removed while freezing")
         return text.strip()

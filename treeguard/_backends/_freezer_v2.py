@@ -17,7 +17,6 @@ from .._cgroupfs import (
     _unfrozen_tasks,
     parse_keyed,
     procs_below,
-    read_file,
 )
 from .._drive import YIELD, Steps, Wait, under_event_loop
 from .._report import FreezeReport
@@ -42,13 +41,6 @@ class V2Freezer(CgroupFreezer):
     control = "cgroup.freeze"
     tasks_file = "cgroup.threads"
     thawed = "0"
-
-    def _read(self, name: str) -> str | None:
-        """The file ``name``, through the files held if there are; ``None`` if gone."""
-        if self.files is None:
-            return read_file(self.file(name))
-        data = self.files.read(name)
-        return None if data is None else data.decode("utf-8", "replace")
 
     def events(self) -> dict[str, str]:
         text = self._read("cgroup.events")
