@@ -79,6 +79,15 @@ def _frozen_again(guard: ProcessesGuard, tree: list[int]) -> tuple[int, ...]:
     return pids
 
 
+def _kept_after_a_freeze(root: int, kid: int) -> tuple[ProcessesGuard, Known]:
+    """A guard that froze ``root`` and its child ``kid`` once, and what it keeps."""
+    guard = ProcessesGuard(root=root, include_root=True)
+    _frozen_again(guard, [root, kid])
+    known = guard._memo.get("signal walk")
+    assert isinstance(known, Known)
+    return guard, known
+
+
 def test_a_guard_frozen_again_meets_its_processes_through_what_it_kept(
     forker: subprocess.Popen[Any],
 ) -> None:
@@ -118,10 +127,7 @@ def test_a_pid_that_names_another_process_now_is_never_taken_for_the_one_kept(
     """The kept stat file of a process that was reaped no longer reads, whatever its PID
     holds now: a child under that PID (of the same parent) is met afresh, and stopped."""
     kid = _fork(forker)[0]
-    guard = ProcessesGuard(root=forker.pid, include_root=True)
-    _frozen_again(guard, [forker.pid, kid])
-    known = guard._memo.get("signal walk")
-    assert isinstance(known, Known)
+    guard, known = _kept_after_a_freeze(forker.pid, kid)
     kept = known._procs[kid]
     # The PID reused: what is kept under it is a process reaped since (made and reaped
     # here, by this test), the child listed under it is the live one.
@@ -231,10 +237,7 @@ def test_known_meets_only_a_running_child_of_the_same_parent(
     forker: subprocess.Popen[Any],
 ) -> None:
     kid = _fork(forker)[0]
-    guard = ProcessesGuard(root=forker.pid, include_root=True)
-    _frozen_again(guard, [forker.pid, kid])
-    known = guard._memo.get("signal walk")
-    assert isinstance(known, Known)
+    guard, known = _kept_after_a_freeze(forker.pid, kid)
     fs = ProcFS()
     assert known.meet(kid, forker.pid + 1, fs) is None  # listed by another parent
     assert known.meet(forker.pid, 0, fs) is None  # never kept: where the walk starts
@@ -310,10 +313,7 @@ def test_a_kept_descriptor_number_someone_else_reused_is_never_signalled_through
     (here: a pidfd of a process outside the tree, while the stat file still reads as the
     kept process's). The guard checks what each number names before it uses or closes it."""
     kid = _fork(forker)[0]
-    guard = ProcessesGuard(root=forker.pid, include_root=True)
-    _frozen_again(guard, [forker.pid, kid])
-    known = guard._memo.get("signal walk")
-    assert isinstance(known, Known)
+    guard, known = _kept_after_a_freeze(forker.pid, kid)
     kept = known._procs[kid]
     outsider = subprocess.Popen(["sleep", "60"])
     try:
