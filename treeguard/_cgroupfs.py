@@ -249,9 +249,12 @@ class _Writer:
         claimed = self._claim.setdefault("by", "caller")
         if claimed == "thread" and self.done_fd >= 0:  # (closed already: it was over)
             # done_fd turns readable with the thread's last act: then it may be closed.
+            # (poll, not select: a supervisor's descriptors may be numbered past 1,023.)
+            done = select.poll()
+            done.register(self.done_fd, select.POLLIN)
             while True:
                 try:
-                    if select.select([self.done_fd], [], [], _RECHECK)[0]:
+                    if done.poll(_RECHECK * 1000):
                         break
                 except BaseException as err:  # noqa: BLE001 - raised below, once it is over
                     interrupted = err

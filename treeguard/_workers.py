@@ -238,9 +238,11 @@ class WorkerTree:
         by_index: dict[int, int] = {}
         deadline = time.monotonic() + self.start_timeout
         buf = b""
+        ready = select.poll()  # (not select: the caller's descriptors may go past 1,023)
+        ready.register(rfd, select.POLLIN)
         while len(by_index) < self.size:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([rfd], [], [], left)[0]:
+            if left <= 0 or not ready.poll(left * 1000):
                 raise TimeoutError(f"worker tree: {len(by_index)} of {self.size} ready in time")
             chunk = os.read(rfd, 65536)
             if not chunk:

@@ -26,7 +26,7 @@ from treeguard import ProcessesGuard, _thaw
 from treeguard._backends._freezers import CgroupFreezer, V2Freezer, thaw_cgroup
 from treeguard._drive import run_sync
 from treeguard._report import FreezeReport
-from treeguard._workers import WorkerTree, demo_spec
+from treeguard._workers import WorkerTree, demo_spec, wide
 from treeguard.cgroup import Cgroup
 
 
@@ -428,3 +428,43 @@ def test_a_task_list_longer_than_one_read_is_read_whole(cgroup: MakeCgroup) -> N
         child.stdin.close()
         assert child.wait(10) == 0
         child.stdout.close()
+
+
+@pytest.fixture
+def high_descriptors() -> Iterator[None]:
+    """Every descriptor number up to 1,100 taken, so that the next ones opened are past
+    1,023, out of ``select()``'s reach (a supervisor with many files open)."""
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if limits[0] < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, limits[1]), limits[1]))
+    taken = []
+    try:
+        while not taken or taken[-1] < 1100:
+            taken.append(os.dup(0))
+        yield
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
+@pytest.mark.parametrize("backend", ["cgroup", "signal"])
+def test_a_supervisor_with_descriptors_past_1023_freezes_and_thaws(
+    high_descriptors: None,
+    backend: str,
+    cgroup: MakeCgroup,
+    make_tree: Callable[..., WorkerTree],
+) -> None:
+    cg = cgroup(2)
+    # Enough tasks for the cgroup freeze to be written by a thread, which says through an
+    # eventfd when it is over; the tree's start is waited for past 1,023 too.
+    tree = make_tree(wide(60), spawn=cg.spawn)
+    guard = ProcessesGuard(tree.root, include_root=True, backend=backend)  # type: ignore[arg-type]
+    for _ in range(2):
+        with guard:
+            if backend == "cgroup":
+                assert proc.read_text(f"{cg.path}/cgroup.events").count("frozen 1") == 1
+            else:
+                proc.assert_all_stopped(tree.pids)
+        proc.assert_none_stopped(tree.pids)
+    guard.close()

@@ -18,10 +18,11 @@ so a process met again may be met through them:
 - one ``pread`` of the kept stat file replaces the four calls and the full parse.
 
 The descriptors are counted with every other descriptor a freeze holds, and kept only while
-they stay within an eighth of ``RLIMIT_NOFILE``. They are lent to one freeze at a time (its
-entries borrow them, the thaw gives them back): :meth:`Known.close` while they are lent waits
-until the freeze's thaw has given them back, so that no entry ever signals through a
-descriptor closed under it. Only the process that made them uses or closes them (the guard's
+they stay within 256 (and an eighth of ``RLIMIT_NOFILE``), and each is checked (device and
+inode) before it is used or closed. They are lent to one freeze at a time (its entries
+borrow them, the thaw gives them back): :meth:`Known.close` while they are lent waits until
+the freeze's thaw has given them back, so that no entry ever signals through a descriptor
+closed under it. Only the process that made them uses or closes them (the guard's
 :class:`~treeguard._backends._base.Memo` gives a forked child nothing).
 """
 
@@ -182,10 +183,17 @@ def _keepable(entry: Entry) -> bool:
     )
 
 
+#: Descriptors a guard keeps between freezes, at most: the processes of the small trees that
+#: gain the most (128 of them), and few enough not to push the supervisor's own descriptors
+#: past 1,023, where ``select()`` (still used by some libraries) cannot reach them.
+_MOST = 256
+
+
 def _cap() -> int:
-    """Descriptors a guard may keep between freezes: an eighth of the soft limit."""
+    """Descriptors a guard may keep between freezes: :data:`_MOST`, and at most an eighth
+    of the soft limit."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return (1 << 16) if soft == resource.RLIM_INFINITY else soft // 8
+    return _MOST if soft == resource.RLIM_INFINITY else min(_MOST, soft // 8)
 
 
 def _close_all(procs: dict[int, _Proc]) -> None:
