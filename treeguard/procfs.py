@@ -315,6 +315,23 @@ class ProcFS:
                 os.close(fd)
             raise
 
+    def open_read(self, path: str) -> tuple[int, bytes] | None:
+        """Open a small file below :attr:`root` and read it whole (one read: a stat line),
+        keeping it open for :meth:`reread`: ``(descriptor, data)``; ``None`` if it (or its
+        process) is gone."""
+        try:
+            fd = os.open(f"{self.root}/{path}", _O_FLAGS)
+        except _GONE:
+            return None
+        try:
+            return fd, os.read(fd, 4096)
+        except _GONE:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+
     @staticmethod
     def reread(fd: int) -> bytes | None:
         """Read again a stat descriptor kept by :meth:`open_stat`; ``None`` if gone."""

@@ -533,3 +533,39 @@ def test_errors_pickle_with_their_data() -> None:
     ):
         again = pickle.loads(pickle.dumps(err))
         assert type(again) is type(err) and again.args == err.args and str(again) == str(err)
+
+
+def test_the_stat_files_of_threads_are_kept_only_while_their_process_is_waited_for(
+    make_tree: Callable[..., WorkerTree], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for a process with threads, each look reads its threads' stat files through
+    descriptors kept open; once it is proven stopped they are closed."""
+    from treeguard.procfs import ProcFS
+
+    opened: list[str] = []
+    real = ProcFS.open_read
+
+    def counted(self: ProcFS, path: str) -> tuple[int, bytes] | None:
+        opened.append(path)
+        return real(self, path)
+
+    monkeypatch.setattr(ProcFS, "open_read", counted)
+    tree = make_tree(wide(4, threads=3))
+
+    def task_files() -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue  # (listdir's own, closed since)
+            if "/task/" in target:
+                found.append(target)
+        return found
+
+    with ProcessesGuard(tree.root, include_root=True) as guard:
+        proc.assert_all_stopped(tree.pids)
+        assert guard.report.tasks == 4 * 4  # each of the 4 workers: 3 threads and its main one
+        assert any("/task/" in path for path in opened)  # kept while waited for...
+        assert task_files() == []  # ... and closed once proven stopped
+    proc.assert_none_stopped(tree.pids)

@@ -25,6 +25,7 @@ __all__ = [
     "budget",
     "close",
     "close_stat",
+    "close_tasks",
     "count",
     "uncount",
     "held",
@@ -76,6 +77,7 @@ class Entry:
         "starttime",
         "stat",
         "statfd",
+        "taskfds",
         "tids",
         "traced",
     )
@@ -90,6 +92,9 @@ class Entry:
         # The threads seen when the process was verified stopped (a stopped process makes
         # no new ones): its children are read from exactly these. None: one thread.
         self.tids: list[int] | None = None
+        # The stat files of its other threads, kept open while it is waited for (one pread
+        # a look instead of three calls), closed once it is proven stopped.
+        self.taskfds: dict[int, int] | None = None
         self.stat = stat
         self.starttime = stat.starttime
         self.ours = ours
@@ -162,7 +167,15 @@ def release_pidfd(entry: Entry) -> None:
             close(fd)
 
 
+def close_tasks(entry: Entry) -> None:
+    """Close the stat files of ``entry``'s other threads (never borrowed)."""
+    fds, entry.taskfds = entry.taskfds, None
+    while fds:
+        close(fds.popitem()[1])
+
+
 def close_stat(entry: Entry) -> None:
+    close_tasks(entry)
     if entry.statfd >= 0:
         fd, entry.statfd = entry.statfd, -1
         if not entry.borrowed:

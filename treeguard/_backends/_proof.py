@@ -22,7 +22,7 @@ from .._report import FreezeReport
 from ..errors import StopTimeoutError
 from ..procfs import DEAD_STATES, ProcFS, dead, parse_stat, parse_stat_brief, parse_state
 from ._base import Plan
-from ._pidfds import Entry
+from ._pidfds import Entry, count
 
 __all__ = [
     "GONE",
@@ -60,11 +60,13 @@ class Look:
 _ONE_STOPPED = Look([], 1)
 
 
-def look(entry: Entry, fs: ProcFS, report: FreezeReport) -> Look | object:
+def look(entry: Entry, fs: ProcFS, report: FreezeReport, keep: bool = False) -> Look | object:
     """Look at ``entry``'s tasks once: a :class:`Look`, :data:`GONE` or :data:`TRACED`.
 
     Records on the way what the process is (its stat when its thread count changed, its
-    threads once its main thread stopped) and the vfork parents in ``report``.
+    threads once its main thread stopped) and the vfork parents in ``report``. With
+    ``keep``, the stat files of its other threads are kept open for the next look
+    (``entry.taskfds``: the caller closes them, :func:`._pidfds.close_tasks`).
     """
     pid = entry.pid
     data = fs.read(f"{pid}/stat") if entry.statfd < 0 else fs.reread(entry.statfd)
@@ -88,7 +90,7 @@ def look(entry: Entry, fs: ProcFS, report: FreezeReport) -> Look | object:
         tasks = []
         entry.tids = fs.tids(pid) or []
         for tid in entry.tids:
-            tdata = data if tid == pid else fs.read(f"{pid}/task/{tid}/stat")
+            tdata = data if tid == pid else _task_stat(entry, tid, fs, keep)
             if tdata is not None:
                 tasks.append((tid, parse_state(tdata)))
     late: list[tuple[int, int, str]] = []
@@ -148,3 +150,24 @@ def wait_stopped(
             raise StopTimeoutError(plan.timeout, running)
         yield backoff.next()
         pending = still
+
+
+def _task_stat(entry: Entry, tid: int, fs: ProcFS, keep: bool) -> bytes | None:
+    """The stat line of thread ``tid`` of ``entry``: through its kept file if there is one
+    (a file opened for a thread reads as that thread for good, or fails), else read anew,
+    and kept with ``keep``."""
+    fds = entry.taskfds
+    fd = -1 if fds is None else fds.get(tid, -1)
+    if fd >= 0:
+        return fs.reread(fd)
+    if not keep:
+        return fs.read(f"{entry.pid}/task/{tid}/stat")
+    found = fs.open_read(f"{entry.pid}/task/{tid}/stat")
+    if found is None:
+        return None
+    fd, data = found
+    count(fd)
+    if fds is None:
+        fds = entry.taskfds = {}
+    fds[tid] = fd
+    return data

@@ -43,6 +43,7 @@ from ._pidfds import (
     budget,
     close,
     close_stat,
+    close_tasks,
     count,
     held,
     open_pidfd,
@@ -324,7 +325,9 @@ class SignalBackend(Backend):
 
     def _check(self, entry: Entry) -> list[tuple[int, int, str]]:
         """Tasks of ``entry`` that are not stopped yet, as ``(pid, tid, state)``."""
-        found = look(entry, self.plan.fs, self.report)
+        found = look(entry, self.plan.fs, self.report, keep=held() * 2 < self._budget)
+        if not isinstance(found, Look) or not found.late:
+            close_tasks(entry)  # its threads' stat files: only a process waited for needs them
         if found is GONE:
             return self._gone(entry)
         if found is TRACED:
