@@ -293,18 +293,10 @@ class ProcFS:
         process is reaped, reading it again fails (``None`` from :meth:`reread_brief`)
         even if the PID was reused. Re-reading costs one ``pread`` instead of three calls.
         """
-        try:
-            fd = os.open(f"{self.root}/{pid}/stat", _O_FLAGS)
-        except _GONE:
+        found = self.open_read(f"{pid}/stat")
+        if found is None:
             return None
-        try:
-            data = os.read(fd, 4096)
-        except _GONE:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, data = found
         if not keep:
             os.close(fd)
             fd = -1
