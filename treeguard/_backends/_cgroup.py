@@ -253,7 +253,7 @@ class CgroupBackend(Backend):
 
     def detach(self) -> None:
         if self._freezer is not None:
-            self._freezer.froze = False  # a token thaws it now; our thaw leaves it alone
+            self._freezer.hand_over()  # a token thaws it now; our thaw leaves it alone
         if self.plan.journal is not None:
             self.plan.journal.released()
 

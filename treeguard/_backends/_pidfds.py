@@ -18,6 +18,7 @@ from .._drive import YIELD, Slices, Steps
 from .._thaw import signal_identity
 from ..errors import FreezeError
 from ..procfs import Stat
+from . import _holds
 
 __all__ = [
     "OUT_OF_DESCRIPTORS",
@@ -26,6 +27,7 @@ __all__ = [
     "close",
     "close_stat",
     "count",
+    "drop_hold",
     "held",
     "open_pidfd",
     "release",
@@ -104,6 +106,17 @@ class Entry:
         # it forgets them, and the guard closes them.
         self.borrowed = False
 
+    @property
+    def key(self) -> tuple[str, int, int, int]:
+        """What it is held by in :mod:`._holds`: the process's identity."""
+        return ("pid", self.pid, self.starttime, self.inode)
+
+    def enter_hold(self, *, stopped: bool) -> bool:
+        """Enter this freeze's hold of the process (before its SIGSTOP; see :mod:`._holds`):
+        True if this freeze holds it now, False if it was ``stopped`` by someone outside
+        this process."""
+        return _holds.enter(self.key, self, stopped=stopped)
+
 
 def held() -> int:
     """How many descriptors every freeze of this process holds now."""
@@ -177,17 +190,29 @@ def resignal(entry: Entry, sig: int) -> bool:
         return False
 
 
+def drop_hold(entry: Entry) -> None:
+    """Let go of this freeze's hold of ``entry`` without resuming it (handed over to a
+    token, which resumes it wherever it is thawed)."""
+    _holds.drop(entry.key, entry)
+
+
 def resume(entries: list[Entry], slices: Slices) -> Steps[list[int]]:
-    """SIGCONT each of ``entries``, last first (children before their parents), each
-    forgotten only once signalled, so that a resume cut short goes on where it stopped.
+    """SIGCONT each of ``entries``, last first (children before their parents), unless
+    another freeze of this process holds it still (:mod:`._holds`), each forgotten only
+    once let go of, so that a resume cut short goes on where it stopped.
     Returns the PIDs that refused (changed hands by a setuid exec: not ours any more)."""
     refused: list[int] = []
-    while entries:
-        entry = entries[-1]
+
+    def cont(entry: Entry) -> None:
         try:
             resignal(entry, signal.SIGCONT)
         except PermissionError:
             refused.append(entry.pid)
+
+    while entries:
+        entry = entries[-1]
+        # Resumed only if no other freeze of this process holds it still (see _holds).
+        _holds.leave(entry.key, entry, entry.ours, cont)
         entries.pop()
         release(entry)
         if slices.due():

@@ -5,7 +5,7 @@ The algorithm goes down the tree one generation at a time:
 1. *Stop* every process of the generation: open a pidfd, read its stat (the pidfd was opened
    first, and the stat must name the parent that listed it, so it is that very process; a
    guard frozen again meets a process it kept through the kept descriptors, :mod:`._known`),
-   record it (the backend's list, then the watchdog's journal), send SIGSTOP.
+   record it (the backend's list, its hold, then the watchdog's journal), send SIGSTOP.
 2. *Verify* that every task of the generation shows ``T`` (polling with a backoff that starts
    at a bare yield of the CPU, not at a fixed sleep).
 3. *Descend*: read the children of the generation, now that it is stopped (a stopped process
@@ -44,6 +44,7 @@ from ._pidfds import (
     close,
     close_stat,
     count,
+    drop_hold,
     held,
     open_pidfd,
     release,
@@ -264,14 +265,17 @@ class SignalBackend(Backend):
             start = self._watchers.watch(watcher)
             if start is not None and plan.journal is not None:
                 plan.journal.watching(watcher, start)  # before it can be told of a stop
-        if not entry.ours:
+        # Recorded and held (_holds) before it is signalled: an interrupt leaves it to the thaw.
+        running = entry.ours
+        self._entries.append(entry)
+        if not entry.enter_hold(stopped=not running):  # stopped by someone else: theirs
+            self._entries.pop()
             report.skipped[pid] = Skip.ALREADY_STOPPED
             self._foreign.append(entry)
             release_pidfd(entry)
             return entry
-        # Recorded before it is signalled: an interrupt at any point leaves it to the thaw.
-        self._entries.append(entry)
-        if plan.journal is not None:
+        entry.ours = True  # (joined: stopped once more, the other's SIGSTOP may be unsent)
+        if plan.journal is not None and running:  # (found stopped: the journal of who did)
             plan.journal.stopping(pid, entry.starttime, entry.inode)
         try:
             signal.pidfd_send_signal(entry.fd, signal.SIGSTOP)
@@ -338,6 +342,7 @@ class SignalBackend(Backend):
             # recorded (and journaled) before the signal.
             self._foreign.remove(entry)
             self._entries.append(entry)
+            entry.enter_hold(stopped=False)
             entry.ours = True
             self.report.skipped.pop(entry.pid, None)
             if self.plan.journal is not None:
@@ -385,8 +390,9 @@ class SignalBackend(Backend):
             raise FreezePermissionError(refused, reason="they may no longer be signalled")
 
     def detach(self) -> None:
-        """Hand the freeze over (to a token): close every pidfd, signal nobody."""
+        """Hand the freeze over (to a token): close every pidfd, signal nobody, hold none."""
         while self._entries:
+            drop_hold(self._entries[-1])
             release(self._entries.pop())
         while self._foreign:
             release(self._foreign.pop())
