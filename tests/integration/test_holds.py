@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import treeguard
 from tests import proc
 from tests.conftest import MakeCgroup
 from treeguard import ProcessesGuard
@@ -264,3 +265,26 @@ def test_a_guard_inside_a_cgroup_freeze_of_this_process_leaves_it_to_that_freeze
     guard.release()
     assert not _frozen(cg.path)
     proc.counters_moving(tree.counters, [0])
+
+
+@pytest.mark.parametrize("backend", ["signal", "cgroup"])
+def test_a_token_taken_inside_a_guard_leaves_the_tree_to_it(
+    make_tree: MakeTree, cgroup: MakeCgroup, guards: list[ProcessesGuard], backend: str
+) -> None:
+    """A token made while a guard of this process holds the tree names it as found stopped
+    (frozen): its thaw leaves it to the guard, whose release resumes it."""
+    cg = cgroup(2)
+    tree = make_tree(wide(4), spawn=cg.spawn)
+    guard = ProcessesGuard(tree.root, include_root=True, backend=backend).freeze()
+    guards.append(guard)
+    token = treeguard.freeze(tree.root, include_root=True, backend=backend)
+    treeguard.thaw(token)
+    if backend == "signal":
+        proc.assert_all_stopped(tree.pids)
+    else:
+        assert _frozen(cg.path)
+    guard.release()
+    assert not _frozen(cg.path)
+    proc.assert_none_stopped(tree.pids)
+    proc.counters_moving(tree.counters, [0])
+    assert _holds.census() == {}

@@ -263,7 +263,8 @@ class CgroupBackend(Backend):
             "version": 0 if f is None else f.version,
             "path": "" if f is None else f.path,
             "inode": 0 if f is None else f.inode,
-            "was_frozen": True if f is None else not f.froze,
+            # (Held with another freeze of this process that froze it first: that one's.)
+            "was_frozen": True if f is None else not f.froze or f.was_frozen,
         }
 
 

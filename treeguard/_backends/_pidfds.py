@@ -28,6 +28,7 @@ __all__ = [
     "close_stat",
     "count",
     "drop_hold",
+    "handed_over",
     "held",
     "open_pidfd",
     "release",
@@ -70,6 +71,7 @@ class Entry:
         "borrowed",
         "fd",
         "inode",
+        "joined",
         "ours",
         "parent",
         "pid",
@@ -105,6 +107,9 @@ class Entry:
         # Its descriptors are a guard's, kept between freezes (:mod:`._known`): releasing
         # it forgets them, and the guard closes them.
         self.borrowed = False
+        # Found stopped by another freeze of this process, whose hold it joined: held, but
+        # not stopped by this freeze (a token made of it leaves it to the other).
+        self.joined = False
 
     @property
     def key(self) -> tuple[str, int, int, int]:
@@ -115,7 +120,9 @@ class Entry:
         """Enter this freeze's hold of the process (before its SIGSTOP; see :mod:`._holds`):
         True if this freeze holds it now, False if it was ``stopped`` by someone outside
         this process."""
-        return _holds.enter(self.key, self, stopped=stopped)
+        held = _holds.enter(self.key, self, stopped=stopped)
+        self.joined = held and stopped
+        return held
 
 
 def held() -> int:
@@ -188,6 +195,17 @@ def resignal(entry: Entry, sig: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def handed_over(entries: list[Entry], foreign: list[Entry]) -> dict[str, list[list[int]]]:
+    """What a token of the freeze of ``entries`` (``foreign``: found stopped by someone
+    else) names: those it stopped, to resume, and those found stopped, to leave stopped
+    (a process held with another freeze of this process is that one's to resume)."""
+    theirs = [e for e in entries if e.joined] + foreign
+    return {
+        "stopped": [[e.pid, e.starttime, e.inode] for e in entries if e.alive and not e.joined],
+        "already_stopped": [[e.pid, e.starttime, e.inode] for e in theirs],
+    }
 
 
 def drop_hold(entry: Entry) -> None:

@@ -45,6 +45,7 @@ from ._pidfds import (
     close_stat,
     count,
     drop_hold,
+    handed_over,
     held,
     open_pidfd,
     release,
@@ -93,8 +94,7 @@ class SignalBackend(Backend):
 
     def describe(self) -> dict[str, object]:
         return {
-            "stopped": [[e.pid, e.starttime, e.inode] for e in self._entries if e.alive],
-            "already_stopped": [[e.pid, e.starttime, e.inode] for e in self._foreign],
+            **handed_over(self._entries, self._foreign),
             "relays": self._watchers.records(),  # for a thaw elsewhere to resume them too
         }
 
@@ -266,16 +266,15 @@ class SignalBackend(Backend):
             if start is not None and plan.journal is not None:
                 plan.journal.watching(watcher, start)  # before it can be told of a stop
         # Recorded and held (_holds) before it is signalled: an interrupt leaves it to the thaw.
-        running = entry.ours
         self._entries.append(entry)
-        if not entry.enter_hold(stopped=not running):  # stopped by someone else: theirs
+        if not entry.enter_hold(stopped=not entry.ours):  # stopped by someone else: theirs
             self._entries.pop()
             report.skipped[pid] = Skip.ALREADY_STOPPED
             self._foreign.append(entry)
             release_pidfd(entry)
             return entry
         entry.ours = True  # (joined: stopped once more, the other's SIGSTOP may be unsent)
-        if plan.journal is not None and running:  # (found stopped: the journal of who did)
+        if plan.journal is not None and not entry.joined:  # (joined: the other's journal)
             plan.journal.stopping(pid, entry.starttime, entry.inode)
         try:
             signal.pidfd_send_signal(entry.fd, signal.SIGSTOP)
