@@ -106,7 +106,7 @@ class V1Freezer(CgroupFreezer):
                 return
             if attempt + 1 < _V1_ATTEMPTS:
                 # Stuck in FREEZING: thaw, let the tasks run a moment, and try again (not
-                # under another freeze of this process that holds it, nor someone else's).
+                # while another freeze of this process holds it: that one counts on it).
                 if self.hold is None or _holds.alone(self.hold, self):
                     self.set_state("THAWED")
                 yield YIELD
