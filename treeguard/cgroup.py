@@ -265,10 +265,11 @@ class Cgroup:
         )
         if self._freezer is None:
             # Kept before the freeze starts: a freeze interrupted after the kernel froze
-            # the cgroup is still ours to thaw. (Frozen by us already: the new freeze
-            # finds it frozen and leaves it to the first one's thaw.)
+            # the cgroup is still ours to thaw (frozen by us already: the first one's).
             self._freezer = backend
         run_sync(backend.freeze())
+        if backend is not self._freezer:
+            backend.detach()
         return backend.report
 
     def thaw(self) -> None:

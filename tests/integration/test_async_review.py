@@ -295,12 +295,6 @@ def test_a_signal_handler_that_releases_during_the_freeze_does_not_undermine_it(
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="known hole: two guards freezing one tree at the same time each take the other's "
-    "stops for their own or for someone else's; the first to release resumes the tree "
-    "under the other (no count of who holds a process stopped)",
-)
 async def test_two_guards_freezing_one_tree_at_once_keep_it_stopped_until_both_release(
     make_tree: MakeTree,
 ) -> None:

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_backends",
             "_backends._base",
             "_backends._pidfds",
+            "_backends._holds",
             "_backends._proof",
             "_backends._known",
             "_backends._relays",

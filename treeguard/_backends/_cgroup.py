@@ -253,7 +253,7 @@ class CgroupBackend(Backend):
 
     def detach(self) -> None:
         if self._freezer is not None:
-            self._freezer.froze = False  # a token thaws it now; our thaw leaves it alone
+            self._freezer.hand_over()  # a token thaws it now; our thaw leaves it alone
         if self.plan.journal is not None:
             self.plan.journal.released()
 
@@ -263,7 +263,8 @@ class CgroupBackend(Backend):
             "version": 0 if f is None else f.version,
             "path": "" if f is None else f.path,
             "inode": 0 if f is None else f.inode,
-            "was_frozen": True if f is None else not f.froze,
+            # (Held with another freeze of this process that froze it first: that one's.)
+            "was_frozen": True if f is None else not f.froze or f.was_frozen,
         }
 
 

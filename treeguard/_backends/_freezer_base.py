@@ -27,6 +27,7 @@ from ..errors import (
     CgroupUnavailableError,
 )
 from ..procfs import ProcFS
+from . import _holds
 from ._base import Journal
 
 __all__ = ["CgroupFreezer", "is_gone"]
@@ -98,6 +99,10 @@ def _write_during(
         raise writer.error
 
 
+def _append_result(results: list[bool], job: Callable[[], bool]) -> None:
+    results.append(job())
+
+
 class CgroupFreezer:
     """Freezes and thaws one cgroup directory; remembers whether it was frozen before.
 
@@ -132,6 +137,9 @@ class CgroupFreezer:
         self.journal = journal  # the watchdog's, told before the freeze is written
         self.was_frozen = False
         self.froze = False  # this freezer wrote (or is writing) the freeze: it must undo it
+        #: What it holds the cgroup by in :mod:`._holds` (set before it enters the hold):
+        #: a thaw lets go of it, and writes the thaw only as the last holder.
+        self.hold: tuple[str, int, int] | None = None
         self.writer: _Writer | None = None  # the thread writing the freeze (or thaw), if any
         self.threaded = False  # the freeze was to be written by a thread (many tasks)
         #: The cgroups and task list read just before (by the census), if any.
@@ -171,6 +179,25 @@ class CgroupFreezer:
         if self.journal is not None:
             self.journal.freezing_cgroup(self.version, self.path, self.inode)
 
+    def enter_hold(self, frozen: bool) -> bool:
+        """Enter this freeze's hold of the cgroup, before the freeze is written: join the
+        hold of another freeze of this process if there is one (this freeze holds it too,
+        and its thaw does not thaw it under the other), else start one, unless the cgroup
+        was ``frozen`` already (by someone outside this process: left frozen, as found).
+
+        :returns: whether this freeze holds it (it must thaw it; see :attr:`froze`).
+        """
+        self.hold = ("cgroup", self.version, self.inode)  # before: an interrupt leaves it
+        return _holds.enter(self.hold, self, stopped=frozen)
+
+    def hand_over(self) -> None:
+        """The freeze is handed over (to a token, which thaws it): this freezer's thaw
+        leaves it alone, and its hold is no longer counted."""
+        self.froze = False
+        if self.hold is not None:
+            _holds.drop(self.hold, self)
+            self.hold = None
+
     def settle(self) -> None:
         """Wait until the thread writing the freeze (if any) is over, or make sure it never
         writes: after this, nothing but this process's own calls writes the control file."""
@@ -204,15 +231,29 @@ class CgroupFreezer:
         else:
             write_file(self.file(name), value)
 
-    def undo(self) -> None:
-        """Write the thaw if this freezer froze the cgroup; forget that only once written.
+    def _leave(self) -> bool:
+        """Write the thaw if this freezer froze the cgroup, unless another freeze of this
+        process holds it still (:mod:`._holds`); whether it was written."""
+        if self.hold is not None:
+            return _holds.leave(self.hold, self, self.froze, CgroupFreezer._write_thaw)
+        if self.froze:
+            self._write_thaw()
+        return self.froze
 
+    def _write_thaw(self) -> None:
+        self.write_control(self.thawed)
+
+    def undo(self) -> bool:
+        """Write the thaw if this freezer froze the cgroup and it is the last freeze of this
+        process to hold it; forget that only once written (or left to the others).
+
+        :returns: whether the thaw was written.
         :raises CgroupError: if the thaw could not be written (:attr:`froze` stays set).
         """
         self.settle()
-        if self.froze:
-            self.write_control(self.thawed)
-            self.froze = False
+        written = self._leave()
+        self.froze, self.hold = False, None
+        return written
 
     def thaw(self, timeout: float = 1.0) -> Steps[None]:
         """Undo this freezer's freeze (nothing if it did not freeze): write the thaw, then
@@ -220,32 +261,36 @@ class CgroupFreezer:
 
         :raises CgroupError: if the thaw could not be written (call again to retry).
         """
-        if not self.froze:
+        if not self.froze and self.hold is None:
             self._let_go()
             return  # not ours to thaw (it was frozen before us, or never frozen)
         if self.threaded and under_event_loop() and not self._fits(_MANY_TASKS):
             # Written by a thread, so that an event loop runs on meanwhile.
             self.settle()
             # The thaw written by a thread: cut short (GeneratorExit while waiting), the
-            # writer is waited for and froze stays set, so the next thaw writes it again.
-            job = functools.partial(self.write_control, self.thawed)
+            # writer is waited for and froze stays set, so the next thaw writes it again
+            # (or leaves it to the other holders: leaving twice counts once).
+            written: list[bool] = []
+            job = functools.partial(_append_result, written, self._leave)
             yield from _write_during(self, job, None, None, thread=True)
-            self.froze = False
+            self.froze, self.hold = False, None
+            wrote = bool(written and written[0])
         else:
-            self.undo()
+            wrote = self.undo()
         if self.files is not None and not self.files.kept:
             # Files of its own are closed after this thaw anyway: the control file's
             # descriptor is given back before the wait opens the file it reads (v2:
             # cgroup.events), so that a thaw that opens them all (thaw_cgroup) holds two at
             # a time, the directory's and one, as many as the reserve gives a full table.
             self.files.close_file(self.control)
-        # Thawing is immediate in the kernel (v2: cgroup_do_freeze; v1: freezer_change_state
-        # thaws every task before the write returns); waiting only confirms it. A cgroup
-        # that is gone, or still frozen by an ancestor, is fine.
-        try:
-            yield from self._wait_for(self.thawed, time.perf_counter() + timeout)
-        except CgroupError:
-            pass
+        if wrote:
+            # Thawing is immediate in the kernel (v2: cgroup_do_freeze; v1:
+            # freezer_change_state thaws every task before the write returns); waiting only
+            # confirms it. A cgroup that is gone, or still frozen by an ancestor, is fine.
+            try:
+                yield from self._wait_for(self.thawed, time.perf_counter() + timeout)
+            except CgroupError:
+                pass
         self._let_go()
 
     def _let_go(self) -> None:

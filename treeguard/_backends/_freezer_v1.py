@@ -19,6 +19,7 @@ from ..errors import (
     CgroupError,
     StopTimeoutError,
 )
+from . import _holds
 from ._freezer_base import CgroupFreezer, _write_during
 
 __all__ = ["V1Freezer"]
@@ -64,6 +65,12 @@ class V1Freezer(CgroupFreezer):
         # else stays so after this guard.
         self.was_frozen = prev in ("FROZEN", "FREEZING")
         try:
+            # Held by this freeze from now on, unless frozen by someone outside this
+            # process: a freeze of this process that froze it is joined, not taken for theirs.
+            if self.enter_hold(self.was_frozen):
+                if not self.was_frozen:  # (found frozen: the watchdog of who froze it)
+                    self._announce()
+                self.froze = True  # before the write: an interrupted freeze is undone
             if prev != "FROZEN":
                 yield from self._freeze(start, timeout, report, meanwhile)
             elif meanwhile is not None:
@@ -81,10 +88,7 @@ class V1Freezer(CgroupFreezer):
         meanwhile: Steps[None] | None,
     ) -> Steps[None]:
         per_attempt = timeout / _V1_ATTEMPTS
-        if not self.was_frozen:
-            self._announce()
         for attempt in range(_V1_ATTEMPTS):
-            self.froze = not self.was_frozen  # before the write: an interrupt undoes it
             if attempt == 0:
                 job = functools.partial(self.set_state, "FROZEN")
                 thread = self.threaded_write(meanwhile)
@@ -100,8 +104,10 @@ class V1Freezer(CgroupFreezer):
                 report.passes = attempt + 1
                 return
             if attempt + 1 < _V1_ATTEMPTS:
-                # Stuck in FREEZING: thaw, let the tasks run a moment, and try again.
-                self.set_state("THAWED")
+                # Stuck in FREEZING: thaw, let the tasks run a moment, and try again (not
+                # while another freeze of this process holds it: that one counts on it).
+                if self.hold is None or _holds.alone(self.hold, self):
+                    self.set_state("THAWED")
                 yield YIELD
         pids = procs_below(self.path)
         late = _unfrozen_tasks(pids, self.fs, "DTtZXI")

@@ -110,9 +110,13 @@ class V2Freezer(CgroupFreezer):
             raise CgroupError(self.path, "the cgroup was removed")
         self.was_frozen = state.strip() == "1"
         try:
-            if not self.was_frozen:
-                self._announce()
+            # Held by this freeze from now on, unless frozen by someone outside this
+            # process: a freeze of this process that froze it is joined, not taken for theirs.
+            if self.enter_hold(self.was_frozen):
+                if not self.was_frozen:  # (found frozen: the watchdog of who froze it)
+                    self._announce()
                 self.froze = True  # before the write: an interrupted freeze is undone
+            if self.froze and not self.was_frozen:
                 job = functools.partial(self.put, "cgroup.freeze", "1")
                 thread = self.threaded_write(meanwhile)
                 yield from _write_during(self, job, meanwhile, report, thread=thread)

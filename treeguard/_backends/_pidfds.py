@@ -18,6 +18,7 @@ from .._drive import YIELD, Slices, Steps
 from .._thaw import signal_identity
 from ..errors import FreezeError
 from ..procfs import Stat
+from . import _holds
 
 __all__ = [
     "OUT_OF_DESCRIPTORS",
@@ -27,6 +28,8 @@ __all__ = [
     "close_stat",
     "close_tasks",
     "count",
+    "drop_hold",
+    "handed_over",
     "uncount",
     "held",
     "open_pidfd",
@@ -70,6 +73,7 @@ class Entry:
         "borrowed",
         "fd",
         "inode",
+        "joined",
         "ours",
         "parent",
         "pid",
@@ -109,6 +113,22 @@ class Entry:
         # Its descriptors are a guard's, kept between freezes (:mod:`._known`): releasing
         # it forgets them, and the guard closes them.
         self.borrowed = False
+        # Found stopped by another freeze of this process, whose hold it joined: held, but
+        # not stopped by this freeze (a token made of it leaves it to the other).
+        self.joined = False
+
+    @property
+    def key(self) -> tuple[str, int, int, int]:
+        """What it is held by in :mod:`._holds`: the process's identity."""
+        return ("pid", self.pid, self.starttime, self.inode)
+
+    def enter_hold(self, *, stopped: bool) -> bool:
+        """Enter this freeze's hold of the process (before its SIGSTOP; see :mod:`._holds`):
+        True if this freeze holds it now, False if it was ``stopped`` by someone outside
+        this process."""
+        held = _holds.enter(self.key, self, stopped=stopped)
+        self.joined = held and stopped
+        return held
 
 
 def held() -> int:
@@ -199,17 +219,40 @@ def resignal(entry: Entry, sig: int) -> bool:
         return False
 
 
+def handed_over(entries: list[Entry], foreign: list[Entry]) -> dict[str, list[list[int]]]:
+    """What a token of the freeze of ``entries`` (``foreign``: found stopped by someone
+    else) names: those it stopped, to resume, and those found stopped, to leave stopped
+    (a process held with another freeze of this process is that one's to resume)."""
+    theirs = [e for e in entries if e.joined] + foreign
+    return {
+        "stopped": [[e.pid, e.starttime, e.inode] for e in entries if e.alive and not e.joined],
+        "already_stopped": [[e.pid, e.starttime, e.inode] for e in theirs],
+    }
+
+
+def drop_hold(entry: Entry) -> None:
+    """Let go of this freeze's hold of ``entry`` without resuming it (handed over to a
+    token, which resumes it wherever it is thawed)."""
+    _holds.drop(entry.key, entry)
+
+
 def resume(entries: list[Entry], slices: Slices) -> Steps[list[int]]:
-    """SIGCONT each of ``entries``, last first (children before their parents), each
-    forgotten only once signalled, so that a resume cut short goes on where it stopped.
+    """SIGCONT each of ``entries``, last first (children before their parents), unless
+    another freeze of this process holds it still (:mod:`._holds`), each forgotten only
+    once let go of, so that a resume cut short goes on where it stopped.
     Returns the PIDs that refused (changed hands by a setuid exec: not ours any more)."""
     refused: list[int] = []
-    while entries:
-        entry = entries[-1]
+
+    def cont(entry: Entry) -> None:
         try:
             resignal(entry, signal.SIGCONT)
         except PermissionError:
             refused.append(entry.pid)
+
+    while entries:
+        entry = entries[-1]
+        # Resumed only if no other freeze of this process holds it still (see _holds).
+        _holds.leave(entry.key, entry, entry.ours, cont)
         entries.pop()
         release(entry)
         if slices.due():

@@ -5,7 +5,7 @@ The algorithm goes down the tree one generation at a time:
 1. *Stop* every process of the generation: open a pidfd, read its stat (the pidfd was opened
    first, and the stat must name the parent that listed it, so it is that very process; a
    guard frozen again meets a process it kept through the kept descriptors, :mod:`._known`),
-   record it (the backend's list, then the watchdog's journal), send SIGSTOP.
+   record it (the backend's list, its hold, then the watchdog's journal), send SIGSTOP.
 2. *Verify* that every task of the generation shows ``T`` (polling with a backoff that starts
    at a bare yield of the CPU, not at a fixed sleep).
 3. *Descend*: read the children of the generation, now that it is stopped (a stopped process
@@ -19,9 +19,8 @@ it runs again the stop is no longer reportable (SIGCONT clears it at once, kerne
 itself, a process it may not signal) keep running: their children are read again after each
 round, and newcomers start another round, up to ``max_passes``.
 
-Its parts: :mod:`._pidfds` (what holds a process), :mod:`._proof` (when it counts as
-stopped), :mod:`._relays` (relays of a stop above the frozen set, resumed after the thaw). A
-process met is known by its identity (starttime, pidfs inode), never by PID alone.
+Its parts: :mod:`._pidfds` (what holds a process, known by its identity, never by PID
+alone), :mod:`._proof` (when it counts as stopped), :mod:`._relays` (relays above the tree).
 """
 
 from __future__ import annotations
@@ -45,6 +44,8 @@ from ._pidfds import (
     close_stat,
     close_tasks,
     count,
+    drop_hold,
+    handed_over,
     held,
     open_pidfd,
     release,
@@ -93,8 +94,7 @@ class SignalBackend(Backend):
 
     def describe(self) -> dict[str, object]:
         return {
-            "stopped": [[e.pid, e.starttime, e.inode] for e in self._entries if e.alive],
-            "already_stopped": [[e.pid, e.starttime, e.inode] for e in self._foreign],
+            **handed_over(self._entries, self._foreign),
             "relays": self._watchers.records(),  # for a thaw elsewhere to resume them too
         }
 
@@ -158,8 +158,7 @@ class SignalBackend(Backend):
                 met.append(entry)
             if slices.due():
                 yield YIELD
-        # The report's parts are disjoint: the signals sent while meeting count apart.
-        report.enumerate_seconds += clock() - t0 - (report.signal_seconds - signalled)
+        report.enumerate_seconds += clock() - t0 - (report.signal_seconds - signalled)  # apart
         if self._denied:
             raise FreezePermissionError(self._denied)
         if self._traced_pids:
@@ -222,8 +221,8 @@ class SignalBackend(Backend):
         fd = open_pidfd(pid)
         if fd is None:
             return self._skip(pid, Skip.EXITED)
-        # Keep the stat file open for verification while descriptors are plentiful (at
-        # most half of the budget, so that pidfds always get the other half).
+        # The stat file kept open for verification within half of the budget (pidfds get
+        # the other half).
         found = plan.fs.open_stat(pid, keep=held() * 2 < self._budget)
         # The pidfd was opened before this read, so a stat that reads at all names the
         # very process the pidfd holds: it cannot have been recycled in between.
@@ -265,14 +264,16 @@ class SignalBackend(Backend):
             start = self._watchers.watch(watcher)
             if start is not None and plan.journal is not None:
                 plan.journal.watching(watcher, start)  # before it can be told of a stop
-        if not entry.ours:
+        # Recorded and held (_holds) before it is signalled: an interrupt leaves it to the thaw.
+        self._entries.append(entry)
+        if not entry.enter_hold(stopped=not entry.ours):  # stopped by someone else: theirs
+            self._entries.pop()
             report.skipped[pid] = Skip.ALREADY_STOPPED
             self._foreign.append(entry)
             release_pidfd(entry)
             return entry
-        # Recorded before it is signalled: an interrupt at any point leaves it to the thaw.
-        self._entries.append(entry)
-        if plan.journal is not None:
+        entry.ours = True  # (joined: stopped once more, the other's SIGSTOP may be unsent)
+        if plan.journal is not None and not entry.joined:  # (joined: the other's journal)
             plan.journal.stopping(pid, entry.starttime, entry.inode)
         try:
             signal.pidfd_send_signal(entry.fd, signal.SIGSTOP)
@@ -341,6 +342,7 @@ class SignalBackend(Backend):
             # recorded (and journaled) before the signal.
             self._foreign.remove(entry)
             self._entries.append(entry)
+            entry.enter_hold(stopped=False)
             entry.ours = True
             self.report.skipped.pop(entry.pid, None)
             if self.plan.journal is not None:
@@ -388,8 +390,9 @@ class SignalBackend(Backend):
             raise FreezePermissionError(refused, reason="they may no longer be signalled")
 
     def detach(self) -> None:
-        """Hand the freeze over (to a token): close every pidfd, signal nobody."""
+        """Hand the freeze over (to a token): close every pidfd, signal nobody, hold none."""
         while self._entries:
+            drop_hold(self._entries[-1])
             release(self._entries.pop())
         while self._foreign:
             release(self._foreign.pop())
