@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import resource
 import threading
+import weakref
 from dataclasses import dataclass
 
 from ..procfs import DEAD_STATES, HELPER_COMM, ProcFS, Stat, parse_stat_brief
@@ -80,15 +81,18 @@ class Known:
         self._owner = os.getpid()
         self._lent = False
         self._closing = False
+        self._closed = False  # its guard let go of it: never lent again
         # close() may come from another thread (the guard's close() beside its freeze):
         # lending and closing are decided under one lock, so that no freeze borrows a
-        # descriptor closed under it.
-        self._lock = threading.Lock()
+        # descriptor closed under it. Reentrant: a signal handler that closes the guard
+        # may land while this thread holds it (settling, in a thaw).
+        self._lock = threading.RLock()
+        _ALL.add(self)
 
     @classmethod
-    def lend(cls, plan: Plan) -> Known | None:
-        """The guard's, lent to the freeze about to start (made at its first freeze);
-        ``None`` for a freeze without a guard."""
+    def of(cls, plan: Plan) -> Known | None:
+        """The guard's (made at its first freeze), for the freeze about to start to hold
+        and then :meth:`lend`; ``None`` for a freeze without a guard."""
         memo = plan.memo
         if memo is None:
             return None
@@ -98,9 +102,18 @@ class Known:
             memo.put(_KEY, known)
             if memo.get(_KEY) is not known:
                 return None  # a forked child's freeze with an inherited guard: keep nothing
-        with known._lock:
-            known._lent = True
         return known
+
+    def lend(self) -> bool:
+        """Lend what is kept to the freeze that holds this already (so that its thaw
+        settles it, whatever cuts the freeze short); False if it was closed meanwhile
+        (``guard.close()`` from another thread found the guard not frozen yet): what that
+        freeze kept here would never be closed, so it keeps nothing."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._lent = True
+            return True
 
     def meet(self, pid: int, parent: int, fs: ProcFS) -> Entry | None:
         """An entry for ``pid``, listed by ``parent`` (proven stopped, or walked through)
@@ -125,20 +138,22 @@ class Known:
     def keep(self, entries: list[Entry]) -> None:
         """Once a freeze proved ``entries`` stopped: keep the descriptors of those it may
         meet again (ours, alive, below a parent, both descriptors held), as many as the
-        cap allows; let go of every other process kept before. An entry that borrowed
-        descriptors not kept now owns them (its thaw closes them): none is closed under it."""
-        old, self._procs = self._procs, {}
-        room = _cap()
+        cap left by every guard of the process allows; let go of every other process kept
+        before. An entry that borrowed descriptors not kept now owns them (its thaw closes
+        them): none is closed under it. One PID may come twice (a process gone while
+        stopped, its PID a newcomer's): only the first is kept, the other closes its own."""
+        old, new = self._procs, {}
+        room = _cap() - (_kept() - 2 * len(old))  # what the other guards leave
         for entry in entries:
             mine = old.pop(entry.pid) if entry.borrowed else None
-            if room >= 2 and _keepable(entry):
+            if room >= 2 and entry.pid not in new and _keepable(entry):
                 if mine is None:
                     files = _files(entry.fd, entry.statfd)
                     mine = _Proc(
                         entry.parent, entry.fd, entry.statfd, entry.stat, entry.inode, files
                     )
                     entry.borrowed = True  # the descriptors are kept here now
-                self._procs[entry.pid] = mine
+                new[entry.pid] = self._procs[entry.pid] = mine
                 room -= 2
             elif mine is not None:
                 if mine.holds():
@@ -147,6 +162,13 @@ class Known:
                         close(fd)  # what it let go of while borrowing
                 else:
                     _let_go(mine)  # (the entry, borrowing still, forgets them too)
+        # Until here every pair is in self._procs (still the dict ``old``), or its entry
+        # owns it: an interrupt landing in the loop leaves each pair in one place to be
+        # closed from (at worst, one pair between two statements is leaked, never closed
+        # twice).
+        self._procs = new
+        for pid in new:
+            old.pop(pid, None)
         _close_all(old)
 
     def settle(self) -> None:
@@ -167,8 +189,19 @@ class Known:
             self._closing = self._lent
             if self._lent:
                 return
+            self._closed = True
             procs, self._procs = self._procs, {}
         _close_all(procs)
+
+
+#: Every Known of this process: the cap is on what they keep together (a supervisor with a
+#: guard per tree keeps no more than one guard would).
+_ALL: weakref.WeakSet[Known] = weakref.WeakSet()
+
+
+def _kept() -> int:
+    """Descriptors kept by every guard of this process now."""
+    return sum(2 * len(known._procs) for known in list(_ALL))
 
 
 def _keepable(entry: Entry) -> bool:
@@ -190,8 +223,8 @@ _MOST = 256
 
 
 def _cap() -> int:
-    """Descriptors a guard may keep between freezes: :data:`_MOST`, and at most an eighth
-    of the soft limit."""
+    """Descriptors the guards of this process may keep between freezes, all together:
+    :data:`_MOST`, and at most an eighth of the soft limit."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return _MOST if soft == resource.RLIM_INFINITY else min(_MOST, soft // 8)
 

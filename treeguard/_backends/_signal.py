@@ -76,7 +76,7 @@ class SignalBackend(Backend):
         self._watchers = Watchers(plan.fs)  # parents told of a stop we did not stop
         self._slices = Slices()  # one clock for every loop of a freeze (or thaw)
         self._budget = budget()
-        self._known: Known | None = None  # the guard's kept descriptors, lent to this freeze
+        self._known = Known.of(plan)  # the guard's kept descriptors (its thaw settles them)
 
     # -- what the guard sees -------------------------------------------------------------
 
@@ -107,7 +107,8 @@ class SignalBackend(Backend):
         deadline = start + plan.timeout
         self._slices = slices = Slices()
         try:
-            self._known = Known.lend(plan)
+            if self._known is not None and not self._known.lend():
+                self._known = None  # closed meanwhile: this freeze keeps nothing
             keep_reserve()  # before the first stop: the thaw must never lack a descriptor
             plan.source.refresh()
             frontier: list[tuple[int, int | None]] = [(pid, None) for pid in plan.starts]
@@ -221,8 +222,7 @@ class SignalBackend(Backend):
         fd = open_pidfd(pid)
         if fd is None:
             return self._skip(pid, Skip.EXITED)
-        # The stat file kept open for verification within half of the budget (pidfds get
-        # the other half).
+        # The stat file kept open to verify, within half of the budget (pidfds get the rest).
         found = plan.fs.open_stat(pid, keep=held() * 2 < self._budget)
         # The pidfd was opened before this read, so a stat that reads at all names the
         # very process the pidfd holds: it cannot have been recycled in between.
