@@ -559,13 +559,13 @@ def test_the_stat_files_of_threads_are_kept_only_while_their_process_is_waited_f
                 target = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
                 continue  # (listdir's own, closed since)
-            if "/task/" in target:
+            if "/task/" in target and target.endswith("/stat"):
                 found.append(target)
         return found
 
     with ProcessesGuard(tree.root, include_root=True) as guard:
         proc.assert_all_stopped(tree.pids)
         assert guard.report.tasks == 4 * 4  # each of the 4 workers: 3 threads and its main one
-        assert any("/task/" in path for path in opened)  # kept while waited for...
+        assert any(path.endswith("/stat") for path in opened)  # kept while waited for...
         assert task_files() == []  # ... and closed once proven stopped
     proc.assert_none_stopped(tree.pids)
