@@ -12,6 +12,7 @@ raises ``GeneratorExit`` at its pending ``yield``: the algorithms thaw on that p
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import select
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -142,11 +143,14 @@ class OneAtATime:
     held that an interrupt could leave held: the steps' own state says whether they run.
     """
 
-    __slots__ = ("_lock", "_owner", "_steps", "wait")
+    __slots__ = ("_lock", "_owner", "_steps", "_thawing", "wait")
 
     def __init__(self, wait: float) -> None:
         self.wait = wait
         self._lock = threading.Lock()  # makes "none under way, now mine" one step
+        # One thaw at a time: two threads' releases would resume (and close) one entry
+        # twice. Reentrant: a signal handler's release within this thread's goes on.
+        self._thawing = threading.RLock()
         self._steps: weakref.ref[Generator[Any, Any, Any]] | None = None
         self._owner = (0, 0)  # (pid, thread) that runs the steps
 
@@ -177,6 +181,14 @@ class OneAtATime:
                 raise FreezeError(f"another thread is freezing this guard for over {self.wait:g} s")
             backoff = backoff or Backoff()
             backoff.pause()  # (a thread that is not a step's: the one wait loop)
+
+    @contextlib.contextmanager
+    def for_thaw(self) -> Iterator[None]:
+        """:meth:`wait_turn` for a thaw, then hold the thaw's turn while it runs: another
+        thread's release waits for it (and then finds nothing left to thaw)."""
+        self.wait_turn()
+        with self._thawing:
+            yield
 
 
 def run_sync(steps: Steps[T]) -> T:

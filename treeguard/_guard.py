@@ -299,8 +299,8 @@ class ProcessesGuard:
         from a signal handler that interrupted one), it raises FreezeError.
         """
         if self.frozen:  # (a forked child never waits for its parent's threads)
-            self._turn.wait_turn()
-            self._release_held()
+            with self._turn.for_thaw():
+                self._release_held()
 
     def _release_held(self) -> None:
         backend = self._backend

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -569,3 +570,47 @@ def test_the_stat_files_of_threads_are_kept_only_while_their_process_is_waited_f
         assert any(path.endswith("/stat") for path in opened)  # kept while waited for...
         assert task_files() == []  # ... and closed once proven stopped
     proc.assert_none_stopped(tree.pids)
+
+
+def test_two_threads_releasing_a_guard_at_once_thaw_one_after_the_other(
+    make_tree: Callable[..., WorkerTree], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two releases of one guard from two threads: the second waits for the first's thaw
+    (two thaws at once would resume, forget and close the same entries twice)."""
+    from treeguard._backends import _pidfds
+
+    tree = make_tree(wide(5))
+    guard = ProcessesGuard(tree.root, include_root=True)
+    guard.freeze()
+    inside: set[int] = set()
+    overlapped = threading.Event()
+    real = _pidfds.resignal
+
+    def slow(entry: _pidfds.Entry, sig: int) -> bool:
+        inside.add(threading.get_ident())
+        if len(inside) > 1:
+            overlapped.set()
+        overlapped.wait(0.05)  # long enough for the other thread to come in, if it may
+        inside.discard(threading.get_ident())
+        return real(entry, sig)
+
+    monkeypatch.setattr(_pidfds, "resignal", slow)
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def release() -> None:
+        start.wait()
+        try:
+            guard.release()
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=release) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert not overlapped.is_set(), "two thaws of one guard ran at once"
+    proc.assert_none_stopped(tree.pids)
+    guard.close()
