@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator
 
 import psutil
@@ -171,3 +172,15 @@ def stopped_sleeper() -> Iterator[subprocess.Popen[bytes]]:
     finally:
         victim.kill()
         victim.wait()
+
+
+def run_python(code: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """``code`` run by a fresh interpreter with ``argv``: its exit status and output (it
+    reads nothing; a minute at most)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )

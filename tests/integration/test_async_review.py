@@ -71,6 +71,15 @@ async def test_a_release_from_another_task_never_undoes_a_freeze_under_way(
     pytest.fail("the release never landed while the freeze was under way")
 
 
+def _in_two_threads(target: Callable[..., object], *args: object) -> None:
+    """Run ``target(*args)`` in two threads at once, and wait for both."""
+    threads = [threading.Thread(target=target, args=args) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_release_from_another_thread_while_freezing_leaves_nothing_stopped(
     make_tree: MakeTree,
 ) -> None:
@@ -101,12 +110,7 @@ def test_two_threads_releasing_at_once_thaw_everything(make_tree: MakeTree) -> N
     tree = make_tree(wide(300), mode="idle")
     for _ in range(10):
         g = treeguard.ProcessesGuard(root=tree.root, include_root=True).freeze()
-        go = threading.Barrier(2)
-        threads = [threading.Thread(target=_release_on, args=(go, g)) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _in_two_threads(_release_on, threading.Barrier(2), g)
         g.release()
         proc.assert_none_stopped(tree.pids)
 
@@ -223,13 +227,8 @@ def test_two_threads_freezing_one_guard_at_once_leave_one_freeze_to_release(
     tree = make_tree(wide(100), mode="idle")
     for _ in range(5):
         g = treeguard.ProcessesGuard(root=tree.root, include_root=True)
-        go = threading.Barrier(2)
         out: list[str] = []
-        threads = [threading.Thread(target=_freeze_on, args=(go, g, out)) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _in_two_threads(_freeze_on, threading.Barrier(2), g, out)
         g.release()
         proc.assert_none_stopped(tree.pids)
         assert sorted(out) == ["frozen", "refused"], out

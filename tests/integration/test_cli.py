@@ -284,13 +284,7 @@ def pause_signalled_as_created(
     ignores, if ``ignored``) as the state file has just been created."""
     how = "ignored" if ignored else "heeded"
     argv = [sig, how, "pause", str(root), "--state", str(state)]
-    return subprocess.run(
-        [sys.executable, "-c", _SIGNALLED_AS_CREATED, *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    return proc.run_python(_SIGNALLED_AS_CREATED, argv)
 
 
 def test_pause_interrupted_as_its_state_file_is_made(

@@ -28,13 +28,7 @@ SPEC = {"threads": 1, "children": [{"children": [{}]}, {"threads": 1}]}
 def _script(body: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
     """Run the command line in a fresh interpreter after ``body`` (which patches it)."""
     code = f"import sys\nfrom treeguard import _cli\n{body}\nsys.exit(_cli.main(sys.argv[1:]))\n"
-    return subprocess.run(
-        [sys.executable, "-c", code, *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    return proc.run_python(code, argv)
 
 
 _MADE_AGAIN = """
