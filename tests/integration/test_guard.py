@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -551,6 +552,18 @@ def test_the_stat_files_of_threads_are_kept_only_while_their_process_is_waited_f
         return real(self, path)
 
     monkeypatch.setattr(ProcFS, "open_read", counted)
+    from treeguard._backends._signal import SignalBackend
+
+    still_open: list[int] = []  # processes proven stopped with their threads' files open
+    real_check = SignalBackend._check
+
+    def check(self: SignalBackend, entry: Any) -> list[tuple[int, int, str]]:
+        late = real_check(self, entry)
+        if not late and entry.taskfds:
+            still_open.append(entry.pid)
+        return late
+
+    monkeypatch.setattr(SignalBackend, "_check", check)
     tree = make_tree(wide(4, threads=3))
 
     def task_files() -> list[str]:
@@ -569,7 +582,8 @@ def test_the_stat_files_of_threads_are_kept_only_while_their_process_is_waited_f
         proc.assert_all_stopped(tree.pids)
         assert guard.report.tasks == 4 * 4  # each of the 4 workers: 3 threads and its main one
         assert any(path.endswith("/stat") for path in opened)  # kept while waited for...
-        # ... and closed once proven stopped
+        # ... and closed as soon as it is proven stopped (not only when the freeze ends)
+        assert still_open == []
         assert [f for f in task_files() if f.startswith(tuple(mine))] == []
     proc.assert_none_stopped(tree.pids)
 
