@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -168,6 +169,7 @@ def test_what_a_guard_keeps_has_a_cap(
     kids = _fork(forker, 4)
     before = _settled_fds(forker.pid)
     monkeypatch.setattr(_known, "_cap", lambda: 4)
+    monkeypatch.setattr(_known, "_ALL", weakref.WeakSet())  # guards of other tests aside
     guard = ProcessesGuard(root=forker.pid, include_root=True)
     _frozen_again(guard, [forker.pid, *kids])
     assert _fds() == before + 4

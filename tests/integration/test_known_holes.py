@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +42,7 @@ def test_what_every_guard_keeps_together_stays_within_the_cap(
     tree = [forker.pid, *kids]
     before = _settled_fds(forker.pid)
     monkeypatch.setattr(_known, "_cap", lambda: 8)
+    monkeypatch.setattr(_known, "_ALL", weakref.WeakSet())  # guards of other tests aside
     guards = [ProcessesGuard(root=forker.pid, include_root=True) for _ in range(3)]
     try:
         for guard in guards:
