@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import errno
 import os
-import weakref
 
 from ._cgroupfs import _Events, write_error
+from ._finalizers import Finalizer
 from ._thaw import close_fd, open_file
 
 __all__ = ["CgroupFiles"]
@@ -132,13 +132,13 @@ class CgroupFiles:
         #: The inode of the directory held (0: none yet, whatever is at the path will do).
         self.inode = 0
         self._held = _Held()
-        weakref.finalize(self, self._held.close)
+        Finalizer(self, self._held.close)
 
     def _mine(self) -> _Held:
         held = self._held
         if held.owner != _forks:  # a forked child: the parent's are not ours to use
             held = self._held = _Held()
-            weakref.finalize(self, held.close)
+            Finalizer(self, held.close)
         return held
 
     def current(self) -> CgroupFiles:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
-import weakref
 from collections.abc import Iterable
-from types import TracebackType
 from typing import Any, final
 
 from ._backends import BACKENDS, Backend, Journal, Memo, Plan, create
@@ -18,6 +16,7 @@ from ._checks import (
     check_process,
 )
 from ._drive import OneAtATime, Steps, run_sync, run_to_end
+from ._finalizers import Finalizer, sweep
 from ._report import FreezeReport, Skip
 from ._snapshot import TreeSnapshot
 from ._subreaper import set_subreaper
@@ -41,10 +40,10 @@ def new_guard(options: dict[str, Any]) -> ProcessesGuard:
 
 
 def _thaw_now(backend: Backend, owner: int) -> None:
-    """The finalizer's thaw (garbage collection, interpreter exit): only in the process that
-    froze. A forked child inherits the guard, its pidfds and this finalizer; it never acts."""
-    if os.getpid() == owner:
-        run_sync(backend.thaw())
+    """The finalizer's thaw (collection, exit), through interrupts; only in the process that
+    froze (a forked child inherits the guard, its pidfds and this finalizer)."""
+    if os.getpid() == owner and (interrupt := run_to_end(backend.thaw)) is not None:
+        raise interrupt
 
 
 @final
@@ -129,7 +128,7 @@ class ProcessesGuard:
         self._scope = scope
         self._backend_name = backend
         self._backend: Backend | None = None
-        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._finalizer: Finalizer | None = None
         self._owner = 0  # the process that froze: the only one that may thaw
         self._depth = 0  # nested ``with`` blocks entered on this guard
         self._portable = False  # set by the token face: another process will thaw
@@ -142,7 +141,7 @@ class ProcessesGuard:
         # One freeze at a time, and no thaw beside it (tasks, threads); another thread waits
         # for as long as a freeze may take, twice, and a second.
         self._turn = OneAtATime(wait=2 * self._timeout + 1.0)
-        weakref.finalize(self, self._memo.close)
+        Finalizer(self, self._memo.close)
         if subreaper:
             set_subreaper()
         self.report = FreezeReport(backend=backend, scope=scope)
@@ -201,6 +200,7 @@ class ProcessesGuard:
         return steps
 
     def _freeze_held(self) -> Steps[ProcessesGuard]:
+        sweep()  # a guard collected meanwhile whose thaw an interrupt cut short
         if self.frozen:
             raise FreezeError("this guard is frozen already: release() it before freezing again")
         clock = time.perf_counter
@@ -208,7 +208,7 @@ class ProcessesGuard:
         if self._want_watchdog:
             if self._watchdog is None:
                 self._watchdog = Watchdog.start()
-                weakref.finalize(self, self._watchdog.close)
+                Finalizer(self, self._watchdog.close)
             self._helpers = (self._watchdog.pid,)
             self._journal = self._watchdog.journal
             self._watchdog.arm(self._max_frozen)
@@ -219,7 +219,7 @@ class ProcessesGuard:
         self._owner = os.getpid()
         # Armed before the first signal: whatever happens from here on, this thaws. It is
         # disarmed only once a thaw has run to its end (see release()).
-        self._finalizer = weakref.finalize(self, _thaw_now, backend, self._owner)
+        self._finalizer = Finalizer(self, _thaw_now, backend, self._owner)
         planned = clock()
         try:
             yield from backend.freeze()
@@ -298,6 +298,7 @@ class ProcessesGuard:
         end; called from another task of the event loop that runs a freeze of this guard (or
         from a signal handler that interrupted one), it raises FreezeError.
         """
+        sweep()
         if self.frozen:  # (a forked child never waits for its parent's threads)
             with self._turn.for_thaw():
                 self._release_held()
@@ -381,12 +382,7 @@ class ProcessesGuard:
         self._depth += 1
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._depth = max(0, self._depth - 1)
         if self._depth == 0:
             self.release()

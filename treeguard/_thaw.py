@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import select
 import signal
 import threading
@@ -66,19 +67,34 @@ def pidfd_inode(fd: int) -> int:
 # Two descriptors kept in reserve for the whole process, so that a thaw never fails for
 # want of them: a supervisor whose table is full when it thaws closes the reserve, opens the
 # pidfd (and, without pidfs, reads the stat that checks it) in the slots it freed, and takes
-# the reserve back once that pidfd is closed.
+# the reserve back once that pidfd is closed. A reserve numbered at or above the soft
+# RLIMIT_NOFILE (lowered since it was opened) would free no usable slot: it is moved lower.
 _RESERVE = 2
 _reserve: list[int] = []
 _reserve_lock = threading.Lock()
 
 
+def _soft_limit() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft >= 0 else 1 << 62  # RLIM_INFINITY
+
+
 def keep_reserve() -> None:
-    """Hold the spare descriptors (idempotent; quietly holds fewer if none can be had now:
-    the next call tries again). Every freeze calls it before it stops anything."""
-    if len(_reserve) >= _RESERVE:
+    """Hold the spare descriptors below the soft descriptor limit (idempotent; quietly
+    holds fewer, or keeps one that is too high, if no better can be had now: the next call
+    tries again). Every freeze calls it before it stops anything."""
+    limit = _soft_limit()
+    if len(_reserve) >= _RESERVE and max(_reserve) < limit:
         return
     has_pidfs()  # learned now, while descriptors are to be had
     with _reserve_lock:
+        for i, fd in enumerate(_reserve):
+            if fd >= limit:
+                try:
+                    _reserve[i] = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    return
+                os.close(fd)
         while len(_reserve) < _RESERVE:
             try:
                 _reserve.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))

@@ -280,6 +280,48 @@ def test_a_thaw_by_another_process_works_with_a_full_descriptor_table(
     proc.counters_moving(tree.counters, _main_slots(tree))
 
 
+def test_a_reserve_above_a_lowered_limit_is_moved_under_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The reserve was opened while hundreds of descriptors were open, so it is numbered
+    # high; the supervisor then closes those and lowers its limit under the reserve.
+    # Closing the reserve would then free no slot the limit lets be used: the next freeze
+    # must move it lower, and a thaw with a full table must still open its file.
+    monkeypatch.setattr(_thaw, "_reserve", [])
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    padding = [os.open("/dev/null", os.O_RDONLY) for _ in range(300)]
+    try:
+        _thaw.keep_reserve()
+    finally:
+        for fd in padding:
+            os.close(fd)
+    high = list(_thaw._reserve)
+    assert len(high) == 2 and min(high) >= 300
+    dups: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(high), limits[1]))
+        _thaw.keep_reserve()
+        assert len(_thaw._reserve) == 2 and max(_thaw._reserve) < min(high)
+        assert not set(_thaw._reserve) & set(high)
+        for fd in high:  # the old ones are closed
+            with pytest.raises(OSError, match="Bad file descriptor"):
+                os.fstat(fd)
+        while True:
+            try:
+                dups.append(os.dup(0))
+            except OSError as err:
+                assert err.errno == errno.EMFILE
+                break
+        fd = _thaw.open_file("/dev/null", os.O_RDONLY)  # spends the reserve, and opens
+        _thaw.close_fd(fd)
+    finally:
+        for fd in dups:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        for fd in _thaw._reserve:
+            os.close(fd)
+
+
 def test_descriptors_are_closed_with_their_owner(
     cgroup: MakeCgroup, make_tree: Callable[..., WorkerTree]
 ) -> None:

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "treeguard"
 
 #: Lowest first. A module may import from its own layer and every layer below it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"errors", "_report", "_types", "_drive", "_version", "_jsonshape"}),
+    ("base", {"errors", "_report", "_types", "_drive", "_finalizers", "_version", "_jsonshape"}),
     ("kernel", {"procfs", "_checks", "_ptrace", "_subreaper", "_signames", "_proc_events"}),
     (
         "facts",
