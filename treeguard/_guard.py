@@ -298,10 +298,12 @@ class ProcessesGuard:
         end; called from another task of the event loop that runs a freeze of this guard (or
         from a signal handler that interrupted one), it raises FreezeError.
         """
-        sweep()
-        if self.frozen:  # (a forked child never waits for its parent's threads)
-            with self._turn.for_thaw():
-                self._release_held()
+        try:
+            sweep()
+        finally:  # (an interrupt in another guard's thaw is raised once this one is done)
+            if self.frozen:  # (a forked child never waits for its parent's threads)
+                with self._turn.for_thaw():
+                    self._release_held()
 
     def _release_held(self) -> None:
         backend = self._backend

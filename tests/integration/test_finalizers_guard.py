@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
+import textwrap
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,3 +71,96 @@ def test_a_collected_guard_whose_thaw_was_interrupted_is_thawed_by_the_next_rele
         assert _stat_files_of(tree.pids) == 0
     finally:
         sweep()
+
+
+def test_an_interrupt_in_the_sweep_of_a_release_is_raised_once_its_own_thaw_is_done(
+    make_tree: Callable[..., WorkerTree], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A collected guard's thaw, cut short, is finished by the sweep at the start of another
+    # guard's release(); a Ctrl-C landing in that thaw is held until it is done, then
+    # raised: it must not keep the release from thawing its own tree first.
+    monkeypatch.setattr("sys.unraisablehook", lambda u: None)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    collected = make_tree(wide(3), mode="idle")
+    mine = make_tree(wide(3), mode="idle")
+    guard = ProcessesGuard(collected.root, include_root=True)
+    other = ProcessesGuard(mine.root, include_root=True)
+    guard.freeze()
+    other.freeze()
+    real = _guard.run_to_end
+    runs = 0
+
+    def run_to_end(make: Callable[..., Any]) -> BaseException | None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:  # the collector's run: cut short before the thaw
+            raise KeyboardInterrupt
+        if runs == 2:  # the sweep's run: a real Ctrl-C lands in its thaw
+            signals = [signal.SIGINT]
+
+            def interrupted() -> Any:
+                if signals:
+                    os.kill(os.getpid(), signals.pop())
+                return make()
+
+            return real(interrupted)
+        return real(make)
+
+    monkeypatch.setattr(_guard, "run_to_end", run_to_end)
+    try:
+        del guard
+        gc.collect()
+        proc.assert_all_stopped(collected.pids)
+        with pytest.raises(KeyboardInterrupt):
+            other.release()
+        assert runs == 3  # (the sweep's thaw, then this release's own)
+        proc.assert_none_stopped(collected.pids)
+        proc.assert_none_stopped(mine.pids)
+        assert not other.frozen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        monkeypatch.undo()
+        other.release()
+        sweep()
+
+
+def test_a_ctrl_c_in_one_thaw_at_exit_leaves_no_other_guard_frozen(
+    make_tree: Callable[..., WorkerTree],
+) -> None:
+    # Two guards frozen at exit: the exit thaws the newer one first, and a Ctrl-C lands in
+    # that thaw (which finishes it, then raises it): the older one is thawed all the same.
+    trees = [make_tree(wide(3), mode="idle") for _ in range(2)]
+    code = textwrap.dedent(
+        """
+        import os, signal, sys
+        sys.path.insert(0, sys.argv[1])
+        from treeguard import ProcessesGuard
+
+        guards = [ProcessesGuard(int(pid), include_root=True) for pid in sys.argv[2:]]
+        for guard in guards:
+            guard.freeze()
+        backend = type(guards[1]._backend)
+        real = backend.thaw
+        interrupts = [signal.SIGINT]
+
+        def thaw(self):
+            if interrupts:  # the first thaw at exit: a real Ctrl-C lands in it
+                os.kill(os.getpid(), interrupts.pop())
+            return real(self)
+
+        backend.thaw = thaw
+        print("frozen", flush=True)
+        """
+    )
+    try:
+        done = proc.run_python(
+            code, [str(Path(__file__).resolve().parents[2]), *(str(t.root) for t in trees)]
+        )
+        assert done.stdout == "frozen\n", done.stderr
+        assert "KeyboardInterrupt" in done.stderr  # (reported, as at any exit)
+        for tree in trees:
+            proc.assert_none_stopped(tree.pids)
+    finally:
+        for tree in trees:
+            for pid in tree.pids:
+                os.kill(pid, signal.SIGCONT)
