@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests import proc
-from treeguard import ProcessesGuard, _guard
+from treeguard import ProcessesGuard, _finalizers, _guard
 from treeguard._finalizers import Finalizer, sweep
 from treeguard._workers import WorkerTree, wide
 
@@ -164,3 +164,23 @@ def test_a_ctrl_c_in_one_thaw_at_exit_leaves_no_other_guard_frozen(
         for tree in trees:
             for pid in tree.pids:
                 os.kill(pid, signal.SIGCONT)
+
+
+def test_a_guard_closed_and_frozen_again_keeps_no_finalizer_per_helper_it_closed(
+    make_tree: Callable[..., WorkerTree],
+) -> None:
+    # Each freeze after a close() starts a watchdog helper; the finalizer that would close
+    # the one closed before is not kept pending (and swept) for the guard's whole life.
+    tree = make_tree(wide(2), mode="idle")
+    guard = ProcessesGuard(tree.root, include_root=True, watchdog=True)
+    pending = []
+    try:
+        for _ in range(3):
+            guard.freeze()
+            assert guard.helper_pid is not None
+            guard.close()  # (released; the helper stopped and reaped)
+            pending.append(len(_finalizers._PENDING))
+    finally:
+        guard.close()
+    proc.assert_none_stopped(tree.pids)
+    assert pending[0] == pending[-1], pending

@@ -8,6 +8,7 @@ import gc
 import inspect
 import sys
 import textwrap
+import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -274,3 +275,33 @@ def test_the_exit_runs_every_pending_one_through_an_interrupt() -> None:
         done.stderr
     )
     assert "KeyboardInterrupt" in done.stderr  # (reported, as an exception at exit is)
+
+
+def test_a_run_in_another_thread_is_never_joined_by_a_second() -> None:
+    # The collector runs a finalizer in one thread while another sweeps (or calls it): the
+    # second returns at once, and the function runs once in all.
+    calls: list[str] = []
+    inside, go_on = threading.Event(), threading.Event()
+
+    def thaw() -> None:
+        calls.append("in")
+        inside.set()
+        assert go_on.wait(10)
+        calls.append("out")
+
+    thing = Thing()
+    fin = Finalizer(thing, thaw)
+    fin._ref = weakref.ref(Thing())  # (its object dead, as after a run cut short)
+    runner = threading.Thread(target=fin)
+    runner.start()
+    try:
+        assert inside.wait(10)
+        fin()
+        sweep()
+        assert calls == ["in"] and fin.alive
+    finally:
+        go_on.set()
+        runner.join(10)
+    assert calls == ["in", "out"] and not fin.alive
+    fin()
+    assert calls == ["in", "out"]
