@@ -15,6 +15,7 @@ in the process that made it (a forked child inherits every pending finalizer).
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import sys
 import threading
@@ -57,6 +58,7 @@ class Finalizer:
         # running (gi_running), so that no interrupt can leave a run claimed but over.
         self._runner: Any = None  # (a generator object: typing's Generator has no gi_running)
         self._ref = weakref.ref(obj, self._died)
+        _run_first_at_exit()
         _PENDING[self] = None  # armed last: a sweep never meets one half made
 
     def _died(self, _ref: object) -> None:
@@ -115,7 +117,6 @@ def _run_all(fins: Iterable[Finalizer]) -> BaseException | None:
     return interrupt
 
 
-@atexit.register
 def _at_exit() -> None:
     # Every one, newest first, through interrupts: an interrupt cuts short only the run it
     # lands in, which runs once more after the others (the exit is the last chance).
@@ -123,3 +124,27 @@ def _at_exit() -> None:
     if interrupt is not None:
         _run_all(reversed(list(_PENDING)))
         raise interrupt
+
+
+# The exit hook registered last (atexit runs the newest first): a hook registered before a
+# freeze may wait on what it froze (multiprocessing's joins its children), so each new
+# finalizer moves this one after any registered since. A new object each time:
+# atexit.unregister() compares.
+_exit_hook: Callable[[], None] | None = None
+_hooks = getattr(atexit, "_ncallbacks", None)  # how many are registered (CPython)
+_hooks_then = -1  # that count as this one was registered
+
+
+def _run_first_at_exit() -> None:
+    global _exit_hook, _hooks_then
+    if _hooks is not None and _hooks() == _hooks_then:
+        return  # none registered since (one unregistered, another registered: one missed)
+    hook = functools.partial(_at_exit)
+    atexit.register(hook)  # (first: an interrupt here leaves two, never none)
+    if _exit_hook is not None:
+        atexit.unregister(_exit_hook)
+    _exit_hook = hook
+    _hooks_then = -1 if _hooks is None else _hooks()
+
+
+_run_first_at_exit()

@@ -7,7 +7,10 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import subprocess
+import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -184,3 +187,38 @@ def test_a_guard_closed_and_frozen_again_keeps_no_finalizer_per_helper_it_closed
         guard.close()
     proc.assert_none_stopped(tree.pids)
     assert pending[0] == pending[-1], pending
+
+
+def test_the_exit_thaws_before_a_hook_registered_earlier_waits_on_the_tree() -> None:
+    # treeguard imported first, multiprocessing after: multiprocessing's exit hook joins its
+    # children, and one of them is still frozen at exit. The thaw must run first, or the
+    # join waits for ever. (The watchdog thaws the child if the test kills the program.)
+    code = textwrap.dedent(
+        """
+        import sys, time
+        sys.path.insert(0, sys.argv[1])
+        from treeguard import ProcessesGuard
+        import multiprocessing
+
+        if __name__ == "__main__":
+            child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(0.5,))
+            child.start()
+            guard = ProcessesGuard(watchdog=True)
+            guard.freeze()
+            print(*guard.pids, flush=True)
+        """
+    )
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(Path(__file__).resolve().parents[2])],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the exit waited on its frozen child (multiprocessing's join)")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.split()) == 1, done.stdout
+    assert time.monotonic() - started < 25
