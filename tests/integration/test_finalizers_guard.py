@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -222,3 +223,49 @@ def test_the_exit_thaws_before_a_hook_registered_earlier_waits_on_the_tree() -> 
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.split()) == 1, done.stdout
     assert time.monotonic() - started < 25
+
+
+def test_real_interrupts_in_the_collection_of_frozen_guards_lose_no_thaw(
+    make_tree: Callable[..., WorkerTree], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A timer's signal handler raises at whatever bytecode runs then, while the collector
+    # runs a frozen guard's finalizers; the next release() of any guard must leave nothing
+    # stopped (a finalizer left claimed by an interrupt was skipped for good).
+    monkeypatch.setattr("sys.unraisablehook", lambda u: None)
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    tree = make_tree(wide(4), mode="idle")
+    lost: list[int] = []
+    rng = random.Random(7)
+    try:
+        probe = ProcessesGuard(tree.root, include_root=True)
+        probe.freeze()
+        probe.release()
+        took = max(probe.report.thaw_seconds, 1e-4)
+        for trial in range(200):
+            held = [ProcessesGuard(tree.root, include_root=True)]
+            held[0].freeze()
+            try:
+                signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, 1.5 * took))
+                held.clear()  # collected here, its finalizers run
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            except KeyboardInterrupt:
+                pass
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            held.clear()
+            try:
+                ProcessesGuard(tree.root).release()
+            except KeyboardInterrupt:  # (one that landed late: its thaw was finished)
+                ProcessesGuard(tree.root).release()
+            if not proc.poll_until(lambda: not proc.stopped(tree.pids), 2.0):
+                lost.append(trial)
+                for pid in tree.pids:  # (ours: go on with the next trial)
+                    os.kill(pid, signal.SIGCONT)
+                sweep()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not lost, f"trials whose thaw was lost: {lost}"
