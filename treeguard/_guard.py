@@ -9,12 +9,7 @@ from collections.abc import Iterable
 from typing import Any, final
 
 from ._backends import BACKENDS, Backend, Journal, Memo, Plan, create
-from ._checks import (
-    as_pid,
-    check_guard,
-    check_proc,
-    check_process,
-)
+from ._checks import as_pid, check_guard, check_proc, check_process
 from ._drive import OneAtATime, Steps, run_sync, run_to_end
 from ._finalizers import Finalizer, sweep
 from ._report import FreezeReport, Skip
@@ -137,6 +132,7 @@ class ProcessesGuard:
         self._want_watchdog = watchdog
         self._max_frozen = None if max_frozen is None else float(max_frozen)
         self._watchdog: Watchdog | None = None
+        self._dog_finalizer: Finalizer | None = None  # (detached once the helper is closed)
         self._memo = Memo()  # what a freeze keeps for the next (the cgroup census)
         # One freeze at a time, and no thaw beside it (tasks, threads); another thread waits
         # for as long as a freeze may take, twice, and a second.
@@ -208,7 +204,7 @@ class ProcessesGuard:
         if self._want_watchdog:
             if self._watchdog is None:
                 self._watchdog = Watchdog.start()
-                Finalizer(self, self._watchdog.close)
+                self._dog_finalizer = Finalizer(self, self._watchdog.close)
             self._helpers = (self._watchdog.pid,)
             self._journal = self._watchdog.journal
             self._watchdog.arm(self._max_frozen)
@@ -298,10 +294,12 @@ class ProcessesGuard:
         end; called from another task of the event loop that runs a freeze of this guard (or
         from a signal handler that interrupted one), it raises FreezeError.
         """
-        sweep()
-        if self.frozen:  # (a forked child never waits for its parent's threads)
-            with self._turn.for_thaw():
-                self._release_held()
+        try:
+            sweep()
+        finally:  # (an interrupt in another guard's thaw is raised once this one is done)
+            if self.frozen:  # (a forked child never waits for its parent's threads)
+                with self._turn.for_thaw():
+                    self._release_held()
 
     def _release_held(self) -> None:
         backend = self._backend
@@ -323,6 +321,8 @@ class ProcessesGuard:
         dog, self._watchdog = self._watchdog, None
         if dog is not None:
             dog.close()
+            if self._dog_finalizer is not None:  # (else one pending per helper closed)
+                self._dog_finalizer.detach()
 
     @property
     def helper_pid(self) -> int | None:

@@ -84,7 +84,8 @@ def keep_reserve() -> None:
     holds fewer, or keeps one that is too high, if no better can be had now: the next call
     tries again). Every freeze calls it before it stops anything."""
     limit = _soft_limit()
-    if len(_reserve) >= _RESERVE and max(_reserve) < limit:
+    held = list(_reserve)  # (one look: another thread may spend it meanwhile)
+    if len(held) >= _RESERVE and max(held) < limit:
         return
     has_pidfs()  # learned now, while descriptors are to be had
     with _reserve_lock:

@@ -3,9 +3,17 @@ an interrupt (or an error) in it is finished by the next sweep, and at exit."""
 
 from __future__ import annotations
 
+import dis
 import gc
+import inspect
+import sys
 import textwrap
+import threading
+import weakref
+from collections.abc import Callable
 from pathlib import Path
+from types import CodeType, FrameType
+from typing import Any
 
 import pytest
 
@@ -128,3 +136,172 @@ def test_the_exit_runs_the_pending_ones_newest_first() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n") == ["run 2", "run 0", ""]
     assert "OSError: reported" in done.stderr
+
+
+def _interrupt_after(code: CodeType, nth: int, landed: list[int]) -> Callable[..., Any]:
+    """A trace function that raises KeyboardInterrupt in a frame of ``code`` right after its
+    ``nth`` call returns: where CPython runs a signal handler that became due (it looks for
+    one after each call), so where a Ctrl-C lands. ``landed`` gets the call's offset."""
+    calls = [i.offset for i in dis.get_instructions(code) if i.opname.startswith("CALL")]
+    target = calls[nth]
+    after = False
+
+    def local(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal after
+        if event == "opcode" and not landed:
+            if after:
+                landed.append(target)
+                raise KeyboardInterrupt
+            after = frame.f_lasti == target
+        return local
+
+    def outer(frame: FrameType, event: str, arg: object) -> Any:
+        if frame.f_code is not code:
+            return None
+        frame.f_trace_opcodes = True
+        return local
+
+    return outer
+
+
+def _calls_in(code: CodeType) -> int:
+    return sum(i.opname.startswith("CALL") for i in dis.get_instructions(code))
+
+
+_CODES = [
+    f.__code__
+    for f in vars(Finalizer).values()
+    if inspect.isfunction(f) and f.__name__ not in ("__init__", "detach")
+]
+
+
+@pytest.mark.parametrize(
+    ("code", "nth"),
+    [(code, nth) for code in _CODES for nth in range(_calls_in(code))],
+    ids=lambda v: v.co_name if isinstance(v, CodeType) else str(v),
+)
+def test_an_interrupt_after_any_call_of_a_run_leaves_it_pending_for_the_sweep(
+    code: CodeType, nth: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The collector's run of a finalizer is interrupted at each point where a signal
+    # handler may run in the finalizer's own code; the next sweep runs it to its end.
+    monkeypatch.setattr("sys.unraisablehook", lambda u: None)
+    calls: list[str] = []
+    thing = Thing()
+    fin = Finalizer(thing, calls.append, "done")
+    landed: list[int] = []
+    sys.settrace(_interrupt_after(code, nth, landed))
+    try:
+        del thing
+        gc.collect()
+    finally:
+        sys.settrace(None)
+    sweep()
+    assert calls and calls == ["done"] * len(calls) and not fin.alive, (landed, calls)
+
+
+def test_a_run_or_a_detach_lets_go_of_the_arguments_at_once() -> None:
+    # What a finalizer was given (a backend, with everything it froze) goes as soon as the
+    # finalizer has run or was detached, as with weakref.finalize: not at the next
+    # collection of cycles (never, if the program disabled the collector).
+    class Big:
+        pass
+
+    thing = Thing()
+    gc.disable()
+    try:
+        big = Big()
+        gone = weakref.ref(big)
+        fin = Finalizer(thing, print, big)
+        fin.detach()
+        del fin, big
+        assert gone() is None
+        big = Big()
+        gone = weakref.ref(big)
+        Finalizer(thing, lambda _: None, big)()
+        del big
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
+def test_an_interrupt_in_one_run_of_a_sweep_leaves_the_others_to_run() -> None:
+    calls: list[str] = []
+    interrupts = [KeyboardInterrupt()]
+
+    def first() -> None:
+        if interrupts:
+            raise interrupts.pop()
+        calls.append("first")
+
+    things = [Thing(), Thing()]
+    fins = [Finalizer(things[0], first), Finalizer(things[1], calls.append, "second")]
+    for fin in fins:  # (cut short in the collector: pending, their object dead)
+        fin._ref = weakref.ref(Thing())
+    with pytest.raises(KeyboardInterrupt):
+        sweep()  # the first one is interrupted; the second runs all the same
+    assert calls == ["second"] and fins[0].alive and not fins[1].alive
+    sweep()
+    assert calls == ["second", "first"] and not fins[0].alive
+
+
+def test_the_exit_runs_every_pending_one_through_an_interrupt() -> None:
+    # A Ctrl-C at exit that lands in one run (a thaw) leaves neither the others nor that
+    # one undone.
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from treeguard._finalizers import Finalizer
+
+        class Thing:
+            pass
+
+        kept = [Thing() for _ in range(3)]
+        for i, t in enumerate(kept):
+            Finalizer(t, print, f"run {i}")
+        interrupts = [KeyboardInterrupt()]
+
+        def interrupted():
+            if interrupts:
+                raise interrupts.pop()
+            print("run interrupted")
+
+        Finalizer(kept[0], interrupted)
+        """
+    )
+    done = proc.run_python(code, [str(Path(__file__).resolve().parents[2])])
+    assert done.stdout.split("\n") == ["run 2", "run 1", "run 0", "run interrupted", ""], (
+        done.stderr
+    )
+    assert "KeyboardInterrupt" in done.stderr  # (reported, as an exception at exit is)
+
+
+def test_a_run_in_another_thread_is_never_joined_by_a_second() -> None:
+    # The collector runs a finalizer in one thread while another sweeps (or calls it): the
+    # second returns at once, and the function runs once in all.
+    calls: list[str] = []
+    inside, go_on = threading.Event(), threading.Event()
+
+    def thaw() -> None:
+        calls.append("in")
+        inside.set()
+        assert go_on.wait(10)
+        calls.append("out")
+
+    thing = Thing()
+    fin = Finalizer(thing, thaw)
+    fin._ref = weakref.ref(Thing())  # (its object dead, as after a run cut short)
+    runner = threading.Thread(target=fin)
+    runner.start()
+    try:
+        assert inside.wait(10)
+        fin()
+        sweep()
+        assert calls == ["in"] and fin.alive
+    finally:
+        go_on.set()
+        runner.join(10)
+    assert calls == ["in", "out"] and not fin.alive
+    fin()
+    assert calls == ["in", "out"]
