@@ -183,10 +183,13 @@ class OneAtATime:
             backoff.pause()  # (a thread that is not a step's: the one wait loop)
 
     @contextlib.contextmanager
-    def for_thaw(self) -> Iterator[None]:
-        """:meth:`wait_turn` for a thaw, then hold the thaw's turn while it runs: another
-        thread's release waits for it (and then finds nothing left to thaw)."""
-        self.wait_turn()
+    def for_thaw(self, *, after_freeze: bool = True) -> Iterator[None]:
+        """:meth:`wait_turn` for a thaw (unless not ``after_freeze``: a finalizer's thaw,
+        which must not wait for steps an event loop left suspended), then hold the thaw's
+        turn while it runs: another thread's release waits for it (and then finds nothing
+        left to thaw)."""
+        if after_freeze:
+            self.wait_turn()
         with self._thawing:
             yield
 

@@ -34,11 +34,15 @@ def new_guard(options: dict[str, Any]) -> ProcessesGuard:
     return ProcessesGuard(**options)
 
 
-def _thaw_now(backend: Backend, owner: int) -> None:
-    """The finalizer's thaw (collection, exit), through interrupts; only in the process that
-    froze (a forked child inherits the guard, its pidfds and this finalizer)."""
-    if os.getpid() == owner and (interrupt := run_to_end(backend.thaw)) is not None:
-        raise interrupt
+def _thaw_now(backend: Backend, owner: int, turn: OneAtATime) -> None:
+    """The finalizer's thaw (collection, exit), through interrupts, once another thread's
+    thaw is done (a daemon thread's release at exit); only in the process that froze (a
+    forked child inherits the guard, its pidfds and this finalizer)."""
+    if os.getpid() == owner:
+        with turn.for_thaw(after_freeze=False):
+            interrupt = run_to_end(backend.thaw)
+        if interrupt is not None:
+            raise interrupt
 
 
 @final
@@ -215,7 +219,7 @@ class ProcessesGuard:
         self._owner = os.getpid()
         # Armed before the first signal: whatever happens from here on, this thaws. It is
         # disarmed only once a thaw has run to its end (see release()).
-        self._finalizer = Finalizer(self, _thaw_now, backend, self._owner)
+        self._finalizer = Finalizer(self, _thaw_now, backend, self._owner, self._turn)
         planned = clock()
         try:
             yield from backend.freeze()

@@ -269,3 +269,52 @@ def test_real_interrupts_in_the_collection_of_frozen_guards_lose_no_thaw(
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert not lost, f"trials whose thaw was lost: {lost}"
+
+
+def test_the_exit_thaws_only_once_a_daemon_threads_thaw_is_done(
+    make_tree: Callable[..., WorkerTree],
+) -> None:
+    # A daemon thread is in the middle of release() when the main thread exits: the exit's
+    # thaw of the same guard must wait for it, never run beside it (two thaws at once resume
+    # and close the same entries twice).
+    tree = make_tree(wide(3), mode="idle")
+    code = textwrap.dedent(
+        """
+        import atexit, sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        from treeguard import ProcessesGuard
+        from treeguard._backends._signal import SignalBackend
+
+        guard = ProcessesGuard(int(sys.argv[2]), include_root=True)
+        guard.freeze()
+        real, inside = SignalBackend.thaw, [0]
+        entered, exiting = threading.Event(), threading.Event()
+        atexit.register(exiting.set)  # (newer than treeguard's: it runs first)
+
+        def thaw(self):
+            inside[0] += 1
+            if inside[0] > 1:
+                print("two thaws at once", file=sys.stderr, flush=True)
+            try:
+                if threading.current_thread() is not threading.main_thread():
+                    entered.set()
+                    exiting.wait(10)
+                    # Held here for a second after the exit began, unless a second thaw
+                    # comes in meanwhile (it is then reported above).
+                    end = time.monotonic() + 1.0
+                    while inside[0] < 2 and time.monotonic() < end:
+                        time.sleep(0.01)
+                yield from real(self)
+            finally:
+                inside[0] -= 1
+
+        SignalBackend.thaw = thaw
+        threading.Thread(target=guard.release, daemon=True).start()
+        entered.wait(10)
+        print("exiting", flush=True)
+        """
+    )
+    done = proc.run_python(code, [str(Path(__file__).resolve().parents[2]), str(tree.root)])
+    assert done.returncode == 0 and done.stdout == "exiting\n", done.stderr
+    assert "two thaws at once" not in done.stderr
+    proc.assert_none_stopped(tree.pids)
