@@ -280,10 +280,11 @@ def test_the_exit_thaws_only_once_a_daemon_threads_thaw_is_done(
     tree = make_tree(wide(3), mode="idle")
     code = textwrap.dedent(
         """
-        import atexit, sys, threading, time
+        import atexit, sys, threading
         sys.path.insert(0, sys.argv[1])
         from treeguard import ProcessesGuard
         from treeguard._backends._signal import SignalBackend
+        from treeguard._workers import poll_until
 
         guard = ProcessesGuard(int(sys.argv[2]), include_root=True)
         guard.freeze()
@@ -301,9 +302,7 @@ def test_the_exit_thaws_only_once_a_daemon_threads_thaw_is_done(
                     exiting.wait(10)
                     # Held here for a second after the exit began, unless a second thaw
                     # comes in meanwhile (it is then reported above).
-                    end = time.monotonic() + 1.0
-                    while inside[0] < 2 and time.monotonic() < end:
-                        time.sleep(0.01)
+                    poll_until(lambda: inside[0] > 1, 1.0)
                 yield from real(self)
             finally:
                 inside[0] -= 1

@@ -3,21 +3,19 @@ an interrupt (or an error) in it is finished by the next sweep, and at exit."""
 
 from __future__ import annotations
 
-import dis
 import gc
 import inspect
 import sys
 import textwrap
 import threading
 import weakref
-from collections.abc import Callable
 from pathlib import Path
-from types import CodeType, FrameType
-from typing import Any
+from types import CodeType
 
 import pytest
 
 from tests import proc
+from tests.tracing import after_call, call_offsets
 from treeguard._finalizers import Finalizer, sweep
 
 
@@ -138,36 +136,6 @@ def test_the_exit_runs_the_pending_ones_newest_first() -> None:
     assert "OSError: reported" in done.stderr
 
 
-def _interrupt_after(code: CodeType, nth: int, landed: list[int]) -> Callable[..., Any]:
-    """A trace function that raises KeyboardInterrupt in a frame of ``code`` right after its
-    ``nth`` call returns: where CPython runs a signal handler that became due (it looks for
-    one after each call), so where a Ctrl-C lands. ``landed`` gets the call's offset."""
-    calls = [i.offset for i in dis.get_instructions(code) if i.opname.startswith("CALL")]
-    target = calls[nth]
-    after = False
-
-    def local(frame: FrameType, event: str, arg: object) -> Any:
-        nonlocal after
-        if event == "opcode" and not landed:
-            if after:
-                landed.append(target)
-                raise KeyboardInterrupt
-            after = frame.f_lasti == target
-        return local
-
-    def outer(frame: FrameType, event: str, arg: object) -> Any:
-        if frame.f_code is not code:
-            return None
-        frame.f_trace_opcodes = True
-        return local
-
-    return outer
-
-
-def _calls_in(code: CodeType) -> int:
-    return sum(i.opname.startswith("CALL") for i in dis.get_instructions(code))
-
-
 _CODES = [
     f.__code__
     for f in vars(Finalizer).values()
@@ -177,7 +145,7 @@ _CODES = [
 
 @pytest.mark.parametrize(
     ("code", "nth"),
-    [(code, nth) for code in _CODES for nth in range(_calls_in(code))],
+    [(code, nth) for code in _CODES for nth in range(len(call_offsets(code)))],
     ids=lambda v: v.co_name if isinstance(v, CodeType) else str(v),
 )
 def test_an_interrupt_after_any_call_of_a_run_leaves_it_pending_for_the_sweep(
@@ -190,7 +158,12 @@ def test_an_interrupt_after_any_call_of_a_run_leaves_it_pending_for_the_sweep(
     thing = Thing()
     fin = Finalizer(thing, calls.append, "done")
     landed: list[int] = []
-    sys.settrace(_interrupt_after(code, nth, landed))
+
+    def interrupt() -> None:
+        landed.append(call_offsets(code)[nth])
+        raise KeyboardInterrupt
+
+    sys.settrace(after_call(code, call_offsets(code)[nth], interrupt))
     try:
         del thing
         gc.collect()

@@ -6,9 +6,8 @@ from __future__ import annotations
 import dis
 import os
 import sys
-from types import FrameType
-from typing import Any
 
+from tests.tracing import after_call
 from treeguard import _thaw
 
 
@@ -24,27 +23,15 @@ def test_a_reserve_spent_by_another_thread_during_the_look_is_no_error() -> None
     first_len = next(i for i, op in enumerate(ops) if op.argval == "len")
     target = next(op.offset for op in ops[first_len:] if op.opname.startswith("CALL"))
     spent: list[int] = []
-    after = False
 
-    def local(frame: FrameType, event: str, arg: object) -> Any:
-        nonlocal after
-        if event == "opcode" and not spent:
-            if after:
-                with _thaw._reserve_lock:  # (what _opening does)
-                    while _thaw._reserve:
-                        fd = _thaw._reserve.pop()
-                        os.close(fd)
-                        spent.append(fd)
-            after = frame.f_lasti == target
-        return local
+    def spend() -> None:
+        with _thaw._reserve_lock:  # (what _opening does)
+            while _thaw._reserve:
+                fd = _thaw._reserve.pop()
+                os.close(fd)
+                spent.append(fd)
 
-    def outer(frame: FrameType, event: str, arg: object) -> Any:
-        if frame.f_code is not code:
-            return None
-        frame.f_trace_opcodes = True
-        return local
-
-    sys.settrace(outer)
+    sys.settrace(after_call(code, target, spend))
     try:
         _thaw.keep_reserve()
     finally:
