@@ -58,35 +58,49 @@ def check_seconds(name: str, value: object) -> float:
     return seconds
 
 
-def check_process(name: str, pid: int, fs: ProcFS, *, zombie_ok: bool = True) -> None:
+def check_process(
+    name: str, pid: int, fs: ProcFS, *, zombie_ok: bool = True, keep: bool = False
+) -> int:
     """Raise unless ``pid`` names a process (not a thread) visible here.
 
+    :returns: with ``keep``, a pidfd of it, opened before its stat was read (``-1`` if none
+        could be had); else ``-1``.
     :raises NoSuchProcessError: if there is no such process (or, unless ``zombie_ok``, only
         its zombie: it will never run again).
     :raises InvalidArgumentError: if ``pid`` is a thread of another process.
     """
-    # This runs at every freeze: the stat line (the kernel formats /proc/PID/status, fifty
-    # lines with memory figures, in several times as long) says whether it lives, and a
-    # pidfd whether it leads its thread group (pidfd_open refuses another thread, EINVAL).
-    stat = fs.stat(pid)
-    if stat is None or (not zombie_ok and stat.is_dead):
-        raise NoSuchProcessError(pid)
+    # The stat line (the kernel formats /proc/PID/status, fifty lines with memory figures,
+    # in several times as long) says whether it lives, and a pidfd whether it leads its
+    # thread group (pidfd_open refuses another thread, EINVAL).
+    fd = -1
     if fs.root == "/proc":
         try:
-            os.close(os.pidfd_open(pid))
-            return
+            fd = os.pidfd_open(pid)
         except ProcessLookupError:
             raise NoSuchProcessError(pid) from None
         except OSError:
             pass  # a thread (EINVAL), or no descriptor to spare: the status file says
-    status = fs.read(f"{pid}/status")
-    if status is None:
-        raise NoSuchProcessError(pid)
-    tgid = _field(status, b"Tgid") or str(pid)
-    if tgid != str(pid):
-        raise InvalidArgumentError(
-            name, f"{pid} is a thread of process {tgid}, not a process: give {tgid}"
-        )
+    try:
+        stat = fs.stat(pid)
+        if stat is None or (not zombie_ok and stat.is_dead):
+            raise NoSuchProcessError(pid)
+        if fd < 0:
+            status = fs.read(f"{pid}/status")
+            if status is None:
+                raise NoSuchProcessError(pid)
+            tgid = _field(status, b"Tgid") or str(pid)
+            if tgid != str(pid):
+                raise InvalidArgumentError(
+                    name, f"{pid} is a thread of process {tgid}, not a process: give {tgid}"
+                )
+        if keep or fd < 0:
+            return fd
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+    os.close(fd)
+    return -1
 
 
 def _field(status: bytes, key: bytes) -> str:

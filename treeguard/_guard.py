@@ -15,7 +15,7 @@ from ._finalizers import Finalizer, sweep
 from ._report import FreezeReport, Skip
 from ._snapshot import TreeSnapshot
 from ._subreaper import set_subreaper
-from ._tree import ancestors, children_source
+from ._tree import Root, ancestors, children_source
 from ._types import BackendName, Scope, Target
 from ._watchdog import Watchdog, helper_pids
 from .errors import FreezeError, InvalidArgumentError, WatchdogError
@@ -138,6 +138,7 @@ class ProcessesGuard:
         self._watchdog: Watchdog | None = None
         self._dog_finalizer: Finalizer | None = None  # (detached once the helper is closed)
         self._memo = Memo()  # what a freeze keeps for the next (the cgroup census)
+        self._root_check = Root()
         # One freeze at a time, and no thaw beside it (tasks, threads); another thread waits
         # for as long as a freeze may take, twice, and a second.
         self._turn = OneAtATime(wait=2 * self._timeout + 1.0)
@@ -164,7 +165,8 @@ class ProcessesGuard:
             if self._root_object is not None:
                 as_pid("root", self._root_object)
             if root != me:  # (the caller needs no look: it runs this)
-                check_process("root", root, fs, zombie_ok=False)
+                self._memo.put("root", self._root_check)  # (closed with what the memo keeps)
+                self._root_check.check(root, fs)
             starts = (root,)
             # Never stop whoever waits for us: the caller's ancestors are walked through (a
             # signal walk down from the caller meets none: no process is its own ancestor).
@@ -193,8 +195,7 @@ class ProcessesGuard:
         )
 
     def _freeze_steps(self) -> Steps[ProcessesGuard]:
-        """Freeze, as steps for a driver (:mod:`treeguard._drive`), once no other freeze of
-        this guard is under way."""
+        """Freeze, as steps for a driver, once no other freeze of this guard is under way."""
         steps = self._freeze_held()
         self._turn.wait_turn(steps)
         return steps
@@ -242,8 +243,7 @@ class ProcessesGuard:
         return self
 
     def _thaw_steps(self) -> Steps[None]:
-        """Thaw, as steps for a driver; :meth:`release` does the same synchronously (and
-        finishes a thaw that these steps left cut short)."""
+        """Thaw, as steps for a driver (:meth:`release` thaws too, and ends a thaw cut short)."""
         self._turn.wait_turn()
         if self._backend is not None and self.frozen:
             yield from self._backend.thaw()

@@ -12,7 +12,10 @@ import select
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
+from ._checks import check_process
 from ._report import Skip
+from ._thaw import has_pidfs
+from .errors import NoSuchProcessError
 from .procfs import HELPER_COMM, ProcFS, Stat
 
 __all__ = [
@@ -20,6 +23,7 @@ __all__ = [
     "ChildrenFiles",
     "ChildrenSource",
     "PpidScan",
+    "Root",
     "ancestors",
     "children_source",
     "unfreezable",
@@ -225,3 +229,55 @@ class _Lineage:
 
 
 _LINEAGE = _Lineage()
+
+
+class Root:
+    """A guard's ``root`` (another process than the caller), held by a pidfd from the
+    freeze that first checked it: a freeze after that asks one poll(2) whether it still
+    lives (a pidfd turns readable once its whole process has exited, the moment its stat
+    would say dead) instead of reading its stat and opening a pidfd again. A root that has
+    exited stays gone for the guard: a process that gets its PID later is not taken for it.
+
+    Kept only on kernels with pidfs, where the pidfd's inode names its process for good:
+    a readable descriptor is checked against it, since code that closes descriptors it did
+    not open may have given the number to another file. A forked child checks afresh and
+    keeps nothing; :meth:`close` (the guard's) lets it go.
+    """
+
+    def __init__(self) -> None:
+        self._pid = self._fd = self._inode = 0
+        self._owner = os.getpid()
+        self._poller = select.poll()
+
+    def check(self, pid: int, fs: ProcFS) -> None:
+        """``check_process("root", pid, fs, zombie_ok=False)``, in one poll once kept.
+
+        :raises NoSuchProcessError: if it has exited (or never was).
+        :raises InvalidArgumentError: if ``pid`` is a thread of another process.
+        """
+        mine = os.getpid() == self._owner
+        if self._pid == pid and mine:
+            if not self._poller.poll(0):
+                return  # it lives: no pidfd of an exited process is ever unreadable
+            if self._holds():
+                raise NoSuchProcessError(pid)
+        if self._pid and mine:
+            self.close()
+        fd = check_process("root", pid, fs, zombie_ok=False, keep=mine and has_pidfs())
+        if fd >= 0:
+            self._inode = os.fstat(fd).st_ino
+            self._poller.register(fd, select.POLLIN)
+            self._pid, self._fd = pid, fd
+
+    def _holds(self) -> bool:
+        try:
+            return os.fstat(self._fd).st_ino == self._inode
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        pid, self._pid = self._pid, 0
+        if pid and os.getpid() == self._owner:
+            self._poller.unregister(self._fd)
+            if self._holds():
+                os.close(self._fd)

@@ -60,6 +60,11 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+#: The pidfd a guard keeps of its root (another process than the caller) from its first
+#: freeze to its close: the next freeze's check of the root polls it.
+ROOT_FD = 1
+
+
 def _settled_fds(root: int) -> int:
     """Descriptors open once a freeze of this process made what it keeps for every freeze
     (the thaw's reserve, ...), with no guard keeping anything."""
@@ -100,7 +105,7 @@ def test_a_guard_frozen_again_meets_its_processes_through_what_it_kept(
     guard = ProcessesGuard(root=forker.pid, include_root=True)
     _frozen_again(guard, tree)
     assert guard.report.known == 0  # a first freeze opens everything
-    assert _fds() == before + 2 * len(kids)  # a pidfd and a stat file each, kept
+    assert _fds() == before + 2 * len(kids) + ROOT_FD  # a pidfd and a stat file each, kept
     for _ in range(3):
         _frozen_again(guard, tree)
         assert guard.report.known == len(kids)  # the root is where the walk starts: met afresh
@@ -172,7 +177,7 @@ def test_what_a_guard_keeps_has_a_cap(
     monkeypatch.setattr(_known, "_ALL", weakref.WeakSet())  # guards of other tests aside
     guard = ProcessesGuard(root=forker.pid, include_root=True)
     _frozen_again(guard, [forker.pid, *kids])
-    assert _fds() == before + 4
+    assert _fds() == before + 4 + ROOT_FD
     _frozen_again(guard, [forker.pid, *kids])
     assert guard.report.known == 2
     guard.close()
@@ -191,7 +196,7 @@ def test_a_freeze_short_of_descriptors_gives_back_what_it_borrowed(
     monkeypatch.setattr(_signal, "budget", lambda: 0)
     _frozen_again(guard, [forker.pid, *kids])
     assert guard.report.known == len(kids)
-    assert _fds() == before  # nothing kept: no pidfd was held to the end
+    assert _fds() == before + ROOT_FD  # nothing kept: no pidfd was held to the end
     monkeypatch.undo()
     _frozen_again(guard, [forker.pid, *kids])
     assert guard.report.known == 0
@@ -215,8 +220,9 @@ def test_closed_while_lent_it_closes_once_given_back(forker: subprocess.Popen[An
     finally:
         guard.release()  # signals through the borrowed pidfd, then gives it back
     proc.assert_none_stopped([forker.pid, kid])
-    assert _fds() == before
+    assert _fds() == before + ROOT_FD
     guard.close()
+    assert _fds() == before
 
 
 def test_a_forked_child_keeps_nothing(forker: subprocess.Popen[Any]) -> None:
