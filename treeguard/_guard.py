@@ -6,20 +6,22 @@ import inspect
 import os
 import time
 from collections.abc import Iterable
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 from ._backends import BACKENDS, Backend, Journal, Memo, Plan, create
 from ._checks import as_pid, check_guard, check_proc, check_process
 from ._drive import OneAtATime, Steps, run_sync, run_to_end
 from ._finalizers import Finalizer, sweep
 from ._report import FreezeReport, Skip
-from ._snapshot import TreeSnapshot
 from ._subreaper import set_subreaper
 from ._tree import Root, ancestors, children_source
 from ._types import BackendName, Scope, Target
 from ._watchdog import Watchdog, helper_pids
 from .errors import FreezeError, InvalidArgumentError, WatchdogError
 from .procfs import ProcFS
+
+if TYPE_CHECKING:  # (a snapshot's modules are imported by the first snapshot())
+    from ._snapshot import TreeSnapshot
 
 __all__ = ["ProcessesGuard", "new_guard"]
 
@@ -224,8 +226,7 @@ class ProcessesGuard:
         planned = clock()
         try:
             yield from backend.freeze()
-            # The report's clock is the caller's: the whole call, planning included (the
-            # auto backend copies its inner report over this one, so set it after).
+            # The caller's clock: the whole call (set after auto copied its inner report).
             self.report.plan_seconds = planned - start
             self.report.freeze_seconds = clock() - start
             if self._watchdog is not None and self._watchdog.lease_expired():
@@ -259,8 +260,7 @@ class ProcessesGuard:
             self.report.watchdog_lost = not self._watchdog.alive()
 
     def _detach(self) -> None:
-        """Stop owning the freeze without thawing it (a token now owns it): no thaw on
-        release, garbage collection or exit."""
+        """Stop owning the freeze, unthawed (a token owns it): no thaw on release, GC or exit."""
         if self._finalizer is not None:
             self._finalizer.detach()
         if self._backend is not None:

@@ -18,7 +18,6 @@ import math
 import re
 from collections.abc import Mapping
 from functools import cache
-from importlib import resources
 from typing import Any
 
 from .errors import InvalidArgumentError
@@ -51,6 +50,8 @@ ANNOTATIONS = frozenset({"$schema", "$defs", "title", "description"})
 @cache
 def schema(name: str) -> dict[str, Any]:
     """The shipped schema ``name`` (``"snapshot-1"``), as the package installs it."""
+    from importlib import resources  # (here: 8 ms to import, for the few that need it)
+
     text = resources.files("treeguard").joinpath(f"schemas/{name}.schema.json").read_text()
     loaded: dict[str, Any] = json.loads(text)
     _understood(loaded)

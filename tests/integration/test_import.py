@@ -69,6 +69,27 @@ def test_the_guard_loads_only_what_it_needs(statement: str) -> None:
     assert not imported_by(statement) & NOT_FOR_THE_GUARD
 
 
+#: What a signal guard's freeze needs not: the other backends (the cgroup freezers, ptrace,
+#: the kernel's process events), snapshots and their schemas.
+NOT_FOR_A_SIGNAL_FREEZE = {
+    "importlib.resources",
+    "socket",
+    "treeguard._backends._cgroup",
+    "treeguard._backends._ptrace",
+    "treeguard._backends._auto",
+    "treeguard._proc_events",
+    "treeguard._snapshot",
+    "treeguard._jsonshape",
+}
+
+
+def test_a_signal_freeze_loads_no_other_backend() -> None:
+    # (the caller's descendants: none here, so the freeze stops nothing)
+    loaded = imported_by("import treeguard\nwith treeguard.ProcessesGuard() as g:\n    pass")
+    assert "treeguard._backends._signal" in loaded
+    assert not loaded & NOT_FOR_A_SIGNAL_FREEZE
+
+
 def test_the_pytest_plugin_loads_the_guard_only_for_a_test_that_uses_it() -> None:
     # pytest loads the plugin in every session of a project that has treeguard installed.
     loaded = imported_by("import treeguard.pytest_plugin")

@@ -10,11 +10,7 @@ from .._mounts import discover
 from .._thaw import thaw_identities
 from ..errors import FreezeError, FreezePermissionError, InvalidArgumentError, TokenError
 from ..procfs import ProcFS
-from ._auto import AutoBackend
 from ._base import Backend, Journal, Memo, Plan
-from ._cgroup import CgroupBackend
-from ._freezers import thaw_cgroup
-from ._ptrace import PtraceBackend
 from ._relays import Watchers
 from ._signal import SignalBackend
 
@@ -47,13 +43,22 @@ _CGROUP_KEYS = frozenset({"version", "path", "inode", "was_frozen"})
 
 def create(name: str, plan: Plan) -> Backend:
     """The backend called ``name``, ready to freeze ``plan``."""
+    # The other backends' modules (the cgroup freezers, ptrace through ctypes, the kernel's
+    # process events) are imported by the first freeze that uses one: a few milliseconds
+    # that a supervisor using signals never spends.
     if name == "signal":
         return SignalBackend(plan)
     if name == "cgroup":
+        from ._cgroup import CgroupBackend
+
         return CgroupBackend(plan)
     if name == "auto":
+        from ._auto import AutoBackend
+
         return AutoBackend(plan)
     if name == "ptrace":
+        from ._ptrace import PtraceBackend
+
         return PtraceBackend(plan)
     raise InvalidArgumentError("backend", f"must be one of {', '.join(BACKENDS)}, not {name!r}")
 
@@ -175,5 +180,7 @@ def thaw_described(name: str, payload: dict[str, object]) -> int:
         if payload["was_frozen"]:
             return 0  # frozen before the freeze: it stays frozen, as the guard would leave it
         # A directory whose inode changed is another cgroup, made again under that name.
+        from ._freezers import thaw_cgroup
+
         return thaw_cgroup(version, path, inode)
     raise InvalidArgumentError("backend", f"cannot thaw a {name!r} freeze")
