@@ -7,9 +7,11 @@ from __future__ import annotations
 import bisect
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -192,47 +194,62 @@ print(json.dumps({"import_ms": (t1 - t0) * 1e3, "first_freeze_ms": (t2 - t1) * 1
 
 def cold(size: int, runs: int, failures: list[str]) -> Result:
     """The first freeze of a fresh process (imports, caches, the first reads), per backend:
-    the median of ``runs`` fresh processes."""
+    the median of ``runs`` fresh processes. Each finds the bytecode compiled, as in an
+    installed package: a first, untimed process writes it to a cache of this run's own."""
     out: Result = {"processes": size, "runs": runs}
-    for backend in BACKENDS:
-        with tree_for(backend, wide(size)) as tree:
-            pids = list(tree.pids)
-            found: list[dict[str, float]] = []
-            for _ in range(runs):
-                child = subprocess.Popen(
-                    [sys.executable, "-c", _COLD, str(tree.root), backend],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                assert child.stdin is not None
-                assert child.stdout is not None
-                try:
-                    if child.stdout.readline().strip() == "frozen":
-                        why = frozen_why(backend, pids)
-                        if why:
-                            failures.append(f"cold, {why}")
-                    child.stdin.write("\n")
-                    child.stdin.flush()
-                    line = child.stdout.readline()
-                finally:
-                    child.stdin.close()
-                    err = child.stderr.read() if child.stderr else ""
-                    child.wait(30)
-                    child.stdout.close()
-                    if child.stderr:
-                        child.stderr.close()
-                why = thawed_why(pids)
-                if why:
-                    failures.append(f"cold, {backend}: {why}")
-                if child.returncode != 0 or not line:
-                    out[backend] = {"error": err.strip().splitlines()[-1:] or ["no output"]}
-                    break
-                found.append(json.loads(line))
-            if found:
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "PYTHONPYCACHEPREFIX": cache}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        for backend in BACKENDS:
+            found = _cold_runs(backend, size, runs, env, failures)
+            if isinstance(found, dict):
+                out[backend] = found
+            elif found:
                 out[backend] = {key: statistics.median(f[key] for f in found) for key in found[0]}
     return out
+
+
+def _cold_runs(
+    backend: str, size: int, runs: int, env: dict[str, str], failures: list[str]
+) -> list[dict[str, float]] | Result:
+    """The figures of ``runs`` fresh processes (after one untimed), or the error of one."""
+    with tree_for(backend, wide(size)) as tree:
+        pids = list(tree.pids)
+        found: list[dict[str, float]] = []
+        for run in range(runs + 1):
+            child = subprocess.Popen(
+                [sys.executable, "-c", _COLD, str(tree.root), backend],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            assert child.stdin is not None
+            assert child.stdout is not None
+            try:
+                if child.stdout.readline().strip() == "frozen":
+                    why = frozen_why(backend, pids)
+                    if why:
+                        failures.append(f"cold, {why}")
+                child.stdin.write("\n")
+                child.stdin.flush()
+                line = child.stdout.readline()
+            finally:
+                child.stdin.close()
+                err = child.stderr.read() if child.stderr else ""
+                child.wait(30)
+                child.stdout.close()
+                if child.stderr:
+                    child.stderr.close()
+            why = thawed_why(pids)
+            if why:
+                failures.append(f"cold, {backend}: {why}")
+            if child.returncode != 0 or not line:
+                return {"error": err.strip().splitlines()[-1:] or ["no output"]}
+            if run:
+                found.append(json.loads(line))
+    return found
 
 
 def summary(extra: Result) -> list[str]:

@@ -11,6 +11,7 @@ from .._thaw import thaw_identities
 from ..errors import FreezeError, FreezePermissionError, InvalidArgumentError, TokenError
 from ..procfs import ProcFS
 from ._base import Backend, Journal, Memo, Plan
+from ._freezers import thaw_cgroup  # (a thaw imports nothing: its table may be full)
 from ._relays import Watchers
 from ._signal import SignalBackend
 
@@ -180,7 +181,5 @@ def thaw_described(name: str, payload: dict[str, object]) -> int:
         if payload["was_frozen"]:
             return 0  # frozen before the freeze: it stays frozen, as the guard would leave it
         # A directory whose inode changed is another cgroup, made again under that name.
-        from ._freezers import thaw_cgroup
-
         return thaw_cgroup(version, path, inode)
     raise InvalidArgumentError("backend", f"cannot thaw a {name!r} freeze")
