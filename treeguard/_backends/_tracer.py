@@ -16,6 +16,7 @@ from __future__ import annotations
 import _signal  # type: ignore[import-not-found]  # the C half of signal (no stubs)
 import os
 import queue
+import select
 import signal
 import sys
 import threading
@@ -52,7 +53,11 @@ class _Request(Generic[T]):
     thread only once it has waited a whole switch interval (5 ms) without a release, and
     each short release wakes the waiter to try again, so a loop can starve for longer than
     that. So every :data:`~treeguard._drive.SLICE` of work the tracer writes the eventfd
-    and waits until the loop's thread has come for it (:meth:`pause`)."""
+    and waits until the loop's thread has come for it (:meth:`pause`). The other way round,
+    a loop whose tasks always want the GIL would keep the tracer waiting a switch interval
+    for each slice (an async freeze several times as long as a synchronous one): so the
+    loop's thread, once it has run a round of its tasks, lets the tracer work its next slice
+    while it waits in poll(2), without the GIL, for a slice at most (:meth:`await_slice`)."""
 
     def __init__(self, work: Callable[[], T], sliced: bool) -> None:
         self.work = work
@@ -99,6 +104,15 @@ class _Request(Generic[T]):
         os.eventfd_write(self.fd, 1)  # the tracer holds the descriptor until the work ends
         resume.wait(_PAUSE)
         self.next_pause = time.perf_counter() + SLICE
+
+    def await_slice(self) -> None:
+        """(The waiter, under an event loop.) Wait in poll(2), the GIL free for the tracer,
+        until it pauses or is done, for one :data:`~treeguard._drive.SLICE` at most (the
+        loop's thread is blocked for as long as the tracer's slice would keep it waiting
+        for the GIL anyway)."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.poll(SLICE * 1000.0)
 
     def resume(self) -> None:
         """(The waiter.) Woken: read the eventfd empty, and let a paused tracer go on."""
@@ -181,6 +195,8 @@ class Tracer:
             if launch:
                 worker.serve(self)
             while not request.done:
+                if request.sliced:
+                    request.await_slice()  # (the eventfd is the waiter's until it closes it)
                 yield Wait(_LINGER_POLL, request.fd) if request.fd >= 0 else Wait(_POLL)
                 worker.relaunch_if_lost()
                 if request.paused:
