@@ -233,14 +233,16 @@ _LINEAGE = _Lineage()
 
 class Root:
     """A guard's ``root`` (another process than the caller), held by a pidfd from the
-    freeze that first checked it: a freeze after that asks one poll(2) whether it still
-    lives (a pidfd turns readable once its whole process has exited, the moment its stat
-    would say dead) instead of reading its stat and opening a pidfd again. A root that has
-    exited stays gone for the guard: a process that gets its PID later is not taken for it.
+    freeze that first checked it: a freeze after that asks one fstat(2) and one poll(2)
+    whether it still lives (a pidfd turns readable once its whole process has exited, the
+    moment its stat would say dead) instead of reading its stat and opening a pidfd again.
+    A root that has exited stays gone for the guard: a process that gets its PID later is
+    not taken for it.
 
     Kept only on kernels with pidfs, where the pidfd's inode names its process for good:
-    a readable descriptor is checked against it, since code that closes descriptors it did
-    not open may have given the number to another file. A forked child checks afresh and
+    the descriptor is checked against it before it is polled, since code that closes
+    descriptors it did not open may have given the number to another file (whose answer
+    under poll says nothing of the root). A forked child checks afresh and
     keeps nothing; :meth:`close` (the guard's) lets it go.
     """
 
@@ -256,11 +258,12 @@ class Root:
         :raises InvalidArgumentError: if ``pid`` is a thread of another process.
         """
         mine = os.getpid() == self._owner
-        if self._pid == pid and mine:
+        # Its inode first: another file under the number (never readable, an empty pipe)
+        # would say nothing of the root under poll.
+        if self._pid == pid and mine and self._holds():
             if not self._poller.poll(0):
                 return  # it lives: no pidfd of an exited process is ever unreadable
-            if self._holds():
-                raise NoSuchProcessError(pid)
+            raise NoSuchProcessError(pid)
         if self._pid and mine:
             self.close()
         fd = check_process("root", pid, fs, zombie_ok=False, keep=mine and has_pidfs())

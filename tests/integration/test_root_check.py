@@ -129,6 +129,36 @@ def test_a_kept_descriptor_closed_by_someone_else_is_not_trusted(
             os.close(w)
 
 
+def test_a_kept_number_taken_by_a_file_never_readable_is_not_taken_for_a_live_root() -> None:
+    """The root exits, and code that closes descriptors it did not open gives the kept
+    pidfd's number to a file that is not readable (an empty pipe): its silence under poll
+    says nothing of the root, which is gone. Every later freeze raises NoSuchProcessError,
+    and that file is neither closed nor taken for the root."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    guard = ProcessesGuard(child.pid, include_root=True)
+    r, w = os.pipe()
+    pipes = [r, w]
+    try:
+        with guard:
+            proc.assert_all_stopped([child.pid])
+        kept = guard._root_check._fd
+        child.kill()  # not waited for yet: a zombie of this process
+        proc.wait_until(lambda: proc.state(child.pid) == "Z", what="the child is a zombie")
+        os.dup2(r, kept)  # (closes the pidfd under that number)
+        pipes.append(kept)
+        for _ in range(2):
+            with pytest.raises(NoSuchProcessError):
+                guard.freeze()
+        guard.close()
+        assert os.fstat(kept).st_ino == os.fstat(r).st_ino  # still the pipe, never closed
+    finally:
+        guard.close()
+        child.kill()
+        child.wait()
+        for fd in pipes:
+            os.close(fd)
+
+
 def test_the_kept_root_is_its_pidfd_and_is_let_go_on_close() -> None:
     with WorkerTree(wide(1), mode="idle") as tree:
         guard = ProcessesGuard(tree.root, include_root=True)
