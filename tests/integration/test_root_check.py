@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +16,7 @@ import pytest
 
 from tests import proc
 from tests.integration.test_reliability import _run_script, _verdict
-from treeguard import ProcessesGuard
+from treeguard import ProcessesGuard, _tree
 from treeguard._thaw import has_pidfs
 from treeguard._workers import WorkerTree, wide
 from treeguard.errors import NoSuchProcessError
@@ -174,3 +175,34 @@ def test_the_kept_root_is_its_pidfd_and_is_let_go_on_close() -> None:
         guard.close()
         with pytest.raises(OSError, match="Bad file descriptor"):
             os.fstat(kept)  # closed (nothing opened since to take its number)
+
+
+def test_a_guard_closed_while_its_freeze_checks_the_root_leaks_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``guard.close()`` from another thread finds the guard not frozen yet and closes what
+    it keeps while a freeze, begun just then, checks the root: the pidfd that check opens
+    is closed by the guard's next close all the same."""
+    with WorkerTree(wide(1), mode="idle") as tree:
+        guard = ProcessesGuard(tree.root, include_root=True)
+        with guard:  # (what a freeze makes once for the whole process is made by now)
+            pass
+        guard.close()
+        before = len(os.listdir("/proc/self/fd"))
+        check = _tree.check_process
+
+        def closed_meanwhile(*args: object, **kwargs: object) -> int:
+            closer = threading.Thread(target=guard.close)
+            closer.start()
+            closer.join(10)
+            return check(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(_tree, "check_process", closed_meanwhile)
+        try:
+            with guard:
+                proc.assert_all_stopped(tree.pids)
+        finally:
+            monkeypatch.undo()
+            guard.close()
+        proc.assert_none_stopped(tree.pids)
+        assert len(os.listdir("/proc/self/fd")) == before
