@@ -240,14 +240,15 @@ class Root:
     not taken for it.
 
     Kept only on kernels with pidfs, where the pidfd's inode names its process for good:
-    the descriptor is checked against it before it is polled, since code that closes
-    descriptors it did not open may have given the number to another file (whose answer
-    under poll says nothing of the root). A forked child checks afresh and
-    keeps nothing; :meth:`close` (the guard's) lets it go.
+    the descriptor is checked against it (its device and inode) before it is polled or
+    closed, since code that closes descriptors it did not open may have given the number
+    to another file (whose answer under poll says nothing of the root). A forked child
+    checks afresh and keeps nothing; :meth:`close` (the guard's) lets it go.
     """
 
     def __init__(self) -> None:
-        self._pid = self._fd = self._inode = 0
+        self._pid = self._fd = 0
+        self._file = (0, 0)  # the pidfd's device and inode (inode numbers are per device)
         self._owner = os.getpid()
         self._poller = select.poll()
 
@@ -258,7 +259,7 @@ class Root:
         :raises InvalidArgumentError: if ``pid`` is a thread of another process.
         """
         mine = os.getpid() == self._owner
-        # Its inode first: another file under the number (never readable, an empty pipe)
+        # Its file first: another file under the number (never readable, an empty pipe)
         # would say nothing of the root under poll.
         if self._pid == pid and mine and self._holds():
             if not self._poller.poll(0):
@@ -268,15 +269,17 @@ class Root:
             self.close()
         fd = check_process("root", pid, fs, zombie_ok=False, keep=mine and has_pidfs())
         if fd >= 0:
-            self._inode = os.fstat(fd).st_ino
+            found = os.fstat(fd)
+            self._file = (found.st_dev, found.st_ino)
             self._poller.register(fd, select.POLLIN)
             self._pid, self._fd = pid, fd
 
     def _holds(self) -> bool:
         try:
-            return os.fstat(self._fd).st_ino == self._inode
+            found = os.fstat(self._fd)
         except OSError:
             return False
+        return (found.st_dev, found.st_ino) == self._file
 
     def close(self) -> None:
         pid, self._pid = self._pid, 0

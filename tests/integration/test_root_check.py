@@ -160,6 +160,49 @@ def test_a_kept_number_taken_by_a_file_never_readable_is_not_taken_for_a_live_ro
             os.close(fd)
 
 
+def test_a_file_of_another_device_with_the_kept_inode_number_is_not_taken_for_the_root(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kept number given to a file whose inode number is the pidfd's, on another file
+    system (inode numbers are per device): that file is not the root's pidfd. The live root
+    is frozen, and that file (readable, as an exited root's pidfd is) is never closed."""
+    with WorkerTree(wide(1), mode="idle") as tree:
+        guard = ProcessesGuard(tree.root, include_root=True)
+        r, w = os.pipe()
+        fds = [r, w]
+        try:
+            with guard:
+                pass
+            kept = guard._root_check._fd
+            number = os.fstat(kept).st_ino
+            os.write(w, b"x")
+            os.dup2(r, kept)  # (closes the pidfd under that number)
+            fds.append(kept)
+            fstat = os.fstat
+
+            def same_number(fd: int) -> os.stat_result:
+                found = fstat(fd)
+                if fd != kept:
+                    return found
+                fields = list(found[:10])
+                fields[1] = number  # st_ino; st_dev stays the pipe's
+                return os.stat_result(fields)
+
+            monkeypatch.setattr(os, "fstat", same_number)
+            try:
+                with guard:
+                    proc.assert_all_stopped(tree.pids)
+                guard.close()
+            finally:
+                monkeypatch.undo()
+            proc.assert_none_stopped(tree.pids)
+            assert os.read(kept, 1) == b"x"  # still the pipe, never closed by the guard
+        finally:
+            guard.close()
+            for fd in fds:
+                os.close(fd)
+
+
 def test_the_kept_root_is_its_pidfd_and_is_let_go_on_close() -> None:
     with WorkerTree(wide(1), mode="idle") as tree:
         guard = ProcessesGuard(tree.root, include_root=True)
