@@ -249,3 +249,36 @@ def test_a_guard_closed_while_its_freeze_checks_the_root_leaks_nothing(
             guard.close()
         proc.assert_none_stopped(tree.pids)
         assert len(os.listdir("/proc/self/fd")) == before
+
+
+MANY_GUARDS = textwrap.dedent(
+    """
+    import os, resource, subprocess, sys
+    sys.path.insert(0, sys.argv[1])
+    from treeguard import ProcessesGuard
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    guards = []
+    try:
+        for _ in range(100):  # each kept (not closed, not collected)
+            guards.append(ProcessesGuard(child.pid, include_root=True))
+            with guards[-1]:
+                pass
+        print(len(os.listdir("/proc/self/fd")), flush=True)
+    finally:
+        for guard in guards:
+            guard.close()
+        child.kill()
+        child.wait()
+    """
+)
+
+
+def test_the_roots_every_guard_keeps_together_have_a_cap() -> None:
+    """A program that keeps many guards (a hundred, of a table of 64 descriptors) freezes
+    with each: past a few, a guard checks its root afresh at each freeze, keeping nothing."""
+    done = proc.run_python(MANY_GUARDS, [str(Path(__file__).resolve().parents[2])])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) <= 32
