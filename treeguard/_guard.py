@@ -27,8 +27,7 @@ __all__ = ["ProcessesGuard", "new_guard"]
 
 
 def new_guard(options: dict[str, Any]) -> ProcessesGuard:
-    """A :class:`ProcessesGuard` from a face's options, an unknown name being an
-    :class:`InvalidArgumentError` (not a bare ``TypeError``)."""
+    """A guard from a face's options (an unknown name: InvalidArgumentError, not TypeError)."""
     for name in options:
         if name not in _OPTIONS:
             known = ", ".join(sorted(_OPTIONS))
@@ -118,8 +117,7 @@ class ProcessesGuard:
             subreaper=subreaper,
         )
         self._root = root_pid
-        # A process object (psutil.Process) is asked again at each freeze whether its PID
-        # still names it.
+        # (a process object, psutil.Process, is asked at each freeze if its PID still names it)
         self._root_object = None if isinstance(root, int) else root
         self._include_root = include_root
         self._exclude = excluded
@@ -167,8 +165,10 @@ class ProcessesGuard:
             if self._root_object is not None:
                 as_pid("root", self._root_object)
             if root != me:  # (the caller needs no look: it runs this)
-                self._memo.put("root", self._root_check)  # (closed with what the memo keeps)
-                self._root_check.check(root, fs)
+                try:
+                    self._root_check.check(root, fs)
+                finally:  # (closed with the memo: a close() meanwhile may have emptied it)
+                    self._memo.put("root", self._root_check)
             starts = (root,)
             # Never stop whoever waits for us: the caller's ancestors are walked through (a
             # signal walk down from the caller meets none: no process is its own ancestor).

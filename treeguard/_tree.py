@@ -8,8 +8,10 @@ the order the kernel's own checkpoint code records a tree in.
 from __future__ import annotations
 
 import os
+import resource
 import select
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 
 from ._checks import check_process
@@ -233,19 +235,24 @@ _LINEAGE = _Lineage()
 
 class Root:
     """A guard's ``root`` (another process than the caller), held by a pidfd from the
-    freeze that first checked it: a freeze after that asks one poll(2) whether it still
-    lives (a pidfd turns readable once its whole process has exited, the moment its stat
-    would say dead) instead of reading its stat and opening a pidfd again. A root that has
-    exited stays gone for the guard: a process that gets its PID later is not taken for it.
+    freeze that first checked it: a freeze after that asks one fstat(2) and one poll(2)
+    whether it still lives (a pidfd turns readable once its whole process has exited, the
+    moment its stat would say dead) instead of reading its stat and opening a pidfd again.
+    A root that has exited stays gone for the guard: a process that gets its PID later is
+    not taken for it.
 
     Kept only on kernels with pidfs, where the pidfd's inode names its process for good:
-    a readable descriptor is checked against it, since code that closes descriptors it did
-    not open may have given the number to another file. A forked child checks afresh and
-    keeps nothing; :meth:`close` (the guard's) lets it go.
+    the descriptor is checked against it (its device and inode) before it is polled or
+    closed, since code that closes descriptors it did not open may have given the number
+    to another file (whose answer under poll says nothing of the root). The guards of a
+    process keep a few roots at most (:func:`_room`): past that, a guard checks its root
+    afresh at each freeze. A forked child checks afresh and keeps nothing; :meth:`close`
+    (the guard's) lets it go.
     """
 
     def __init__(self) -> None:
-        self._pid = self._fd = self._inode = 0
+        self._pid = self._fd = 0
+        self._file = (0, 0)  # the pidfd's device and inode (inode numbers are per device)
         self._owner = os.getpid()
         self._poller = select.poll()
 
@@ -256,28 +263,50 @@ class Root:
         :raises InvalidArgumentError: if ``pid`` is a thread of another process.
         """
         mine = os.getpid() == self._owner
-        if self._pid == pid and mine:
+        # Its file first: another file under the number (never readable, an empty pipe)
+        # would say nothing of the root under poll.
+        if self._pid == pid and mine and self._holds():
             if not self._poller.poll(0):
                 return  # it lives: no pidfd of an exited process is ever unreadable
-            if self._holds():
-                raise NoSuchProcessError(pid)
+            raise NoSuchProcessError(pid)
         if self._pid and mine:
             self.close()
-        fd = check_process("root", pid, fs, zombie_ok=False, keep=mine and has_pidfs())
+        keep = mine and has_pidfs() and _room()
+        fd = check_process("root", pid, fs, zombie_ok=False, keep=keep)
         if fd >= 0:
-            self._inode = os.fstat(fd).st_ino
+            found = os.fstat(fd)
+            self._file = (found.st_dev, found.st_ino)
             self._poller.register(fd, select.POLLIN)
             self._pid, self._fd = pid, fd
+            _KEEPING.add(self)
 
     def _holds(self) -> bool:
         try:
-            return os.fstat(self._fd).st_ino == self._inode
+            found = os.fstat(self._fd)
         except OSError:
             return False
+        return (found.st_dev, found.st_ino) == self._file
 
     def close(self) -> None:
         pid, self._pid = self._pid, 0
+        _KEEPING.discard(self)
         if pid and os.getpid() == self._owner:
             self._poller.unregister(self._fd)
             if self._holds():
                 os.close(self._fd)
+
+
+#: The roots that the guards of this process keep, a descriptor each (one collected
+#: unclosed leaves the count).
+_KEEPING: weakref.WeakSet[Root] = weakref.WeakSet()
+#: How many at most: a program that keeps many guards must not find its descriptor table
+#: filled by them (nor its low numbers, which select(2) needs, taken).
+_MOST_ROOTS = 64
+
+
+def _room() -> bool:
+    """Whether one more root may be kept: fewer than :data:`_MOST_ROOTS` are, and fewer
+    than a sixteenth of the soft RLIMIT_NOFILE."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    most = _MOST_ROOTS if soft == resource.RLIM_INFINITY else min(_MOST_ROOTS, soft // 16)
+    return len(_KEEPING) < most
