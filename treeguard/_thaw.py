@@ -29,6 +29,7 @@ __all__ = [
     "close_fd",
     "has_pidfs",
     "keep_reserve",
+    "kept_share",
     "open_file",
     "open_identity",
     "open_pidfd",
@@ -77,6 +78,13 @@ _reserve_lock = threading.Lock()
 def _soft_limit() -> int:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return soft if soft >= 0 else 1 << 62  # RLIM_INFINITY
+
+
+def kept_share(most: int, part: int) -> int:
+    """How many descriptors one kind of what guards keep between freezes may hold, all
+    guards of the process together: ``most``, and at most ``1/part`` of the soft
+    RLIMIT_NOFILE (the rest of the table, and its low numbers, stay the program's)."""
+    return min(most, _soft_limit() // part)
 
 
 def keep_reserve() -> None:

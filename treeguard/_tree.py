@@ -8,7 +8,6 @@ the order the kernel's own checkpoint code records a tree in.
 from __future__ import annotations
 
 import os
-import resource
 import select
 import threading
 import weakref
@@ -16,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from ._checks import check_process
 from ._report import Skip
-from ._thaw import has_pidfs
+from ._thaw import has_pidfs, kept_share
 from .errors import NoSuchProcessError
 from .procfs import HELPER_COMM, ProcFS, Stat
 
@@ -307,6 +306,4 @@ _MOST_ROOTS = 64
 def _room() -> bool:
     """Whether one more root may be kept: fewer than :data:`_MOST_ROOTS` are, and fewer
     than a sixteenth of the soft RLIMIT_NOFILE."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    most = _MOST_ROOTS if soft == resource.RLIM_INFINITY else min(_MOST_ROOTS, soft // 16)
-    return len(_KEEPING) < most
+    return len(_KEEPING) < kept_share(_MOST_ROOTS, 16)

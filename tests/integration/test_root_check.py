@@ -4,11 +4,13 @@ PID names a new process, and a descriptor number taken over by another file is n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +24,19 @@ from treeguard._workers import WorkerTree, wide
 from treeguard.errors import NoSuchProcessError
 
 pytestmark = pytest.mark.skipif(not has_pidfs(), reason="the root is kept only with pidfs")
+
+
+@contextlib.contextmanager
+def _child() -> Iterator[subprocess.Popen[bytes]]:
+    """A sleeping child of this process (a zombie once killed, until it is reaped here);
+    killed and reaped afterwards, whatever happened."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
 
 REUSED = textwrap.dedent(
     """
@@ -81,20 +96,18 @@ def test_a_root_reaped_is_not_taken_for_the_process_that_gets_its_pid(
 def test_a_root_that_exited_raises_at_every_freeze() -> None:
     """Exited and not reaped yet (a zombie of its parent): gone for the guard all the same,
     through the poll of its pidfd as through the stat read of the first check."""
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    guard = ProcessesGuard(child.pid, include_root=True)
-    try:
-        with guard:
-            proc.assert_all_stopped([child.pid])
-        child.kill()  # not waited for yet: a zombie of this process
-        proc.wait_until(lambda: proc.state(child.pid) == "Z", what="the child is a zombie")
-        for _ in range(2):
-            with pytest.raises(NoSuchProcessError):
-                guard.freeze()
-    finally:
-        guard.close()
-        child.kill()
-        child.wait()
+    with _child() as child:
+        guard = ProcessesGuard(child.pid, include_root=True)
+        try:
+            with guard:
+                proc.assert_all_stopped([child.pid])
+            child.kill()  # not waited for yet: a zombie of this process
+            proc.wait_until(lambda: proc.state(child.pid) == "Z", what="the child is a zombie")
+            for _ in range(2):
+                with pytest.raises(NoSuchProcessError):
+                    guard.freeze()
+        finally:
+            guard.close()
 
 
 @pytest.mark.parametrize("taken", ["closed", "another file"])
@@ -135,29 +148,27 @@ def test_a_kept_number_taken_by_a_file_never_readable_is_not_taken_for_a_live_ro
     pidfd's number to a file that is not readable (an empty pipe): its silence under poll
     says nothing of the root, which is gone. Every later freeze raises NoSuchProcessError,
     and that file is neither closed nor taken for the root."""
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    guard = ProcessesGuard(child.pid, include_root=True)
-    r, w = os.pipe()
-    pipes = [r, w]
-    try:
-        with guard:
-            proc.assert_all_stopped([child.pid])
-        kept = guard._root_check._fd
-        child.kill()  # not waited for yet: a zombie of this process
-        proc.wait_until(lambda: proc.state(child.pid) == "Z", what="the child is a zombie")
-        os.dup2(r, kept)  # (closes the pidfd under that number)
-        pipes.append(kept)
-        for _ in range(2):
-            with pytest.raises(NoSuchProcessError):
-                guard.freeze()
-        guard.close()
-        assert os.fstat(kept).st_ino == os.fstat(r).st_ino  # still the pipe, never closed
-    finally:
-        guard.close()
-        child.kill()
-        child.wait()
-        for fd in pipes:
-            os.close(fd)
+    with _child() as child:
+        guard = ProcessesGuard(child.pid, include_root=True)
+        r, w = os.pipe()
+        pipes = [r, w]
+        try:
+            with guard:
+                proc.assert_all_stopped([child.pid])
+            kept = guard._root_check._fd
+            child.kill()  # not waited for yet: a zombie of this process
+            proc.wait_until(lambda: proc.state(child.pid) == "Z", what="the child is a zombie")
+            os.dup2(r, kept)  # (closes the pidfd under that number)
+            pipes.append(kept)
+            for _ in range(2):
+                with pytest.raises(NoSuchProcessError):
+                    guard.freeze()
+            guard.close()
+            assert os.fstat(kept).st_ino == os.fstat(r).st_ino  # still the pipe, never closed
+        finally:
+            guard.close()
+            for fd in pipes:
+                os.close(fd)
 
 
 def test_a_file_of_another_device_with_the_kept_inode_number_is_not_taken_for_the_root(

@@ -29,11 +29,11 @@ closed under it. Only the process that made them uses or closes them (the guard'
 from __future__ import annotations
 
 import os
-import resource
 import threading
 import weakref
 from dataclasses import dataclass
 
+from .._thaw import kept_share
 from ..procfs import DEAD_STATES, HELPER_COMM, ProcFS, Stat, parse_stat_brief
 from ._base import Plan
 from ._pidfds import Entry, close, uncount
@@ -225,8 +225,7 @@ _MOST = 256
 def _cap() -> int:
     """Descriptors the guards of this process may keep between freezes, all together:
     :data:`_MOST`, and at most an eighth of the soft limit."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return _MOST if soft == resource.RLIM_INFINITY else min(_MOST, soft // 8)
+    return kept_share(_MOST, 8)
 
 
 def _close_all(procs: dict[int, _Proc]) -> None:
