@@ -357,13 +357,15 @@ def c_floors() -> list[Contender]:
 
 
 def freezers() -> list[Contender]:
+    from pyfloors import py_floors  # (it builds on this module's floors)
+
     found: list[Contender] = [TreeguardSignal(), KernelFloor(), PsutilNaive(), CrosvmModel()]
     found += c_floors()
     if "v2" not in MOUNTS:
         found.remove(found[1])
         print("note: no cgroup v2 mount: the kernel floor is not measured")
-        return found + treeguard_backends()
-    return found + treeguard_backends() + [TreeguardFirst(), TreeguardDirect()]
+        return found + treeguard_backends() + py_floors()
+    return found + treeguard_backends() + [TreeguardFirst(), TreeguardDirect()] + py_floors()
 
 
 # -- enumeration of the tree below a root (no freezing) -----------------------------------

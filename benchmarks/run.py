@@ -109,6 +109,8 @@ OWN_FLOOR = {
     "crosvm (model)": "C floor (signal)",
     "psutil naive (unverified)": "C floor (signal)",
     "treeguard ptrace": "C floor (ptrace)",
+    "Python floor (signal)": "C floor (signal)",
+    "Python floor (ptrace)": "C floor (ptrace)",
 }
 
 

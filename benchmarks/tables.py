@@ -19,6 +19,13 @@ TARGETS: dict[str, tuple[str, float]] = {
     "treeguard cgroup": (FLOOR, 1.5),
     "treeguard Cgroup.freeze()": (FLOOR, 1.3),
 }
+#: No target, printed beside the targets: what the same floors give a freezer written in
+#: Python that does nothing more than they do (:mod:`pyfloors`).
+REFERENCES: dict[str, str] = {
+    "Python floor (signal)": SIGSTOP_FLOOR,
+    "Python floor (ptrace)": SIGSTOP_FLOOR,
+    "Python floor (cgroup v2, checked)": FLOOR,
+}
 
 
 def table(results: list[Result], own_floor: dict[str, str]) -> str:
@@ -56,11 +63,14 @@ def table(results: list[Result], own_floor: dict[str, str]) -> str:
 
 def targets(results: list[Result]) -> list[Result]:
     """Each backend's freeze and thaw against the floor its target names (:data:`TARGETS`),
-    per workload: medians of the same run, and whether the freeze meets the target."""
+    per workload: medians of the same run, and whether the freeze meets the target; and the
+    Python floors' against theirs (:data:`REFERENCES`: ``target`` and ``met`` are None)."""
     found: list[Result] = []
     for r in results:
         cs = r["contenders"]
-        for name, (floor_name, target) in TARGETS.items():
+        aims = [(name, floor, target) for name, (floor, target) in TARGETS.items()]
+        aims += [(name, floor, None) for name, floor in REFERENCES.items()]
+        for name, floor_name, target in aims:
             c, floor = cs.get(name), cs.get(floor_name)
             if not c or not floor:
                 continue
@@ -77,7 +87,7 @@ def targets(results: list[Result]) -> list[Result]:
                     "target": target,
                     "freeze_ratio": freeze,
                     "thaw_ratio": ratios["thaw_ms"],
-                    "met": freeze is not None and freeze <= target,
+                    "met": None if target is None else freeze is not None and freeze <= target,
                 }
             )
     return found
@@ -99,6 +109,9 @@ def targets_text(found: list[Result]) -> str:
             freeze, thaw = t["freeze_ratio"], t["thaw_ratio"]
             text = f"{freeze:.2f}x" if freeze is not None else "failed"
             text += f" / {thaw:.2f}x" if thaw is not None else ""
+            if t["target"] is None:
+                cells.append(f"{short} {text} ({floor} floor, no target)")
+                continue
             mark = "met" if t["met"] else "MISSED"
             cells.append(f"{short} {text} ({floor} floor, target {t['target']:g}x: {mark})")
         lines.append(f"  {workload:26} " + "; ".join(cells))
@@ -115,7 +128,10 @@ def plot(results: list[Result], path: str) -> bool:
     except ImportError:
         print("note: matplotlib is not installed (pip install '.[plot]'): no plot")
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), sharey=True)
+    # One colour per contender, the same in both panels (more than the default ten).
+    every = sorted({n for r in results for n in r["contenders"]})
+    colour = dict(zip(every, plt.get_cmap("tab20").colors, strict=False))
     for ax, threads in zip(axes, (0, 4), strict=True):
         rows = [
             r
@@ -131,14 +147,15 @@ def plot(results: list[Result], path: str) -> bool:
             ]
             if pts:  # the floors dashed, so that each stands out from the contenders
                 style = "--" if "floor" in name else "-"
-                ax.plot(*zip(*pts, strict=True), style, marker="o", label=name)
+                ax.plot(*zip(*pts, strict=True), style, marker="o", label=name, color=colour[name])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("processes in the tree (wide, idle)")
         ax.set_title(f"freeze latency, {threads} extra threads per process")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("median freeze latency (ms)")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(0.8, 0.5))
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path, dpi=110)
     return True

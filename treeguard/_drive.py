@@ -24,6 +24,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ._finalizers import exiting
 from .errors import FreezeError
 
 __all__ = [
@@ -184,12 +185,20 @@ class OneAtATime:
 
     @contextlib.contextmanager
     def for_thaw(self, *, after_freeze: bool = True) -> Iterator[None]:
-        """:meth:`wait_turn` for a thaw (unless not ``after_freeze``: a finalizer's thaw,
-        which must not wait for steps an event loop left suspended), then hold the thaw's
-        turn while it runs: another thread's release waits for it (and then finds nothing
-        left to thaw)."""
+        """:meth:`wait_turn` for a thaw, then hold the thaw's turn while it runs: another
+        thread's release waits for it (and then finds nothing left to thaw).
+
+        Not ``after_freeze`` (a finalizer's thaw), it does not wait for steps an event loop
+        left suspended, which may never end, but at exit it lets a freeze that another
+        thread has under way end first (up to ``wait`` seconds): a thaw beside it would
+        leave stopped what it stops next, once Python ends that thread. One that
+        outlasts the wait, or this thread's own, is thawed beside as before.
+        """
         if after_freeze:
             self.wait_turn()
+        elif exiting():
+            with contextlib.suppress(FreezeError):
+                self.wait_turn()
         with self._thawing:
             yield
 

@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
-__all__ = ["Finalizer", "sweep"]
+__all__ = ["Finalizer", "exiting", "sweep", "too_late"]
 
 #: Every pending finalizer, oldest first (a dict: ordered, and its members' removal is O(1)).
 _PENDING: dict[Finalizer, None] = {}
@@ -33,10 +33,15 @@ _PENDING: dict[Finalizer, None] = {}
 _claiming = threading.RLock()
 
 
+#: Whether this process's exit has begun (its exit hook below has started).
+_exiting = False
+
+
 def _forked() -> None:
-    # The child's copy may be held by a thread that does not exist there.
-    global _claiming
+    # The child's copy may be held by a thread that does not exist there; its exit is its own.
+    global _claiming, _exiting
     _claiming = threading.RLock()
+    _exiting = False
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -117,9 +122,25 @@ def _run_all(fins: Iterable[Finalizer]) -> BaseException | None:
     return interrupt
 
 
+def exiting() -> bool:
+    """Whether the interpreter's exit has begun: the exit hook that runs every pending
+    finalizer has started (it runs before any other hook registered before it)."""
+    return _exiting
+
+
+def too_late() -> bool:
+    """Whether a freeze begun now could be left stopped: the exit has begun and this is not
+    the main thread (which runs the exit hooks, each one its own release), so nothing runs
+    a finalizer armed now before Python ends this thread."""
+    return _exiting and threading.current_thread() is not threading.main_thread()
+
+
 def _at_exit() -> None:
     # Every one, newest first, through interrupts: an interrupt cuts short only the run it
-    # lands in, which runs once more after the others (the exit is the last chance).
+    # lands in, which runs once more after the others (the exit is the last chance). The
+    # flag first: one armed after it is not run here (see exiting()).
+    global _exiting
+    _exiting = True
     interrupt = _run_all(reversed(list(_PENDING)))
     if interrupt is not None:
         _run_all(reversed(list(_PENDING)))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, final
 from ._backends import BACKENDS, Backend, Journal, Memo, Plan, create
 from ._checks import as_pid, check_guard, check_proc, check_process
 from ._drive import OneAtATime, Steps, run_sync, run_to_end
-from ._finalizers import Finalizer, sweep
+from ._finalizers import Finalizer, sweep, too_late
 from ._report import FreezeReport, Skip
 from ._subreaper import set_subreaper
 from ._tree import Root, ancestors, children_source
@@ -37,8 +37,8 @@ def new_guard(options: dict[str, Any]) -> ProcessesGuard:
 
 def _thaw_now(backend: Backend, owner: int, turn: OneAtATime) -> None:
     """The finalizer's thaw (collection, exit), through interrupts, once another thread's
-    thaw is done (a daemon thread's release at exit); only in the process that froze (a
-    forked child inherits the guard, its pidfds and this finalizer)."""
+    thaw (a daemon thread's release at exit) or, at exit, freeze is done; only in the process
+    that froze (a forked child inherits the guard, its pidfds and this finalizer)."""
     if os.getpid() == owner:
         with turn.for_thaw(after_freeze=False):
             interrupt = run_to_end(backend.thaw)
@@ -139,8 +139,7 @@ class ProcessesGuard:
         self._dog_finalizer: Finalizer | None = None  # (detached once the helper is closed)
         self._memo = Memo()  # what a freeze keeps for the next (the cgroup census)
         self._root_check = Root()
-        # One freeze at a time, and no thaw beside it (tasks, threads); another thread waits
-        # for as long as a freeze may take, twice, and a second.
+        # One freeze at a time, no thaw beside it; another thread waits two freezes and 1 s.
         self._turn = OneAtATime(wait=2 * self._timeout + 1.0)
         Finalizer(self, self._memo.close)
         if subreaper:
@@ -220,18 +219,19 @@ class ProcessesGuard:
         self.report = backend.report
         self._backend = backend
         self._owner = os.getpid()
-        # Armed before the first signal: whatever happens from here on, this thaws. It is
-        # disarmed only once a thaw has run to its end (see release()).
+        # Armed before the first signal: whatever happens from here on, this thaws (disarmed
+        # only once a thaw ran to its end); looked at too_late() after, so the exit runs it.
         self._finalizer = Finalizer(self, _thaw_now, backend, self._owner, self._turn)
         planned = clock()
         try:
+            if too_late():
+                raise FreezeError("the interpreter is exiting: nothing would thaw this freeze")
             yield from backend.freeze()
             # The caller's clock: the whole call (set after auto copied its inner report).
             self.report.plan_seconds = planned - start
             self.report.freeze_seconds = clock() - start
             if self._watchdog is not None and self._watchdog.lease_expired():
-                # The lease ran out while freezing: the helper thawed part of the tree, so
-                # this freeze proves nothing. Thaw the rest (below) and say so.
+                # The lease ran out: the helper thawed part of the tree. Thaw the rest (below).
                 raise WatchdogError(
                     f"the lease (max_frozen={self._max_frozen}) ran out before the freeze "
                     "completed; everything was thawed: raise max_frozen"

@@ -48,6 +48,9 @@ def test_quick_mode_runs_and_every_freeze_verifies(tmp_path: Path) -> None:
         "C floor (ptrace)",
         "psutil naive (unverified)",
         "crosvm (model)",
+        "Python floor (signal)",
+        "Python floor (ptrace)",
+        "Python floor (cgroup v2, checked)",
     }
     for workload in report["workloads"]:
         assert set(workload["contenders"]) == expected, workload["workload"]

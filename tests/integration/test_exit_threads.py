@@ -1,0 +1,135 @@
+"""Freezes in other threads when the interpreter exits: one under way is let end, then
+thawed; one begun after the exit's thaw is refused. Otherwise what such a freeze stops
+after the exit's thaw stays stopped once Python ends the thread. Checked through /proc,
+in a fresh interpreter."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+from tests import proc
+from treeguard._workers import WorkerTree, wide
+
+ROOT = str(Path(__file__).resolve().parents[2])
+
+# Run by a fresh interpreter: an exit hook older than treeguard's (it runs after it) lets
+# the daemon thread's freeze go on (``go``) and waits for the thread, so that whatever
+# the freeze does after treeguard's exit hook happens before the process ends.
+_PROLOGUE = """
+import atexit, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+go, done = threading.Event(), threading.Event()
+
+def after_treeguards_hook():
+    go.set()
+    done.wait(20)
+
+atexit.register(after_treeguards_hook)
+from treeguard import ProcessesGuard
+from treeguard.errors import FreezeError
+
+guard = ProcessesGuard(int(sys.argv[2]), include_root=True, timeout=10)
+"""
+
+
+def _run(body: str, tree: WorkerTree) -> str:
+    code = textwrap.dedent(_PROLOGUE) + textwrap.dedent(body)
+    done = proc.run_python(code, [ROOT, str(tree.root)])
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_freeze_under_way_in_a_daemon_thread_at_exit_is_thawed_once_it_ends(
+    make_tree: Callable[..., WorkerTree],
+) -> None:
+    # The daemon thread has stopped the root and is about to stop its children when the
+    # main thread returns. The exit waits for the freeze to end, then thaws all of it: a
+    # thaw run beside it would resume only the root, and the children stopped after it
+    # would stay stopped.
+    tree = make_tree(wide(3), mode="idle")
+    out = _run(
+        """
+        real, root, inside = signal.pidfd_send_signal, int(sys.argv[2]), threading.Event()
+
+        def send(fd, sig, *rest):
+            if sig == signal.SIGSTOP and threading.current_thread().daemon:
+                if inside.is_set():
+                    go.wait(2)  # the root is proven stopped: held here, mid-freeze
+                inside.set()
+            return real(fd, sig, *rest)
+
+        signal.pidfd_send_signal = send
+
+        def freeze():
+            try:
+                guard.freeze()
+                print("frozen", len(guard.pids), flush=True)
+            finally:
+                done.set()
+
+        threading.Thread(target=freeze, daemon=True).start()
+        inside.wait(10)
+        print("exiting", flush=True)
+        """,
+        tree,
+    )
+    proc.assert_none_stopped(tree.pids)
+    assert out.split("\n")[:2] == ["exiting", f"frozen {len(tree.pids)}"], out
+
+
+def test_a_freeze_begun_in_another_thread_once_the_exit_has_thawed_is_refused(
+    make_tree: Callable[..., WorkerTree],
+) -> None:
+    # A daemon thread that freezes every so often: its next freeze comes after the exit's
+    # thaw, when nothing would thaw it any more. It is refused, before any signal.
+    tree = make_tree(wide(3), mode="idle")
+    out = _run(
+        """
+        def freeze_again():
+            try:
+                go.wait(10)
+                guard.freeze()
+                print("frozen", flush=True)
+            except FreezeError as err:
+                print("refused:", err, flush=True)
+            finally:
+                done.set()
+
+        threading.Thread(target=freeze_again, daemon=True).start()
+        guard.freeze()
+        guard.release()
+        print("exiting", flush=True)
+        """,
+        tree,
+    )
+    proc.assert_none_stopped(tree.pids)
+    lines = out.strip().split("\n")
+    assert lines[0] == "exiting" and lines[1].startswith("refused: "), out
+    assert "exit" in lines[1], out
+
+
+def test_the_main_thread_may_still_freeze_in_a_later_exit_hook(
+    make_tree: Callable[..., WorkerTree],
+) -> None:
+    # Exit hooks run in the main thread, after treeguard's: a freeze there is the caller's
+    # own to release, and goes on as at any other time.
+    tree = make_tree(wide(2), mode="idle")
+    out = _run(
+        """
+        done.set()
+
+        def snapshot_at_exit():
+            with ProcessesGuard(int(sys.argv[2]), include_root=True) as held:
+                print("frozen", len(held.pids), flush=True)
+
+        atexit.unregister(after_treeguards_hook)
+        atexit.register(snapshot_at_exit)  # older than treeguard's hook, moved at freeze
+        guard.freeze()
+        guard.release()
+        """,
+        tree,
+    )
+    assert out == f"frozen {len(tree.pids)}\n", out
+    proc.assert_none_stopped(tree.pids)
