@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+S = TypeVar("S", bound=Generator[Any, Any, Any])
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,13 +136,16 @@ class OneAtATime:
 
     A freeze's steps share its state with the thaw: a thaw run beside a freeze under way
     would resume and forget what it stopped so far, and leave it to stop the rest once the
-    thaw is over. :meth:`freeze` registers the freeze's steps; :meth:`wait_turn` (before a
-    freeze or a thaw) finds a freeze under way while those steps live (begun, not finished):
-    a caller of another thread waits up to ``wait`` seconds for them to end (a freeze ends
-    by its deadline; steps left suspended by an event loop that stopped would last for
-    ever); one of this thread (another task of its event loop, a signal handler) would wait
-    for itself, so it is refused (:class:`FreezeError`) and the freeze goes on. Nothing is
-    held that an interrupt could leave held: the steps' own state says whether they run.
+    thaw is over; two thaws at once would resume (and close) one entry twice and skip the
+    next. :meth:`wait_turn` registers the steps of a freeze, or of a thaw driven by an event
+    loop, once none are under way and no other thread's thaw holds the turn; a synchronous
+    thaw holds the turn (:meth:`for_thaw`) once no steps are under way. Steps live (begun,
+    not finished) are under way: a caller of another thread waits up to ``wait`` seconds for
+    them to end (a freeze ends by its deadline; steps left suspended by an event loop that
+    stopped would last for ever); one of this thread (another task of its event loop, a
+    signal handler) would wait for itself, so it is refused (:class:`FreezeError`) and the
+    steps go on. Nothing is held that an interrupt could leave held: the steps' own state
+    says whether they run.
     """
 
     __slots__ = ("_lock", "_owner", "_steps", "_thawing", "wait")
@@ -149,8 +153,8 @@ class OneAtATime:
     def __init__(self, wait: float) -> None:
         self.wait = wait
         self._lock = threading.Lock()  # makes "none under way, now mine" one step
-        # One thaw at a time: two threads' releases would resume (and close) one entry
-        # twice. Reentrant: a signal handler's release within this thread's goes on.
+        # A synchronous thaw's turn. Reentrant: a signal handler's release within this
+        # thread's goes on.
         self._thawing = threading.RLock()
         self._steps: weakref.ref[Generator[Any, Any, Any]] | None = None
         self._owner = (0, 0)  # (pid, thread) that runs the steps
@@ -160,47 +164,103 @@ class OneAtATime:
         begun = steps is not None and getattr(steps, "gi_frame", None) is not None  # not over
         return begun and self._owner[0] == os.getpid()
 
-    def wait_turn(self, steps: Generator[Any, Any, Any] | None = None) -> None:
-        """Wait for a freeze under way to end (then register ``steps``, a freeze, if given).
+    def _wait(self, take: Callable[[], bool], deadline: float, backoff: Backoff | None) -> Backoff:
+        """After ``take`` found the turn taken: refuse this thread's own steps, or steps
+        under way past the deadline; else pause once."""
+        mine = self._owner[1] == threading.get_ident() and self._under_way()
+        if mine:
+            raise FreezeError("this guard is being frozen or thawed by another task of this thread")
+        if self._under_way() and time.monotonic() > deadline:
+            raise FreezeError(
+                f"another thread is freezing or thawing this guard for over {self.wait:g} s"
+            )
+        backoff = backoff or Backoff()
+        backoff.pause()  # (a thread that is not a step's: the one wait loop)
+        return backoff
 
-        :raises FreezeError: if this thread runs it, or another thread runs it for longer
-            than ``wait``.
+    def wait_turn(self, steps: Generator[Any, Any, Any] | None = None) -> None:
+        """Wait for the steps under way to end (then register ``steps``, if given, once no
+        other thread's thaw holds the turn either).
+
+        :raises FreezeError: if this thread runs them, or another thread runs them for
+            longer than ``wait``.
         """
+
+        def take() -> bool:
+            if self._under_way():
+                return False
+            if steps is not None:
+                if not self._thawing.acquire(blocking=False):
+                    return False  # another thread's thaw: it ends soon
+                self._thawing.release()
+                self._steps = weakref.ref(steps)
+                self._owner = (os.getpid(), threading.get_ident())
+            return True
+
+        self._until(take)
+
+    def queued(self, steps: S) -> S:
+        """``steps``, registered once their turn came (see :meth:`wait_turn`)."""
+        self.wait_turn(steps)
+        return steps
+
+    def _until(self, take: Callable[[], bool]) -> None:
         deadline = time.monotonic() + self.wait
         backoff: Backoff | None = None
         while True:
             with self._lock:
-                if not self._under_way():
-                    if steps is not None:
-                        self._steps = weakref.ref(steps)
-                        self._owner = (os.getpid(), threading.get_ident())
+                if take():
                     return
-                mine = self._owner[1] == threading.get_ident()
-            if mine:
-                raise FreezeError("this guard is being frozen by another task of this thread")
-            if time.monotonic() > deadline:
-                raise FreezeError(f"another thread is freezing this guard for over {self.wait:g} s")
+            backoff = self._wait(take, deadline, backoff)
+
+    def _take_at_exit(self) -> None:
+        """At exit: take the thaw's turn once the steps that another thread, still alive, has
+        under way have ended, or ``wait`` seconds have passed (a thaw beside them would leave
+        stopped what they stop next, once Python ends that thread)."""
+        deadline = time.monotonic() + self.wait
+        backoff: Backoff | None = None
+        while True:
+            with self._lock:
+                owner = self._owner[1] if self._under_way() else None
+                alive = owner not in (None, threading.get_ident()) and owner in {
+                    t.ident for t in threading.enumerate()
+                }  # (steps of a thread that is gone never end)
+                if (not alive or time.monotonic() > deadline) and self._thawing.acquire(
+                    blocking=False
+                ):
+                    return
             backoff = backoff or Backoff()
-            backoff.pause()  # (a thread that is not a step's: the one wait loop)
+            backoff.pause()
 
     @contextlib.contextmanager
     def for_thaw(self, *, after_freeze: bool = True) -> Iterator[None]:
-        """:meth:`wait_turn` for a thaw, then hold the thaw's turn while it runs: another
-        thread's release waits for it (and then finds nothing left to thaw).
+        """Hold the thaw's turn while a synchronous thaw runs: taken once no steps are under
+        way (see :meth:`wait_turn`); another thread's thaw waits for it (and then finds
+        nothing left to thaw).
 
         Not ``after_freeze`` (a finalizer's thaw), it does not wait for steps an event loop
-        left suspended, which may never end, but at exit it lets a freeze that another
-        thread has under way end first (up to ``wait`` seconds): a thaw beside it would
-        leave stopped what it stops next, once Python ends that thread. One that
-        outlasts the wait, or this thread's own, is thawed beside as before.
+        left suspended, which may never end, but at exit it lets steps that another thread
+        has under way end first (:meth:`_take_at_exit`). An interrupt there cuts the wait
+        short: the thaw runs at once, and the interrupt is raised once it is done.
         """
+        interrupt: BaseException | None = None
         if after_freeze:
-            self.wait_turn()
+            self._until(lambda: not self._under_way() and self._thawing.acquire(blocking=False))
         elif exiting():
-            with contextlib.suppress(FreezeError):
-                self.wait_turn()
-        with self._thawing:
+            try:
+                self._take_at_exit()
+            except BaseException as err:  # noqa: BLE001 - raised once thawed
+                interrupt = err
+                if not self._thawing._is_owned():  # type: ignore[attr-defined]
+                    self._thawing.acquire()  # (unless taken just before the interrupt)
+        else:
+            self._thawing.acquire()
+        try:
             yield
+        finally:
+            self._thawing.release()
+        if interrupt is not None:
+            raise interrupt
 
 
 def run_sync(steps: Steps[T]) -> T:

@@ -37,8 +37,8 @@ def new_guard(options: dict[str, Any]) -> ProcessesGuard:
 
 def _thaw_now(backend: Backend, owner: int, turn: OneAtATime) -> None:
     """The finalizer's thaw (collection, exit), through interrupts, once another thread's
-    thaw (a daemon thread's release at exit) or, at exit, freeze is done; only in the process
-    that froze (a forked child inherits the guard, its pidfds and this finalizer)."""
+    thaw, or at exit its freeze, is done; only in the process that froze (a forked child
+    inherits the guard, its pidfds and this finalizer)."""
     if os.getpid() == owner:
         with turn.for_thaw(after_freeze=False):
             interrupt = run_to_end(backend.thaw)
@@ -139,7 +139,7 @@ class ProcessesGuard:
         self._dog_finalizer: Finalizer | None = None  # (detached once the helper is closed)
         self._memo = Memo()  # what a freeze keeps for the next (the cgroup census)
         self._root_check = Root()
-        # One freeze at a time, no thaw beside it; another thread waits two freezes and 1 s.
+        # One freeze or thaw at a time; another thread waits two freezes and a second.
         self._turn = OneAtATime(wait=2 * self._timeout + 1.0)
         Finalizer(self, self._memo.close)
         if subreaper:
@@ -196,10 +196,8 @@ class ProcessesGuard:
         )
 
     def _freeze_steps(self) -> Steps[ProcessesGuard]:
-        """Freeze, as steps for a driver, once no other freeze of this guard is under way."""
-        steps = self._freeze_held()
-        self._turn.wait_turn(steps)
-        return steps
+        """Freeze, as steps for a driver, once no other freeze or thaw of it is under way."""
+        return self._turn.queued(self._freeze_held())
 
     def _freeze_held(self) -> Steps[ProcessesGuard]:
         sweep()  # a guard collected meanwhile whose thaw an interrupt cut short
@@ -244,8 +242,11 @@ class ProcessesGuard:
         return self
 
     def _thaw_steps(self) -> Steps[None]:
-        """Thaw, as steps for a driver (:meth:`release` thaws too, and ends a thaw cut short)."""
-        self._turn.wait_turn()
+        """Thaw, as steps for a driver (:meth:`release` thaws too, and ends a thaw cut short),
+        once no other freeze or thaw of this guard is under way."""
+        return self._turn.queued(self._thaw_held())
+
+    def _thaw_held(self) -> Steps[None]:
         if self._backend is not None and self.frozen:
             yield from self._backend.thaw()
             self._disarm()
@@ -293,11 +294,10 @@ class ProcessesGuard:
         thaw still cannot finish (an error), the guard stays armed, and the next
         ``release()``, garbage collection or interpreter exit finishes it.
 
-        In a forked child of the process that froze, this does nothing: the freeze is the
-        parent's. Called while another thread freezes this guard, it waits for the freeze to
-        end; called from another task of the event loop that runs a freeze of this guard (or
-        from a signal handler that interrupted one), it raises FreezeError.
-        """
+        In a forked child of the process that froze, this does nothing. Called while another
+        thread freezes or thaws this guard, it waits for that to end; called from another
+        task of the event loop that runs a freeze or an async thaw of this guard (or from a
+        signal handler that interrupted one), it raises FreezeError."""
         try:
             sweep()
         finally:  # (an interrupt in another guard's thaw is raised once this one is done)

@@ -115,6 +115,44 @@ def test_two_threads_releasing_at_once_thaw_everything(make_tree: MakeTree) -> N
         proc.assert_none_stopped(tree.pids)
 
 
+def test_a_release_from_another_thread_waits_for_an_async_thaw_under_way(
+    make_tree: MakeTree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thaw of an ``async with`` block (an event loop in another thread) is held as it
+    resumes its first process while this thread releases the same guard: the release waits
+    for it instead of thawing beside it (two thaws at once resume, close and forget one
+    entry twice and skip the next: that process would stay stopped)."""
+    tree = make_tree(wide(4), mode="idle")
+    real, loop_thread, held = signal.pidfd_send_signal, [], threading.Event()
+
+    def send(fd: int, sig: int, *rest: Any) -> None:
+        if sig == signal.SIGCONT and threading.current_thread() in loop_thread:
+            if not held.is_set():
+                held.set()
+                time.sleep(0.3)
+        real(fd, sig, *rest)
+
+    monkeypatch.setattr(signal, "pidfd_send_signal", send)
+    guard = treeguard.guard(root=tree.root, include_root=True)
+
+    async def block() -> None:
+        async with guard:
+            pass
+
+    def run_loop() -> None:
+        loop_thread.append(threading.current_thread())
+        asyncio.run(block())
+
+    thread = threading.Thread(target=run_loop)
+    thread.start()
+    try:
+        assert held.wait(10), "the async thaw never began"
+        guard.guard.release()
+    finally:
+        thread.join(10)
+    proc.assert_none_stopped(tree.pids)
+
+
 def _events_frozen(path: str) -> bool:
     with open(f"{path}/cgroup.events") as f:
         return "frozen 1" in f.read()
