@@ -148,16 +148,26 @@ class OneAtATime:
     says whether they run.
     """
 
-    __slots__ = ("_lock", "_owner", "_steps", "_thawing", "wait")
+    __slots__ = ("_lock", "_owner", "_pid", "_steps", "_thawing", "wait")
 
     def __init__(self, wait: float) -> None:
         self.wait = wait
-        self._lock = threading.Lock()  # makes "none under way, now mine" one step
-        # A synchronous thaw's turn. Reentrant: a signal handler's release within this
-        # thread's goes on.
-        self._thawing = threading.RLock()
-        self._steps: weakref.ref[Generator[Any, Any, Any]] | None = None
-        self._owner = (0, 0)  # (pid, thread) that runs the steps
+        self._pid = 0
+        self._mine()
+
+    def _mine(self) -> None:
+        """New locks in a forked child (its copies may be held by threads that do not exist
+        there: a thaw under way in another thread as the process forked)."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            # Makes "none under way, now mine" one step. Reentrant, as the other: a signal
+            # handler that releases in the middle of it must not wait for ever.
+            self._lock = threading.RLock()
+            # A synchronous thaw's turn. Reentrant: a signal handler's release within this
+            # thread's goes on.
+            self._thawing = threading.RLock()
+            self._steps: weakref.ref[Generator[Any, Any, Any]] | None = None
+            self._owner = (0, 0)  # (pid, thread) that runs the steps
 
     def _under_way(self) -> bool:
         steps = self._steps() if self._steps is not None else None
@@ -205,6 +215,7 @@ class OneAtATime:
         return steps
 
     def _until(self, take: Callable[[], bool]) -> None:
+        self._mine()
         deadline = time.monotonic() + self.wait
         backoff: Backoff | None = None
         while True:
@@ -217,6 +228,7 @@ class OneAtATime:
         """At exit: take the thaw's turn once the steps that another thread, still alive, has
         under way have ended, or ``wait`` seconds have passed (a thaw beside them would leave
         stopped what they stop next, once Python ends that thread)."""
+        self._mine()
         deadline = time.monotonic() + self.wait
         backoff: Backoff | None = None
         while True:
@@ -254,6 +266,7 @@ class OneAtATime:
                 if not self._thawing._is_owned():  # type: ignore[attr-defined]
                     self._thawing.acquire()  # (unless taken just before the interrupt)
         else:
+            self._mine()
             self._thawing.acquire()
         try:
             yield

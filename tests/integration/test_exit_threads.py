@@ -245,3 +245,64 @@ def test_the_exit_thaws_after_an_async_thaw_of_another_thread_not_beside_it(
     )
     proc.assert_none_stopped(tree.pids)
     assert out == "exiting\nfrozen\n", out
+
+
+def test_a_child_forked_during_a_thaw_in_another_thread_may_freeze_the_guard(
+    make_tree: Callable[..., WorkerTree],
+) -> None:
+    # The process forks while another of its threads releases the guard (its thaw's turn
+    # taken): in the child, whose copy of that turn no thread holds, the inherited guard
+    # freezes and releases as a new one would, instead of waiting for ever.
+    tree = make_tree(wide(2), mode="idle")
+    out = _run(
+        """
+        import os, time
+        done.set()
+        guard.freeze()
+        backend, in_thaw = guard._backend, threading.Event()
+        real_thaw = backend.thaw
+
+        def slow_thaw():
+            in_thaw.set()
+            time.sleep(0.5)
+            yield from real_thaw()
+
+        backend.thaw = slow_thaw
+        releasing = threading.Thread(target=guard.release)
+        releasing.start()
+        in_thaw.wait(10)
+        child = os.fork()
+        if child == 0:
+            signal.alarm(10)  # (a child that hangs dies)
+            guard.freeze()
+            guard.release()
+            os._exit(0)
+        releasing.join(10)
+        _, status = os.waitpid(child, 0)
+        print("child", os.waitstatus_to_exitcode(status), flush=True)
+        """,
+        tree,
+    )
+    proc.assert_none_stopped(tree.pids)
+    assert out == "child 0\n", out
+
+
+def test_a_handler_that_releases_inside_the_guards_turn_does_not_wait_for_itself(
+    make_tree: Callable[..., WorkerTree],
+) -> None:
+    # A signal handler runs between two bytecodes of the main thread, which may be where
+    # it looks at the guard's turn (under its lock): a release() there goes on.
+    tree = make_tree(wide(2), mode="idle")
+    out = _run(
+        """
+        done.set()
+        signal.alarm(10)  # (one that waits for itself dies)
+        guard.freeze()
+        with guard._turn._lock:  # what the handler interrupted
+            guard.release()
+        print("released", flush=True)
+        """,
+        tree,
+    )
+    proc.assert_none_stopped(tree.pids)
+    assert out == "released\n", out
