@@ -228,21 +228,20 @@ class OneAtATime:
         """At exit: take the thaw's turn once the steps that another thread, still alive, has
         under way have ended, or ``wait`` seconds have passed (a thaw beside them would leave
         stopped what they stop next, once Python ends that thread)."""
-        self._mine()
         deadline = time.monotonic() + self.wait
-        backoff: Backoff | None = None
-        while True:
-            with self._lock:
-                owner = self._owner[1] if self._under_way() else None
-                alive = owner not in (None, threading.get_ident()) and owner in {
-                    t.ident for t in threading.enumerate()
-                }  # (steps of a thread that is gone never end)
-                if (not alive or time.monotonic() > deadline) and self._thawing.acquire(
-                    blocking=False
-                ):
-                    return
-            backoff = backoff or Backoff()
-            backoff.pause()
+
+        def take() -> bool:
+            owner = self._owner[1] if self._under_way() else None
+            alive = owner not in (None, threading.get_ident()) and owner in {
+                t.ident for t in threading.enumerate()
+            }  # (steps of a thread that is gone never end)
+            late = time.monotonic() > deadline
+            return (not alive or late) and self._thawing.acquire(blocking=False)
+
+        try:
+            self._until(take)
+        except FreezeError:  # (past the deadline, or this thread's: beside them, then)
+            self._thawing.acquire()  # once another thread's synchronous thaw is done
 
     @contextlib.contextmanager
     def for_thaw(self, *, after_freeze: bool = True) -> Iterator[None]:

@@ -154,7 +154,7 @@ def test_an_interrupt_while_the_exit_waits_for_a_freeze_thaws_at_once(
     tree = make_tree(wide(2), mode="idle")
     out = _run(
         """
-        import os, time
+        import os
         real, inside = signal.pidfd_send_signal, threading.Event()
         guard = ProcessesGuard(int(sys.argv[2]), include_root=True, timeout=5)
 
@@ -165,11 +165,25 @@ def test_an_interrupt_while_the_exit_waits_for_a_freeze_thaws_at_once(
                 inside.set()
             return real(fd, sig, *rest)
 
+        def in_the_wait():  # the exit's thaw, waiting for its turn
+            frame, names = sys._current_frames().get(threading.main_thread().ident), set()
+            while frame is not None:
+                names.add(frame.f_code.co_name)
+                frame = frame.f_back
+            return {"for_thaw", "pause"} <= names
+
+        def root_runs():
+            with open(f"/proc/{sys.argv[2]}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "T"
+
         def interrupt_the_exit():
-            poll_until(lambda: _finalizers._exiting, 10)
-            for _ in range(2):
-                time.sleep(0.2)
-                os.kill(os.getpid(), signal.SIGINT)
+            poll_until(in_the_wait, 10)
+            os.kill(os.getpid(), signal.SIGINT)
+            # Thawed long before the freeze's wait (11 s) would have ended; or, were the
+            # interrupt to escape the thaw, waiting again: a second Ctrl-C lands there.
+            poll_until(lambda: root_runs() or in_the_wait(), 10)
+            print("thawed" if root_runs() else "waiting again", flush=True)
+            os.kill(os.getpid(), signal.SIGINT)
             done.set()
 
         signal.pidfd_send_signal = send
@@ -181,8 +195,8 @@ def test_an_interrupt_while_the_exit_waits_for_a_freeze_thaws_at_once(
         tree,
         ok=False,
     )
-    assert out == "exiting\n", out
     proc.assert_none_stopped(tree.pids)
+    assert out == "exiting\nthawed\n", out
 
 
 def test_the_exit_thaws_after_an_async_thaw_of_another_thread_not_beside_it(
